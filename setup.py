@@ -1,0 +1,32 @@
+"""Installable package for the latent-diffusion training system (VA-VAE + LightningDiT).
+
+Compatible ranges live here; the exact tested set is pinned in constraints.txt.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="lightning-latent",
+    version="0.1.0",
+    description="Training system for VA-VAE and LightningDiT (arXiv 2501.01423) at scale",
+    python_requires=">=3.10",
+    packages=find_packages(include=["core", "core.*", "models", "models.*", "data", "data.*",
+                                    "launchers", "launchers.*", "tools", "tools.*"]),
+    install_requires=[
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "numpy>=1.26,<2.2",
+        "scipy>=1.11",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "pillow>=10.0",
+        "timm>=1.0.12",
+        "torchdiffeq>=0.2.4",
+        "mosaicml-streaming>=0.11",
+        "zstandard>=0.22",
+        "wandb>=0.18",
+        "submitit>=1.5",
+        "torch-fidelity>=0.3",
+        "deepspeed>=0.16",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+)
