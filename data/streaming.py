@@ -1,0 +1,817 @@
+"""Latent datasets on MosaicML streaming (MDS shards): schema, writers, statistics and the reader.
+
+Schema (one MDS sample per image; written with zstd compression and xxh64 shard hashes):
+
+    latent        ndarray:<float16|float32>[:C,H,W]   VAE latent of the image
+    latent_flip   ndarray:<float16|float32>[:C,H,W]   VAE latent of the horizontally flipped image
+    label         int64                               class index
+    sample_id     int64                               global image index (resume checks, dedup)
+    features      ndarray:float16[:D,h,w]             optional DINOv2 patch tokens
+
+The statistics file ``latents_stats.pt`` next to ``index.json`` holds
+``{'mean': Tensor(1,C,1,1), 'std': Tensor(1,C,1,1)}``, the official LightningDiT layout, so the
+official file can be dropped in. They are exact per-channel moments over every non-flipped latent
+(``RunningMoments``), where the official code samples 10,000 latents.
+
+Reading (``LatentDataset`` / ``build_latent_loader``):
+
+* Normalisation: ``z = (z - mean) / std`` when ``latent_norm``, then ``z * latent_multiplier``
+  always (as the official dataset does; the SD-VAE baseline uses latent_norm=False, 0.18215).
+* Flip augmentation: ``latent_flip`` replaces ``latent`` with p = 0.5, decided by a hash of
+  (seed, epoch, stored sample_id) -- no RNG state, so order *and* flips are identical after a
+  mid-epoch resume with any number of workers. The epoch is the one streaming itself iterates
+  (recorded when ``__iter__`` starts the epoch, including the epoch restored by
+  ``load_state_dict``).
+* Distribution: streaming finds rank and world from the environment variables RANK, WORLD_SIZE,
+  LOCAL_RANK and LOCAL_WORLD_SIZE (set by torchrun), not from torch.distributed.
+  ``build_latent_loader(..., dist=...)`` fills them in when missing (e.g. under srun) and refuses
+  values that disagree.
+* Failures: a missing/invalid ``index.json``, a missing or truncated shard file, a shard whose hash
+  does not match, or one that cannot be decompressed/decoded raises an error naming the file.
+  Streaming itself would end the epoch early without an error when its background download thread
+  fails; ``LatentDataset.__iter__`` turns that into an exception.
+* Disk: streaming reads uncompressed shards. Without ``remote`` it decompresses each
+  ``shard.N.mds.zstd`` once into ``shard.N.mds`` *inside the dataset directory* and keeps both, so
+  the directory must be writable and grows by the raw size. To keep a dataset read-only, point
+  ``data.remote`` at it (a local path works) and ``data.path`` at a scratch cache directory.
+* Shared memory: streaming coordinates the ranks/workers of a node through shared memory keyed by
+  the local directory. After a crash call ``streaming.base.util.clean_stale_shared_memory()`` once,
+  on every rank (it is a collective when torch.distributed is initialised), before any dataset is
+  built -- never while a dataset is alive.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
+
+log = logging.getLogger(__name__)
+
+STATS_FILENAME = "latents_stats.pt"
+INDEX_FILENAME = "index.json"
+DEFAULT_SIZE_LIMIT = 1 << 26          # bytes of uncompressed samples per shard (streaming's default)
+DEFAULT_HASHES = ("xxh64",)
+LATENT_DTYPES = ("float16", "float32")
+REQUIRED_COLUMNS = ("latent", "label", "sample_id")
+
+__all__ = [
+    "STATS_FILENAME", "CorruptShardError", "LatentDataset", "RunningMoments", "WrittenDataset",
+    "build_latent_loader", "denormalize_latents", "ensure_streaming_env", "flip_decision", "latent_columns",
+    "load_latent_stats", "merge_shard_indexes", "normalize_latents", "open_writer",
+    "save_latent_stats", "steps_per_epoch", "verify_dataset", "write_latent_dataset",
+]
+
+
+class CorruptShardError(RuntimeError):
+    """A shard file is missing, truncated, fails its hash, or cannot be decompressed or decoded
+    (also when its decompressed copy cannot be written, e.g. a read-only dataset directory).
+
+    The message always names the file. It takes a single string so that DataLoader workers can
+    re-raise it in the main process with its type.
+    """
+
+
+# ---------------------------------------------------------------------------------------- schema
+def _ndarray_encoding(dtype: str, shape: Optional[Sequence[int]]) -> str:
+    if shape is None:
+        return f"ndarray:{dtype}"
+    if not shape or any(int(d) < 1 for d in shape):
+        raise ValueError(f"invalid array shape {tuple(shape)}")
+    return f"ndarray:{dtype}:" + ",".join(str(int(d)) for d in shape)
+
+
+def latent_columns(latent_dtype: str = "float16", with_features: bool = False, *,
+                   latent_shape: Optional[Sequence[int]] = None,
+                   features_shape: Optional[Sequence[int]] = None,
+                   features_dtype: str = "float16") -> dict[str, str]:
+    """MDS column spec of the latent dataset.
+
+    The dtype is always part of the encoding. With ``latent_shape`` (C, H, W) / ``features_shape``
+    (D, h, w) the shape is fixed too (no per-sample header, and the reader can check it up front).
+    """
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
+    if latent_shape is not None and len(latent_shape) != 3:
+        raise ValueError(f"latent_shape must be (C, H, W), got {tuple(latent_shape)}")
+    columns = {
+        "latent": _ndarray_encoding(latent_dtype, latent_shape),
+        "latent_flip": _ndarray_encoding(latent_dtype, latent_shape),
+        "label": "int64",
+        "sample_id": "int64",
+    }
+    if with_features:
+        if features_dtype not in LATENT_DTYPES:
+            raise ValueError(f"features_dtype must be one of {LATENT_DTYPES}, got {features_dtype!r}")
+        columns["features"] = _ndarray_encoding(features_dtype, features_shape)
+    return columns
+
+
+def _parse_ndarray_encoding(encoding: str) -> tuple[Optional[str], Optional[tuple[int, ...]]]:
+    """'ndarray:float16:4,8,8' -> ('float16', (4, 8, 8)); (None, None) for non-ndarray encodings."""
+    parts = encoding.split(":")
+    if parts[0] != "ndarray":
+        return None, None
+    dtype = parts[1] if len(parts) > 1 and parts[1] else None
+    shape = tuple(int(d) for d in parts[2].split(",")) if len(parts) > 2 and parts[2] else None
+    return dtype, shape
+
+
+def open_writer(out_dir: Union[str, Path], columns: Mapping[str, str],
+                size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT, *,
+                compression: Optional[str] = "zstd", hashes: Sequence[str] = DEFAULT_HASHES,
+                exist_ok: bool = False) -> MDSWriter:
+    """A plain ``MDSWriter`` with our defaults (zstd, xxh64 hashes). Use it as a context manager.
+
+    ``out_dir`` may also be a remote URL or a (local, remote) tuple, as MDSWriter allows.
+    """
+    out = str(out_dir) if isinstance(out_dir, Path) else out_dir
+    return MDSWriter(out=out, columns=dict(columns), compression=compression,
+                     hashes=sorted(hashes), size_limit=size_limit, exist_ok=exist_ok)
+
+
+def _as_numpy(value: Any, dtype: Optional[str] = None) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        value = value.numpy()
+    array = np.asarray(value)
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        array = array.astype(dtype)
+    return np.ascontiguousarray(array)
+
+
+@dataclass
+class WrittenDataset:
+    """What ``write_latent_dataset`` wrote."""
+    path: str
+    num_samples: int
+    latent_shape: tuple[int, ...]
+    mean: Optional[torch.Tensor]   # (1, C, 1, 1); None when statistics were not computed
+    std: Optional[torch.Tensor]
+
+
+def write_latent_dataset(out_dir: Union[str, Path], samples: Iterable[Mapping[str, Any]], *,
+                         latent_dtype: str = "float16", with_features: bool = False,
+                         size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT,
+                         compute_stats: bool = True, fixed_shape: bool = True,
+                         exist_ok: bool = False) -> WrittenDataset:
+    """Write samples (dicts with latent, latent_flip, label, sample_id[, features]) as MDS shards.
+
+    Arrays may be numpy or torch, any float dtype; they are stored as ``latent_dtype``. With
+    ``compute_stats`` the exact per-channel mean/std of the stored (non-flipped) latents is saved
+    to ``out_dir/latents_stats.pt``. Meant for tests and small jobs; large extractions write one
+    directory per rank with ``open_writer`` and combine them with ``merge_shard_indexes``.
+    """
+    out_dir = Path(out_dir)
+    iterator = iter(samples)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError(f"write_latent_dataset({str(out_dir)!r}): no samples to write") from None
+    latent_shape = tuple(_as_numpy(first["latent"]).shape)
+    features_shape = tuple(_as_numpy(first["features"]).shape) if with_features else None
+    columns = latent_columns(latent_dtype, with_features,
+                             latent_shape=latent_shape if fixed_shape else None,
+                             features_shape=features_shape if fixed_shape else None)
+    moments = RunningMoments() if compute_stats else None
+    count = 0
+    with open_writer(out_dir, columns, size_limit, exist_ok=exist_ok) as writer:
+        for sample in _chain_first(first, iterator):
+            missing = [k for k in ("latent", "latent_flip", "label", "sample_id") if k not in sample]
+            if with_features and "features" not in sample:
+                missing.append("features")
+            if missing:
+                raise KeyError(f"write_latent_dataset: sample #{count} lacks {missing}")
+            latent = _as_numpy(sample["latent"], latent_dtype)
+            latent_flip = _as_numpy(sample["latent_flip"], latent_dtype)
+            if latent.shape != latent_shape or latent_flip.shape != latent_shape:
+                raise ValueError(f"write_latent_dataset: sample #{count} has latent shapes "
+                                 f"{latent.shape}/{latent_flip.shape}, expected {latent_shape}")
+            record = {"latent": latent, "latent_flip": latent_flip,
+                      "label": int(sample["label"]), "sample_id": int(sample["sample_id"])}
+            if with_features:
+                record["features"] = _as_numpy(sample["features"], "float16")
+            writer.write(record)
+            if moments is not None:
+                moments.update(latent[None])
+            count += 1
+    mean = std = None
+    if moments is not None:
+        stats = moments.to_tensor_stats()
+        mean, std = stats["mean"], stats["std"]
+        save_latent_stats(out_dir, mean, std)
+    return WrittenDataset(str(out_dir), count, latent_shape, mean, std)
+
+
+def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def merge_shard_indexes(out_dir: Union[str, Path], subdirs: Sequence[str]) -> Path:
+    """Combine per-rank MDS directories ``out_dir/<subdir>/`` into one ``out_dir/index.json``.
+
+    Uses streaming's ``merge_index``; shard basenames in the merged index become
+    ``<subdir>/shard.NNNNN.mds.zstd``. Subdirectories must be direct children of ``out_dir``.
+    """
+    from streaming.base.util import merge_index
+
+    out_dir = Path(out_dir)
+    if not subdirs:
+        raise ValueError(f"merge_shard_indexes({str(out_dir)!r}): no subdirectories given")
+    index_files = []
+    for sub in subdirs:
+        if not sub or "/" in sub.strip("/") or os.sep in sub.strip(os.sep) or sub in (".", ".."):
+            raise ValueError(f"merge_shard_indexes: {sub!r} must be the name of a direct subdirectory "
+                             f"of {str(out_dir)!r}")
+        index = out_dir / sub / INDEX_FILENAME
+        if not index.is_file():
+            raise FileNotFoundError(f"merge_shard_indexes: {index} does not exist")
+        index_files.append(str(index))
+    merge_index(index_files, str(out_dir), keep_local=True)
+    return out_dir / INDEX_FILENAME
+
+
+# ------------------------------------------------------------------------------------ statistics
+class RunningMoments:
+    """Exact per-channel mean and variance over all elements of all latents, in float64.
+
+    Chan/Welford parallel updates: ``update`` takes a batch [B, C, ...] (numpy or torch), ``merge``
+    combines the moments of another shard/rank exactly. Channel dimension is 1.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0                       # elements per channel seen so far
+        self.mean: Optional[torch.Tensor] = None
+        self.m2: Optional[torch.Tensor] = None
+
+    @property
+    def num_channels(self) -> Optional[int]:
+        return None if self.mean is None else int(self.mean.numel())
+
+    def update(self, batch: Union[torch.Tensor, np.ndarray]) -> "RunningMoments":
+        x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+        x = x.detach().to("cpu", torch.float64)
+        if x.dim() < 2:
+            raise ValueError(f"RunningMoments.update expects [B, C, ...], got shape {tuple(x.shape)}")
+        x = x.transpose(0, 1).reshape(x.shape[1], -1)
+        n = x.shape[1]
+        if n == 0:
+            return self
+        mean = x.mean(dim=1)
+        m2 = ((x - mean[:, None]) ** 2).sum(dim=1)
+        self._combine(n, mean, m2)
+        return self
+
+    def merge(self, other: "RunningMoments") -> "RunningMoments":
+        """Add the moments of ``other`` (in place); returns self."""
+        if other.count:
+            self._combine(other.count, other.mean.clone(), other.m2.clone())
+        return self
+
+    def _combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        if mean.numel() != self.mean.numel():
+            raise ValueError(f"RunningMoments: {mean.numel()} channels cannot merge with {self.mean.numel()}")
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+        self.count = total
+
+    def var(self, unbiased: bool = True) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("RunningMoments: no data")
+        dof = self.count - 1 if unbiased else self.count
+        if dof <= 0:
+            raise ValueError("RunningMoments: need at least two elements per channel for an unbiased variance")
+        return self.m2 / dof
+
+    def std(self, unbiased: bool = True) -> torch.Tensor:
+        return self.var(unbiased).sqrt()
+
+    def to_tensor_stats(self, unbiased: bool = True) -> dict[str, torch.Tensor]:
+        """``{'mean': (1,C,1,1), 'std': (1,C,1,1)}`` float32 (torch's default unbiased std, as official)."""
+        if self.count == 0:
+            raise ValueError("RunningMoments: no data")
+        c = self.mean.numel()
+        return {"mean": self.mean.to(torch.float32).reshape(1, c, 1, 1),
+                "std": self.std(unbiased).to(torch.float32).reshape(1, c, 1, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.count = int(state["count"])
+        self.mean = None if state["mean"] is None else torch.as_tensor(state["mean"], dtype=torch.float64)
+        self.m2 = None if state["m2"] is None else torch.as_tensor(state["m2"], dtype=torch.float64)
+
+    def merge_across_ranks(self, group: Any = None) -> "RunningMoments":
+        """Merged moments of every rank (collective; identical result on all ranks, rank order)."""
+        import torch.distributed as tdist
+        if not (tdist.is_available() and tdist.is_initialized()):
+            return self
+        states: list[Any] = [None] * tdist.get_world_size(group)
+        tdist.all_gather_object(states, self.state_dict(), group=group)
+        merged = RunningMoments()
+        for state in states:
+            part = RunningMoments()
+            part.load_state_dict(state)
+            merged.merge(part)
+        return merged
+
+
+def _stats_file(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".pt" else path / STATS_FILENAME
+
+
+def save_latent_stats(path: Union[str, Path], mean: Any, std: Any) -> Path:
+    """Write ``{'mean','std'}`` as (1,C,1,1) float32 to ``path`` (a .pt file, or a directory).
+
+    Atomic (temporary file + rename), so readers never see a partial file.
+    """
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).detach().cpu().reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).detach().cpu().reshape(1, -1, 1, 1)
+    if mean_t.shape != std_t.shape:
+        raise ValueError(f"save_latent_stats: mean {tuple(mean_t.shape)} and std {tuple(std_t.shape)} differ")
+    file = _stats_file(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp.{os.getpid()}")
+    torch.save({"mean": mean_t, "std": std_t}, tmp)
+    os.replace(tmp, file)
+    return file
+
+
+def load_latent_stats(path: Union[str, Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as float32 (1,C,1,1) from a dataset directory or a ``latents_stats.pt`` file."""
+    file = _stats_file(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"latent statistics file {file} does not exist")
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report the file
+        raise ValueError(f"latent statistics file {file} cannot be read: {e}") from e
+    if not isinstance(obj, Mapping) or "mean" not in obj or "std" not in obj:
+        raise ValueError(f"latent statistics file {file} must hold a dict with 'mean' and 'std'")
+    mean = torch.as_tensor(obj["mean"]).to(torch.float32)
+    std = torch.as_tensor(obj["std"]).to(torch.float32)
+    if mean.numel() != std.numel() or mean.numel() == 0:
+        raise ValueError(f"latent statistics file {file}: mean {tuple(mean.shape)} and std {tuple(std.shape)} "
+                         f"do not describe the same channels")
+    mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"latent statistics file {file}: non-finite values or non-positive std")
+    return mean, std
+
+
+def normalize_latents(z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                      multiplier: float = 1.0) -> torch.Tensor:
+    """Official normalisation: ``(z - mean) / std`` when stats are given, then ``* multiplier``."""
+    if mean is not None:
+        z = (z - mean.to(z)) / std.to(z)
+    return z * multiplier
+
+
+def denormalize_latents(z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                        multiplier: float = 1.0) -> torch.Tensor:
+    """Inverse of ``normalize_latents``: ``z / multiplier * std + mean`` (before decoding)."""
+    z = z / multiplier
+    if mean is not None:
+        z = z * std.to(z) + mean.to(z)
+    return z
+
+
+# --------------------------------------------------------------------------------- flip decision
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def flip_decision(seed: int, epoch: int, sample_id: int) -> bool:
+    """Whether to use ``latent_flip``: a fair coin that is a pure function of (seed, epoch, sample_id)."""
+    h = _splitmix64((seed & _MASK64) ^ _splitmix64((epoch & _MASK64) ^ _splitmix64(sample_id & _MASK64)))
+    return bool(h >> 63)
+
+
+# ---------------------------------------------------------------------------------- verification
+def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any]:
+    index = directory / INDEX_FILENAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{config_key}: latent dataset directory {directory} does not exist")
+    if not index.is_file():
+        raise FileNotFoundError(f"{config_key}: {directory} is not an MDS dataset: {index} does not exist "
+                                f"(per-rank directories need merge_shard_indexes first)")
+    try:
+        with open(index) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_key}: index file {index} is unreadable or not valid JSON: {e}") from e
+    shards = obj.get("shards") if isinstance(obj, dict) else None
+    if not isinstance(shards, list) or obj.get("version") != 2:
+        raise ValueError(f"{config_key}: index file {index} is not a streaming v2 index "
+                         f"(needs 'version': 2 and a 'shards' list)")
+    if not shards:
+        raise ValueError(f"{config_key}: index file {index} lists no shards")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or shard.get("format") != "mds" or not shard.get("raw_data"):
+            raise ValueError(f"{config_key}: index file {index}: shard #{i} is not an MDS shard entry")
+    return obj
+
+
+def _check_shard_files(directory: Path, shard: Mapping[str, Any], check_hashes: bool) -> Optional[str]:
+    """Problem with one shard's files (name + reason), or None. Checks existence, size, hashes."""
+    raw, zipped = shard["raw_data"], shard.get("zip_data")
+    raw_path = directory / raw["basename"]
+    candidates = [(zipped, directory / zipped["basename"])] if zipped else []
+    if raw_path.is_file() or not zipped:
+        candidates.append((raw, raw_path))
+    for info, path in candidates:
+        if not path.is_file():
+            return f"shard file {path} is missing"
+        size = path.stat().st_size
+        if size != int(info["bytes"]):
+            return f"shard file {path} has {size} bytes, index.json says {info['bytes']} (truncated or overwritten)"
+        if check_hashes and info.get("hashes"):
+            from streaming.base.hashing import get_hash
+            algo = sorted(info["hashes"])[0]
+            if get_hash(algo, path.read_bytes()) != info["hashes"][algo]:
+                return f"shard file {path} fails its {algo} checksum (corrupt)"
+    return None
+
+
+def verify_dataset(path: Union[str, Path], check_hashes: bool = True) -> int:
+    """Check index.json and every shard file (existence, size and, if recorded, hash).
+
+    Returns the number of samples; raises ``CorruptShardError``/``FileNotFoundError``/``ValueError``
+    naming the first bad file. ``check_hashes`` reads every byte of the dataset.
+    """
+    directory = Path(path)
+    obj = _read_index(directory, config_key="verify_dataset")
+    for shard in obj["shards"]:
+        problem = _check_shard_files(directory, shard, check_hashes)
+        if problem:
+            raise CorruptShardError(f"{directory}: {problem}")
+    return sum(int(s["samples"]) for s in obj["shards"])
+
+
+def _common_hash(shards: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """A hash algorithm recorded for every shard's stored file (zip, else raw), preferring xxh64."""
+    common: Optional[set[str]] = None
+    for shard in shards:
+        info = shard.get("zip_data") or shard["raw_data"]
+        names = set((info.get("hashes") or {}).keys())
+        common = names if common is None else common & names
+    if not common:
+        return None
+    return "xxh64" if "xxh64" in common else sorted(common)[0]
+
+
+# ----------------------------------------------------------------------------------------- reader
+class LatentDataset(StreamingDataset):
+    """StreamingDataset over the latent schema, returning training-ready samples.
+
+    Each item is ``{"latent": float32 [C,H,W] (normalised), "label": int64, "sample_id": int64,
+    "flipped": bool[, "features": stored dtype [D,h,w]]}``.
+
+    Args (besides StreamingDataset's keyword arguments, e.g. shuffle, shuffle_seed, batch_size):
+        local, remote: as StreamingDataset. Without ``remote``, ``local`` is the dataset itself and
+            is checked up front (index.json, shard files present with the indexed sizes).
+        latent_norm, latent_multiplier, random_flip, use_features: as ``DataConfig``.
+        flip_seed: seed of the flip decision (the experiment seed).
+        stats_path: statistics file or directory; default ``local/latents_stats.pt`` (fetched from
+            ``remote`` when missing locally).
+        expected_shape: (C, H, W) the model expects; checked against the data.
+        validate_hash: "auto" uses a hash recorded for every shard (xxh64 by our writer) so that
+            streaming verifies each shard when it decompresses/downloads it; None disables.
+    """
+
+    def __init__(self, *, local: str, remote: Optional[str] = None, latent_norm: bool = True,
+                 latent_multiplier: float = 1.0, random_flip: bool = True, use_features: bool = False,
+                 flip_seed: int = 0, stats_path: Optional[Union[str, Path]] = None,
+                 expected_shape: Optional[Sequence[int]] = None, validate_hash: Optional[str] = "auto",
+                 **kwargs: Any) -> None:
+        if not local:
+            raise ValueError("data.path: the latent dataset directory is not set")
+        self.data_dir = Path(local)
+        self.latent_norm = bool(latent_norm)
+        self.latent_multiplier = float(latent_multiplier)
+        self.random_flip = bool(random_flip)
+        self.use_features = bool(use_features)
+        self.flip_seed = int(flip_seed)
+        self.expected_shape = tuple(int(d) for d in expected_shape) if expected_shape is not None else None
+        self._iter_epoch: Optional[int] = None
+        self._shard_error: Optional[CorruptShardError] = None
+
+        if remote is None:
+            index = _read_index(self.data_dir)
+            for shard in index["shards"]:
+                problem = _check_shard_files(self.data_dir, shard, check_hashes=False)
+                if problem:
+                    raise CorruptShardError(f"data.path: {problem}")
+            if validate_hash == "auto":
+                validate_hash = _common_hash(index["shards"])
+        elif validate_hash == "auto":
+            validate_hash = None   # decided below, once the index is local
+            self._auto_hash = True
+
+        # Statistics before touching streaming's shared state, so that config errors come first.
+        self.mean: Optional[torch.Tensor] = None
+        self.std: Optional[torch.Tensor] = None
+        self.stats_file = _stats_file(stats_path) if stats_path is not None else self.data_dir / STATS_FILENAME
+        if self.latent_norm:
+            self._load_stats(remote)
+
+        super().__init__(local=str(local), remote=remote, validate_hash=validate_hash, **kwargs)
+
+        if remote is not None and getattr(self, "_auto_hash", False):
+            infos = [{"zip_data": _file_info_dict(s.file_pairs[0][1]),
+                      "raw_data": _file_info_dict(s.file_pairs[0][0])} for s in self.shards]
+            algo = _common_hash(infos)
+            for stream in self.streams:
+                stream.validate_hash = algo
+        self._check_schema()
+
+    # ---- setup helpers
+    def _load_stats(self, remote: Optional[str]) -> None:
+        file = self.stats_file
+        if not file.is_file() and remote is not None and file.parent == self.data_dir:
+            try:
+                from streaming.base.storage.download import CloudDownloader
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.download.{os.getpid()}")
+                CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
+                os.replace(tmp, file)
+            except Exception as e:  # noqa: BLE001 - fall through to the clear error below
+                log.warning("could not fetch %s from %s: %s", STATS_FILENAME, remote, e)
+        if not file.is_file():
+            where = f" (nor in data.remote {remote})" if remote is not None else ""
+            raise FileNotFoundError(
+                f"data.latent_norm is true but the latent statistics file {file} does not exist{where}. "
+                f"Write it with data.streaming.save_latent_stats (RunningMoments over the latents), copy the "
+                f"official latents_stats.pt there, or set data.latent_norm=false.")
+        self.mean, self.std = (t.reshape(-1, 1, 1) for t in load_latent_stats(file))
+
+    def _check_schema(self) -> None:
+        reader = self.shards[0]
+        encodings = dict(zip(reader.column_names, reader.column_encodings))
+        required = list(REQUIRED_COLUMNS) + (["latent_flip"] if self.random_flip else []) \
+            + (["features"] if self.use_features else [])
+        missing = [c for c in required if c not in encodings]
+        if missing:
+            raise ValueError(f"data.path: the dataset at {self.data_dir} lacks column(s) {missing}; it has "
+                             f"{sorted(encodings)}" + (" (set data.use_features=false or extract DINOv2 "
+                                                       "features)" if "features" in missing else ""))
+        for shard in self.shards[1:]:
+            if list(shard.column_names) != list(reader.column_names) or \
+                    list(shard.column_encodings) != list(reader.column_encodings):
+                raise ValueError(f"data.path: shards of {self.data_dir} disagree on their columns "
+                                 f"({shard.raw_data.basename} vs {reader.raw_data.basename})")
+        for column in ("latent", "latent_flip"):
+            if column not in encodings:
+                continue
+            dtype, shape = _parse_ndarray_encoding(encodings[column])
+            if dtype is None and not encodings[column].startswith("ndarray"):
+                raise ValueError(f"data.path: column {column!r} of {self.data_dir} has encoding "
+                                 f"{encodings[column]!r}, expected ndarray:float16/float32")
+            if shape is not None:
+                self._check_latent_shape(shape, where=f"column {column!r} ({encodings[column]})")
+
+    def _check_latent_shape(self, shape: Sequence[int], where: str) -> None:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 3:
+            raise ValueError(f"data.path: latents of {self.data_dir} must be [C, H, W]; {where} has shape {shape}")
+        if self.mean is not None and shape[0] != self.mean.shape[0]:
+            raise ValueError(f"data.path: latents of {self.data_dir} have {shape[0]} channels ({where}, shape "
+                             f"{shape}) but the statistics file {self.stats_file} has {self.mean.shape[0]}")
+        if self.expected_shape is not None and shape != self.expected_shape:
+            raise ValueError(f"data.path: latents of {self.data_dir} have shape {shape} ({where}) but the model "
+                             f"expects {self.expected_shape} (model.in_channels, model.input_size)")
+
+    # ---- epoch tracking
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Called once per __iter__ in every worker: the epoch streaming is about to iterate
+        # (including an epoch restored by load_state_dict). Recorded for the flip decision.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._iter_epoch = int(epoch)
+        return epoch, sample_in_epoch
+
+    @property
+    def current_epoch(self) -> int:
+        """Epoch of the iteration in progress in this process (0 before any iteration)."""
+        if self._iter_epoch is not None:
+            return self._iter_epoch
+        return max(self.next_epoch - 1, 0)
+
+    # ---- failures
+    def _shard_paths(self, shard_id: int) -> str:
+        reader = self.shards[shard_id]
+        raw, zipped = reader.file_pairs[0]
+        base = Path(self.streams[self.stream_per_shard[shard_id]].local)
+        return str(base / zipped.basename) if zipped else str(base / raw.basename)
+
+    def _describe(self, shard_id: int, error: BaseException, what: str) -> CorruptShardError:
+        reader = self.shards[shard_id]
+        base = Path(self.streams[self.stream_per_shard[shard_id]].local)
+        raw, zipped = reader.file_pairs[0]
+        info = {"raw_data": {"basename": raw.basename, "bytes": raw.bytes, "hashes": raw.hashes},
+                "zip_data": ({"basename": zipped.basename, "bytes": zipped.bytes, "hashes": zipped.hashes}
+                             if zipped else None)}
+        try:
+            problem = _check_shard_files(base, info, check_hashes=True)
+        except Exception:  # noqa: BLE001
+            problem = None
+        detail = problem or f"shard file {self._shard_paths(shard_id)}"
+        return CorruptShardError(f"{what} failed: {detail}: {type(error).__name__}: {error}")
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:  # noqa: BLE001
+            error = self._describe(shard_id, e, f"preparing shard {shard_id} of {self.data_dir}")
+            # Do not leave the shard in PREPARING: other workers would wait for it forever.
+            try:
+                from streaming.base.dataset import _ShardState
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            except Exception:  # noqa: BLE001
+                pass
+            self._shard_error = error
+            self._abort_iteration()
+            raise error from e
+
+    def _abort_iteration(self) -> None:
+        # Stop streaming's download/ready threads of this process: after a failure they would
+        # otherwise poll forever (and block the exit of a DataLoader worker).
+        event = getattr(self, "_event", None)
+        if event is not None:
+            event.set()
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None:
+            iterator.non_blocking_exit()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._shard_error is not None:
+            raise self._shard_error
+        try:
+            yield from super().__iter__()
+        except GeneratorExit:
+            # The consumer stopped mid-epoch: let the background threads end now.
+            iterator = getattr(self, "_iterator", None)
+            if iterator is not None:
+                iterator.non_blocking_exit()
+            raise
+        except CorruptShardError:
+            self._abort_iteration()
+            raise
+        except RuntimeError as e:
+            self._abort_iteration()
+            if self._shard_error is not None:
+                raise self._shard_error from e
+            raise
+        # Streaming ends the epoch quietly when its download thread died: make that loud.
+        if self._shard_error is not None:
+            raise self._shard_error
+        event = getattr(self, "_event", None)
+        if event is not None and event.is_set():
+            raise RuntimeError(f"{self.data_dir}: a streaming background thread failed; the epoch ended early "
+                               f"(see the traceback logged above)")
+
+    # ---- items
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        if self._shard_error is not None:
+            raise self._shard_error
+        try:
+            raw = super().get_item(sample_id, retry)
+        except CorruptShardError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self._abort_iteration()
+            if self._shard_error is not None:
+                raise self._shard_error from e
+            shard_id, _ = self.spanner[sample_id]
+            self._shard_error = self._describe(shard_id, e, f"reading sample {sample_id} of {self.data_dir}")
+            raise self._shard_error from e
+        try:
+            return self._to_training_sample(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            self._abort_iteration()
+            if isinstance(e, ValueError) and str(e).startswith("data.path"):
+                raise
+            shard_id, _ = self.spanner[sample_id]
+            self._shard_error = self._describe(shard_id, e, f"decoding sample {sample_id} of {self.data_dir}")
+            raise self._shard_error from e
+
+    def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        sid = int(raw["sample_id"])
+        flipped = self.random_flip and flip_decision(self.flip_seed, self.current_epoch, sid)
+        array = raw["latent_flip" if flipped else "latent"]
+        if array.ndim != 3 or (self.mean is not None and array.shape[0] != self.mean.shape[0]) or \
+                (self.expected_shape is not None and tuple(array.shape) != self.expected_shape):
+            self._check_latent_shape(array.shape, where=f"sample_id {sid}")
+        z = torch.from_numpy(np.array(array, dtype=np.float32))
+        z = normalize_latents(z, self.mean, self.std, self.latent_multiplier)
+        item = {"latent": z, "label": torch.tensor(int(raw["label"]), dtype=torch.int64),
+                "sample_id": torch.tensor(sid, dtype=torch.int64),
+                "flipped": torch.tensor(bool(flipped))}
+        if self.use_features:
+            item["features"] = torch.from_numpy(np.array(raw["features"]))
+        return item
+
+
+def _file_info_dict(info: Any) -> Optional[dict[str, Any]]:
+    if info is None:
+        return None
+    return {"basename": info.basename, "bytes": info.bytes, "hashes": info.hashes}
+
+
+# ----------------------------------------------------------------------------------------- loader
+_ENV_KEYS = (("RANK", "rank"), ("WORLD_SIZE", "world_size"), ("LOCAL_RANK", "local_rank"),
+             ("LOCAL_WORLD_SIZE", "local_world_size"))
+
+
+def ensure_streaming_env(dist: Any = None) -> None:
+    """Make streaming see the right rank/world.
+
+    Streaming reads RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from the environment. With
+    ``dist`` (anything with rank / world_size / local_rank / local_world_size attributes), missing
+    variables are set from it and conflicting ones are an error. Without it, a torch.distributed
+    run whose environment lacks these variables is an error (every rank would read everything).
+    """
+    if dist is None:
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            env_world = os.environ.get("WORLD_SIZE")
+            if env_world is None or int(env_world) != tdist.get_world_size() or \
+                    int(os.environ.get("RANK", -1)) != tdist.get_rank():
+                raise RuntimeError(
+                    f"streaming reads RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE from the environment, but they "
+                    f"are unset or disagree with torch.distributed (rank {tdist.get_rank()} of "
+                    f"{tdist.get_world_size()}); launch with torchrun or pass dist= to build_latent_loader")
+        return
+    for key, attr in _ENV_KEYS:
+        value = getattr(dist, attr, None)
+        if value is None:
+            continue
+        current = os.environ.get(key)
+        if current is None:
+            os.environ[key] = str(int(value))
+        elif int(current) != int(value):
+            raise RuntimeError(f"environment variable {key}={current} disagrees with the distributed setup "
+                               f"({attr}={value}); streaming would partition the data wrongly")
+
+
+def build_latent_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool = True, dist: Any = None,
+                        expected_shape: Optional[Sequence[int]] = None,
+                        stats_path: Optional[Union[str, Path]] = None, pin_memory: Optional[bool] = None,
+                        persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
+                        **dataset_kwargs: Any) -> tuple[StreamingDataLoader, LatentDataset]:
+    """(StreamingDataLoader, LatentDataset) for a ``DataConfig``; ``batch_size`` is per rank.
+
+    Call after torch.distributed is initialised (otherwise streaming initialises and destroys a
+    process group of its own when WORLD_SIZE > 1). Each rank gets a disjoint 1/world share of every
+    epoch (padded by repeating samples to a multiple of the world size). Resume with
+    ``loader.load_state_dict(state)`` before ``iter(loader)``; see the module docstring.
+    """
+    if seed < 0:
+        raise ValueError(f"seed: streaming needs a non-negative shuffle seed, got {seed}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ensure_streaming_env(dist)
+    dataset = LatentDataset(
+        local=cfg.path, remote=cfg.remote, latent_norm=cfg.latent_norm,
+        latent_multiplier=cfg.latent_multiplier, random_flip=cfg.random_flip,
+        use_features=cfg.use_features, flip_seed=seed, stats_path=stats_path,
+        expected_shape=expected_shape, shuffle=cfg.shuffle, shuffle_seed=seed, batch_size=batch_size,
+        predownload=cfg.predownload, replication=None, **dataset_kwargs)
+    workers = int(cfg.num_workers)
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            extra["prefetch_factor"] = prefetch_factor
+    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
+                                 pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                                 **extra)
+    return loader, dataset
+
+
+def steps_per_epoch(dataset: StreamingDataset, global_batch_size: int) -> int:
+    """Optimizer steps per epoch with drop_last: the per-rank share times the world, in global batches."""
+    world = dataset._parallel_rank_world.num_ranks  # what streaming partitions over
+    return (len(dataset) * world) // int(global_batch_size)
