@@ -1,0 +1,294 @@
+"""Checkpoint directory management: atomic commit, completion marker, retention, auto-resume.
+
+Layout (see docs/architecture.md)::
+
+    <run_dir>/checkpoints/step_0000100/          complete: has COMPLETE (JSON: step, time, world_size, files)
+    <run_dir>/checkpoints/.tmp-step_0000200/     being written; never resumed; removed at the next start
+
+Commit protocol (``save``): every rank writes its part of the checkpoint into ``.tmp-step_N`` (through
+the engine) -> barrier -> rank 0 writes ``COMPLETE`` (fsync), fsyncs the directory, renames it to
+``step_N`` and fsyncs ``checkpoints/`` -> retention -> barrier. A process killed at any point before the
+rename leaves only a ``.tmp-`` directory; after the rename the checkpoint is whole. ``COMPLETE`` lists
+every file with its size, so a truncated file is detected before it is read.
+
+Async saves (``CheckpointConfig.async_save``): ``save`` returns once the state is staged in CPU memory;
+the commit happens when every rank's background write has finished — checked by ``maybe_finalize()``
+(the trainer calls it every step), and forced at the latest by the next ``save`` or by ``close()``.
+
+Every public method except ``complete_checkpoints`` is collective: all ranks call it, in the same order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from core.config import CheckpointConfig
+from core.distributed import DistInfo, barrier, broadcast_object
+from core.engines.base import Engine, TrainedPart
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+# Test hook (tests/test_checkpoint.py): when this environment variable names a file, rank 0 creates that
+# file and then sleeps forever right before committing a checkpoint — i.e. after every byte of the
+# checkpoint is on disk but before COMPLETE/rename — so a test can SIGKILL a process "mid-save".
+PAUSE_BEFORE_COMMIT_ENV = "LLAT_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def step_dirname(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_every: Optional[int]) -> set[int]:
+    """Steps to keep: the newest ``keep_last`` plus every multiple of ``keep_every``."""
+    ordered = sorted(set(steps))
+    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    if keep_every:
+        keep.update(s for s in ordered if s % keep_every == 0)
+    return keep
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != COMPLETE}
+
+
+class CheckpointManager:
+    """Atomic, retained, resumable checkpoints of an engine's parts under ``<run_dir>/checkpoints``.
+
+    Construction is collective (rank 0 removes stale ``.tmp-`` directories, then all ranks meet).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, engine: Engine, dist: DistInfo):
+        self.cfg = cfg
+        self.engine = engine
+        self.dist = dist
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = max(1, int(cfg.keep_last))
+        if cfg.async_save:
+            if getattr(engine, "supports_async_save", False):
+                engine.async_save = True
+            else:
+                log.warning("checkpoint.async_save is not supported by the %s engine: saving synchronously",
+                            type(engine).__name__)
+        self.async_save = bool(getattr(engine, "async_save", False))
+        self._pending: Optional[tuple[int, Path]] = None      # (step, tmp dir) of an uncommitted async save
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: Optional[int] = None
+        if dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(TMP_PREFIX + "*"):
+                log.warning("removing incomplete checkpoint %s (interrupted save)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    # ------------------------------------------------------------------ queries
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of every committed checkpoint (``step_N`` with ``COMPLETE``), oldest first. Local."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for p in self.root.iterdir():
+            if not (p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / COMPLETE).is_file()):
+                continue
+            try:
+                out.append((int(p.name[len(STEP_PREFIX):]), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def should_save(self, step: int, is_last: bool = False) -> bool:
+        """Whether to save at ``step``. Collective when ``every_minutes`` is set (rank 0's clock decides)."""
+        if step == self._last_saved_step:
+            return False
+        decision = bool(is_last)
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            decision = True
+        if self.cfg.every_minutes:
+            timed = (time.monotonic() - self._last_save_time) >= 60.0 * self.cfg.every_minutes
+            flag = torch.tensor([1 if timed else 0], dtype=torch.int32, device=self.dist.device)
+            if tdist.is_initialized() and self.dist.world_size > 1:
+                tdist.broadcast(flag, src=0)
+            decision = decision or bool(flag.item())
+        return decision
+
+    # ------------------------------------------------------------------ save / commit
+    def save(self, step: int, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
+        """Collective. Write a checkpoint of ``step``; committed now (sync) or when its write ends (async)."""
+        self._finalize_pending()
+        final = self.root / step_dirname(step)
+        exists = broadcast_object(final.is_dir() and (final / COMPLETE).is_file() if self.dist.is_main else None)
+        if exists:
+            log.info("checkpoint %s already exists: not rewritten", final)
+            self._mark_saved(step)
+            return
+        tmp = self.root / (TMP_PREFIX + step_dirname(step))
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        self.engine.save(tmp, parts, extra)
+        self._mark_saved(step)
+        if self.async_save:
+            self._pending = (step, tmp)
+        else:
+            self._commit(step, tmp)
+
+    def _mark_saved(self, step: int) -> None:
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+
+    def maybe_finalize(self) -> bool:
+        """Collective, cheap: commit the pending async save if every rank's write has finished.
+
+        Called by the trainer once per step on every rank. Without a pending save it does nothing (no
+        communication; every rank agrees because ``save`` is collective). With one, it all-reduces one
+        "my write is done" flag so that all ranks take the same decision. Returns True if it committed.
+        """
+        if self._pending is None:
+            return False
+        done = self.engine.pending_done()
+        flag = torch.tensor([1 if done else 0], dtype=torch.int32, device=self.dist.device)
+        if tdist.is_initialized() and self.dist.world_size > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        if not bool(flag.item()):
+            return False
+        self._finalize_pending()
+        return True
+
+    def _finalize_pending(self) -> None:
+        """Collective: wait for this rank's async write, then commit (barrier inside)."""
+        if self._pending is None:
+            return
+        step, tmp = self._pending
+        self._pending = None
+        self.engine.wait()
+        self._commit(step, tmp)
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        barrier()                                     # every rank's files are written
+        error: Optional[BaseException] = None
+        if self.dist.is_main:
+            pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV)
+            if pause:                                 # test hook, see PAUSE_BEFORE_COMMIT_ENV
+                Path(pause).write_text(str(step))
+                while True:
+                    time.sleep(3600)
+            try:
+                self._commit_on_main(step, tmp)
+            except Exception as e:                    # noqa: BLE001 - reported on every rank below
+                error = e
+        # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them.
+        if not self._all_ok(error is None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"committing checkpoint {tmp} failed on rank 0")
+
+    def _commit_on_main(self, step: int, tmp: Path) -> None:
+        marker = {"step": step, "time": time.time(), "world_size": self.dist.world_size, "files": _file_sizes(tmp)}
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(d)
+        final = self.root / step_dirname(step)
+        if final.exists():                            # a leftover without COMPLETE (save() skips complete ones)
+            log.warning("replacing incomplete checkpoint directory %s", final)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        log.info("checkpoint committed: %s", final)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        complete = self.complete_checkpoints()
+        keep = retained_steps([s for s, _ in complete], self.keep_last, self.cfg.keep_every)
+        for step, path in complete:
+            if step not in keep:
+                log.info("retention: removing checkpoint %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Collective: finish and commit a pending async save. Idempotent."""
+        self._finalize_pending()
+
+    # ------------------------------------------------------------------ resume
+    def _verify_files(self, path: Path) -> None:
+        marker = json.loads((path / COMPLETE).read_text())
+        for rel, size in marker.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} listed in {COMPLETE} is missing")
+            if f.stat().st_size != size:
+                raise IOError(f"{f} has {f.stat().st_size} bytes, {COMPLETE} recorded {size} (truncated?)")
+
+    def load_latest(self, parts: dict[str, TrainedPart]) -> Optional[dict[str, Any]]:
+        """Collective. Restore the newest loadable complete checkpoint; return its ``extra`` (None if none).
+
+        A checkpoint that fails to load (missing/truncated/corrupt file, on any rank) is reported with a
+        WARNING and the previous one is tried; if none loads, raises RuntimeError listing every attempt.
+        """
+        self._finalize_pending()
+        candidates = broadcast_object(self.complete_checkpoints() if self.dist.is_main else None)
+        if not candidates:
+            return None
+        tried: list[str] = []
+        for step, path in reversed(candidates):
+            error: Optional[BaseException] = None
+            extra: Optional[dict[str, Any]] = None
+            try:
+                self._verify_files(path)
+            except (Exception, CheckpointException) as e:   # noqa: BLE001 - any failure: try the previous one
+                error = e
+            # Agree on the verification result before entering the engine's collectives.
+            if not self._all_ok(error is None):
+                error = error or RuntimeError("file check failed on another rank")
+            else:
+                try:
+                    extra = self.engine.load(path, parts)
+                except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                    error = e
+                if not self._all_ok(error is None):
+                    error = error or RuntimeError("load failed on another rank")
+            if error is None:
+                if self.dist.is_main:
+                    log.info("resumed from checkpoint %s", path)
+                self._mark_saved(step)
+                return extra
+            tried.append(f"{path}: {type(error).__name__}: {error}")
+            log.warning("could not load checkpoint %s (%s: %s); trying the previous one",
+                        path, type(error).__name__, error)
+        raise RuntimeError("no checkpoint could be loaded from " + str(self.root) + "; tried:\n  "
+                           + "\n  ".join(tried))
+
+    def _all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.dist.device)
+        if tdist.is_initialized() and self.dist.world_size > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        return bool(flag.item())

@@ -1,0 +1,104 @@
+"""Engine / TrainedPart interfaces: the only things the trainer and the checkpoint manager call.
+
+An *engine* wraps models for distributed training (FSDP2 today, DeepSpeed later) and owns their
+checkpoint state. A *trained part* is one trainable model + its optimizer (+ EMA) as wrapped by an engine.
+See docs/architecture.md for the contract.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from core.config import EngineConfig, OptimizerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.distributed import DistInfo
+
+
+class TrainedPart(abc.ABC):
+    """One trainable model + its optimizer (+ EMA), as wrapped by an engine."""
+
+    name: str
+    module: nn.Module                 # call for forward (wrapped: FSDP2 module / DeepSpeed engine)
+    ema: Optional[nn.Module]          # EMA copy, sharded like the weights; eval mode
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Backpropagate ``loss``; ``sync=False`` on non-final micro-batches (no gradient reduction)."""
+
+    @abc.abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip (if configured), optimizer step, zero grad, EMA update; returns the grad norm (pre-clip)."""
+
+    @abc.abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+
+
+class Engine(abc.ABC):
+    """Wraps models for distributed training and owns their checkpoint state.
+
+    ``async_save`` (set by the constructor or by ``CheckpointManager`` from ``CheckpointConfig.async_save``
+    when ``supports_async_save``): ``save`` may return before the files are written; ``wait()`` finishes
+    the write on this rank.
+    """
+
+    supports_async_save: bool = False
+
+    def __init__(self, cfg: EngineConfig, dist: "DistInfo"):
+        self.cfg = cfg
+        self.dist = dist
+        self.async_save = False
+
+    @abc.abstractmethod
+    def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
+                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None) -> TrainedPart:
+        """Wrap ``model`` (fp32, not yet sharded) and build its optimizer and EMA."""
+
+    @abc.abstractmethod
+    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
+        """Collective: write every part's state and this rank's ``extra`` under ``ckpt_dir``."""
+
+    @abc.abstractmethod
+    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
+        """Collective: restore every part's state from ``ckpt_dir``; returns the saved ``extra``."""
+
+    def wait(self) -> None:
+        """Finish this rank's async save in flight and re-raise its error (no-op for synchronous engines)."""
+
+    def pending_done(self) -> bool:
+        """Non-blocking: True when this rank has no async save still writing."""
+        return True
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW / Adam from the config: fused kernels on CUDA (unless ``cfg.fused`` says otherwise), foreach elsewhere."""
+    params = list(params)
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (expected 'adamw' or 'adam')")
+
+
+def build_engine(cfg: EngineConfig, dist: "DistInfo", **kwargs: Any) -> Engine:
+    """The engine named by ``cfg.kind``. Extra keyword arguments go to the engine's constructor."""
+    if cfg.kind == "fsdp2":
+        from core.engines.fsdp2 import FSDP2Engine
+        return FSDP2Engine(cfg, dist, **kwargs)
+    if cfg.kind == "deepspeed":
+        raise NotImplementedError(
+            "engine.kind='deepspeed' is not implemented yet: the DeepSpeed engine arrives with the DeepSpeed "
+            "issue. Use engine.kind='fsdp2'.")
+    raise ValueError(f"engine.kind: unknown engine {cfg.kind!r} (expected 'fsdp2' or 'deepspeed')")

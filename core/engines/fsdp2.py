@@ -1,0 +1,318 @@
+"""PyTorch FSDP2 engine: ``fully_shard`` per block + root, fp32 master weights, DCP checkpoints.
+
+Wrapping (``FSDP2Engine.prepare``), in this order:
+
+1. parameters are cast to fp32 (master weights are always fp32);
+2. the EMA is a deep copy of that fp32 model taken *before* any wrapping (``requires_grad=False``, eval mode);
+3. every block of ``getattr(model, blocks_attr)`` optionally gets activation checkpointing
+   (``checkpoint_wrapper``, non-reentrant) and ``torch.compile`` of its ``forward`` (the module object is
+   kept, so ``state_dict`` keys do not change; FSDP2's hooks stay outside the compiled region), then
+   ``fully_shard(block)``; finally ``fully_shard(model)`` for the remaining (root) parameters;
+4. the EMA is sharded the same way (per block + root, no mixed precision, no checkpointing/compile), so
+   each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
+   fused op over local shards, with no communication.
+
+Mixed precision (``precision="bf16"``): ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` —
+compute and all-gathers in bf16, gradient reduction, sharded gradients, optimizer and EMA in fp32.
+
+Checkpoints (``save``/``load``, both collective): one DCP checkpoint under ``<ckpt_dir>/state`` holding
+``{"<part>.model", "<part>.ema", "<part>.optim"}`` for every part as sharded (DTensor) state dicts — DCP
+reshards on load, so a checkpoint written by N ranks loads on M ranks. ``extra`` is written per rank to
+``<ckpt_dir>/extra/rank{r:05d}.pt``.
+
+Async save (``async_save=True``): the state is staged to CPU memory synchronously inside ``save`` (training
+may change the weights as soon as ``save`` returns); the files are written by a background thread that
+communicates over a dedicated gloo process group (created at the first async save, collectively), so it never
+interleaves with the training collectives. ``wait()`` blocks until this rank's write has finished and
+re-raises its error; it is *not* a collective. A checkpoint is only complete when ``wait()`` has returned on
+every rank — the caller (``core.checkpoint.CheckpointManager``) adds the barrier and the commit.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from core.config import EngineConfig, OptimizerConfig
+from core.distributed import DistInfo
+from core.ema import ema_update_
+from core.engines.base import Engine, TrainedPart, build_optimizer
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """Parameter name without wrapper components (activation checkpointing, torch.compile)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def extra_path(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / "extra" / f"rank{rank:05d}.pt"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FSDP2Part(TrainedPart):
+    """A model wrapped with FSDP2 + its optimizer + its (identically sharded) EMA."""
+
+    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module], optimizer: torch.optim.Optimizer,
+                 ema_decay: Optional[float], grad_clip: Optional[float], device: torch.device):
+        self.name = name
+        self.module = module
+        self.ema = ema
+        self.optimizer = optimizer
+        self.ema_decay = ema_decay
+        self.grad_clip = grad_clip
+        self.device = device
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self._ema_dst: list[torch.Tensor] = []
+        self._ema_src: list[torch.Tensor] = []
+        if ema is not None:
+            # Every named parameter, frozen ones included (the official EMA averages all of them).
+            src = {canonical_name(n): p for n, p in module.named_parameters()}
+            dst = {canonical_name(n): p for n, p in ema.named_parameters()}
+            if src.keys() != dst.keys():
+                raise RuntimeError(f"{name}: EMA and model parameters differ: "
+                                   f"{sorted(src.keys() ^ dst.keys())[:10]}")
+            for key, p in src.items():
+                # DTensor parameters; ema_update_ works on their local shards, which line up because
+                # FSDP2 shards both modules identically (same shapes, same mesh).
+                self._ema_dst.append(dst[key])
+                self._ema_src.append(p)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        self.module.set_requires_gradient_sync(sync)
+        loss.backward()
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the (sharded) gradients, as a plain 0-dim tensor identical on every rank."""
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        return total
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Clip, optimizer step, zero grad, EMA update; returns the pre-clip global grad norm.
+
+        If the norm is not finite (NaN/inf gradients), *nothing* is updated — weights, optimizer moments
+        and EMA stay as they were — the gradients are dropped, and the non-finite norm is returned so the
+        caller can count the skipped step. The norm is all-reduced, so every rank takes the same branch.
+        """
+        norm = self.grad_norm()
+        if not bool(torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        if self.grad_clip is not None:
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            local = [_local(p.grad) for p in self.trainable if p.grad is not None]
+            if local:
+                torch._foreach_mul_(local, coef.to(local[0].device))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and self.ema_decay is not None:
+            ema_update_(self._ema_dst, self._ema_src, self.ema_decay)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class FSDP2Engine(Engine):
+    """FSDP2 wrapping + DCP checkpoints. See the module docstring.
+
+    ``async_save``: write checkpoints from a background thread (``save`` returns after staging to CPU).
+    ``compile_kwargs``: keyword arguments for ``torch.compile`` when ``cfg.compile`` (e.g. a backend).
+    """
+
+    supports_async_save = True
+
+    def __init__(self, cfg: EngineConfig, dist: DistInfo, async_save: bool = False,
+                 compile_kwargs: Optional[dict[str, Any]] = None):
+        super().__init__(cfg, dist)
+        self.async_save = bool(async_save)
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self._mesh = None
+        self._async_pg = None
+        self._pending: Optional[Future] = None
+        self._pending_dir: Optional[Path] = None
+
+    # ------------------------------------------------------------------ wrapping
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+        return self._mesh
+
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        if self.cfg.precision == "bf16":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cfg.precision == "fp32":
+            return MixedPrecisionPolicy()
+        raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} (expected 'bf16' or 'fp32')")
+
+    @staticmethod
+    def _blocks(model: nn.Module, blocks_attr: Optional[str]):
+        if blocks_attr is None:
+            return None
+        try:
+            blocks = model.get_submodule(blocks_attr)
+        except AttributeError as e:
+            raise AttributeError(f"{type(model).__name__} has no block container {blocks_attr!r} "
+                                 "(pass blocks_attr=None to shard the model as one unit)") from e
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"{type(model).__name__}.{blocks_attr} must be an nn.ModuleList or nn.Sequential, "
+                            f"got {type(blocks).__name__}")
+        return blocks
+
+    def _shard(self, model: nn.Module, blocks_attr: Optional[str], mp: MixedPrecisionPolicy,
+               checkpointing: bool, compile_blocks: bool) -> None:
+        blocks = self._blocks(model, blocks_attr)
+        if blocks is None and (checkpointing or compile_blocks):
+            log.warning("activation checkpointing / compile apply per block, but no blocks_attr was given: skipped")
+        kw = dict(mesh=self.mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
+        for i in range(len(blocks) if blocks is not None else 0):
+            block = blocks[i]
+            if checkpointing:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                    CheckpointImpl, checkpoint_wrapper)
+                block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                blocks[i] = block
+            if compile_blocks:
+                # Compile the block's forward in place: same module object, same state_dict keys
+                # (torch.compile(block) would add an `_orig_mod.` level); FSDP2 hooks stay uncompiled.
+                block.forward = torch.compile(block.forward, **self.compile_kwargs)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+
+    def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
+                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None) -> FSDP2Part:
+        if isinstance(model, FSDPModule):
+            raise ValueError(f"{name}: model is already wrapped with fully_shard")
+        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
+        for p in model.parameters():       # fp32 master weights, always
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        ema = None
+        if ema_decay is not None:
+            ema = copy.deepcopy(model)
+            ema.requires_grad_(False)
+            ema.eval()
+        device = self.dist.device
+        model.to(device)
+        self._shard(model, blocks_attr, self.mp_policy(), self.cfg.activation_checkpointing, self.cfg.compile)
+        if ema is not None:
+            ema.to(device)
+            self._shard(ema, blocks_attr, MixedPrecisionPolicy(), False, False)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], optim_cfg, device)
+        return FSDP2Part(name, model, ema, optimizer, ema_decay, grad_clip, device)
+
+    # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def _state_dict(parts: dict[str, TrainedPart]) -> dict[str, Any]:
+        """Sharded (DTensor) state of every part, keyed ``<name>.model/.ema/.optim`` (collective-free)."""
+        state: dict[str, Any] = {}
+        for name, part in parts.items():
+            assert isinstance(part, FSDP2Part), f"{name}: not an FSDP2 part"
+            msd, osd = get_state_dict(part.module, part.optimizer, options=StateDictOptions())
+            state[f"{name}.model"] = msd
+            state[f"{name}.optim"] = osd
+            if part.ema is not None:
+                state[f"{name}.ema"] = get_model_state_dict(part.ema, options=StateDictOptions())
+        return state
+
+    def _async_group(self):
+        if self._async_pg is None:
+            # Collective (every rank calls save); a CPU group of its own for the writer thread.
+            self._async_pg = tdist.new_group(backend="gloo")
+        return self._async_pg
+
+    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
+        """Collective. Sync: returns when this rank's files are written. Async: returns after staging."""
+        self.wait()
+        ckpt_dir = Path(ckpt_dir)
+        _atomic_torch_save(extra, extra_path(ckpt_dir, self.dist.rank))
+        # get_state_dict initialises empty optimizer state with a zero-lr step; undo that for the live run.
+        fresh = [p.optimizer for p in parts.values() if isinstance(p, FSDP2Part) and not p.optimizer.state]
+        state = self._state_dict(parts)
+        target = str(ckpt_dir / "state")
+        try:
+            if self.async_save:
+                self._pending = dcp.async_save(state, checkpoint_id=target, process_group=self._async_group())
+                self._pending_dir = ckpt_dir
+            else:
+                dcp.save(state, checkpoint_id=target)
+        finally:
+            for opt in fresh:
+                opt.state.clear()
+
+    def wait(self) -> None:
+        """Block until this rank's async write (if any) is done; re-raise its error. Not a collective."""
+        pending, self._pending, self._pending_dir = self._pending, None, None
+        if pending is not None:
+            pending.result()
+
+    def pending_done(self) -> bool:
+        """Whether this rank has no async write in flight (non-blocking)."""
+        return self._pending is None or self._pending.done()
+
+    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
+        """Collective. Restore model, EMA and optimizer of every part (any world size); return ``extra``.
+
+        ``extra`` is this rank's when the checkpoint was written by the same number of ranks; otherwise every
+        rank gets rank 0's, with ``extra["world_size_changed"] = True`` (per-rank RNG streams cannot be mapped).
+        """
+        self.wait()
+        ckpt_dir = Path(ckpt_dir)
+        state = self._state_dict(parts)
+        dcp.load(state, checkpoint_id=str(ckpt_dir / "state"))
+        for name, part in parts.items():
+            set_state_dict(part.module, part.optimizer, model_state_dict=state[f"{name}.model"],
+                           optim_state_dict=state[f"{name}.optim"], options=StateDictOptions())
+            if part.ema is not None:
+                set_model_state_dict(part.ema, state[f"{name}.ema"], options=StateDictOptions())
+        saved_world = len(list((ckpt_dir / "extra").glob("rank*.pt")))
+        own = extra_path(ckpt_dir, self.dist.rank)
+        if saved_world == self.dist.world_size and own.is_file():
+            return torch.load(own, map_location="cpu", weights_only=False)
+        if self.dist.is_main:
+            log.warning("checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
+                        "rank (world_size_changed=True)", ckpt_dir, saved_world, self.dist.world_size)
+        extra = torch.load(extra_path(ckpt_dir, 0), map_location="cpu", weights_only=False)
+        extra["world_size_changed"] = True
+        return extra

@@ -1,0 +1,280 @@
+"""FSDP2 engine on a REAL 2-process gloo group vs a plain single-process reference model.
+
+Each rank trains on its half of a fixed batch; the reference trains on the whole batch with the same
+optimizer. Losses, grad norms, final weights and EMA must agree to fp32 rounding.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from dist_utils import ToyModel, run_distributed
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import ToyModel, run_distributed
+
+ATOL = 1e-5
+DECAY = 0.9
+# aot_eager exercises dynamo + AOT autograd without a C++ toolchain run; set to "inductor" for the full path.
+COMPILE_BACKEND = os.environ.get("LLAT_TEST_COMPILE_BACKEND", "aot_eager")
+
+
+def _data(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
+
+
+def _full(module):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return {k: v.detach().clone() for k, v in
+            get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()}
+
+
+def _full_optim(part):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    sd = get_optimizer_state_dict(part.module, part.optimizer, options=StateDictOptions(full_state_dict=True))
+    return {f"{k}.{n}": v.detach().clone() for k, st in sd["state"].items() for n, v in st.items()}
+
+
+def _assert_close_sd(got, ref, atol=ATOL, what=""):
+    assert list(got.keys()) == list(ref.keys()), (what, list(got.keys()), list(ref.keys()))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=atol, rtol=0, msg=lambda m: f"{what} {k}: {m}")
+
+
+def _assert_equal_sd(got, ref, what=""):
+    assert got.keys() == ref.keys(), what
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), f"{what} {k} changed"
+
+
+@torch.no_grad()
+def _hand_ema(ema, model, decay):
+    for (name, e), (name2, p) in zip(ema.named_parameters(), model.named_parameters()):
+        assert name == name2
+        e.copy_(decay * e + (1 - decay) * p)
+
+
+def _ref_step(ref, opt, x, y, clip=None):
+    loss = F.mse_loss(ref(x), y)
+    loss.backward()
+    if clip is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters() if p.grad is not None])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), norm
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _equivalence_worker(dist):
+    from core.config import EngineConfig, OptimizerConfig
+    from core.distributed import all_reduce_mean
+    from core.engines.base import build_engine, build_optimizer
+
+    torch.manual_seed(0)
+    model = ToyModel()
+    ref, ref_ema = copy.deepcopy(model), copy.deepcopy(model)
+    ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.01)
+    engine = build_engine(EngineConfig(precision="fp32"), dist)
+    part = engine.prepare("model", model, ocfg, DECAY, "blocks")
+    ref_opt = build_optimizer([p for p in ref.parameters() if p.requires_grad], ocfg, torch.device("cpu"))
+    assert part.ema is not None and not part.ema.training
+    assert all(not p.requires_grad for p in part.ema.parameters())
+
+    x, y = _data()
+    mine = slice(dist.rank * 8, (dist.rank + 1) * 8)
+    # 1) whole batch split across the 2 ranks, with an LR change every step
+    for step in range(3):
+        lr = 1e-2 * (step + 1) / 3
+        part.set_lr(lr)
+        for g in ref_opt.param_groups:
+            g["lr"] = lr
+        loss = F.mse_loss(part.module(x[mine]), y[mine])
+        part.backward(loss)
+        norm = part.step()
+        ref_loss, ref_norm = _ref_step(ref, ref_opt, x, y)
+        _hand_ema(ref_ema, ref, DECAY)
+        assert not isinstance(norm, torch.distributed.tensor.DTensor) and norm.dim() == 0
+        torch.testing.assert_close(all_reduce_mean(loss.detach().clone()), ref_loss, atol=ATOL, rtol=0)
+        torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)
+    # 2) gradient accumulation: 2 micro-batches (sync=False, then sync=True) == one batch
+    for step in range(2):
+        for k in range(2):
+            mb = slice(mine.start + 4 * k, mine.start + 4 * (k + 1))
+            part.backward(F.mse_loss(part.module(x[mb]), y[mb]) / 2, sync=(k == 1))
+            if k == 0:   # no reduce-scatter yet: FSDP2 keeps the unsharded gradient to itself
+                assert all(p.grad is None for p in part.module.parameters())
+        part.step()
+        _ref_step(ref, ref_opt, x, y)
+        _hand_ema(ref_ema, ref, DECAY)
+
+    full, ema = _full(part.module), _full(part.ema)
+    _assert_close_sd(full, ref.state_dict(), what="weights")
+    _assert_close_sd(ema, ref_ema.state_dict(), atol=1e-6, what="EMA")
+    # frozen parameter: unchanged, and averaged into the EMA like the official code (stays equal)
+    assert torch.equal(full["pos"], ref.pos) and torch.equal(ema["pos"], ref.pos)
+    assert torch.equal(full["scale"], ref.scale)
+    # optimizer moments equal the reference's too
+    ref_state = {n: ref_opt.state[p] for n, p in ref.named_parameters() if p.requires_grad}
+    for key, value in _full_optim(part).items():
+        name, field = key.rsplit(".", 1)
+        torch.testing.assert_close(value, ref_state[name][field].to(value.dtype), atol=ATOL, rtol=1e-4)
+    return True
+
+
+def _clip_nonfinite_worker(dist):
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines.base import build_engine, build_optimizer
+
+    torch.manual_seed(3)
+    model = ToyModel()
+    ref = copy.deepcopy(model)
+    ocfg = OptimizerConfig(lr=1e-2)
+    clip = 0.05
+    part = build_engine(EngineConfig(precision="fp32"), dist).prepare("m", model, ocfg, DECAY, grad_clip=clip)
+    ref_opt = build_optimizer([p for p in ref.parameters() if p.requires_grad], ocfg, torch.device("cpu"))
+    x, y = _data(seed=5)
+    mine = slice(dist.rank * 8, (dist.rank + 1) * 8)
+
+    part.backward(F.mse_loss(part.module(x[mine]), y[mine]))
+    norm = part.step()
+    _, ref_norm = _ref_step(ref, ref_opt, x, y, clip=clip)
+    assert float(ref_norm) > clip, "test needs active clipping"
+    torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)   # pre-clip norm
+    _assert_close_sd(_full(part.module), ref.state_dict(), what="clipped step")
+
+    # non-finite gradient on one rank only: no update anywhere, non-finite norm returned on every rank
+    before, ema_before, opt_before = _full(part.module), _full(part.ema), _full_optim(part)
+    xb = x.clone()
+    if dist.rank == 1:
+        xb[mine.start, 0] = float("nan")
+    part.backward(F.mse_loss(part.module(xb[mine]), y[mine]))
+    bad = part.step()
+    assert not torch.isfinite(bad), bad
+    _assert_equal_sd(_full(part.module), before, "weights")
+    _assert_equal_sd(_full(part.ema), ema_before, "EMA")
+    _assert_equal_sd(_full_optim(part), opt_before, "optimizer")
+    assert all(p.grad is None for p in part.module.parameters())
+
+    # and training continues normally afterwards
+    part.backward(F.mse_loss(part.module(x[mine]), y[mine]))
+    norm = part.step()
+    _, ref_norm = _ref_step(ref, ref_opt, x, y, clip=clip)
+    torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)
+    _assert_close_sd(_full(part.module), ref.state_dict(), what="after skipped step")
+    return True
+
+
+def _wrapping_worker(dist):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines.fsdp2 import FSDP2Engine
+    from core.engines.base import build_optimizer
+
+    plain_keys = list(ToyModel().state_dict().keys())
+    x, y = _data(seed=7)
+    mine = slice(dist.rank * 8, (dist.rank + 1) * 8)
+    ocfg = OptimizerConfig(lr=1e-2)
+    report = {}
+    for ac, comp in [(True, False), (False, True), (True, True)]:
+        torch.manual_seed(0)
+        model = ToyModel()
+        ref = copy.deepcopy(model)
+        ref_opt = build_optimizer([p for p in ref.parameters() if p.requires_grad], ocfg, torch.device("cpu"))
+        engine = FSDP2Engine(EngineConfig(precision="fp32", activation_checkpointing=ac, compile=comp), dist,
+                             compile_kwargs={"backend": COMPILE_BACKEND})
+        part = engine.prepare("model", model, ocfg, DECAY, "blocks")
+        assert list(part.module.state_dict().keys()) == plain_keys, (ac, comp)
+        assert list(get_model_state_dict(part.module).keys()) == plain_keys, (ac, comp)
+        assert list(part.ema.state_dict().keys()) == plain_keys
+        assert isinstance(part.module.blocks[0], CheckpointWrapper) == ac
+        for _ in range(2):
+            part.backward(F.mse_loss(part.module(x[mine]), y[mine]))
+            part.step()
+            _ref_step(ref, ref_opt, x, y)
+        _assert_close_sd(_full(part.module), ref.state_dict(), what=f"ac={ac} compile={comp}")
+        if comp:
+            from torch._dynamo.utils import counters
+            assert counters["stats"]["unique_graphs"] > 0, "compiled forward never ran"
+        assert list(part.module.state_dict().keys()) == plain_keys
+        report[(ac, comp)] = True
+
+    # bf16 compute: bf16 all-gathered weights in forward, fp32 sharded master weights / grads / EMA
+    torch.manual_seed(0)
+    model = ToyModel()
+    ref = copy.deepcopy(model)
+    part = FSDP2Engine(EngineConfig(precision="bf16"), dist).prepare("model", model, ocfg, DECAY, "blocks")
+    seen = []
+    hook = part.module.blocks[0].fc.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+    loss = F.mse_loss(part.module(x[mine]), y[mine])
+    hook.remove()
+    assert seen == [(torch.bfloat16, torch.bfloat16)], seen
+    part.backward(loss.float())
+    assert all(p.grad.dtype == torch.float32 for p in part.module.parameters() if p.requires_grad)
+    norm = part.step()
+    assert torch.isfinite(norm)
+    assert all(p.dtype == torch.float32 for p in part.module.parameters())
+    assert all(p.dtype == torch.float32 for p in part.ema.parameters())
+    torch.testing.assert_close(loss.float(), F.mse_loss(ref(x[mine]), y[mine]), atol=3e-2, rtol=3e-2)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_fsdp2_matches_single_process_training_accumulation_and_ema():
+    assert run_distributed(_equivalence_worker, world_size=2) == [True, True]
+
+
+def test_fsdp2_grad_clipping_and_nonfinite_skip():
+    assert run_distributed(_clip_nonfinite_worker, world_size=2) == [True, True]
+
+
+def test_fsdp2_activation_checkpointing_compile_keep_keys_and_bf16():
+    print(f"compile backend for this test: {COMPILE_BACKEND}")
+    results = run_distributed(_wrapping_worker, world_size=2, timeout_s=300)
+    assert all(len(r) == 3 for r in results)
+
+
+def test_build_engine_and_optimizer_choices():
+    from core.config import EngineConfig, OptimizerConfig
+    from core.distributed import DistInfo
+    from core.engines.base import build_engine, build_optimizer
+    import pytest
+
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        build_engine(EngineConfig(kind="deepspeed"), info)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer(params, OptimizerConfig(name="adam", lr=0.5, betas=(0.8, 0.9)), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["foreach"] and not opt.defaults["fused"] and opt.defaults["betas"] == (0.8, 0.9)
+    opt = build_optimizer(params, OptimizerConfig(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_distributed_env_resolution():
+    import pytest
+    from core.distributed import _parse_tasks_per_node, _resolve_env
+
+    assert _parse_tasks_per_node("4(x2),3") == [4, 4, 3] and _parse_tasks_per_node("8") == [8]
+    src, v = _resolve_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                           "MASTER_ADDR": "node0", "MASTER_PORT": "29500", "SLURM_PROCID": "9", "SLURM_NTASKS": "9"})
+    assert src == "torchrun" and v == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+             "SLURM_STEP_TASKS_PER_NODE": "4,3", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1", "SLURM_JOB_ID": "1234"}
+    src, v = _resolve_env(slurm)
+    assert src == "slurm" and v == {"RANK": "5", "WORLD_SIZE": "7", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3",
+                                    "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": str(15000 + 1234)}
+    src, v = _resolve_env({**slurm, "MASTER_ADDR": "head", "MASTER_PORT": "4242", "SLURM_NODEID": "0",
+                           "SLURM_STEP_TASKS_PER_NODE": "4(x2)"})
+    assert (v["MASTER_ADDR"], v["MASTER_PORT"], v["LOCAL_WORLD_SIZE"]) == ("head", "4242", "4")
+    src, v = _resolve_env({})
+    assert src == "single" and v["WORLD_SIZE"] == "1" and v["MASTER_ADDR"] == "127.0.0.1" and int(v["MASTER_PORT"]) > 0
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        _resolve_env({"RANK": "0", "WORLD_SIZE": "2"})
