@@ -27,6 +27,7 @@ setup(
         "submitit>=1.5",
         "torch-fidelity>=0.3",
         "deepspeed>=0.16",
+        "psutil>=5.9",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
 )

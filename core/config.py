@@ -794,3 +794,50 @@ def derived(cfg: ExperimentConfig, world_size: int, dataset_size: Optional[int])
         raise ConfigError("config: train.epochs: set at least one of train.epochs and train.max_steps")
     return Derived(world_size=world_size, dataset_size=dataset_size, global_batch_size=gbs, micro_batch_size=mbs,
                    grad_accum_steps=accum, steps_per_epoch=steps_per_epoch, total_steps=min(candidates))
+
+
+# --- Generic typed loading (configs of tools other than training, e.g. data/extract.py) --------------------------
+
+def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cls: type = ExperimentConfig, *,
+                      check: Optional[typing.Callable[[Any], Sequence[tuple[str, str]]]] = None) -> Any:
+    """``load_config`` for any dataclass tree ``cls``: read one YAML file, build ``cls`` from it (types checked,
+    unknown keys rejected with a suggestion), apply dotted ``overrides`` and, with ``check``, validate values.
+
+    ``check(cfg)`` returns ``(dotted.key, problem)`` pairs; they are raised together as one ConfigError, each
+    line naming the command line when an override set that key, else the file. ``path=None`` reads no file
+    (defaults plus overrides)."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_typed_config: cls must be a dataclass type, got {cls!r}")
+    if path is None:
+        source, data = COMMAND_LINE, {}
+    else:
+        source = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{source}: file not found")
+        if not p.is_file():
+            raise ConfigError(f"{source}: not a regular file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{source}: cannot read: {err}") from None
+        data = _parse_yaml(text, source)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _fail(source, "", f"the top level must be a mapping of sections, got {_describe_value(data)}")
+    cfg = _build_dataclass(cls, data, source, "")
+    touched = _apply(cfg, overrides)
+    if check is not None:
+        problems = list(check(cfg))
+        if problems:
+            def origin(key: str) -> str:
+                for t in touched:
+                    if key == t or key.startswith((t + ".", t + "[")) or t.startswith((key + ".", key + "[")):
+                        return COMMAND_LINE
+                return source
+            raise ConfigError("\n".join(f"{origin(k)}: {k}: {problem}" for k, problem in problems))
+    return cfg
+
+
+__all__.append("load_typed_config")

@@ -805,6 +805,9 @@ def build_latent_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
+    # A generator of its own: torch's DataLoader draws a base seed from the *global* RNG at every iter(),
+    # which would shift the training RNG stream (label dropout) after a mid-epoch resume.
+    extra["generator"] = torch.Generator().manual_seed(seed)
     loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                                  pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                                  **extra)

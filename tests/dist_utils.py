@@ -83,7 +83,8 @@ class ToyModel(torch.nn.Module):
         self.out = torch.nn.Linear(d, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x) + self.pos
+        # Like LightningDiT: cast the input to the weight dtype (the engine does not cast inputs).
+        h = self.inp(x.to(self.inp.weight.dtype)) + self.pos
         for block in self.blocks:
             h = block(h)
         return self.out(h) * self.gate * self.scale

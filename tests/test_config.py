@@ -12,7 +12,7 @@ from core.config import (ConfigError, ExperimentConfig, TimestepPhase, apply_ove
                          validate)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("extract_"))
 XL = ROOT / "configs" / "lightningdit_xl.yaml"
 XL64 = ROOT / "configs" / "lightningdit_xl_64ep.yaml"
 TINY = ROOT / "configs" / "tiny_dit.yaml"

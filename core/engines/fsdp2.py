@@ -12,7 +12,8 @@ Wrapping (``FSDP2Engine.prepare``), in this order:
    each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
    fused op over local shards, with no communication.
 
-Mixed precision (``precision="bf16"``): ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` —
+Mixed precision (``precision="bf16"``): ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32,
+cast_forward_inputs=False)`` —
 compute and all-gathers in bf16, gradient reduction, sharded gradients, optimizer and EMA in fp32.
 
 Checkpoints (``save``/``load``, both collective): one DCP checkpoint under ``<ckpt_dir>/state`` holding
@@ -180,7 +181,11 @@ class FSDP2Engine(Engine):
 
     def mp_policy(self) -> MixedPrecisionPolicy:
         if self.cfg.precision == "bf16":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # cast_forward_inputs=False: FSDP would otherwise round every floating input of every block to
+            # bf16 — the raw timestep t and the RoPE tables included, which the official autocast keeps in
+            # fp32. The model casts activations to its weight dtype itself.
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
         if self.cfg.precision == "fp32":
             return MixedPrecisionPolicy()
         raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} (expected 'bf16' or 'fp32')")

@@ -1,0 +1,160 @@
+"""Metrics: throughput/MFU bookkeeping and the logging backends (console, JSONL file, W&B).
+
+Only rank 0 writes. The W&B run id lives in `<run_dir>/wandb_run_id` so that a resumed job (after a
+preemption or a requeue) continues the same W&B run; `metrics.jsonl` is cut back to the resumed step so
+that it always describes one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger("llat")
+
+# Dense bf16 tensor-core peak per GPU (vendor figures), for MFU. Overridable with LLAT_PEAK_FLOPS.
+_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Peak FLOP/s of one device, or None when unknown (CPU)."""
+    if os.environ.get("LLAT_PEAK_FLOPS"):
+        return float(os.environ["LLAT_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def setup_console_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+    # Streaming explains its defaults at INFO on every start; keep its warnings only.
+    logging.getLogger("streaming").setLevel(logging.WARNING)
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+class MetricLogger:
+    """Rank-0 sink for scalar metrics: console line, metrics.jsonl and (optionally) W&B."""
+
+    def __init__(self, run_dir: Path, wandb_cfg, run_name: str, config_dict: dict, is_main: bool,
+                 resume_step: int = 0):
+        self.is_main = is_main
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not is_main:
+            return
+        self._truncate_jsonl(resume_step)
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        if wandb_cfg.mode != "disabled":
+            self._wandb = self._init_wandb(wandb_cfg, run_name, config_dict)
+
+    def _truncate_jsonl(self, resume_step: int) -> None:
+        if not self.jsonl_path.exists():
+            return
+        kept = []
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if rec.get("step", 0) <= resume_step:
+                kept.append(line)
+        tmp = self.jsonl_path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.jsonl_path)
+
+    def _init_wandb(self, wandb_cfg, run_name: str, config_dict: dict):
+        import wandb
+
+        id_file = self.run_dir / "wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:8]   # W&B run ids: short [a-z0-9] strings
+            id_file.write_text(run_id)
+        return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_name, id=run_id,
+                          resume="allow", dir=str(self.run_dir), mode=wandb_cfg.mode,
+                          config=config_dict, tags=list(wandb_cfg.tags))
+
+    @property
+    def wandb_run(self):
+        return self._wandb
+
+    def log(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:
+        if not self.is_main:
+            return
+        rec = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+        if console:
+            parts = []
+            for k, v in rec.items():
+                if k == "step":
+                    continue
+                parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+            log.info("step %d | %s", step, " ".join(parts))
+
+    def event(self, message: str) -> None:
+        """A one-off, human-readable event (phase switch, resume, checkpoint)."""
+        if self.is_main:
+            log.info(message)
+            if self._wandb is not None:
+                self._wandb.summary["last_event"] = message
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+class Throughput:
+    """Images/s, step time, data-wait share and MFU over a logging window."""
+
+    def __init__(self, flops_per_image: Optional[float], world_size: int, peak: Optional[float]):
+        self.flops_per_image = flops_per_image
+        self.world_size = world_size
+        self.peak = peak
+        self.reset()
+
+    def reset(self) -> None:
+        self._t0 = time.perf_counter()
+        self._images = 0
+        self._steps = 0
+        self._data_wait = 0.0
+
+    def add(self, images: int, data_wait_s: float) -> None:
+        self._images += images
+        self._steps += 1
+        self._data_wait += data_wait_s
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        out = {"img_per_s": self._images / elapsed,
+               "step_time_s": elapsed / max(self._steps, 1),
+               "data_wait_frac": self._data_wait / elapsed}
+        if self.flops_per_image and self.peak:
+            out["mfu"] = self._images * self.flops_per_image / elapsed / (self.peak * self.world_size)
+        self.reset()
+        return out

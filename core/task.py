@@ -1,0 +1,67 @@
+"""The task contract: what a model family (DiT, VA-VAE) supplies to the shared trainer.
+
+A task builds its trainable parts, names the optimisation phases of one training step and computes
+the loss of each phase. Engines, checkpointing, data loading, logging and the loop are shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from core.config import OptimizerConfig, TimestepPhase
+
+
+@dataclass
+class PartSpec:
+    """A trainable model and how to train it; the engine turns it into a TrainedPart."""
+    module: nn.Module
+    optimizer: OptimizerConfig
+    ema_decay: Optional[float] = None
+    blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class StepContext:
+    """What a task may know about the current step (all derived from the global step)."""
+    step: int
+    epoch: float
+    timestep_phase: Optional[TimestepPhase] = None
+
+
+class Task:
+    """Base class. Subclasses override build_models, phases and loss."""
+
+    def build_models(self) -> dict[str, PartSpec]:
+        raise NotImplementedError
+
+    def phases(self) -> list[str]:
+        """Names of the parts stepped, in order, during one training step."""
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
+             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss to back-propagate for `phase`, and detached metrics to log."""
+        raise NotImplementedError
+
+    def flops_per_image(self) -> Optional[float]:
+        """Training FLOPs (forward + backward) per image, for MFU; None if unknown."""
+        return None
+
+    # Task-owned random state (e.g. the timestep/noise generator) goes into checkpoints.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_task(cfg, dist) -> Task:
+    """The task named by `cfg.task`."""
+    if cfg.task == "dit":
+        from models.tasks.dit import DiTTask
+        return DiTTask(cfg, dist)
+    raise ValueError(f"task: unknown task {cfg.task!r}; known: 'dit'")

@@ -1,0 +1,298 @@
+"""The training loop, shared by every task (DiT, VA-VAE) and every engine (FSDP2, DeepSpeed).
+
+One optimizer step = for each phase of the task: `accum` micro-batches of forward/backward, then the
+part's step (clip, optimizer, EMA). Everything that decides what happens at a step (timestep phase, LR,
+epoch, data position) is a function of the global step, so a resumed run continues exactly where the
+checkpoint left it: same data order and flips, same RNG draws, same optimizer moments, same EMA.
+
+Preemption: SIGTERM / SIGUSR1 / SIGUSR2 set a flag; at the next step boundary all ranks agree on it,
+write a checkpoint and exit with REQUEUE_EXIT_CODE so that a launcher can requeue the job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from core.checkpoint import CheckpointManager
+from core.config import ExperimentConfig, config_to_dict, derived, resolve_run_dir, save_config, validate
+from core.distributed import DistInfo
+from core.engines.base import build_engine
+from core.metrics import MetricLogger, Throughput, peak_flops
+from core.schedule import PhaseTracker, lr_at, timestep_phase_at
+from core.task import StepContext, Task, build_task
+
+log = logging.getLogger("llat")
+
+REQUEUE_EXIT_CODE = 75          # EX_TEMPFAIL: "checkpointed on a signal, run me again"
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    exit_code: int              # 0 finished, REQUEUE_EXIT_CODE stopped on a signal after checkpointing
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, task: Optional[Task] = None):
+        validate(cfg, world_size=dist.world_size)
+        self.cfg = cfg
+        self.dist = dist
+        self.run_dir = resolve_run_dir(cfg)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._seed_everything(cfg.seed + dist.rank)
+
+        self.task = task or build_task(cfg, dist)
+        specs = self.task.build_models()
+
+        # Data: every rank reads micro-batches of its share of the global batch.
+        from data.streaming import build_latent_loader, steps_per_epoch
+        from streaming.base.util import clean_stale_shared_memory
+        clean_stale_shared_memory()  # collective: leftovers of a killed run would block the loader
+        d = derived(cfg, dist.world_size, dataset_size=None)
+        self.micro_batch = d.micro_batch_size
+        self.accum = d.grad_accum_steps
+        self.loader, self.dataset = build_latent_loader(
+            cfg.data, batch_size=self.micro_batch, seed=cfg.seed, dist=dist,
+            expected_shape=(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
+        self.steps_per_epoch = steps_per_epoch(self.dataset, cfg.train.global_batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"data.path: the dataset at {cfg.data.path!r} has {self.dataset.num_samples} samples, "
+                             f"fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
+        self.total_steps = derived(cfg, dist.world_size, dataset_size=self.steps_per_epoch
+                                   * cfg.train.global_batch_size).total_steps
+
+        self.engine = build_engine(cfg.engine, dist)
+        self.parts = {name: self.engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay,
+                                                blocks_attr=spec.blocks_attr, grad_clip=spec.grad_clip)
+                      for name, spec in specs.items()}
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.engine, dist)
+
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
+        # Streaming's shuffle depends on its number of canonical nodes: fixed at the first start of a
+        # run and kept across resumes (also on another number of nodes), so the data order never changes.
+        self._canonical_nodes = (self.loader.state_dict() or {}).get("num_canonical_nodes")
+        if cfg.checkpoint.resume:
+            extra = self.checkpoints.load_latest(self.parts)
+            if extra is not None:
+                self._restore(extra)
+
+        self.metrics = MetricLogger(self.run_dir, cfg.wandb, cfg.name, config_to_dict(cfg), dist.is_main,
+                                    resume_step=self.step)
+        self.throughput = Throughput(self.task.flops_per_image(), dist.world_size, peak_flops(dist.device))
+        self.phase_tracker = PhaseTracker(cfg.transport.timestep_sampling)
+        self._stop_requested = False
+        # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way.
+        self._debug_step_sleep = float(os.environ.get("LLAT_DEBUG_STEP_SLEEP", "0") or 0)
+        self._installed_handlers: dict[int, Any] = {}
+        self.metrics.event(
+            f"run {cfg.name}: {dist.world_size} rank(s), global batch {cfg.train.global_batch_size} "
+            f"(micro {self.micro_batch} x accum {self.accum}), {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps total, starting at step {self.step}, run dir {self.run_dir}")
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"step": self.step,
+                "rng": _rng_state(),
+                "task": self.task.state_dict(),
+                "data": self._loader_state_at(self.step),
+                "nonfinite_streak": self.nonfinite_streak,
+                "skipped_steps": self.skipped_steps,
+                "config": config_to_dict(self.cfg),
+                "world_size": self.dist.world_size}
+
+    def _restore(self, extra: dict[str, Any]) -> None:
+        self.step = int(extra["step"])
+        self._canonical_nodes = extra["data"].get("num_canonical_nodes", self._canonical_nodes)
+        self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        if extra.get("world_size_changed"):
+            # Per-rank random streams cannot map onto a new world size: start fresh ones, derived
+            # from the seed and the step so that the continuation is still deterministic.
+            self._seed_everything(self.cfg.seed + self.dist.rank + 7919 * self.step)
+            log.warning("resumed on a different world size: data order is kept, per-rank RNG streams "
+                        "are re-seeded (bitwise continuation needs the same world size)")
+        else:
+            _set_rng_state(extra["rng"])
+            self.task.load_state_dict(extra["task"])
+        log.info("resumed from step %d", self.step)
+
+    def _loader_state_at(self, step: int) -> dict[str, Any]:
+        """Streaming resume state for the position right after `step` steps.
+
+        Written from our own (epoch, step-in-epoch) bookkeeping so that an epoch boundary restarts the
+        next epoch from its beginning and the position does not depend on the world size.
+        """
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "sample_in_epoch": step_in_epoch * self.cfg.train.global_batch_size,
+                "shuffle_seed": self.cfg.seed, "num_canonical_nodes": self._canonical_nodes,
+                "initial_physical_nodes": None}
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_requested = True
+        log.warning("received signal %d: will checkpoint at the next step boundary and exit %d",
+                    signum, REQUEUE_EXIT_CODE)
+
+    def _install_signal_handlers(self) -> None:
+        for sig in REQUEUE_SIGNALS:
+            self._installed_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._installed_handlers.items():
+            signal.signal(sig, handler)
+        self._installed_handlers.clear()
+
+    def _any_rank_stopping(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ loop
+    def _next_micro_batches(self, it) -> tuple[list[dict[str, torch.Tensor]], float]:
+        t0 = time.perf_counter()
+        batches = [next(it) for _ in range(self.accum)]
+        return batches, time.perf_counter() - t0
+
+    def _train_step(self, batches, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
+        """One optimizer step over all phases; returns metrics and whether every update was finite."""
+        metrics: dict[str, torch.Tensor] = {}
+        finite = True
+        for phase in self.task.phases():
+            part = self.parts[phase]
+            sums: dict[str, torch.Tensor] = {}
+            for k, batch in enumerate(batches):
+                loss, m = self.task.loss(phase, batch, self.parts, ctx)
+                part.backward(loss / self.accum, sync=(k == self.accum - 1))
+                for key, value in m.items():
+                    sums[key] = sums.get(key, 0) + value / self.accum
+            grad_norm = part.step()
+            prefix = "" if len(self.task.phases()) == 1 else f"{phase}/"
+            metrics.update({prefix + k: v for k, v in sums.items()})
+            metrics[prefix + "grad_norm"] = grad_norm
+            finite = finite and bool(torch.isfinite(grad_norm).item())
+        return metrics, finite
+
+    def _save(self) -> None:
+        self.checkpoints.save(self.step, self.parts, self._extra_state())
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        try:
+            return self._train_loop(cfg)
+        finally:
+            self._restore_signal_handlers()
+
+    def _train_loop(self, cfg) -> TrainResult:
+        bar = None
+        if self.dist.is_main and cfg.train.progress_bar:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        message = self.phase_tracker.update(self.step, self.steps_per_epoch)
+        if message:
+            self.metrics.event(message)
+        exit_code = 0
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.loader.load_state_dict(self._loader_state_at(self.step))
+            it = iter(self.loader)
+            for _ in range(step_in_epoch, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                phase_index, phase = timestep_phase_at(self.step, self.steps_per_epoch,
+                                                       cfg.transport.timestep_sampling)
+                message = self.phase_tracker.update(self.step, self.steps_per_epoch)
+                if message:
+                    self.metrics.event(message)
+                lr = lr_at(self.step, cfg.optimizer.lr, cfg.lr_schedule, self.total_steps)
+                for part in self.parts.values():
+                    part.set_lr(lr)
+                batches, data_wait = self._next_micro_batches(it)
+                ctx = StepContext(step=self.step, epoch=self.step / self.steps_per_epoch, timestep_phase=phase)
+                metrics, finite = self._train_step(batches, ctx)
+                self.step += 1
+                if finite:
+                    self.nonfinite_streak = 0
+                else:
+                    self.nonfinite_streak += 1
+                    self.skipped_steps += 1
+                    log.warning("step %d: non-finite gradient norm, update skipped (%d in a row)",
+                                self.step, self.nonfinite_streak)
+                    if self.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{self.nonfinite_streak} consecutive steps with a non-finite loss/gradient at step "
+                            f"{self.step} (train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
+                            f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true")
+                self.throughput.add(cfg.train.global_batch_size, data_wait)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    record = {**metrics, "lr": lr, "epoch": self.step / self.steps_per_epoch,
+                              "timestep_phase": phase_index, "skipped_steps": self.skipped_steps,
+                              **self.throughput.summary()}
+                    self.metrics.log(self.step, record, console=bar is None)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{float(metrics.get('loss', float('nan'))):.4f}")
+                if bar is not None:
+                    bar.update(1)
+                if self._debug_step_sleep:
+                    time.sleep(self._debug_step_sleep)
+                self.checkpoints.maybe_finalize()
+                stopping = self._any_rank_stopping()
+                is_last = self.step == self.total_steps
+                if stopping or self.checkpoints.should_save(self.step, is_last):
+                    self._save()
+                if stopping:
+                    self.checkpoints.close()
+                    self.metrics.event(f"stopped on a signal at step {self.step}: checkpoint written, "
+                                       f"exit code {REQUEUE_EXIT_CODE} (requeue)")
+                    exit_code = REQUEUE_EXIT_CODE
+                    break
+            del it
+            if exit_code:
+                break
+        if bar is not None:
+            bar.close()
+        return TrainResult(step=self.step, exit_code=exit_code)
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.metrics.close()

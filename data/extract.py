@@ -1,0 +1,853 @@
+"""Latent extraction: images -> tokenizer latents (+ horizontal flips, optional DINOv2 features) as MDS shards.
+
+    python -m data.extract configs/extract_synthetic.yaml [key=value ...]                 # one process
+    python -m torch.distributed.run --nproc_per_node 8 data/extract.py CONFIG [key=value ...]
+    python launchers/local.py --nproc 8 --entry data/extract.py CONFIG [key=value ...]
+
+For every image: ``latent`` = encode(x), ``latent_flip`` = encode(hflip(x)) (the official pipeline's two
+passes), ``label``, ``sample_id`` (the image's global index) and, with ``features.enabled``, ``features`` =
+DINOv2 patch tokens of x as float16 [D, h, w] on the latent grid (data/streaming.py has the schema).
+Sources: an ImageNet-style folder or a file list (data/images.py: ADM center crop, [-1, 1]) or the embedded
+synthetic images (data/synthetic.py).
+
+Distribution and output layout. Rank r of W takes the strided indices r, r+W, r+2W, ... (no padding, so no
+duplicates) and cuts its list into chunks of ``chunk_size`` consecutive entries. Each chunk is one MDS
+directory, written as ``out/rank{r:05d}/.tmp-chunk{c:06d}/`` and renamed to ``chunk{c:06d}/`` once complete
+(shards, ``index.json`` and ``chunk.json``: sample ids, per-sample digests, skipped files and the chunk's
+``RunningMoments`` state, all fsynced first). At the end each rank merges its chunk indexes into
+``rank{r:05d}/index.json`` and rank 0 merges those into ``out/index.json`` (streaming's ``merge_index``), so
+``out`` is a plain MDS dataset for ``data.streaming.LatentDataset``. Rank 0 also writes ``latents_stats.pt``
+(exact per-channel mean/std over every stored non-flipped latent, merged from the per-chunk moments) and
+``manifest.json`` (counts, skipped and ignored files, checksums, stats, config).
+
+Resume. ``out/extract_plan.json`` records what fixes the chunk contents (source fingerprint, world size,
+chunk size, tokenizer, features, dtype, seed); a restarted job must match it. It deletes ``.tmp-*`` (partial)
+chunks, skips complete ones and redoes the rest, so no image is lost or written twice: the manifest's
+``sample_ids_sha256`` (sorted ids) and ``content_sha256`` (per-sample digests in id order) are the same as for
+an uninterrupted run. Posterior samples (``tokenizer.sample``) are drawn from a generator seeded per chunk,
+so a redone chunk draws the same noise.
+
+Bad files (corrupt images, non-images with an image extension) are skipped and reported with their paths;
+files without an image extension are listed as ignored. Neither stops the job.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # `python data/extract.py ...`: put the repository root (not data/, whose streaming.py would shadow the
+    # `streaming` package) on sys.path and run this file as the module data.extract.
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+    sys.path.insert(0, os.path.dirname(_HERE))
+    from data.extract import main as _main
+    sys.exit(_main())
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import ConfigError, config_to_dict, load_typed_config
+from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, read_file_list,
+                         scan_image_folder)
+from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
+from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+PLAN_FILENAME = "extract_plan.json"
+MANIFEST_FILENAME = "manifest.json"
+CHUNK_META = "chunk.json"
+INDEX_FILENAME = "index.json"               # MDS index (streaming's name)
+DEFAULT_SIZE_LIMIT = 1 << 26                # bytes of uncompressed samples per shard (streaming's default)
+FORMAT_VERSION = 1
+_CHUNK_RE = re.compile(r"^chunk(\d{6})$")
+
+__all__ = [
+    "ExtractConfig", "ExtractError", "ExtractResult", "FeatureExtractor", "FeaturesConfig", "SourceConfig",
+    "TokenizerConfig", "build_source", "check_extract_config", "extract", "load_extract_config", "main",
+    "read_manifest",
+]
+
+
+# ================================================================================================== config
+@dataclass
+class SourceConfig:
+    kind: Literal["synthetic", "folder", "filelist"] = "synthetic"
+    image_size: int = 256                    # output image size (ADM center crop for files)
+    # synthetic (data/synthetic.py)
+    num_samples: int = 1000
+    num_classes: int = 10
+    seed: int = 0
+    # folder: path = root of class folders; filelist: path = text file of "<path> <label>" lines
+    path: str = ""
+    root: str = ""                           # filelist: base of relative paths ("" = the list file's directory)
+    extensions: list[str] = field(default_factory=lambda: list(IMG_EXTENSIONS))
+    limit: Optional[int] = None              # only the first N images (quick trials)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "identity"                   # data.tokenizers registry ("identity"; "vavae" from the VA-VAE work)
+    sample: bool = True                      # posterior sample (official) rather than the mean
+    kwargs: dict[str, Any] = field(default_factory=dict)     # passed to build_tokenizer (e.g. checkpoint path)
+
+
+@dataclass
+class FeaturesConfig:
+    enabled: bool = False
+    model: str = "vit_large_patch14_dinov2.lvd142m"          # timm name (official VA-VAE foundation model)
+    weights: Optional[str] = None            # LOCAL checkpoint file (timm or original DINOv2 keys); no downloads
+    random_init: bool = False                # random weights instead of `weights` (tests / demos only)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model kwargs (tiny test ViTs)
+    imagenet_norm: bool = False              # official: [-1, 1] input without ImageNet mean/std
+
+
+@dataclass
+class ExtractConfig:
+    out_dir: str = "runs/data/extract"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    latent_dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 32                     # images per forward (each also encoded flipped)
+    num_workers: int = 4                     # DataLoader decode workers per rank
+    chunk_size: int = 1000                   # images per resumable chunk per rank
+    shard_size_limit: int = DEFAULT_SIZE_LIMIT
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 42                           # global RNG seed + rank (official) and base of the per-chunk seeds
+    tf32: bool = True                        # official extraction runs with TF32 on
+    progress_bar: bool = True
+    throttle_s: float = 0.0                  # sleep after each batch (testing kill/resume); 0 = off
+
+
+def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
+    """(dotted key, problem) for every invalid value."""
+    problems: list[tuple[str, str]] = []
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            problems.append((key, problem))
+
+    need(bool(cfg.out_dir.strip()), "out_dir", "must not be empty")
+    s = cfg.source
+    need(s.image_size > 0, "source.image_size", f"must be > 0, got {s.image_size}")
+    if s.kind == "synthetic":
+        need(s.num_samples > 0, "source.num_samples", f"must be > 0, got {s.num_samples}")
+        need(s.num_classes > 0, "source.num_classes", f"must be > 0, got {s.num_classes}")
+        need(s.image_size >= 8, "source.image_size", f"synthetic images need image_size >= 8, got {s.image_size}")
+        need(s.seed >= 0, "source.seed", f"must be >= 0, got {s.seed}")
+    else:
+        need(bool(s.path.strip()), "source.path",
+             "must name the image folder" if s.kind == "folder" else "must name the file list")
+        need(bool(s.extensions), "source.extensions", "must list at least one extension")
+    need(s.limit is None or s.limit > 0, "source.limit", f"must be > 0 or null, got {s.limit}")
+    need(cfg.tokenizer.kind in available_tokenizers(), "tokenizer.kind",
+         f"unknown tokenizer {cfg.tokenizer.kind!r}; available: {', '.join(available_tokenizers())}")
+    f = cfg.features
+    if f.enabled:
+        need(not (f.random_init and f.weights), "features.random_init",
+             "set either features.weights (a local checkpoint) or features.random_init=true, not both")
+        need(f.random_init or bool(f.weights), "features.weights",
+             "not set: give the path of a local DINOv2 checkpoint file (no downloads), or set "
+             "features.random_init=true for a randomly initialised model (tests only)")
+    need(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
+    need(cfg.num_workers >= 0, "num_workers", f"must be >= 0, got {cfg.num_workers}")
+    need(cfg.chunk_size > 0, "chunk_size", f"must be > 0, got {cfg.chunk_size}")
+    need(cfg.shard_size_limit > 0, "shard_size_limit", f"must be > 0, got {cfg.shard_size_limit}")
+    need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    need(cfg.throttle_s >= 0, "throttle_s", f"must be >= 0, got {cfg.throttle_s}")
+    return problems
+
+
+def load_extract_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> ExtractConfig:
+    """YAML + dotted overrides -> validated ExtractConfig (ConfigError naming file/command line and key)."""
+    return load_typed_config(path, overrides, ExtractConfig, check=check_extract_config)
+
+
+class ExtractError(RuntimeError):
+    """A job-level problem the user must fix (output directory from another job, ranks disagree, ...)."""
+
+
+# ================================================================================================== sources
+class SyntheticSource(torch.utils.data.Dataset):
+    """data/synthetic.py images as extraction items ``{"image", "label", "sample_id"}``."""
+
+    def __init__(self, num_samples: int, image_size: int, num_classes: int, seed: int) -> None:
+        from data.synthetic import SyntheticImages
+        self.images = SyntheticImages(num_samples, image_size=image_size, num_classes=num_classes, seed=seed)
+        self.ignored: list[IgnoredFile] = []
+        self._fingerprint = f"synthetic:n={num_samples}:size={image_size}:classes={num_classes}:seed={seed}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.images[index]
+        return {"image": image, "label": int(label), "sample_id": int(index)}
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def build_source(cfg: SourceConfig) -> torch.utils.data.Dataset:
+    """Dataset of extraction items (``fingerprint()`` identifies the numbering, ``ignored`` lists non-images)."""
+    if cfg.kind == "synthetic":
+        n = cfg.num_samples if cfg.limit is None else min(cfg.num_samples, cfg.limit)
+        return SyntheticSource(n, cfg.image_size, cfg.num_classes, cfg.seed)
+    if cfg.kind == "folder":
+        try:
+            records, classes, ignored = scan_image_folder(cfg.path, cfg.extensions)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"source.path: {err}") from None
+    elif cfg.kind == "filelist":
+        try:
+            records = read_file_list(cfg.path, cfg.root or None)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"source.path: {err}") from None
+        classes, ignored = None, []
+    else:  # pragma: no cover - the config loader only admits the kinds above
+        raise ValueError(f"source.kind: unknown source {cfg.kind!r}")
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
+    if not records:
+        raise FileNotFoundError(f"source.path: no images found under {cfg.path}")
+    dataset = ImageFileDataset(records, cfg.image_size, ignored=ignored, classes=classes)
+    dataset._fingerprint_prefix = f"{cfg.kind}:size={cfg.image_size}:"  # type: ignore[attr-defined]
+    return dataset
+
+
+def _source_fingerprint(source: Any) -> str:
+    return getattr(source, "_fingerprint_prefix", "") + source.fingerprint()
+
+
+# ================================================================================================= features
+class FeatureExtractor(nn.Module):
+    """DINOv2 patch tokens on the latent grid: [-1, 1] images (B,3,H,W) -> (B, D, h, w).
+
+    The ViT is ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)`` with weights
+    from the local file ``features.weights`` (or random with ``features.random_init``). Input is resized
+    (bilinear, align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224 px for
+    patch 14 and a 16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the prefix
+    tokens (CLS, registers) is reshaped to [D, h, w]."""
+
+    def __init__(self, cfg: FeaturesConfig, grid: tuple[int, int]) -> None:
+        super().__init__()
+        import timm
+        weights = None if cfg.random_init else _feature_weights_path(cfg)   # before building a large model
+        try:
+            model = timm.create_model(cfg.model, pretrained=False, dynamic_img_size=True, num_classes=0,
+                                      **cfg.model_kwargs)
+        except Exception as err:  # noqa: BLE001 - unknown model name, bad kwargs
+            raise ValueError(f"features.model: cannot create timm model {cfg.model!r} with "
+                             f"model_kwargs {cfg.model_kwargs}: {err}") from err
+        if cfg.random_init:
+            log.warning("features: %s is RANDOMLY INITIALISED (features.random_init=true); its features are "
+                        "meaningless outside tests", cfg.model)
+        else:
+            _load_feature_weights(model, cfg, weights)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if patch is None:
+            raise ValueError(f"features.model: {cfg.model} has no patch_embed.patch_size (not a ViT?)")
+        patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
+        self.model = model.eval().requires_grad_(False)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.input_hw = (patch[0] * self.grid[0], patch[1] * self.grid[1])
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.dim = int(model.num_features)
+        self.imagenet_norm = bool(cfg.imagenet_norm)
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).reshape(1, 3, 1, 1), persistent=False)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return (self.dim, self.grid[0], self.grid[1])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32)
+        if tuple(x.shape[-2:]) != self.input_hw:
+            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
+        if self.imagenet_norm:
+            x = ((x + 1.0) * 0.5 - self.mean) / self.std
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
+        h, w = self.grid
+        if tokens.shape[1] != h * w:
+            raise RuntimeError(f"features: {tokens.shape[1]} patch tokens for a {h}x{w} latent grid "
+                               f"(input {self.input_hw}, {self.num_prefix_tokens} prefix tokens)")
+        return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
+def _feature_weights_path(cfg: FeaturesConfig) -> Path:
+    if not cfg.weights:
+        raise FileNotFoundError("features.weights: not set; give the path of a local DINOv2 checkpoint file (no "
+                                "downloads), or set features.random_init=true for a randomly initialised model "
+                                "(tests only)")
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"features.weights: DINOv2 weights file {path} does not exist (a local timm "
+                                f".safetensors/.pth or original DINOv2 checkpoint for {cfg.model})")
+    return path
+
+
+def _load_feature_weights(model: nn.Module, cfg: FeaturesConfig, path: Path) -> None:
+    from timm.models import load_checkpoint
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    filter_fn = checkpoint_filter_fn if isinstance(model, VisionTransformer) else None
+    try:
+        load_checkpoint(model, str(path), strict=True, filter_fn=filter_fn)
+    except Exception as err:  # noqa: BLE001 - name the key and the file
+        raise ValueError(f"features.weights: cannot load {path} into {cfg.model}: {type(err).__name__}: "
+                         f"{err}") from err
+    log.info("features: loaded %s weights from %s", cfg.model, path)
+
+
+# ============================================================================================ distributed
+def _group_active() -> bool:
+    import torch.distributed as tdist
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as tdist
+    if _group_active():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as tdist
+    if not _group_active() or tdist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    from core.distributed import barrier
+    barrier()
+
+
+def _raise_if_any(error: Optional[str]) -> None:
+    """Collective: every rank raises when any rank reports an error (so none waits forever)."""
+    errors = [e for e in _all_gather(error) if e]
+    if errors:
+        raise ExtractError(errors[0])
+
+
+def _resolve_device(kind: str, dist: Any) -> torch.device:
+    if kind == "cpu":
+        return torch.device("cpu")
+    if dist is not None and getattr(dist, "device", None) is not None and dist.device.type == "cuda":
+        return dist.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if kind == "cuda":
+        raise ExtractError("device: cuda requested but CUDA is not available")
+    return torch.device("cpu")
+
+
+# ================================================================================================ writing
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        _fsync_file(path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _moments_to_json(moments: RunningMoments) -> dict[str, Any]:
+    return {"count": moments.count,
+            "mean": None if moments.mean is None else moments.mean.tolist(),   # float64 -> exact JSON floats
+            "m2": None if moments.m2 is None else moments.m2.tolist()}
+
+
+def _moments_from_json(state: dict[str, Any]) -> RunningMoments:
+    moments = RunningMoments()
+    moments.load_state_dict(state)
+    return moments
+
+
+def _chunk_name(chunk: int) -> str:
+    return f"chunk{chunk:06d}"
+
+
+def _rank_name(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+def _sample_digest(sample_id: int, label: int, arrays: Sequence[np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([sample_id, label], dtype="<i8").tobytes())
+    for array in arrays:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+class _ChunkWriter:
+    """One chunk: MDS shards in ``.tmp-chunkNNNNNN`` and its metadata; ``commit`` renames it into place."""
+
+    def __init__(self, rank_dir: Path, rank: int, chunk: int, positions: tuple[int, int], sample_ids: list[int],
+                 columns: dict[str, str], size_limit: int) -> None:
+        self.rank, self.chunk = rank, chunk
+        self.final = rank_dir / _chunk_name(chunk)
+        self.tmp = rank_dir / f".tmp-{_chunk_name(chunk)}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.writer = open_writer(self.tmp, columns, size_limit)
+        self.positions = positions
+        self.expected = set(sample_ids)
+        self.moments = RunningMoments()
+        self.ids: list[int] = []
+        self.digests: list[str] = []
+        self.skipped: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+        arrays = [record["latent"], record["latent_flip"]] + ([record["features"]] if "features" in record else [])
+        self.ids.append(int(record["sample_id"]))
+        self.digests.append(_sample_digest(int(record["sample_id"]), int(record["label"]), arrays))
+
+    def skip(self, bad: BadItem) -> None:
+        self.skipped.append({"sample_id": int(bad.sample_id), "path": bad.path, "error": bad.error})
+
+    def commit(self) -> dict[str, Any]:
+        self.writer.finish()
+        seen = set(self.ids) | {s["sample_id"] for s in self.skipped}
+        if seen != self.expected or len(self.ids) + len(self.skipped) != len(self.expected):
+            raise RuntimeError(f"chunk {self.final}: wrote {len(self.ids)} + skipped {len(self.skipped)} items, "
+                               f"expected exactly the {len(self.expected)} assigned sample ids")
+        meta = {"format": FORMAT_VERSION, "rank": self.rank, "chunk": self.chunk,
+                "positions": list(self.positions), "num_items": len(self.expected), "count": len(self.ids),
+                "sample_ids": self.ids, "digests": self.digests, "skipped": self.skipped,
+                "moments": _moments_to_json(self.moments), "time": time.time()}
+        with open(self.tmp / CHUNK_META, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        for path in self.tmp.iterdir():
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_dir(self.tmp)
+        os.rename(self.tmp, self.final)              # the commit point: the chunk is complete from here on
+        _fsync_dir(self.final.parent)
+        return meta
+
+
+def _read_chunk_meta(chunk_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        with open(chunk_dir / CHUNK_META, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_streaming_merge() -> Iterator[None]:
+    """merge_index logs a warning per call ("temporary folder", "directory exists"): keep the console clean."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "temporary folder" not in record.getMessage()
+
+    upload = logging.getLogger("streaming.base.storage.upload")
+    old = upload.level
+    upload.setLevel(logging.ERROR)
+    drop = _Drop()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        upload.setLevel(old)
+        logging.getLogger().removeFilter(drop)
+
+
+def _merge_index(directory: Path, subdirs: list[str]) -> bool:
+    """(Re)write ``directory/index.json`` over ``subdirs``; remove a stale one when there is nothing to merge."""
+    index = directory / INDEX_FILENAME
+    index.unlink(missing_ok=True)                    # merge_index refuses to overwrite
+    if not subdirs:
+        return False
+    with _quiet_streaming_merge():
+        merge_shard_indexes(directory, subdirs)
+    return True
+
+
+# ================================================================================================= results
+@dataclass
+class ExtractResult:
+    out_dir: str
+    num_items: int                           # images in the source
+    num_samples: int                         # written to the dataset (all runs)
+    written_this_run: int                    # written by this invocation (all ranks)
+    skipped: list[dict[str, Any]]            # {sample_id, path, error} of every rank (rank 0; empty elsewhere)
+    ignored: list[dict[str, Any]]            # {path, reason}
+    mean: Optional[torch.Tensor]             # (1, C, 1, 1)
+    std: Optional[torch.Tensor]
+    elapsed_s: float
+    manifest: Optional[dict[str, Any]]       # rank 0 only
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    with open(Path(out_dir) / MANIFEST_FILENAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ===================================================================================================== job
+def _plan(cfg: ExtractConfig, source: Any, world: int, latent_shape: Sequence[int],
+          features_shape: Optional[Sequence[int]]) -> dict[str, Any]:
+    f = cfg.features
+    return json.loads(json.dumps({
+        "format": FORMAT_VERSION,
+        "num_items": len(source),
+        "source_fingerprint": _source_fingerprint(source),
+        "world_size": world,
+        "chunk_size": cfg.chunk_size,
+        "tokenizer": config_to_dict(cfg.tokenizer),
+        "latent_shape": list(latent_shape),
+        "latent_dtype": cfg.latent_dtype,
+        "features": None if not f.enabled else {
+            "model": f.model, "random_init": f.random_init, "model_kwargs": f.model_kwargs,
+            "imagenet_norm": f.imagenet_norm, "shape": list(features_shape or [])},
+        "seed": cfg.seed,
+    }, default=str))
+
+
+def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes the plan or compares it with the one on disk; every rank raises on a mismatch."""
+    error = None
+    if rank == 0:
+        path = out / PLAN_FILENAME
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as err:
+                old, error = None, f"out_dir: {path} is unreadable ({err}); remove it or use another out_dir"
+            if old is not None and old != plan:
+                diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan))
+                         if old.get(k) != plan.get(k)]
+                error = (f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with "
+                         f"the same source, world size, chunk_size, tokenizer, features, latent_dtype and seed, "
+                         f"or choose another out_dir")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(path, plan)
+    _raise_if_any(error)
+
+
+def _chunk_seed(seed: int, rank: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, chunk]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
+    """Run (or resume) the extraction described by ``cfg`` on this rank. Collective when a process group is
+    initialised (every rank calls it); without one it is a single-process job."""
+    problems = check_extract_config(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"config: {k}: {p}" for k, p in problems))
+    t_start = time.time()
+    rank, world = _rank_world()
+    device = _resolve_device(cfg.device, dist)
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    out = Path(cfg.out_dir)
+
+    # -- what to do: the source (identical on every rank), models, schema, plan
+    source = build_source(cfg.source)
+    fingerprints = _all_gather(_source_fingerprint(source))
+    if len(set(fingerprints)) != 1:
+        raise ExtractError(f"source: ranks see different image lists (fingerprints {fingerprints}); is "
+                           f"{cfg.source.path} the same on every node?")
+    tokenizer: Tokenizer = build_tokenizer(cfg.tokenizer.kind, **cfg.tokenizer.kwargs).to(device)
+    latent_shape = tokenizer.latent_shape(cfg.source.image_size)
+    features = FeatureExtractor(cfg.features, latent_shape[1:]).to(device) if cfg.features.enabled else None
+    features_shape = features.output_shape if features is not None else None
+    columns = latent_columns(cfg.latent_dtype, with_features=features is not None, latent_shape=latent_shape,
+                             features_shape=features_shape)
+    plan = _plan(cfg, source, world, latent_shape, features_shape)
+    _check_plan(out, plan, rank)
+
+    # -- this rank's work: strided indices, cut into chunks; complete chunks are skipped, partial ones removed
+    num_items = len(source)
+    mine = range(rank, num_items, world)
+    num_chunks = math.ceil(len(mine) / cfg.chunk_size)
+    rank_dir = out / _rank_name(rank)
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    complete: set[int] = set()
+    error: Optional[str] = None
+    for entry in sorted(rank_dir.iterdir()):
+        if entry.name.startswith(".tmp-"):
+            log.info("removing partial chunk %s", entry)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            continue
+        match = _CHUNK_RE.match(entry.name)
+        if not match:
+            continue
+        chunk = int(match.group(1))
+        meta = _read_chunk_meta(entry)
+        if chunk >= num_chunks or meta is None or meta.get("num_items") != len(
+                mine[chunk * cfg.chunk_size:(chunk + 1) * cfg.chunk_size]):
+            error = error or (f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of "
+                              f"{num_chunks}); remove it or use another out_dir")
+        complete.add(chunk)
+    _raise_if_any(error)
+    pending = [c for c in range(num_chunks) if c not in complete]
+    batches: list[list[int]] = []
+    batch_chunk: list[int] = []
+    for chunk in pending:
+        ids = list(mine[chunk * cfg.chunk_size:(chunk + 1) * cfg.chunk_size])
+        for i in range(0, len(ids), cfg.batch_size):
+            batches.append(ids[i:i + cfg.batch_size])
+            batch_chunk.append(chunk)
+    done_items = len(mine) - sum(len(b) for b in batches)
+    if rank == 0:
+        log.info("extract: %d images, %d rank(s), %d chunk(s) of <= %d per rank; rank 0: %d chunk(s) done, %d to "
+                 "do", num_items, world, num_chunks, cfg.chunk_size, len(complete), len(pending))
+
+    # -- the loop
+    written = 0
+    if batches:
+        written = _run_batches(cfg, source, tokenizer, features, columns, rank, rank_dir, mine, batches,
+                               batch_chunk, done_items, device, world)
+
+    # -- finish: per-rank index + moments, then rank 0 merges everything
+    _barrier()
+    metas = []
+    for chunk in range(num_chunks):
+        meta = _read_chunk_meta(rank_dir / _chunk_name(chunk))
+        if meta is None:
+            raise ExtractError(f"chunk {rank_dir / _chunk_name(chunk)} is missing after the extraction loop")
+        metas.append(meta)
+    moments = RunningMoments()
+    for meta in metas:
+        moments.merge(_moments_from_json(meta["moments"]))
+    has_data = _merge_index(rank_dir, [_chunk_name(m["chunk"]) for m in metas if m["count"] > 0])
+    summaries = _all_gather({"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas),
+                             "written": written})
+    total = moments.merge_across_ranks()
+    num_samples = sum(s["count"] for s in summaries)
+    if num_samples == 0:
+        raise ExtractError(f"source: none of the {num_items} images could be read (see the skipped files above)")
+    stats = total.to_tensor_stats()
+    manifest = None
+    if rank == 0:
+        _merge_index(out, [_rank_name(s["rank"]) for s in summaries if s["has_data"]])
+        save_latent_stats(out, stats["mean"], stats["std"])
+        manifest = _write_manifest(cfg, out, source, plan, world, total, columns, time.time() - t_start)
+    _barrier()
+    skipped = manifest["skipped"] if manifest else []
+    ignored = [{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])]
+    result = ExtractResult(out_dir=str(out), num_items=num_items, num_samples=num_samples,
+                           written_this_run=sum(s["written"] for s in summaries), skipped=skipped, ignored=ignored,
+                           mean=stats["mean"], std=stats["std"], elapsed_s=time.time() - t_start, manifest=manifest)
+    if rank == 0:
+        _print_summary(result)
+    return result
+
+
+def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Tokenizer, features: Optional[FeatureExtractor],
+                 columns: dict[str, str], rank: int, rank_dir: Path, mine: range, batches: list[list[int]],
+                 batch_chunk: list[int], done_items: int, device: torch.device, world: int) -> int:
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    loader_kwargs: dict[str, Any] = {}
+    if cfg.num_workers > 0:
+        loader_kwargs["prefetch_factor"] = 4
+    loader = DataLoader(source, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_items,
+                        pin_memory=device.type == "cuda", **loader_kwargs)
+    last_of_chunk = {chunk: i for i, chunk in enumerate(batch_chunk)}
+    dtype = np.dtype(cfg.latent_dtype)
+    progress = tqdm(total=len(mine), initial=done_items, unit="img", dynamic_ncols=True, smoothing=0.1,
+                    desc=f"extract (rank 0 of {world})", disable=rank != 0 or not cfg.progress_bar)
+    writer: Optional[_ChunkWriter] = None
+    generator: Optional[torch.Generator] = None
+    written = skipped = 0
+    try:
+        for i, batch in enumerate(loader):
+            chunk = batch_chunk[i]
+            if writer is None:
+                lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(mine))
+                writer = _ChunkWriter(rank_dir, rank, chunk, (lo, hi), list(mine[lo:hi]), columns,
+                                      cfg.shard_size_limit)
+                generator = torch.Generator(device=device).manual_seed(_chunk_seed(cfg.seed, rank, chunk))
+            if cfg.throttle_s:
+                time.sleep(cfg.throttle_s)           # with the chunk's .tmp directory open, for kill tests
+            for bad in batch["bad"]:
+                log.warning("skipping sample %d (%s): %s", bad.sample_id, bad.path, bad.error)
+                writer.skip(bad)
+                skipped += 1
+            if batch["image"] is not None:
+                n = _encode_and_write(cfg, batch, tokenizer, features, writer, generator, device, dtype)
+                written += n
+            progress.update(len(batch["bad"]) + int(batch["sample_id"].numel()))
+            if skipped:
+                progress.set_postfix(skipped=skipped, refresh=False)
+            if last_of_chunk[chunk] == i:
+                writer.commit()
+                writer = None
+    finally:
+        progress.close()
+    return written
+
+
+def _encode_and_write(cfg: ExtractConfig, batch: dict[str, Any], tokenizer: Tokenizer,
+                      features: Optional[FeatureExtractor], writer: _ChunkWriter, generator: torch.Generator,
+                      device: torch.device, dtype: np.dtype) -> int:
+    x = batch["image"].to(device, non_blocking=True)
+    n = x.shape[0]
+    with torch.inference_mode():
+        z = tokenizer.encode(torch.cat([x, torch.flip(x, dims=[-1])]), sample=cfg.tokenizer.sample,
+                             generator=generator)
+        feats = features(x) if features is not None else None
+    z = z.to(torch.float32).cpu().numpy().astype(dtype)
+    latent, latent_flip = z[:n], z[n:]
+    writer.moments.update(latent)              # exact stats of the stored (non-flipped) values
+    f16 = feats.to(torch.float32).cpu().numpy().astype(np.float16) if feats is not None else None
+    labels, ids = batch["label"].tolist(), batch["sample_id"].tolist()
+    for j in range(n):
+        record = {"latent": np.ascontiguousarray(latent[j]), "latent_flip": np.ascontiguousarray(latent_flip[j]),
+                  "label": int(labels[j]), "sample_id": int(ids[j])}
+        if f16 is not None:
+            record["features"] = np.ascontiguousarray(f16[j])
+        writer.write(record)
+    return n
+
+
+def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, Any], world: int,
+                    total: RunningMoments, columns: dict[str, str], elapsed: float) -> dict[str, Any]:
+    ids: list[int] = []
+    digests: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    chunks = 0
+    for rank in range(world):
+        rank_dir = out / _rank_name(rank)
+        if not rank_dir.is_dir():
+            continue
+        for entry in sorted(rank_dir.iterdir()):
+            if not _CHUNK_RE.match(entry.name):
+                continue
+            meta = _read_chunk_meta(entry)
+            if meta is None:
+                raise ExtractError(f"chunk {entry} has no readable {CHUNK_META}")
+            ids.extend(meta["sample_ids"])
+            digests.extend(meta["digests"])
+            skipped.extend(meta["skipped"])
+            chunks += 1
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    sorted_ids = np.asarray(ids, dtype="<i8")[order]
+    if len(np.unique(sorted_ids)) != len(sorted_ids):
+        raise ExtractError(f"out_dir: {out} holds duplicate sample ids (chunks from another job?)")
+    content = hashlib.sha256()
+    for k in order:
+        content.update(bytes.fromhex(digests[k]))
+    skipped.sort(key=lambda s: s["sample_id"])
+    ignored = [{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])]
+    manifest = {
+        "format": FORMAT_VERSION,
+        "num_items": len(source),
+        "num_samples": int(len(sorted_ids)),
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "num_ignored": len(ignored),
+        "ignored": ignored,
+        "sample_ids_sha256": hashlib.sha256(sorted_ids.tobytes()).hexdigest(),
+        "content_sha256": content.hexdigest(),
+        "latent_shape": plan["latent_shape"],
+        "latent_dtype": cfg.latent_dtype,
+        "features_shape": (plan["features"] or {}).get("shape"),
+        "columns": columns,
+        "stats": {"count_per_channel": int(total.count), "mean": total.mean.tolist(),
+                  "std": total.std().tolist(), "file": "latents_stats.pt"},
+        "world_size": world,
+        "chunk_size": cfg.chunk_size,
+        "num_chunks": chunks,
+        "plan": plan,
+        "config": config_to_dict(cfg),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "last_run_elapsed_s": round(elapsed, 3),
+    }
+    _write_json_atomic(out / MANIFEST_FILENAME, manifest)
+    return manifest
+
+
+def _print_summary(result: ExtractResult) -> None:
+    rate = result.written_this_run / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    lines = [f"extract: {result.num_samples} of {result.num_items} images in {result.out_dir} "
+             f"({result.written_this_run} written by this run in {result.elapsed_s:.1f} s, {rate:.1f} img/s)",
+             f"extract: {len(result.skipped)} skipped (unreadable)" + (":" if result.skipped else "")]
+    lines += [f"  skipped sample {s['sample_id']}: {s['path']}: {s['error']}" for s in result.skipped]
+    if result.ignored:
+        lines.append(f"extract: {len(result.ignored)} ignored (not images):")
+        lines += [f"  ignored {i['path']}: {i['reason']}" for i in result.ignored]
+    if result.mean is not None:
+        lines.append(f"extract: latent mean {[round(v, 4) for v in result.mean.flatten().tolist()[:8]]}"
+                     f"{' ...' if result.mean.numel() > 8 else ''}, std "
+                     f"{[round(v, 4) for v in result.std.flatten().tolist()[:8]]}"
+                     f"{' ...' if result.std.numel() > 8 else ''}")
+    print("\n".join(lines), flush=True)
+
+
+# ===================================================================================================== CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Extract tokenizer latents (+ flips, DINOv2 features) to MDS.")
+    parser.add_argument("config", help="extraction YAML (e.g. configs/extract_synthetic.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. source.num_samples=512 out_dir=/tmp/x")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_extract_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from core.distributed import init_distributed, teardown
+    dist = init_distributed()
+    logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s r{dist.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    try:
+        extract(cfg, dist)
+    except (ConfigError, ExtractError, FileNotFoundError) as err:
+        print(f"error (rank {dist.rank}): {err}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Image tokenizers: the interface the extraction job and samplers use, the pixel-space identity, a registry.
+
+A tokenizer maps images in [-1, 1] (B, 3, H, W) to latents (B, C, H/f, W/f) and back:
+
+    tok = build_tokenizer("identity")
+    z = tok.encode(x, sample=True, generator=g)      # posterior sample (VAE) or mean (sample=False)
+    x_hat = tok.decode(z)
+    tok.latent_shape(256) -> (C, 256 // f, 256 // f); tok.downsample == f; tok.channels == C
+
+Tokenizers are ``nn.Module``s, so ``.to(device)`` / ``.eval()`` work on whatever weights they hold.
+
+Extension point: a new kind registers a factory with ``@register_tokenizer("name")`` in its own module.
+So that ``build_tokenizer("name")`` finds it without the caller importing that module first, add the module
+to ``LAZY_TOKENIZER_MODULES`` (kind -> module path); it is imported on first use. The VA-VAE work adds
+``"vavae"`` this way (its factory takes e.g. the checkpoint path as keyword arguments, which the extraction
+config passes through as ``tokenizer.kwargs``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["IdentityTokenizer", "LAZY_TOKENIZER_MODULES", "Tokenizer", "available_tokenizers", "build_tokenizer",
+           "register_tokenizer"]
+
+
+class Tokenizer(nn.Module):
+    """Interface. Subclasses set ``downsample`` (spatial factor f) and ``channels`` (latent channels C)."""
+
+    downsample: int = 1
+    channels: int = 3
+
+    def encode(self, images: torch.Tensor, sample: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents (B, C, H/f, W/f). ``sample`` picks a posterior sample
+        (drawn with ``generator`` when given) instead of the mean, where the tokenizer has a posterior."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (not clamped)."""
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of a square ``image_size`` image."""
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not divisible by the tokenizer's downsampling factor "
+                             f"{self.downsample}")
+        side = image_size // self.downsample
+        return (int(self.channels), side, side)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # reconstruction, for convenience
+        return self.decode(self.encode(images))
+
+
+class IdentityTokenizer(Tokenizer):
+    """Pixel space: the latent *is* the image (C=3, f=1), exactly; ``sample`` and ``generator`` are ignored."""
+
+    downsample = 1
+    channels = 3
+
+    def encode(self, images: torch.Tensor, sample: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"IdentityTokenizer.encode expects images (B, 3, H, W), got {tuple(images.shape)}")
+        return images.clone()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.dim() != 4 or latents.shape[1] != 3:
+            raise ValueError(f"IdentityTokenizer.decode expects latents (B, 3, H, W), got {tuple(latents.shape)}")
+        return latents.clone()
+
+
+# ------------------------------------------------------------------------------------------------ registry
+_REGISTRY: dict[str, Callable[..., Tokenizer]] = {}
+
+# kind -> module that registers it when imported (see the module docstring). E.g. "vavae": "<module path>".
+LAZY_TOKENIZER_MODULES: dict[str, str] = {}
+
+
+def register_tokenizer(kind: str) -> Callable[[Callable[..., Tokenizer]], Callable[..., Tokenizer]]:
+    """Decorator registering a factory (a Tokenizer subclass or a function returning one) under ``kind``."""
+    def wrap(factory: Callable[..., Tokenizer]) -> Callable[..., Tokenizer]:
+        existing = _REGISTRY.get(kind)
+        if existing is not None and existing is not factory:
+            raise ValueError(f"tokenizer kind {kind!r} is already registered ({existing!r})")
+        _REGISTRY[kind] = factory
+        return factory
+    return wrap
+
+
+register_tokenizer("identity")(IdentityTokenizer)
+
+
+def available_tokenizers() -> list[str]:
+    return sorted(set(_REGISTRY) | set(LAZY_TOKENIZER_MODULES))
+
+
+def build_tokenizer(kind: str, **kwargs: Any) -> Tokenizer:
+    """A tokenizer of registered ``kind`` built with ``kwargs``, in eval mode."""
+    if kind not in _REGISTRY and kind in LAZY_TOKENIZER_MODULES:
+        importlib.import_module(LAZY_TOKENIZER_MODULES[kind])
+    factory = _REGISTRY.get(kind)
+    if factory is None:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; available: {', '.join(available_tokenizers())}")
+    try:
+        tokenizer = factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"tokenizer {kind!r}: bad arguments {sorted(kwargs)}: {err}") from err
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer factory for {kind!r} returned {type(tokenizer).__name__}, not a Tokenizer")
+    return tokenizer.eval()

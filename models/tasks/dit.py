@@ -1,0 +1,55 @@
+"""LightningDiT training task: flow-matching loss (MSE + cosine) on precomputed latents."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.task import PartSpec, StepContext, Task
+from models.lightningdit import build_model
+from models.transport import Transport
+
+
+class DiTTask(Task):
+    def __init__(self, cfg, dist):
+        self.cfg = cfg
+        self.device = dist.device
+        self.transport = Transport(use_cosine_loss=cfg.transport.use_cosine_loss)
+        # Timestep and noise draws: one generator per rank, seeded so that ranks draw different
+        # values, saved in every checkpoint so that a resumed run draws the same values.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
+        self._flops = None
+
+    def build_models(self) -> dict[str, PartSpec]:
+        model = build_model(self.cfg.model)
+        if self.cfg.model.init_from:
+            from models.loading import load_into_model
+            load_into_model(model, self.cfg.model.init_from, which="ema", strict=True)
+        self._flops = model.flops_per_image(training=True)
+        return {"model": PartSpec(module=model, optimizer=self.cfg.optimizer,
+                                  ema_decay=self.cfg.train.ema_decay, blocks_attr="blocks",
+                                  grad_clip=self.cfg.train.grad_clip)}
+
+    def phases(self) -> list[str]:
+        return ["model"]
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
+             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x1 = batch["latent"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        terms = self.transport.training_losses(parts[phase].module, x1, {"y": y},
+                                               phase=ctx.timestep_phase, generator=self.generator)
+        loss = terms["loss"].mean()
+        metrics = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(),
+                   "cos": terms["cos"].mean().detach()}
+        return loss, metrics
+
+    def flops_per_image(self):
+        return self._flops
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,306 @@
+"""The extraction job (data/extract.py) on real MDS shards.
+
+Distributed runs are real: 2 gloo ranks started by ``python -m torch.distributed.run`` running
+``data/extract.py``; the resume test SIGKILLs the whole job (launcher and ranks, each rank being its own
+process group under torch elastic) after some chunks are complete, and starts it again.
+The DINOv2 tests use a tiny, RANDOMLY INITIALISED timm ViT (``features.random_init: true``), never
+pretrained weights.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from streaming import StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+from core.config import ConfigError, DataConfig
+from data.extract import (ExtractConfig, ExtractError, FeatureExtractor, FeaturesConfig, extract,
+                          load_extract_config, main, read_manifest)
+from data.streaming import build_latent_loader, load_latent_stats
+from data.synthetic import SyntheticImages, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "extract_synthetic.yaml"
+N, SIZE, CLASSES = 96, 16, 10
+# 2 ranks x 48 images, chunks of 10 (5 per rank, the last one short), batches of 4 (chunk = 4 + 4 + 2).
+COMMON = [f"source.num_samples={N}", f"source.image_size={SIZE}", f"source.num_classes={CLASSES}",
+          "chunk_size=10", "batch_size=4", "num_workers=0", "latent_dtype=float32", "progress_bar=false"]
+TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def _clean_shared_memory():
+    clean_stale_shared_memory()
+    yield
+    gc.collect()
+    clean_stale_shared_memory()
+
+
+def torchrun_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "data" / "extract.py"), str(CONFIG), f"out_dir={out}", *COMMON, *extra]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("extract") / "full"
+    proc = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank, as a scheduler ending the job would. torch elastic starts each rank
+    in a session of its own, so this kills every process group of the job's process tree."""
+    import psutil
+    pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def read_raw(out: Path) -> list[dict]:
+    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    try:
+        return [ds[i] for i in range(len(ds))]
+    finally:
+        del ds
+        gc.collect()
+
+
+def reference_images() -> torch.Tensor:
+    ds = SyntheticImages(N, image_size=SIZE, num_classes=CLASSES, seed=0)
+    return torch.stack([ds[i][0] for i in range(N)])
+
+
+# ------------------------------------------------------------------------------------------- 2 ranks
+def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
+    out, log = two_rank_run
+    assert f"extract: {N} of {N} images" in log
+    # Per-rank chunk sets, merged into one index.
+    assert sorted(p.name for p in (out / "rank00000").iterdir() if p.name.startswith("chunk")) == \
+        [f"chunk{c:06d}" for c in range(5)]
+    index = json.loads((out / "index.json").read_text())
+    assert {s["zip_data"]["basename"].split("/")[0] for s in index["shards"]} == {"rank00000", "rank00001"}
+    assert all(s["compression"] == "zstd" for s in index["shards"])
+
+    samples = read_raw(out)
+    ids = [int(s["sample_id"]) for s in samples]
+    assert sorted(ids) == list(range(N))                       # every image exactly once
+    images = reference_images()
+    for s in samples:
+        sid = int(s["sample_id"])
+        latent, flip = torch.tensor(s["latent"]), torch.tensor(s["latent_flip"])
+        assert torch.equal(latent, images[sid])                # identity tokenizer, float32 storage
+        assert torch.equal(flip, torch.flip(latent, dims=[-1]))
+        assert int(s["label"]) == sid % CLASSES
+    # Rank r holds the strided indices r, r+2, ...; its chunk 1 is its positions 10..19.
+    meta = json.loads((out / "rank00000" / "chunk000001" / "chunk.json").read_text())
+    assert meta["sample_ids"] == list(range(20, 40, 2))
+    meta = json.loads((out / "rank00001" / "chunk000004" / "chunk.json").read_text())
+    assert meta["sample_ids"] == list(range(81, 96, 2))
+
+    # Statistics: one numpy pass over all images (float64) == merged per-chunk moments.
+    x = images.numpy().astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    mean, std = x.mean(axis=1), x.std(axis=1, ddof=1)
+    manifest = read_manifest(out)
+    np.testing.assert_allclose(manifest["stats"]["mean"], mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(manifest["stats"]["std"], std, rtol=1e-12)
+    file_mean, file_std = load_latent_stats(out)
+    assert file_mean.shape == (1, 3, 1, 1)
+    np.testing.assert_allclose(file_mean.flatten().numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(file_std.flatten().numpy(), std, rtol=1e-6)
+    assert manifest["num_samples"] == N and manifest["num_skipped"] == 0 and manifest["world_size"] == 2
+
+    # The training reader takes the output as it is (normalised with the stored stats).
+    loader, dataset = build_latent_loader(DataConfig(path=str(out), num_workers=0, shuffle=False), batch_size=8,
+                                          seed=0, drop_last=False, expected_shape=(3, SIZE, SIZE))
+    seen = []
+    for batch in loader:
+        for z, sid, flipped in zip(batch["latent"], batch["sample_id"].tolist(), batch["flipped"].tolist()):
+            ref = torch.flip(images[sid], dims=[-1]) if flipped else images[sid]
+            expected = (ref - file_mean[0]) / file_std[0]
+            torch.testing.assert_close(z, expected)
+            seen.append(sid)
+    assert sorted(seen) == list(range(N))
+    del loader, dataset
+
+
+def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_path):
+    reference, _ = two_rank_run
+    out = tmp_path / "killed"
+    # throttle_s slows each batch so the job is still running when we kill it.
+    proc = subprocess.Popen(torchrun_cmd(out, "throttle_s=0.12"), cwd=REPO, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def complete() -> list[Path]:
+        return sorted(out.glob("rank*/chunk*"))
+
+    def partial() -> list[Path]:
+        return sorted(out.glob("rank*/.tmp-chunk*"))
+
+    deadline = time.time() + 90
+    try:
+        while not (len(complete()) >= 3 and partial()):
+            assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
+            assert time.time() < deadline, "no chunk completed in time"
+            time.sleep(0.02)
+        kill_job(proc)                                     # the launcher and both ranks, at once
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+        proc.wait(timeout=30)
+    done_at_kill, partial_at_kill = complete(), partial()
+    time.sleep(0.8)                  # > 2 chunks' time at throttle_s: no rank may still be running
+    assert complete() == done_at_kill and partial() == partial_at_kill
+    assert 3 <= len(done_at_kill) < 10 and partial_at_kill, (done_at_kill, partial_at_kill)
+    assert not (out / "manifest.json").exists() and not (out / "index.json").exists()
+
+    restart = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
+    written = int(re.search(r"\((\d+) written by this run", restart.stdout).group(1))
+    assert 0 < written <= N - 10 * len(done_at_kill) + 2           # complete chunks were not redone
+    assert not partial()                                          # partial chunks were removed and redone
+    for chunk in done_at_kill:                                    # untouched since the kill
+        assert chunk.is_dir()
+
+    a, b = read_manifest(reference), read_manifest(out)
+    for key in ("num_samples", "sample_ids_sha256", "content_sha256", "stats", "num_skipped"):
+        assert a[key] == b[key], key
+    ma, sa = load_latent_stats(reference)
+    mb, sb = load_latent_stats(out)
+    assert torch.equal(ma, mb) and torch.equal(sa, sb)
+    assert sorted(int(s["sample_id"]) for s in read_raw(out)) == list(range(N))
+
+    # A restart with another world size (here 1 process) is refused instead of mixing layouts.
+    with pytest.raises(ExtractError, match=r"world_size: 2 -> 1"):
+        extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON]))
+
+
+# --------------------------------------------------------------------------------------- bad files
+def test_corrupt_jpeg_and_non_image_are_reported_and_skipped(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "images", num_samples=6, image_size=SIZE, num_classes=2)
+    from PIL import Image
+    jpeg = root / "class_00" / "img_broken.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 77).save(jpeg, format="JPEG")
+    jpeg.write_bytes(jpeg.read_bytes()[:200])                         # truncated: header only
+    fake = root / "class_01" / "img_fake.png"
+    fake.write_text("this is not a png")                              # image extension, not an image
+    notes = root / "class_01" / "notes.txt"
+    notes.write_text("readme")                                        # not an image extension
+
+    cfg = load_extract_config(CONFIG, [f"out_dir={tmp_path / 'out'}", "source.kind=folder",
+                                       f"source.path={root}", f"source.image_size={SIZE}", "chunk_size=3",
+                                       "batch_size=2", "num_workers=1", "progress_bar=false"])
+    result = extract(cfg)                                             # single process, no process group
+    assert sorted(s["path"] for s in result.skipped) == sorted([str(jpeg), str(fake)])
+    assert [i["path"] for i in result.ignored] == [str(notes)]
+    assert result.num_items == 8 and result.num_samples == 6
+    printed = capsys.readouterr().out
+    assert str(jpeg) in printed and str(fake) in printed and str(notes) in printed
+    manifest = read_manifest(cfg.out_dir)
+    assert manifest["num_skipped"] == 2 and manifest["ignored"][0]["path"] == str(notes)
+    bad_ids = {s["sample_id"] for s in manifest["skipped"]}
+    ids = sorted(int(s["sample_id"]) for s in read_raw(Path(cfg.out_dir)))
+    assert ids == sorted(set(range(8)) - bad_ids)
+    # Sample ids follow ImageFolder's order (class_00: 3 images + broken = 0..3, class_01: 3 + fake = 4..7).
+    assert bad_ids == {3, 7}
+    raw = {int(s["sample_id"]): int(s["label"]) for s in read_raw(Path(cfg.out_dir))}
+    assert raw == {0: 0, 1: 0, 2: 0, 4: 1, 5: 1, 6: 1}
+
+
+# ------------------------------------------------------------------------------------------ DINOv2
+def test_dinov2_features_tiny_random_vit(tmp_path):
+    # features.random_init: a tiny RANDOMLY INITIALISED vit_small_patch14_dinov2 (32-d, 1 block), test only.
+    overrides = [f"out_dir={tmp_path / 'out'}", "source.num_samples=6", f"source.image_size={SIZE}",
+                 "features.enabled=true", "features.model=vit_small_patch14_dinov2", "features.random_init=true",
+                 f"features.model_kwargs={json.dumps(TINY_VIT)}", "batch_size=4", "num_workers=0",
+                 "progress_bar=false"]
+    cfg = load_extract_config(CONFIG, overrides)
+    extract(cfg)
+    samples = sorted(read_raw(Path(cfg.out_dir)), key=lambda s: int(s["sample_id"]))
+    features = samples[0]["features"]
+    assert features.shape == (32, SIZE, SIZE) and features.dtype == np.float16   # [D, h, w] on the latent grid
+    assert read_manifest(cfg.out_dir)["features_shape"] == [32, SIZE, SIZE]
+
+    # Same weights (the job seeds torch with cfg.seed before building the model): token (r, c) of
+    # forward_features on the 224 px input, after the CLS token, is features[:, r, c].
+    torch.manual_seed(cfg.seed)
+    extractor = FeatureExtractor(cfg.features, (SIZE, SIZE))
+    assert extractor.input_hw == (14 * SIZE, 14 * SIZE) and extractor.num_prefix_tokens == 1
+    image = SyntheticImages(6, image_size=SIZE, num_classes=CLASSES)[0][0][None]
+    with torch.no_grad():
+        tokens = extractor.model.forward_features(F.interpolate(image, size=(224, 224), mode="bilinear",
+                                                                align_corners=False))[0, 1:]
+    for r, c in [(0, 0), (0, 5), (7, 3), (15, 15)]:
+        np.testing.assert_allclose(features[:, r, c].astype(np.float32), tokens[r * SIZE + c].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_dinov2_registers_imagenet_norm_and_local_weights(tmp_path):
+    # Tiny RANDOMLY INITIALISED ViT with 4 register tokens: all 5 prefix tokens are dropped.
+    cfg = FeaturesConfig(enabled=True, model="vit_small_patch14_reg4_dinov2", random_init=True,
+                         model_kwargs=TINY_VIT, imagenet_norm=True)
+    extractor = FeatureExtractor(cfg, (4, 6))
+    assert extractor.num_prefix_tokens == 5 and extractor.input_hw == (56, 84)
+    assert extractor(torch.rand(2, 3, 32, 48) * 2 - 1).shape == (2, 32, 4, 6)
+    # Weights come from a local file only: a saved state dict loads back exactly ...
+    weights = tmp_path / "vit.pth"
+    torch.save(extractor.model.state_dict(), weights)
+    loaded = FeatureExtractor(FeaturesConfig(enabled=True, model="vit_small_patch14_reg4_dinov2",
+                                             weights=str(weights), model_kwargs=TINY_VIT), (4, 6))
+    for key, value in extractor.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_missing_dinov2_weights_name_the_config_key(tmp_path):
+    missing = tmp_path / "nope" / "dinov2.safetensors"
+    cfg = ExtractConfig(out_dir=str(tmp_path / "out"))
+    cfg.source.num_samples, cfg.source.image_size = 4, SIZE
+    cfg.features = FeaturesConfig(enabled=True, model="vit_small_patch14_dinov2", weights=str(missing),
+                                  model_kwargs=TINY_VIT)
+    with pytest.raises(FileNotFoundError, match=r"features\.weights: .*dinov2\.safetensors does not exist"):
+        extract(cfg)
+    assert not (tmp_path / "out").exists()                            # failed before any work
+    with pytest.raises(ConfigError, match=r"features\.weights: not set"):
+        load_extract_config(CONFIG, ["features.enabled=true"])
+
+
+def test_config_errors_name_file_or_command_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: chunk_size: must be > 0"):
+        load_extract_config(CONFIG, ["chunk_size=0"])
+    with pytest.raises(ConfigError, match=r"source\.nums_samples: unknown key; did you mean 'num_samples'"):
+        load_extract_config(CONFIG, ["source.nums_samples=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokenizer:\n  kind: vqgan\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))}: tokenizer\.kind: unknown tokenizer 'vqgan'"):
+        load_extract_config(bad)
+    assert main([str(bad)]) == 2

@@ -1,0 +1,49 @@
+"""Entry point of one training process: parse the config, build the trainer, train, clean up.
+
+Run it through a launcher, e.g. `python launchers/local.py --nproc 2 configs/tiny_dit.yaml [key=value ...]`
+(or torchrun / Slurm); a single process also works: `python train.py configs/tiny_dit.yaml`.
+Exit codes: 0 finished, 75 stopped on SIGTERM/SIGUSR1 after writing a checkpoint (requeue me),
+2 bad configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
+    args = parser.parse_args(argv)
+
+    from core.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from core.distributed import init_distributed, teardown
+    from core.metrics import setup_console_logging
+    from core.trainer import Trainer
+
+    dist = init_distributed()
+    setup_console_logging(dist.rank)
+    trainer = None
+    try:
+        try:
+            trainer = Trainer(cfg, dist)
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        result = trainer.train()
+        return result.exit_code
+    finally:
+        if trainer is not None:
+            trainer.close()
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
