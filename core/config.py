@@ -23,7 +23,7 @@ import yaml
 __all__ = [
     # schema
     "ModelConfig", "TimestepPhase", "TransportConfig", "DataConfig", "OptimizerConfig", "LRScheduleConfig",
-    "TrainConfig", "EngineConfig", "CheckpointConfig", "WandbConfig", "SamplingConfig", "ExperimentConfig",
+    "TrainConfig", "EngineConfig", "CheckpointConfig", "WandbConfig", "SamplingConfig", "EvalConfig", "ExperimentConfig",
     # machinery
     "ConfigError", "Derived", "CUSTOM_MODEL_TYPE", "load_config", "config_from_dict", "apply_overrides", "validate",
     "config_to_dict", "config_to_yaml", "save_config", "resolve_run_dir", "derived", "epochs_to_steps",
@@ -159,6 +159,18 @@ class SamplingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop evaluation: every `every_epochs` the trainer samples with the EMA weights and logs metrics."""
+    every_epochs: Optional[float] = None     # None = no in-loop evaluation
+    num_samples: int = 10000                 # images generated per evaluation (FID-10K by default)
+    batch_size: int = 64                     # per rank
+    reference: str = ""                      # image folder, .npz of uint8 images, or ADM reference-statistics .npz
+    feature_extractor_weights: str = ""      # local weights file of the Inception feature extractor (no download)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    seed: int = 0
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     run_dir: str = ""                        # "" -> runs/<name>
@@ -174,6 +186,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,6 +627,11 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
     positive(m.in_channels, "model.in_channels")
     positive(m.num_classes, "model.num_classes")
     unit(m.class_dropout_prob, "model.class_dropout_prob")
+
+    # in-loop evaluation
+    positive(cfg.eval.every_epochs, "eval.every_epochs", allow_none=True)
+    positive(cfg.eval.num_samples, "eval.num_samples")
+    positive(cfg.eval.batch_size, "eval.batch_size")
 
     # transport: timestep-sampling phases
     phases = cfg.transport.timestep_sampling

@@ -6,12 +6,15 @@ the loss of each phase. Engines, checkpointing, data loading, logging and the lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from core.config import OptimizerConfig, TimestepPhase
+
+if TYPE_CHECKING:
+    from data.sources import DataSource
 
 
 @dataclass
@@ -41,6 +44,14 @@ class Task:
     def phases(self) -> list[str]:
         """Names of the parts stepped, in order, during one training step."""
         raise NotImplementedError
+
+    def build_data(self, *, micro_batch_size: int, global_batch_size: int) -> "DataSource":
+        """The training data (data/sources.py): micro-batches of this rank, resumable at any step."""
+        raise NotImplementedError
+
+    def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:
+        """In-loop evaluation (collective; every `eval.every_epochs`): metrics to log, e.g. FID of EMA samples."""
+        return {}
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
              ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

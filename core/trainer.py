@@ -77,18 +77,14 @@ class Trainer:
         specs = self.task.build_models()
 
         # Data: every rank reads micro-batches of its share of the global batch.
-        from data.streaming import build_latent_loader, steps_per_epoch
-        from streaming.base.util import clean_stale_shared_memory
-        clean_stale_shared_memory()  # collective: leftovers of a killed run would block the loader
         d = derived(cfg, dist.world_size, dataset_size=None)
         self.micro_batch = d.micro_batch_size
         self.accum = d.grad_accum_steps
-        self.loader, self.dataset = build_latent_loader(
-            cfg.data, batch_size=self.micro_batch, seed=cfg.seed, dist=dist,
-            expected_shape=(cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size))
-        self.steps_per_epoch = steps_per_epoch(self.dataset, cfg.train.global_batch_size)
+        self.data = self.task.build_data(micro_batch_size=self.micro_batch,
+                                         global_batch_size=cfg.train.global_batch_size)
+        self.steps_per_epoch = self.data.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"data.path: the dataset at {cfg.data.path!r} has {self.dataset.num_samples} samples, "
+            raise ValueError(f"data.path: the dataset at {cfg.data.path!r} has {self.data.num_samples} samples, "
                              f"fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
         self.total_steps = derived(cfg, dist.world_size, dataset_size=self.steps_per_epoch
                                    * cfg.train.global_batch_size).total_steps
@@ -102,9 +98,6 @@ class Trainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.skipped_steps = 0
-        # Streaming's shuffle depends on its number of canonical nodes: fixed at the first start of a
-        # run and kept across resumes (also on another number of nodes), so the data order never changes.
-        self._canonical_nodes = (self.loader.state_dict() or {}).get("num_canonical_nodes")
         if cfg.checkpoint.resume:
             extra = self.checkpoints.load_latest(self.parts)
             if extra is not None:
@@ -134,7 +127,7 @@ class Trainer:
         return {"step": self.step,
                 "rng": _rng_state(),
                 "task": self.task.state_dict(),
-                "data": self._loader_state_at(self.step),
+                "data": self.data.state_dict(),
                 "nonfinite_streak": self.nonfinite_streak,
                 "skipped_steps": self.skipped_steps,
                 "config": config_to_dict(self.cfg),
@@ -142,7 +135,7 @@ class Trainer:
 
     def _restore(self, extra: dict[str, Any]) -> None:
         self.step = int(extra["step"])
-        self._canonical_nodes = extra["data"].get("num_canonical_nodes", self._canonical_nodes)
+        self.data.load_state_dict(extra["data"])
         self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         if extra.get("world_size_changed"):
@@ -155,17 +148,6 @@ class Trainer:
             _set_rng_state(extra["rng"])
             self.task.load_state_dict(extra["task"])
         log.info("resumed from step %d", self.step)
-
-    def _loader_state_at(self, step: int) -> dict[str, Any]:
-        """Streaming resume state for the position right after `step` steps.
-
-        Written from our own (epoch, step-in-epoch) bookkeeping so that an epoch boundary restarts the
-        next epoch from its beginning and the position does not depend on the world size.
-        """
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "sample_in_epoch": step_in_epoch * self.cfg.train.global_batch_size,
-                "shuffle_seed": self.cfg.seed, "num_canonical_nodes": self._canonical_nodes,
-                "initial_physical_nodes": None}
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -212,6 +194,13 @@ class Trainer:
             finite = finite and bool(torch.isfinite(grad_norm).item())
         return metrics, finite
 
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval.every_epochs
+        if not every:
+            return False
+        interval = max(1, round(every * self.steps_per_epoch))
+        return self.step % interval == 0 or self.step == self.total_steps
+
     def _save(self) -> None:
         self.checkpoints.save(self.step, self.parts, self._extra_state())
 
@@ -234,8 +223,7 @@ class Trainer:
         exit_code = 0
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.loader.load_state_dict(self._loader_state_at(self.step))
-            it = iter(self.loader)
+            it = self.data.iterator(epoch, step_in_epoch)
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
@@ -275,6 +263,10 @@ class Trainer:
                     bar.update(1)
                 if self._debug_step_sleep:
                     time.sleep(self._debug_step_sleep)
+                if self._eval_due():
+                    results = self.task.evaluate(self.parts, self.step)
+                    if results:
+                        self.metrics.log(self.step, {f"eval/{k}": v for k, v in results.items()})
                 self.checkpoints.maybe_finalize()
                 stopping = self._any_rank_stopping()
                 is_last = self.step == self.total_steps

@@ -13,6 +13,7 @@ from models.transport import Transport
 class DiTTask(Task):
     def __init__(self, cfg, dist):
         self.cfg = cfg
+        self.dist = dist
         self.device = dist.device
         self.transport = Transport(use_cosine_loss=cfg.transport.use_cosine_loss)
         # Timestep and noise draws: one generator per rank, seeded so that ranks draw different
@@ -33,6 +34,13 @@ class DiTTask(Task):
 
     def phases(self) -> list[str]:
         return ["model"]
+
+    def build_data(self, *, micro_batch_size: int, global_batch_size: int):
+        from data.sources import LatentSource
+        m = self.cfg.model
+        return LatentSource(self.cfg.data, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                            seed=self.cfg.seed, dist=self.dist,
+                            expected_shape=(m.in_channels, m.input_size, m.input_size))
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
              ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
