@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,7 @@ class Trainer:
 
     def _train_loop(self, cfg) -> TrainResult:
         bar = None
-        if self.dist.is_main and cfg.train.progress_bar:
+        if self.dist.is_main and cfg.train.progress_bar and sys.stderr.isatty():  # log lines when not a terminal
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         message = self.phase_tracker.update(self.step, self.steps_per_epoch)
