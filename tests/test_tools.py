@@ -1,0 +1,30 @@
+"""Command-line tools: the training benchmark prints its table; the local launcher rejects bad arguments."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_train_prints_a_table_with_flops():
+    res = _run("tools/bench_train.py", "--batch", "4", "--steps", "2", "--warmup", "1")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    header = [h.strip() for h in lines[1].split("|")]
+    assert header == ["batch", "mode", "precision", "img/s", "step ms", "GFLOP/img", "MFU", "peak mem GiB"]
+    row = [c.strip() for c in lines[3].split("|")]
+    assert row[0] == "4" and row[1] == "eager" and row[2] == "fp32"
+    assert float(row[3]) > 0 and float(row[5]) > 0
+
+
+def test_local_launcher_rejects_bad_arguments(tmp_path):
+    res = _run("launchers/local.py", "--nproc", "0", "configs/tiny_dit.yaml")
+    assert res.returncode == 2 and "--nproc must be >= 1" in res.stderr
+    res = _run("launchers/local.py", "--nproc", "1", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
