@@ -23,7 +23,9 @@ import yaml
 __all__ = [
     # schema
     "ModelConfig", "TimestepPhase", "TransportConfig", "DataConfig", "OptimizerConfig", "LRScheduleConfig",
-    "TrainConfig", "EngineConfig", "CheckpointConfig", "WandbConfig", "SamplingConfig", "EvalConfig", "ExperimentConfig",
+    "TrainConfig", "EngineConfig", "CheckpointConfig", "WandbConfig", "SamplingConfig", "EvalConfig", "LauncherConfig", "ExperimentConfig",
+    "VAVAEConfig", "VAVAEModelConfig", "VAVAELossConfig", "DiscriminatorConfig", "DINOv2Config", "VFConfig",
+    "LPIPSConfig",
     # machinery
     "ConfigError", "Derived", "CUSTOM_MODEL_TYPE", "load_config", "config_from_dict", "apply_overrides", "validate",
     "config_to_dict", "config_to_yaml", "save_config", "resolve_run_dir", "derived", "epochs_to_steps",
@@ -71,8 +73,10 @@ class TransportConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: MDS shards of precomputed latents (see data/streaming.py)."""
-    kind: Literal["streaming"] = "streaming"
+    """Training data: MDS shards of precomputed latents (see data/streaming.py) for the DiT; images for VA-VAE
+    ("images": an ImageNet-style folder or a "<path> <label>" file list at `path`; "synthetic": the embedded
+    procedural images of data/synthetic.py)."""
+    kind: Literal["streaming", "images", "synthetic"] = "streaming"
     path: str = ""                           # local MDS directory (or the local cache of `remote`)
     remote: Optional[str] = None             # optional remote for streaming (s3://..., gs://...)
     latent_norm: bool = True                 # per-channel (z - mean) / std with the stats stored with the dataset
@@ -82,6 +86,11 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     predownload: Optional[int] = None
+    # image kinds ("images", "synthetic"; VA-VAE training)
+    image_size: int = 256                    # training crop size
+    image_crop: Literal["random", "center"] = "random"   # official: SmallestMaxSize + RandomCrop (val: center)
+    synthetic_num_samples: int = 1024        # "synthetic": dataset size
+    synthetic_num_classes: int = 10
 
 
 @dataclass
@@ -166,8 +175,132 @@ class EvalConfig:
     batch_size: int = 64                     # per rank
     reference: str = ""                      # image folder, .npz of uint8 images, or ADM reference-statistics .npz
     feature_extractor_weights: str = ""      # local weights file of the Inception feature extractor (no download)
-    metrics: list[str] = field(default_factory=lambda: ["fid"])
-    seed: int = 0
+    metrics: list[str] = field(default_factory=lambda: ["fid"])   # any of fid, sfid, is, kid, pr (or "all")
+    seed: int = 0                            # image i's label and noise depend on (seed, i) only (tools/sample.py)
+    feature_extractor: str = "inception-v3-compat"   # torch-fidelity extractor; "tiny-random" = CPU tests only
+    cache_dir: str = ""                      # reference cache; "": $LLAT_FID_CACHE or ~/.cache/lightning_latent/fid
+    labels: Literal["uniform", "balanced"] = "uniform"   # uniform random labels (official) or i mod num_classes
+    sampling_overrides: list[str] = field(default_factory=list)  # e.g. ["num_steps=50"]: the in-loop sampler only
+    grid_size: int = 64                      # samples shown in the logged grid (0 = no grid)
+
+
+@dataclass
+class VAVAEModelConfig:
+    """LDM autoencoder ``ddconfig`` + ``embed_dim`` (official keyword names); defaults: the released f16d32."""
+    embed_dim: int = 32
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    z_channels: int = 32
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    double_z: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class VAVAELossConfig:
+    """Autoencoder objective: nll (L1 + LPIPS) + kl_weight * KL + adaptive GAN term + adaptive VF term."""
+    perceptual_weight: float = 1.0           # LPIPS weight inside the reconstruction loss (0 = L1 only, no LPIPS)
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0                 # the official nll's log-variance: a constant (never optimised)
+    disc_start: int = 2501                   # GAN terms on from this AE optimizer step (official 5001 PL steps ~ 2500)
+    disc_factor: float = 1.0
+    disc_weight: float = 0.5                 # times the adaptive generator weight
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    sample_posterior: bool = True            # decode a posterior sample (official) rather than the mean
+
+
+@dataclass
+class DiscriminatorConfig:
+    """taming PatchGAN NLayerDiscriminator (BatchNorm)."""
+    in_channels: int = 3
+    ndf: int = 64
+    n_layers: int = 3
+
+
+@dataclass
+class DINOv2Config:
+    """The frozen timm DINOv2 of the VF loss (models/dinov2.py); weights from a LOCAL file only."""
+    model: str = "vit_large_patch14_dinov2.lvd142m"
+    weights: Optional[str] = None
+    random_init: bool = False                # random weights instead of `weights` (tests / demos only)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model kwargs (tiny test ViTs)
+    imagenet_norm: bool = False              # official: [-1, 1] input without ImageNet mean/std (#78)
+
+
+@dataclass
+class VFConfig:
+    """Vision-foundation alignment loss (official `use_vf: dinov2`, `reverse_proj: true`, combined_v3)."""
+    enabled: bool = True                     # false = plain LDM KL-VAE (no projection, no DINOv2)
+    weight: float = 0.1                      # vf_weight: multiplies the adaptive weight
+    adaptive: bool = True                    # adaptive_vf: grad-norm ratio at encoder.conv_out.weight
+    cos_margin: float = 0.5                  # m1
+    distmat_margin: float = 0.25             # m2
+    cos_weight: float = 1.0
+    distmat_weight: float = 1.0
+    proj_fix: bool = False                   # freeze linear_proj (not in the optimizer)
+    features: Literal["online", "precomputed"] = "online"   # "precomputed": not implemented (see docs/vavae.md)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+
+
+@dataclass
+class LPIPSConfig:
+    """LPIPS VGG16 weights from LOCAL files (models/losses/lpips.py)."""
+    vgg_weights: Optional[str] = None        # torchvision vgg16 state dict (or a full LPIPS state dict)
+    lin_weights: Optional[str] = None        # LPIPS linear heads (lin{i}.model.1.weight)
+    random_init: bool = False                # random VGG + heads (tests only)
+
+
+@dataclass
+class VAVAEConfig:
+    """VA-VAE training (task: vavae). The autoencoder uses `optimizer`; the discriminator `disc_optimizer`."""
+    model: VAVAEModelConfig = field(default_factory=VAVAEModelConfig)
+    loss: VAVAELossConfig = field(default_factory=VAVAELossConfig)
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    vf: VFConfig = field(default_factory=VFConfig)
+    lpips: LPIPSConfig = field(default_factory=LPIPSConfig)
+    disc_optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-4, betas=(0.5, 0.9)))
+    init_from: Optional[str] = None          # previous stage: our checkpoint dir or an official .ckpt/.pt
+    init_discriminator: bool = True          # also take the discriminator from init_from when it has one
+    init_proj: bool = True                   # also take linear_proj from init_from (error if missing)
+    ema_decay: Optional[float] = None        # official: no EMA
+
+
+@dataclass
+class LauncherConfig:
+    """The ``launcher:`` section of a config (all optional). CLI flags of the same name win."""
+    nodes: int = 1
+    gpus_per_node: int = 8                   # one task per GPU; 0 = CPU nodes (then tasks_per_node, default 1)
+    tasks_per_node: Optional[int] = None     # None: gpus_per_node, or 1 without GPUs
+    cpus_per_task: Optional[int] = None      # None: the partition's default
+    mem_gb: Optional[float] = None           # per node; None: the partition's default
+    partition: Optional[str] = None
+    time_min: int = 1440                     # time limit of one run of the job (it requeues itself when reached)
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None            # nodes to avoid, e.g. "node[01-02]"
+    exclusive: bool = False                  # whole nodes only (no other job on them)
+    signal_delay_s: int = 120                # pre-timeout warning (USR2) this long before the limit -> requeue
+    max_requeues: int = 50                   # stop requeuing once the job was restarted this many times
+    job_name: Optional[str] = None           # default "<job>-<config name>"
+    setup: list[str] = field(default_factory=list)       # shell lines run before srun (module load, env vars, ...)
+    kill_on_bad_exit: bool = True            # srun --kill-on-bad-exit: a crashed rank stops the others at once
+    additional_parameters: dict[str, Any] = field(default_factory=dict)   # extra `#SBATCH --key=value` lines
+
+    @property
+    def num_tasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.num_tasks_per_node
 
 
 @dataclass
@@ -175,7 +308,7 @@ class ExperimentConfig:
     name: str = "experiment"
     run_dir: str = ""                        # "" -> runs/<name>
     seed: int = 0
-    task: Literal["dit"] = "dit"
+    task: Literal["dit", "vavae"] = "dit"
     model: ModelConfig = field(default_factory=ModelConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +320,8 @@ class ExperimentConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)   # Slurm settings (launchers/slurm.py)
+    vavae: VAVAEConfig = field(default_factory=VAVAEConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,6 +664,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, world_size: 
     ``world_size`` (optional) also checks the batch divisibility; ``check=False`` skips value validation (types
     and keys are always checked). Problems raise ConfigError naming the file (or "command line"), key and problem.
     """
+    source, data = _read_yaml_file(path)
+    cfg = config_from_dict(data, source)
+    touched = _apply(cfg, overrides)
+    if check:
+        errors = _collect_errors(cfg, world_size)
+        if errors:
+            raise ConfigError("\n".join(f"{_origin((k, *rel), touched, source)}: {k}: {problem}"
+                                         for k, problem, rel in errors))
+    return cfg
+
+
+def _read_yaml_file(path: str | Path) -> tuple[str, Any]:
+    """(source name for messages, parsed YAML) of one config file; errors name the file."""
     source = str(path)
     p = Path(path)
     if not p.exists():
@@ -539,19 +687,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, world_size: 
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{source}: cannot read: {err}") from None
-    cfg = config_from_dict(_parse_yaml(text, source), source)
-    touched = _apply(cfg, overrides)
-    if check:
-        errors = _collect_errors(cfg, world_size)
-        if errors:
-            def origin(keys: Sequence[str]) -> str:
-                for key in keys:
-                    for t in touched:
-                        if key == t or key.startswith((t + ".", t + "[")) or t.startswith((key + ".", key + "[")):
-                            return COMMAND_LINE
-                return source
-            raise ConfigError("\n".join(f"{origin((k, *rel))}: {k}: {problem}" for k, problem, rel in errors))
-    return cfg
+    return source, _parse_yaml(text, source)
+
+
+def _origin(keys: Sequence[str], touched: Sequence[str], source: str) -> str:
+    """Where a problem with any of `keys` came from: the command line if an override set one of them."""
+    for key in keys:
+        for t in touched:
+            if key == t or key.startswith((t + ".", t + "[")) or t.startswith((key + ".", key + "[")):
+                return COMMAND_LINE
+    return source
 
 
 # --- Value validation ---------------------------------------------------------------------------------------------
@@ -692,7 +837,13 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
 
     # engine
     e = cfg.engine
-    need(e.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.kind == "deepspeed":
+        need(e.zero_stage in (1, 2, 3), "engine.zero_stage", f"must be 1, 2 or 3 with engine.kind=deepspeed, "
+             f"got {e.zero_stage}")
+        # The VA-VAE adaptive weights take torch.autograd.grad through the model's output, which DeepSpeed 0.19's
+        # gradient hooks do not support (ZeRO-1/2 IndexError in its reduce epilogue, ZeRO-3 hook state error).
+        need(cfg.task != "vavae", "engine.kind", "the VA-VAE task runs on engine.kind=fsdp2 (its adaptive loss "
+             "weights need autograd.grad through the model, which DeepSpeed's hooks do not support)", ("task",))
     positive(e.bucket_size, "engine.bucket_size")
 
     # checkpoint
@@ -710,6 +861,81 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
     positive(sm.timestep_shift, "sampling.timestep_shift")
     positive(sm.atol, "sampling.atol")
     positive(sm.rtol, "sampling.rtol")
+
+    # task <-> data kind; VA-VAE
+    image_kinds = ("images", "synthetic")
+    if cfg.task == "dit":
+        need(d.kind == "streaming", "data.kind",
+             f"the DiT task trains on latent MDS shards (data.kind 'streaming'), got {d.kind!r}", ("task",))
+    if cfg.task == "vavae":
+        need(d.kind in image_kinds, "data.kind",
+             f"the VA-VAE task trains on images: data.kind 'images' or 'synthetic', got {d.kind!r}", ("task",))
+        errors.extend(_vavae_errors(cfg))
+    return errors
+
+
+def _vavae_errors(cfg: ExperimentConfig) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Problems of the VA-VAE section (and the image-data fields it uses), only checked for task "vavae"."""
+    errors: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def need(ok: bool, key: str, problem: str, related: tuple[str, ...] = ()) -> None:
+        if not ok:
+            errors.append((key, problem, related))
+
+    v, d = cfg.vavae, cfg.data
+    m = v.model
+    for k in ("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"):
+        need(getattr(m, k) > 0, f"vavae.model.{k}", f"must be > 0, got {getattr(m, k)!r}")
+    need(m.ch % 32 == 0, "vavae.model.ch", f"must be a multiple of 32 (GroupNorm(32)), got {m.ch}")
+    need(len(m.ch_mult) > 0 and all(c > 0 for c in m.ch_mult), "vavae.model.ch_mult",
+         f"must be a non-empty list of positive multipliers, got {m.ch_mult!r}")
+    need(m.double_z, "vavae.model.double_z", "must be true (the KL posterior needs mean and log-variance)")
+    need(0.0 <= m.dropout < 1.0, "vavae.model.dropout", f"must be in [0, 1), got {m.dropout!r}")
+    need(d.image_size > 0, "data.image_size", f"must be > 0, got {d.image_size}")
+    if m.ch_mult and d.image_size > 0:
+        factor = 2 ** (len(m.ch_mult) - 1)
+        need(d.image_size % factor == 0, "data.image_size",
+             f"image size {d.image_size} is not divisible by the autoencoder's downsampling factor {factor} "
+             f"(2^(len(ch_mult)-1))", ("vavae.model.ch_mult",))
+    if d.kind == "images":
+        need(bool(d.path), "data.path", "set the image folder (root/<class>/<image>) or a '<path> <label>' list file")
+    if d.kind == "synthetic":
+        need(d.synthetic_num_samples > 0, "data.synthetic_num_samples",
+             f"must be > 0, got {d.synthetic_num_samples}")
+        need(d.synthetic_num_classes > 0, "data.synthetic_num_classes",
+             f"must be > 0, got {d.synthetic_num_classes}")
+
+    lo = v.loss
+    for k in ("perceptual_weight", "kl_weight", "disc_factor", "disc_weight"):
+        need(getattr(lo, k) >= 0, f"vavae.loss.{k}", f"must be >= 0, got {getattr(lo, k)!r}")
+    need(lo.disc_start >= 0, "vavae.loss.disc_start", f"must be >= 0, got {lo.disc_start}")
+    need(v.disc.ndf > 0 and v.disc.n_layers > 0 and v.disc.in_channels > 0, "vavae.disc",
+         f"ndf, n_layers and in_channels must be > 0, got {v.disc}")
+
+    vf = v.vf
+    if vf.enabled:
+        need(vf.weight >= 0, "vavae.vf.weight", f"must be >= 0, got {vf.weight!r}")
+        need(0.0 <= vf.cos_margin <= 2.0, "vavae.vf.cos_margin", f"must be in [0, 2], got {vf.cos_margin!r}")
+        need(0.0 <= vf.distmat_margin <= 2.0, "vavae.vf.distmat_margin",
+             f"must be in [0, 2], got {vf.distmat_margin!r}")
+        need(vf.cos_weight >= 0 and vf.distmat_weight >= 0, "vavae.vf.cos_weight",
+             f"cos_weight and distmat_weight must be >= 0, got {vf.cos_weight!r}, {vf.distmat_weight!r}",
+             ("vavae.vf.distmat_weight",))
+        need(vf.dinov2.random_init or bool(vf.dinov2.weights), "vavae.vf.dinov2.weights",
+             "not set; give the path of a local DINOv2 checkpoint file (no downloads), or set "
+             "vavae.vf.dinov2.random_init=true (tests only), or vavae.vf.enabled=false")
+    if lo.perceptual_weight > 0 and not v.lpips.random_init:
+        need(bool(v.lpips.vgg_weights), "vavae.lpips.vgg_weights",
+             "not set; give a local torchvision vgg16 state dict (no downloads), set vavae.lpips.random_init=true "
+             "(tests only), or vavae.loss.perceptual_weight=0")
+
+    od = v.disc_optimizer
+    need(od.lr > 0, "vavae.disc_optimizer.lr", f"must be > 0, got {od.lr!r}")
+    for j, beta in enumerate(od.betas):
+        need(0.0 <= beta < 1.0, f"vavae.disc_optimizer.betas[{j}]", f"must be in [0, 1), got {beta!r}")
+    need(od.weight_decay >= 0, "vavae.disc_optimizer.weight_decay", f"must be >= 0, got {od.weight_decay!r}")
+    if v.ema_decay is not None:
+        need(0.0 <= v.ema_decay <= 1.0, "vavae.ema_decay", f"must be in [0, 1] or null, got {v.ema_decay!r}")
     return errors
 
 
@@ -829,17 +1055,7 @@ def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cl
     if path is None:
         source, data = COMMAND_LINE, {}
     else:
-        source = str(path)
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{source}: file not found")
-        if not p.is_file():
-            raise ConfigError(f"{source}: not a regular file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{source}: cannot read: {err}") from None
-        data = _parse_yaml(text, source)
+        source, data = _read_yaml_file(path)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -849,12 +1065,7 @@ def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cl
     if check is not None:
         problems = list(check(cfg))
         if problems:
-            def origin(key: str) -> str:
-                for t in touched:
-                    if key == t or key.startswith((t + ".", t + "[")) or t.startswith((key + ".", key + "[")):
-                        return COMMAND_LINE
-                return source
-            raise ConfigError("\n".join(f"{origin(k)}: {k}: {problem}" for k, problem in problems))
+            raise ConfigError("\n".join(f"{_origin((k,), touched, source)}: {k}: {problem}" for k, problem in problems))
     return cfg
 
 

@@ -145,8 +145,13 @@ def init_distributed(timeout: Optional[timedelta] = None) -> DistInfo:
 
 
 def teardown() -> None:
-    """Destroy the default process group (no-op when there is none)."""
+    """Destroy the process groups (no-op when there is none), after a last barrier: a rank that tears its
+    gloo/NCCL connections down while a peer is still finishing its last collective can abort that peer."""
     if tdist.is_available() and tdist.is_initialized():
+        try:
+            barrier()
+        except Exception as err:  # a peer already died: nothing to wait for
+            log.warning("teardown: final barrier failed (%s)", err)
         tdist.destroy_process_group()
 
 

@@ -125,7 +125,10 @@ class MetricLogger:
             return
         self._jsonl.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            try:
+                self._wandb.finish()
+            except Exception as err:  # e.g. the W&B service got the job's SIGTERM (preemption / requeue)
+                log.warning("W&B run did not close cleanly (%s); its files are in %s", err, self.run_dir / "wandb")
             self._wandb = None
 
 

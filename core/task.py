@@ -49,6 +49,10 @@ class Task:
         """The training data (data/sources.py): micro-batches of this rank, resumable at any step."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Cheap start-up checks of what the task will need later (e.g. the files in-loop evaluation reads), so
+        a bad setting fails before training rather than hours in. Raises an error naming the config key."""
+
     def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:
         """In-loop evaluation (collective; every `eval.every_epochs`): metrics to log, e.g. FID of EMA samples."""
         return {}
@@ -75,4 +79,7 @@ def build_task(cfg, dist) -> Task:
     if cfg.task == "dit":
         from models.tasks.dit import DiTTask
         return DiTTask(cfg, dist)
-    raise ValueError(f"task: unknown task {cfg.task!r}; known: 'dit'")
+    if cfg.task == "vavae":
+        from models.tasks.vavae import VAVAETask
+        return VAVAETask(cfg, dist)
+    raise ValueError(f"task: unknown task {cfg.task!r}; known: 'dit', 'vavae'")

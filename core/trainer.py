@@ -72,10 +72,12 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self._seed_everything(cfg.seed + dist.rank)
-
+        # The same initial weights on every rank (whatever the engine and world size), then per-rank streams.
+        self._seed_everything(cfg.seed)
         self.task = task or build_task(cfg, dist)
+        self.task.check()
         specs = self.task.build_models()
+        self._seed_everything(cfg.seed + dist.rank)
 
         # Data: every rank reads micro-batches of its share of the global batch.
         d = derived(cfg, dist.world_size, dataset_size=None)
@@ -91,6 +93,7 @@ class Trainer:
                                    * cfg.train.global_batch_size).total_steps
 
         self.engine = build_engine(cfg.engine, dist)
+        self._base_lr = {name: spec.optimizer.lr for name, spec in specs.items()}
         self.parts = {name: self.engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay,
                                                 blocks_attr=spec.blocks_attr, grad_clip=spec.grad_clip)
                       for name, spec in specs.items()}
@@ -233,9 +236,12 @@ class Trainer:
                 message = self.phase_tracker.update(self.step, self.steps_per_epoch)
                 if message:
                     self.metrics.event(message)
-                lr = lr_at(self.step, cfg.optimizer.lr, cfg.lr_schedule, self.total_steps)
-                for part in self.parts.values():
-                    part.set_lr(lr)
+                # Each part follows the schedule relative to its own base LR (VA-VAE: autoencoder and
+                # discriminator); the logged `lr` is the one of `optimizer.lr`.
+                scale = lr_at(self.step, 1.0, cfg.lr_schedule, self.total_steps)
+                lr = scale * cfg.optimizer.lr
+                for name, part in self.parts.items():
+                    part.set_lr(scale * self._base_lr[name])
                 batches, data_wait = self._next_micro_batches(it)
                 ctx = StepContext(step=self.step, epoch=self.step / self.steps_per_epoch, timestep_phase=phase)
                 metrics, finite = self._train_step(batches, ctx)

@@ -67,6 +67,7 @@ from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset,
                          scan_image_folder)
 from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
+from models.dinov2 import DINOv2Features
 
 log = logging.getLogger(__name__)
 
@@ -237,61 +238,19 @@ def _source_fingerprint(source: Any) -> str:
 
 
 # ================================================================================================= features
-class FeatureExtractor(nn.Module):
+class FeatureExtractor(DINOv2Features):
     """DINOv2 patch tokens on the latent grid: [-1, 1] images (B,3,H,W) -> (B, D, h, w).
 
-    The ViT is ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)`` with weights
-    from the local file ``features.weights`` (or random with ``features.random_init``). Input is resized
-    (bilinear, align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224 px for
-    patch 14 and a 16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the prefix
-    tokens (CLS, registers) is reshaped to [D, h, w]."""
+    The frozen timm DINOv2 wrapper of ``models/dinov2.py`` (shared with VA-VAE training), configured from the
+    ``features`` section: ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)``
+    with weights from the local file ``features.weights`` (or random with ``features.random_init``); input
+    resized (bilinear, align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224
+    px for patch 14 and a 16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the
+    prefix tokens (CLS, registers) reshaped to [D, h, w]."""
 
     def __init__(self, cfg: FeaturesConfig, grid: tuple[int, int]) -> None:
-        super().__init__()
-        import timm
-        weights = None if cfg.random_init else _feature_weights_path(cfg)   # before building a large model
-        try:
-            model = timm.create_model(cfg.model, pretrained=False, dynamic_img_size=True, num_classes=0,
-                                      **cfg.model_kwargs)
-        except Exception as err:  # noqa: BLE001 - unknown model name, bad kwargs
-            raise ValueError(f"features.model: cannot create timm model {cfg.model!r} with "
-                             f"model_kwargs {cfg.model_kwargs}: {err}") from err
-        if cfg.random_init:
-            log.warning("features: %s is RANDOMLY INITIALISED (features.random_init=true); its features are "
-                        "meaningless outside tests", cfg.model)
-        else:
-            _load_feature_weights(model, cfg, weights)
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if patch is None:
-            raise ValueError(f"features.model: {cfg.model} has no patch_embed.patch_size (not a ViT?)")
-        patch = (patch, patch) if isinstance(patch, int) else tuple(int(p) for p in patch)
-        self.model = model.eval().requires_grad_(False)
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.input_hw = (patch[0] * self.grid[0], patch[1] * self.grid[1])
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
-        self.dim = int(model.num_features)
-        self.imagenet_norm = bool(cfg.imagenet_norm)
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).reshape(1, 3, 1, 1), persistent=False)
-
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        return (self.dim, self.grid[0], self.grid[1])
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32)
-        if tuple(x.shape[-2:]) != self.input_hw:
-            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
-        if self.imagenet_norm:
-            x = ((x + 1.0) * 0.5 - self.mean) / self.std
-        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
-        h, w = self.grid
-        if tokens.shape[1] != h * w:
-            raise RuntimeError(f"features: {tokens.shape[1]} patch tokens for a {h}x{w} latent grid "
-                               f"(input {self.input_hw}, {self.num_prefix_tokens} prefix tokens)")
-        return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        super().__init__(cfg.model, cfg.weights, random_init=cfg.random_init, grid=grid,
+                         imagenet_norm=cfg.imagenet_norm, model_kwargs=cfg.model_kwargs, config_key="features")
 
 
 def _feature_weights_path(cfg: FeaturesConfig) -> Path:

@@ -39,7 +39,13 @@ class LatentSource:
 
         from data.streaming import build_latent_loader, steps_per_epoch
 
-        clean_stale_shared_memory()  # collective: leftovers of a killed run would block the loader
+        # Streaming keeps per-dataset state in shared memory; a killed run leaks it. Without a remote the next
+        # run simply takes a fresh prefix. With a remote, a leaked entry for the same local directory is an
+        # error ("Reused local directory"), so clean first — streaming's cleanup removes every streaming
+        # segment on the node, live ones included, which is why it is not done otherwise (two local jobs on one
+        # node must not break each other). Collective.
+        if cfg.remote:
+            clean_stale_shared_memory()
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.loader, self.dataset = build_latent_loader(cfg, batch_size=micro_batch_size, seed=seed, dist=dist,

@@ -77,7 +77,9 @@ class IdentityTokenizer(Tokenizer):
 _REGISTRY: dict[str, Callable[..., Tokenizer]] = {}
 
 # kind -> module that registers it when imported (see the module docstring). E.g. "vavae": "<module path>".
-LAZY_TOKENIZER_MODULES: dict[str, str] = {}
+LAZY_TOKENIZER_MODULES: dict[str, str] = {
+    "vavae": "models.vavae",     # VAVAETokenizer: build_tokenizer("vavae", checkpoint=<file or run checkpoint dir>)
+}
 
 
 def register_tokenizer(kind: str) -> Callable[[Callable[..., Tokenizer]], Callable[..., Tokenizer]]:

@@ -98,7 +98,6 @@ def build_engine(cfg: EngineConfig, dist: "DistInfo", **kwargs: Any) -> Engine:
         from core.engines.fsdp2 import FSDP2Engine
         return FSDP2Engine(cfg, dist, **kwargs)
     if cfg.kind == "deepspeed":
-        raise NotImplementedError(
-            "engine.kind='deepspeed' is not implemented yet: the DeepSpeed engine arrives with the DeepSpeed "
-            "issue. Use engine.kind='fsdp2'.")
+        from core.engines.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, dist, **kwargs)
     raise ValueError(f"engine.kind: unknown engine {cfg.kind!r} (expected 'fsdp2' or 'deepspeed')")

@@ -1,0 +1,389 @@
+"""VA-VAE training task: autoencoder + PatchGAN discriminator on images, on the shared trainer/engine.
+
+Parts (each wrapped by the engine, checkpointed and resumed like the DiT's model):
+
+* ``autoencoder``  ``models.vavae.VAVAE`` (encoder, decoder, quant convs, VF projection ``linear_proj``),
+  optimizer ``cfg.optimizer`` (official: Adam, lr 1e-4, betas (0.5, 0.9)), no EMA;
+* ``discriminator`` ``NLayerDiscriminator``, optimizer ``cfg.vavae.disc_optimizer`` (same settings).
+
+One training step = phase "autoencoder" (one Adam step of the AE), then phase "discriminator" (one Adam step of
+the discriminator), for every micro-batch — the official manual optimisation. Frozen networks (LPIPS VGG16,
+DINOv2) belong to the task, are built from local weight files on every rank and are not checkpointed.
+
+Autoencoder objective (LDM ``LPIPSWithDiscriminator`` + VF, hustvl/LightningDiT):
+
+    rec  = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)            (per pixel; LPIPS broadcast)
+    nll  = sum(rec / exp(logvar) + logvar) / B                           (logvar a constant, 0)
+    kl   = sum(KL(q(z|x) || N(0, I))) / B
+    g    = -mean D(x_hat)
+    d_w  = clamp(||d nll/dW_dec|| / (||d g/dW_dec|| + 1e-4), 0, 1e4) * disc_weight     W_dec = decoder.conv_out.weight
+    w_vf = clamp(||d nll/dW_enc|| / (||d vf/dW_enc|| + 1e-4), 0, 1e8) * vf.weight      W_enc = encoder.conv_out.weight
+    loss = nll + kl_weight * kl + d_w * disc_factor(step) * g + w_vf * vf
+
+and the discriminator's ``disc_factor(step) * hinge(D(x), D(x_hat.detach()))`` on the reconstructions of the
+same forward (the official code calls the loss again with detached inputs; it does not re-run the
+autoencoder). ``disc_factor(step)`` is ``disc_factor`` from ``disc_start`` on, 0 before; ``step`` counts
+optimizer steps of the autoencoder (= training steps). Before ``disc_start`` the discriminator still takes
+(zero-gradient) Adam steps, as officially, so Adam's step count matches.
+
+Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autograd, on the live graph):
+
+* The autoencoder and discriminator are sharded as ONE FSDP unit each (``blocks_attr=None``), and the task sets
+  the autoencoder unit to stay unsharded after its forward (``FSDPModule.set_reshard_after_forward(False)``, a
+  public FSDP2 call, once). So after ``ae(x)`` the module attributes ``decoder.conv_out.weight`` /
+  ``encoder.conv_out.weight`` are the *unsharded* parameters that the forward graph used; they are read right
+  after the forward (before any backward can reshard) and ``torch.autograd.grad`` is taken w.r.t. them. This is
+  each rank's local gradient of its local loss — exactly what the official DDP code computes per GPU (no
+  reduction). The parameters are ~70M for f16d32, so one unit costs nothing in memory (activations dominate).
+* Each ``autograd.grad`` through the autoencoder's outputs fires FSDP2's pre-backward hook and, at its end, the
+  post-backward callback, which reshards the unit; autograd.grad never accumulates ``.grad``, so nothing is
+  reduce-scattered, and the real backward (the trainer's) unshards again. Cost: one extra all-gather of the
+  autoencoder per partial pass (up to 3 per micro-batch: nll w.r.t. both weights, g and vf; 70M parameters);
+  verified against an unsharded reference in tests/test_vavae.py (2 gloo ranks, gradient accumulation).
+* The generator term goes through the *discriminator's* FSDP unit. To keep the discriminator's gradients out
+  of the autoencoder's backward (they would be reduce-scattered into the discriminator's gradient and leak into
+  its step), ``g`` is evaluated on a detached copy of ``x_hat``: ``G = dg/dx_hat`` comes from
+  ``autograd.grad`` (no parameter gradients), and the loss carries ``sum(x_hat * G)`` — the same gradient for
+  every autoencoder parameter — with its value replaced by ``g`` for logging.
+* BatchNorm running statistics of the discriminator are broadcast from rank 0 after each discriminator forward
+  (rank 0's trajectory, as DDP's ``broadcast_buffers`` kept officially), so every rank and every checkpoint hold
+  the same buffers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch.utils.data import Dataset
+
+from core.task import PartSpec, StepContext, Task
+from models.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, build_lpips, generator_loss,
+                           hinge_d_loss, vanilla_d_loss, vf_loss)
+from models.vavae import VAVAE, load_vavae_state, load_vavae_weights, vavae_from_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EpochMapSource", "TrainImages", "VAVAETask", "build_image_dataset"]
+
+ADAPTIVE_DISC_MAX = 1e4
+ADAPTIVE_VF_MAX = 1e8
+
+
+# ================================================================================================= data
+def _resize_short_side(image, size: int):
+    """Short side -> ``size``: BOX-halve while >= 2*size, then BICUBIC (rounded sizes), as data/images.py."""
+    from PIL import Image
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                        resample=Image.Resampling.BICUBIC)
+
+
+class TrainImages(Dataset):
+    """Training images in [-1, 1] (``{"image": [3,S,S], "label": int}``) with per-epoch deterministic crops/flips.
+
+    ``records`` (data/images.ImageRecord) are decoded, short side resized to S, then cropped: ``"random"``
+    (official SmallestMaxSize + RandomCrop) or ``"center"``; with ``random_flip`` a horizontal flip with p=0.5.
+    Random choices come from a generator seeded by (seed, epoch, index), so a resumed run sees the same crops.
+    ``synthetic`` (data/synthetic.SyntheticImages) replaces the files (images already at size S: flip only).
+    """
+
+    def __init__(self, *, records=None, synthetic=None, image_size: int, crop: str = "random",
+                 random_flip: bool = False, seed: int = 0):
+        if (records is None) == (synthetic is None):
+            raise ValueError("TrainImages: give exactly one of records / synthetic")
+        self.records = list(records) if records is not None else None
+        self.synthetic = synthetic
+        self.image_size = int(image_size)
+        self.crop = crop
+        self.random_flip = bool(random_flip)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records) if self.records is not None else len(self.synthetic)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, int(index), 0x7A4E])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = self._rng(index)
+        if self.synthetic is not None:
+            image, label = self.synthetic[index]
+            tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
+        else:
+            from data.images import load_rgb, to_tensor_normalized
+            record = self.records[index]
+            try:
+                pil = _resize_short_side(load_rgb(record.path), self.image_size)
+            except Exception as err:  # noqa: BLE001 - name the file
+                raise RuntimeError(f"data.path: cannot decode training image {record.path}: "
+                                   f"{type(err).__name__}: {err}") from err
+            s = self.image_size
+            if self.crop == "random":
+                left = int(rng.integers(0, pil.width - s + 1))
+                top = int(rng.integers(0, pil.height - s + 1))
+            else:
+                left, top = (pil.width - s) // 2, (pil.height - s) // 2
+            tensor = to_tensor_normalized(pil.crop((left, top, left + s, top + s)))
+            label = record.label
+        if self.random_flip and rng.random() < 0.5:
+            tensor = torch.flip(tensor, dims=[-1])
+        return {"image": tensor.contiguous(), "label": int(label)}
+
+
+def build_image_dataset(data_cfg, seed: int) -> TrainImages:
+    """The training dataset of an image ``data`` section ("images" folder / file list, or "synthetic")."""
+    if data_cfg.kind == "synthetic":
+        from data.synthetic import SyntheticImages
+        synthetic = SyntheticImages(data_cfg.synthetic_num_samples, image_size=data_cfg.image_size,
+                                    num_classes=data_cfg.synthetic_num_classes, seed=seed)
+        return TrainImages(synthetic=synthetic, image_size=data_cfg.image_size, random_flip=data_cfg.random_flip,
+                           seed=seed)
+    if data_cfg.kind == "images":
+        from data.images import read_file_list, scan_image_folder
+        path = Path(data_cfg.path)
+        if path.is_file():
+            records = read_file_list(path)
+        elif path.is_dir():
+            records, _, ignored = scan_image_folder(path)
+            if ignored:
+                log.warning("data.path: %d files under %s are not training images (e.g. %s)", len(ignored), path,
+                            ignored[0].path)
+        else:
+            raise FileNotFoundError(f"data.path: {path} is neither an image folder nor a file list")
+        return TrainImages(records=records, image_size=data_cfg.image_size, crop=data_cfg.image_crop,
+                           random_flip=data_cfg.random_flip, seed=seed)
+    raise ValueError(f"data.kind: the VA-VAE task trains on images ('images' or 'synthetic'), got {data_cfg.kind!r}")
+
+
+def EpochMapSource(dataset: TrainImages, **kwargs):  # noqa: N802 - a class factory
+    """``data.sources.MapSource`` that tells the dataset its epoch before iterating (per-epoch crops/flips)."""
+    from data.sources import MapSource
+
+    class _EpochMapSource(MapSource):
+        def iterator(self, epoch: int, step_in_epoch: int):
+            self.dataset.set_epoch(epoch)
+            return super().iterator(epoch, step_in_epoch)
+
+    return _EpochMapSource(dataset, **kwargs)
+
+
+# ================================================================================================= task
+def _keep_unsharded_after_forward(module) -> None:
+    """FSDP2: keep this (single-unit) module's parameters unsharded from its forward to its backward, so that the
+    module attributes hold the exact tensors the forward graph used (public ``FSDPModule`` API; idempotent).
+    The engine shards with an explicit ``reshard_after_forward``, which FSDP2 applies to the root unit too."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(module, FSDPModule) and not getattr(module, "_vavae_keep_unsharded", False):
+        module.set_reshard_after_forward(False, recurse=False)
+        module._vavae_keep_unsharded = True
+
+
+def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    if isinstance(weight, DTensor):
+        raise RuntimeError(
+            f"VA-VAE adaptive weights: {name} is a sharded DTensor after the forward. The gradient norms are taken "
+            f"w.r.t. the unsharded weight that the forward used, which needs the autoencoder to be ONE FSDP unit "
+            f"(PartSpec blocks_attr=None) kept unsharded between forward and backward (set_reshard_after_forward)")
+    return weight
+
+
+class VAVAETask(Task):
+    def __init__(self, cfg, dist):
+        self.cfg = cfg
+        self.dist = dist
+        self.device = dist.device
+        v = cfg.vavae
+        if v.vf.enabled and v.vf.features == "precomputed":
+            raise NotImplementedError(
+                "vavae.vf.features='precomputed' is not implemented: VA-VAE training reads images and computes the "
+                "DINOv2 features online (vavae.vf.features='online'); the MDS `features` column belongs to latent "
+                "datasets, which hold no images to reconstruct")
+        # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume).
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
+        self.bf16 = cfg.engine.precision == "bf16"
+        # Frozen networks: identical on every rank (fixed seed for random-init test models), never checkpointed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 12345)
+            self.lpips = None
+            if v.loss.perceptual_weight > 0:
+                self.lpips = build_lpips(v.lpips.vgg_weights, v.lpips.lin_weights, random_init=v.lpips.random_init,
+                                         config_key="vavae.lpips").to(self.device)
+            self.vf_model = None
+            if v.vf.enabled:
+                from models.dinov2 import DINOv2Features
+                d = v.vf.dinov2
+                factor = 2 ** (len(v.model.ch_mult) - 1)
+                grid = (cfg.data.image_size // factor,) * 2
+                self.vf_model = DINOv2Features(d.model, d.weights, random_init=d.random_init, grid=grid,
+                                               imagenet_norm=d.imagenet_norm, model_kwargs=d.model_kwargs,
+                                               config_key="vavae.vf.dinov2").to(self.device)
+        self._pending: deque = deque()         # (batch id, detached reconstruction) from the AE phase
+
+    # ------------------------------------------------------------------ models
+    def build_models(self) -> dict[str, PartSpec]:
+        v, cfg = self.cfg.vavae, self.cfg
+        # Same initial weights on every rank (the official DDP broadcast from rank 0).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            ae = vavae_from_config(v.model, vf_dim=self.vf_model.dim if self.vf_model is not None else None)
+            disc = NLayerDiscriminator(v.disc.in_channels, v.disc.ndf, v.disc.n_layers)
+        if v.init_from:
+            self._init_from(ae, disc, v.init_from)
+        if ae.vf_dim is not None and v.vf.proj_fix:
+            ae.linear_proj.requires_grad_(False)
+        clip = cfg.train.grad_clip
+        return {"autoencoder": PartSpec(module=ae, optimizer=cfg.optimizer, ema_decay=v.ema_decay, blocks_attr=None,
+                                        grad_clip=clip),
+                "discriminator": PartSpec(module=disc, optimizer=v.disc_optimizer, ema_decay=None, blocks_attr=None,
+                                          grad_clip=clip)}
+
+    def _init_from(self, ae: VAVAE, disc: NLayerDiscriminator, path: str) -> None:
+        v = self.cfg.vavae
+        try:
+            parts = load_vavae_state(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"vavae.init_from: {err}") from err
+        load_vavae_weights(ae, parts, load_proj=v.init_proj)
+        msg = f"vavae.init_from: autoencoder{' + linear_proj' if ae.vf_dim and v.init_proj else ''} from {path}"
+        if v.init_discriminator:
+            if parts.discriminator:
+                try:
+                    disc.load_state_dict(parts.discriminator, strict=True)
+                except RuntimeError as err:
+                    raise ValueError(f"vavae.init_from: discriminator weights of {path} do not match "
+                                     f"vavae.disc: {err}") from err
+                msg += " + discriminator"
+            else:
+                log.warning("vavae.init_from: %s has no discriminator weights; the discriminator starts from its "
+                            "random init (set vavae.init_discriminator=false to silence this)", path)
+        log.info(msg)
+
+    def phases(self) -> list[str]:
+        return ["autoencoder", "discriminator"]
+
+    def build_data(self, *, micro_batch_size: int, global_batch_size: int):
+        dataset = build_image_dataset(self.cfg.data, self.cfg.seed)
+        return EpochMapSource(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                              seed=self.cfg.seed, dist=self.dist, num_workers=self.cfg.data.num_workers,
+                              shuffle=self.cfg.data.shuffle)
+
+    # ------------------------------------------------------------------ losses
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _sync_disc_buffers(self, disc) -> None:
+        """After each discriminator forward: rank 0's BatchNorm running statistics on every rank (the official DDP
+        run broadcast them from rank 0 before each forward: the same rank-0 trajectory), so that any rank's copy
+        in a checkpoint is the same and a resumed run continues it exactly. They never affect training (train-mode
+        BatchNorm uses batch statistics)."""
+        if self.dist.world_size > 1:
+            for buf in disc.buffers():
+                tdist.broadcast(buf, src=0)
+
+    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
+             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch["image"].to(self.device, non_blocking=True).float()
+        if phase == "autoencoder":
+            loss, metrics, recon = self.autoencoder_loss(x, parts["autoencoder"].module,
+                                                         parts["discriminator"].module, ctx.step)
+            self._pending.append((id(batch), recon))
+            return loss, metrics
+        if phase == "discriminator":
+            if not self._pending or self._pending[0][0] != id(batch):
+                raise RuntimeError("VA-VAE: the discriminator phase needs the reconstructions of the autoencoder "
+                                   "phase on the same micro-batch (phases() order: autoencoder, discriminator)")
+            _, recon = self._pending.popleft()
+            return self.discriminator_loss(x, recon, parts["discriminator"].module, ctx.step)
+        raise ValueError(f"VA-VAE task: unknown phase {phase!r}")
+
+    def autoencoder_loss(self, x: torch.Tensor, ae, disc, step: int
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(loss to backward, metrics, detached reconstruction) of the autoencoder phase; see the module doc."""
+        v = self.cfg.vavae
+        lo, vfc = v.loss, v.vf
+        _keep_unsharded_after_forward(ae)
+        out = VAVAE.output(ae(x, sample_posterior=lo.sample_posterior, generator=self.generator))
+        # The unsharded weights of this forward's graph (read before any backward reshards the unit).
+        w_dec = _unsharded(ae.decoder.conv_out.weight, "decoder.conv_out.weight")
+        w_enc = _unsharded(ae.encoder.conv_out.weight, "encoder.conv_out.weight")
+        recon = out.recon
+        batch = x.shape[0]
+
+        rec = torch.abs(x - recon)
+        if self.lpips is not None:
+            with torch.no_grad(), self._autocast():
+                feats_x = self.lpips.features(x)
+            with self._autocast():
+                p_loss = self.lpips.distance(feats_x, recon).float()
+            rec = rec + lo.perceptual_weight * p_loss
+        nll = torch.sum(rec / math.exp(lo.logvar_init) + lo.logvar_init) / batch
+        kl = torch.sum(out.kl()) / batch
+        total = nll + lo.kl_weight * kl
+        zero = torch.zeros((), device=x.device)
+
+        disc_factor = adopt_weight(lo.disc_factor, step, threshold=lo.disc_start)
+        use_gan = disc_factor > 0 and lo.disc_weight > 0
+        use_vf = self.vf_model is not None and vfc.weight > 0
+        want = ([w_dec] if use_gan else []) + ([w_enc] if use_vf and vfc.adaptive else [])
+        nll_grads = torch.autograd.grad(nll, want, retain_graph=True) if want else ()
+
+        g_value, d_weight = zero, zero
+        if use_gan:
+            recon_d = recon.detach().requires_grad_(True)
+            g = generator_loss(disc(recon_d))
+            self._sync_disc_buffers(disc)
+            (grad_recon,) = torch.autograd.grad(g, recon_d)          # dg/dx_hat; no discriminator .grad
+            (g_grad,) = torch.autograd.grad(recon, w_dec, grad_outputs=grad_recon, retain_graph=True)
+            d_weight = adaptive_weight(nll_grads[0], g_grad, ADAPTIVE_DISC_MAX) * lo.disc_weight
+            surrogate = torch.sum(recon * grad_recon)                # same parameter gradients as g
+            g_value = g.detach()
+            total = total + d_weight * disc_factor * (surrogate - surrogate.detach() + g_value)
+
+        metrics = {"rec": rec.detach().mean(), "nll": nll.detach(), "kl": kl.detach(), "g": g_value,
+                   "d_weight": d_weight, "disc_factor": torch.tensor(float(disc_factor), device=x.device)}
+        if self.vf_model is not None:
+            with torch.no_grad(), self._autocast():
+                features = self.vf_model(x, grid=out.z_proj.shape[-2:]).float()
+            terms = vf_loss(out.z_proj, features, cos_margin=vfc.cos_margin, distmat_margin=vfc.distmat_margin,
+                            cos_weight=vfc.cos_weight, distmat_weight=vfc.distmat_weight)
+            vf_weight = torch.tensor(float(vfc.weight), device=x.device)
+            if use_vf:
+                if vfc.adaptive:
+                    (vf_grad,) = torch.autograd.grad(terms.total, w_enc, retain_graph=True)
+                    vf_weight = adaptive_weight(nll_grads[-1], vf_grad, ADAPTIVE_VF_MAX) * vfc.weight
+                total = total + vf_weight * terms.total
+            metrics.update({"vf": terms.total.detach(), "vf_distmat": terms.distmat.detach(),
+                            "vf_cos": terms.cos.detach(), "vf_weight": vf_weight})
+        metrics["loss"] = total.detach()
+        return total, metrics, recon.detach()
+
+    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, disc, step: int
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lo = self.cfg.vavae.loss
+        logits_real, logits_fake = disc(x.detach(), recon.detach())
+        self._sync_disc_buffers(disc)
+        factor = adopt_weight(lo.disc_factor, step, threshold=lo.disc_start)
+        d_loss = factor * (hinge_d_loss if lo.disc_loss == "hinge" else vanilla_d_loss)(logits_real, logits_fake)
+        return d_loss, {"loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
+                        "logits_fake": logits_fake.detach().mean()}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

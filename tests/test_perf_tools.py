@@ -1,0 +1,235 @@
+"""Performance tools: the sampling / extraction benchmarks run tiny on CPU and print their tables, the fast sampler
+agrees with the reference sampler, the sampling FLOP count matches FlopCounterMode over a real sampling run, and
+the scaling model's collective volumes equal the bytes of a REAL 2-rank gloo step (FSDP2 engine, HSDP, DDP)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from tools import scaling_model      # light: the spawned ranks of the collective test import this file too
+
+try:
+    from dist_utils import ToyModel, run_distributed
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import ToyModel, run_distributed
+
+
+def _imports():
+    """The benchmark modules, imported lazily so that the 2-rank workers (which import this file) start fast."""
+    from tools import bench_extract, bench_sample
+    from core.config import SamplingConfig
+    from models.fast_sampling import FastEulerSampler, euler_plan, forward_images
+    from models.sampling import Sampler
+    return bench_extract, bench_sample, SamplingConfig, FastEulerSampler, euler_plan, forward_images, Sampler
+
+
+# Few steps keep the CPU runs short; the interval start is chosen so that both step kinds occur.
+STEPS = ["--num-steps", "10", "--cfg-interval-start", "0.3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU models: one intra-op thread is fastest (and far faster on a shared, loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _table(out: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in out.splitlines() if " | " in ln]
+    header = [h.strip() for h in lines[0].split("|")]
+    return header, [[c.strip() for c in ln.split("|")] for ln in lines[1:]]
+
+
+def _tiny(seed=0):
+    bench_sample = _imports()[1]
+    return bench_sample.build_random_model(bench_sample.TINY, torch.device("cpu"), seed)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_bench_sample_table_and_compiled_agrees_with_eager(capsys):
+    bench_sample = _imports()[1]
+    rc = bench_sample.main([*STEPS, "--batch", "2", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    header, rows = _table(out)
+    assert header == ["mode", "precision", "batch", "img/s", "s/batch", "NFE/img", "fwd/img", "GFLOP/img", "MFU",
+                      "peak mem GiB", "max diff", "rel diff", "ok"]
+    assert [(r[0], r[1]) for r in rows] == [("eager", "fp32"), ("compiled", "fp32")]
+    for r in rows:
+        assert float(r[3]) > 0 and r[5] == "9" and float(r[7]) > 0 and r[12] == "yes"
+
+
+def test_fast_eager_path_is_bitwise_the_reference():
+    _, _, SamplingConfig, FastEulerSampler, euler_plan, _, Sampler = _imports()
+    model = _tiny()
+    sampler = Sampler.from_config(SamplingConfig(num_steps=6, cfg_interval_start=0.3), null_class=10)
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(2, 4, 16, 16, generator=g), torch.randint(0, 10, (2,), generator=g)
+    plan = euler_plan(sampler)
+    assert any(gd for *_, gd in plan) and not all(gd for *_, gd in plan)
+    assert torch.equal(FastEulerSampler(sampler, model).sample(z, y), sampler.sample(model, z, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sampler.sample(model, z, y)
+    fast = FastEulerSampler(sampler, model, autocast_dtype=torch.bfloat16).sample(z, y)
+    assert torch.equal(fast, ref)
+    # cfg_scale <= 1: guidance off, every step runs the conditional batch only
+    plain = Sampler.from_config(SamplingConfig(num_steps=4, cfg_scale=1.0), null_class=10)
+    assert not any(gd for *_, gd in euler_plan(plain))
+    assert torch.equal(FastEulerSampler(plain, model).sample(z, y), plain.sample(model, z, y))
+
+
+def test_sampling_flops_match_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    _, bench_sample, SamplingConfig, _, _, forward_images, Sampler = _imports()
+    model = _tiny()
+    sampler = Sampler.from_config(SamplingConfig(num_steps=10, cfg_interval_start=0.3), null_class=10)
+    n_calls, n_fwd, flops = bench_sample.sampling_flops_per_image(model, sampler)
+    assert n_calls == 9 and n_calls < n_fwd < 2 * n_calls
+    # the paper's 800-epoch settings: 81 of 249 steps unguided
+    paper = Sampler.from_config(SamplingConfig(), null_class=1000)
+    assert forward_images(paper) == 81 + 2 * 168
+    batch = 3
+    z, y = torch.randn(batch, 4, 16, 16), torch.randint(0, 10, (batch,))
+    # The math SDPA backend decomposes attention into matmuls, which FlopCounterMode counts on every device
+    # (it has no formula for the CPU flash kernel).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        sampler.sample(model, z, y)
+    measured = counter.get_total_flops() / batch
+    assert abs(measured - flops) / measured < 0.02, (measured, flops)
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+def test_bench_extract_table_with_counted_flops(capsys):
+    bench_extract = _imports()[0]
+    rc = bench_extract.main(["--batch", "2", "--repeats", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    header, rows = _table(out)
+    assert header[:8] == ["what", "mode", "precision", "batch", "img/s", "ms/batch", "tok GFLOP/img",
+                          "dino GFLOP/img"]
+    assert rows[0][:4] == ["network", "eager", "fp32", "2"]
+    assert float(rows[0][4]) > 0
+    assert float(rows[0][6]) > 0 and float(rows[0][7]) > 0      # the tiny VA-VAE's and ViT's FLOPs were counted
+
+
+# ------------------------------------------------------------------------------------------------ scaling model
+def test_scaling_model_table_and_recommendation(capsys):
+    rc = scaling_model.main(["--nodes", "1", "8", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert sum(ln.startswith("recommended ") for ln in out.splitlines()) == 6
+    rows, best = scaling_model.run(scaling_model.parse_args(["--models", "LightningDiT-XL/1", "--nodes", "1", "8"]))
+    by = {(r.nodes, r.strategy): r for r in rows}
+    # sharding lowers memory; the DDP baseline at 128/GPU needs accumulation (the official step OOMs at 128)
+    assert by[(1, "FSDP2-full")].mem_gib < by[(1, "ZeRO-1")].mem_gib
+    assert by[(1, "DDP")].micro < 128 and by[(1, "FSDP2-full")].micro == 128
+    assert by[(8, "FSDP2-HSDP")].per_gpu == 16 and best[("LightningDiT-XL/1", 8)].fits
+    # the ring cost model as stated in docs/scaling.md: intra-node all-gather of 1.6 GB on 8 GPUs
+    cl = scaling_model.Cluster()
+    t = scaling_model.collective_time("all_gather", 1.6e9, scaling_model.Group(8, 1), cl)
+    assert t == pytest.approx((8.4 + 7 * 3.4) * 1e-6 + 7 / 8 * 1.6e9 / 160e9)
+
+
+class _Recorder:
+    """Collectives seen by torch's CommDebugMode (a TorchDispatchMode), with their message sizes."""
+
+    NAMES = {"_allgather_base_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
+             "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+             "allreduce_": "all_reduce", "all_reduce": "all_reduce", "allreduce_coalesced_": "all_reduce"}
+
+    @classmethod
+    def mode(cls):
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        class Mode(CommDebugMode):
+            def __init__(self):
+                super().__init__()
+                self.calls = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._overloadpacket.__name__ if hasattr(func, "_overloadpacket") else ""
+                ns = getattr(func, "namespace", "")
+                if ns in ("c10d", "_c10d_functional") and name in cls.NAMES:
+                    op = cls.NAMES[name]
+                    if op == "all_reduce":      # a tensor or a list of tensors, reduced in place
+                        tensors = list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
+                        numel = sum(t.numel() for t in tensors)
+                    else:                       # (output, input): the larger one is the full, unsharded buffer
+                        tensors = [t for t in args[:2] if isinstance(t, torch.Tensor)]
+                        numel = max(t.numel() for t in tensors)
+                    self.calls.append((op, numel, tensors[0].element_size()))
+                return super().__torch_dispatch__(func, types, args, kwargs)
+        return Mode()
+
+
+def _record_steps(dist):
+    """One training step each: FSDP2 engine (full shard), HSDP mesh (2 replicas x 1 shard), DDP."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines.fsdp2 import FSDP2Engine
+
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(dist.rank))
+    out = {}
+
+    torch.manual_seed(0)
+    engine = FSDP2Engine(EngineConfig(precision="fp32"), dist)
+    part = engine.prepare("m", ToyModel(), OptimizerConfig(), 0.9, "blocks")
+    for key, micro in (("fsdp", 1), ("fsdp_accum", 2)):     # the first step included: lazy init adds none
+        with _Recorder.mode() as rec:
+            for i in range(micro):
+                part.backward(part.module(x).sum(), sync=i == micro - 1)
+            part.step()
+        out[key] = rec.calls
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    model = ToyModel()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    with _Recorder.mode() as rec:
+        model(x).sum().backward()
+    out["hsdp"] = rec.calls
+
+    ddp = DistributedDataParallel(ToyModel(), broadcast_buffers=False)
+    with _Recorder.mode() as rec:
+        ddp(x).sum().backward()
+    out["ddp"] = rec.calls
+    tdist.barrier()
+    return out
+
+
+def test_collective_bytes_match_a_real_two_rank_step():
+    measured = run_distributed(_record_steps, world_size=2)[0]
+    units = scaling_model.fsdp_units(ToyModel())
+    trainable = sum(u.numel(1, True) for u in units)
+
+    def key(c):
+        return (c.op, c.numel, c.elem_bytes)
+
+    # FSDP2 engine, full sharding over 2 ranks, fp32 parameters and reductions
+    for name, micro in (("fsdp", 1), ("fsdp_accum", 2)):
+        pred = scaling_model.fsdp_step_collectives(units, shard=2, param_bytes=4, reduce_bytes=4, micro_batches=micro)
+        assert Counter(measured[name]) == Counter(map(key, pred)), name
+        # bytes each rank sends (ring): params*bytes*(W-1)/W per all-gather / reduce-scatter
+        sent = sum(scaling_model.Collective(*c).wire_bytes(2) for c in measured[name])
+        assert sent == pytest.approx(sum(c.wire_bytes(2) for c in pred))
+    gathered = [c for c in measured["fsdp"] if c[0] == "all_gather"]
+    assert sum(n * b for _, n, b in gathered) == 2 * 4 * sum(u.numel(2) for u in units)   # fwd + bwd, padded
+    # HSDP (replicate 2 x shard 1): no all-gather / reduce-scatter, one all-reduce of each unit's gradients
+    pred = scaling_model.fsdp_step_collectives(units, shard=1, replicate=2, param_bytes=4, reduce_bytes=4,
+                                               grad_norm=False)
+    assert Counter(measured["hsdp"]) == Counter(map(key, pred))
+    # DDP: the all-reduced buckets add up to every trainable element, in fp32
+    ddp = [c for c in measured["ddp"] if c[0] == "all_reduce"]
+    assert sum(n for _, n, _ in ddp) == trainable == scaling_model.ddp_step_collectives(trainable)[0].numel
+    assert {b for _, _, b in ddp} == {4}

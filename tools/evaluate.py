@@ -1,0 +1,130 @@
+"""Score a sample set against a reference: FID, sFID, IS, KID, precision/recall (torch-fidelity), table + JSON.
+
+    # the paper protocol: 50k samples (tools/sample.py) against ADM's ImageNet 256 reference batch
+    python tools/evaluate.py samples/xl.npz --reference VIRTUAL_imagenet256_labeled.npz \\
+        --weights weights-inception-2015-12-05-6726825d.pth --metrics all --json samples/xl_metrics.json
+    # settings from an experiment config's eval section (reference, weights, extractor, metrics)
+    python tools/evaluate.py samples/xl --config configs/lightningdit_xl.yaml
+    # precompute ADM-layout statistics (mu, sigma, mu_s, sigma_s) of an image set, e.g. for eval.reference
+    python tools/evaluate.py /data/imagenet256_val --reference /data/imagenet256_val --metrics fid,sfid \\
+        --weights weights-inception-2015-12-05-6726825d.pth --save-stats imagenet256_val_stats.npz
+
+Samples: a folder of images (e.g. tools/sample.py's ``{idx:06d}.png``), an ``.npz`` with ``arr_0`` (uint8
+N x H x W x 3) or an ``.npy``. Reference: the same kinds, or an ``.npz`` of ADM statistics (``mu``/``sigma``
+and ``mu_s``/``sigma_s``): FID/sFID then compare with the stored statistics; KID and precision/recall need
+reference images (ADM's reference batches carry 10k of them in ``arr_0``); IS uses the samples alone.
+Reference features are cached under ``--cache-dir`` (default ``eval.cache_dir``, else ``$LLAT_FID_CACHE`` or
+``~/.cache/lightning_latent/fid``), keyed by the reference's path, size and mtime and the extractor's weights.
+The Inception weights come from a local file only (``--weights`` or ``eval.feature_extractor_weights``).
+See tools/fid.py for the details (sFID layer, agreement with ADM's TensorFlow evaluator).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+LABELS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("is_std", "IS std"), ("kid", "KID"),
+          ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
+          ("num_samples", "samples"), ("num_reference", "reference images")]
+
+
+def format_table(result: dict) -> str:
+    rows = [(label, result[key]) for key, label in LABELS if key in result]
+    width = max([len(label) for label, _ in rows] + [len("reference")])
+    lines = []
+    for label, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label.ljust(width)}  {text}")
+    if result.get("skipped"):
+        lines.append(f"{'skipped'.ljust(width)}  {', '.join(result['skipped'])} (the reference has no images)")
+    lines.append(f"{'reference'.ljust(width)}  {result.get('reference', '?')}")
+    lines.append(f"{'extractor'.ljust(width)}  {result.get('feature_extractor', '?')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="folder of images, .npz (arr_0) or .npy of uint8 images")
+    p.add_argument("--reference", default=None, help="image folder, .npz of images and/or ADM statistics, or "
+                                                     ".npy (default: eval.reference of --config)")
+    p.add_argument("--config", default=None, help="experiment YAML whose eval section gives the defaults")
+    p.add_argument("--metrics", default=None, help="comma list of fid,sfid,is,kid,pr or 'all' "
+                                                   "(default: eval.metrics of --config, else fid)")
+    p.add_argument("--feature-extractor", default=None, help="torch-fidelity extractor (default: "
+                                                             "eval.feature_extractor, else inception-v3-compat)")
+    p.add_argument("--weights", default=None, help="local weights file of the feature extractor "
+                                                   "(default: eval.feature_extractor_weights)")
+    p.add_argument("--cache-dir", default=None, help="reference-feature cache directory")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers")
+    p.add_argument("--center-crop", type=int, default=None,
+                   help="ADM centre crop of folder images to this size (for references of mixed sizes)")
+    p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, N)")
+    p.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout only)")
+    p.add_argument("--save-stats", default=None, help="also write the samples' ADM-layout statistics to this .npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from tools import fid
+
+    reference, metrics, extractor, weights, cache_dir = None, ["fid"], fid.INCEPTION, None, None
+    weights_key = "--weights"
+    if args.config:
+        from core.config import ConfigError, load_config
+        try:
+            ec = load_config(args.config, check=False).eval
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        reference, metrics, extractor = ec.reference or None, list(ec.metrics), ec.feature_extractor
+        weights, cache_dir = ec.feature_extractor_weights or None, ec.cache_dir or None
+        if not args.weights:
+            weights_key = f"{args.config}: eval.feature_extractor_weights (or --weights)"
+    reference = args.reference or reference
+    if not reference:
+        p.error("no reference: give --reference (or --config with eval.reference)")
+    if args.metrics:
+        metrics = [m for m in args.metrics.split(",") if m.strip()]
+    extractor = args.feature_extractor or extractor
+    weights = args.weights or weights
+    cache_dir = args.cache_dir or cache_dir
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    t0 = time.time()
+    try:
+        result = fid.evaluate_images(args.samples, reference, metrics=metrics, feature_extractor=extractor,
+                                     weights=weights, cache_dir=cache_dir, device=device,
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     center_crop=args.center_crop, kid_subset_size=args.kid_subset_size,
+                                     progress=not args.quiet, use_cache=not args.no_cache, weights_key=weights_key,
+                                     return_features=bool(args.save_stats))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    feats, ex = result.pop("_features", None), result.pop("_extractor", None)
+    result["samples"] = str(args.samples)
+    result["time_s"] = round(time.time() - t0, 2)
+    if args.save_stats:
+        result["saved_statistics"] = str(fid.save_statistics(args.save_stats, feats, ex))
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Export a training checkpoint as one plain file in the official layout ``{"model": sd, "ema": sd}``.
+
+    python tools/export.py CKPT_DIR OUT.pt [--part model]
+
+``CKPT_DIR`` is a checkpoint directory (``<run_dir>/checkpoints/step_0001000``) written by either engine; a
+run directory or its ``checkpoints/`` directory also works (the newest complete checkpoint is exported). The
+state dicts carry the model's own (official) key names, fp32 CPU tensors, so the file loads with
+``models.loading.load_into_model(model, OUT.pt, which="ema")`` — or with the official code. No process group
+and no GPU are needed.
+
+* FSDP2 checkpoints (``<step>/state/.metadata``, DCP): ``<part>.model`` and ``<part>.ema`` are read with
+  ``models.loading._load_our_checkpoint_dir`` (DCP's local reader, full tensors, optimizer never read).
+* DeepSpeed checkpoints (``<step>/deepspeed/<part>/``): weights from DeepSpeed's
+  ``get_fp32_state_dict_from_zero_checkpoint`` (fp32 master weights from the ZeRO partitions), EMA from the
+  engine's ``ema.pt``; see ``core.engines.deepspeed.consolidated_state_dicts``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+COMPLETE = "COMPLETE"
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a checkpoint directory, else the newest complete ``step_*`` under
+    ``path`` or ``path/checkpoints``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if (path / "state").is_dir() or (path / "deepspeed").is_dir():
+        return path
+    for root in (path, path / "checkpoints"):
+        steps = sorted((p for p in root.glob("step_*") if (p / COMPLETE).is_file()), key=lambda p: p.name) \
+            if root.is_dir() else []
+        if steps:
+            return steps[-1]
+    raise FileNotFoundError(f"{path} is neither a checkpoint directory (with state/ or deepspeed/) nor a run / "
+                            "checkpoints directory with a complete step_* checkpoint")
+
+
+def engine_of(ckpt_dir: Path) -> str:
+    if (ckpt_dir / "state" / ".metadata").is_file():
+        return "fsdp2"
+    if (ckpt_dir / "deepspeed").is_dir():
+        return "deepspeed"
+    raise FileNotFoundError(f"{ckpt_dir}: not an FSDP2 (state/.metadata) or DeepSpeed (deepspeed/) checkpoint")
+
+
+def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.Tensor]]:
+    from models.loading import _load_our_checkpoint_dir, clean_state_dict
+
+    out = {}
+    for which in ("model", "ema"):
+        try:
+            _, sd = _load_our_checkpoint_dir(ckpt_dir / "state", f"{part}.{which}")
+        except ValueError:
+            if which == "ema":          # a part trained without EMA
+                continue
+            raise
+        sd = clean_state_dict(sd, source=str(ckpt_dir))
+        out[which] = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
+    return out
+
+
+def export_state(ckpt_dir: str | os.PathLike, part: str = "model") -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in ``ckpt_dir``."""
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    if engine_of(ckpt_dir) == "fsdp2":
+        return _fsdp2_state_dicts(ckpt_dir, part)
+    from core.engines.deepspeed import consolidated_state_dicts
+    return consolidated_state_dicts(ckpt_dir, part)
+
+
+def save_export(state: dict, out: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file, then rename (never leaves a half-written OUT)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt_dir", help="checkpoint directory (step_XXXXXXX), or a run / checkpoints directory")
+    p.add_argument("out", help="output file (.pt)")
+    p.add_argument("--part", default="model", help="trained part to export (default: model)")
+    args = p.parse_args(argv)
+    try:
+        ckpt_dir = resolve_checkpoint_dir(args.ckpt_dir)
+        state = export_state(ckpt_dir, args.part)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    out = save_export(state, args.out)
+    n = sum(v.numel() for v in state["model"].values())
+    print(f"exported {engine_of(ckpt_dir)} checkpoint {ckpt_dir} (part {args.part!r}: {len(state['model'])} tensors, "
+          f"{n:,} values; entries {sorted(state)}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
