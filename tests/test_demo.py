@@ -17,14 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_pipeline_small(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--num-samples", "160",
-                          "--config", "configs/tiny_dit.yaml", "--epochs", "6", "--per-class", "2"],
+                          "--config", "configs/tiny_dit.yaml", "--epochs", "6", "--per-class", "2",
+                          "--eval-every", "3"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["num_samples"] == 160
     # 160 samples / global batch 16 = 10 steps per epoch, 6 epochs.
-    log = [json.loads(line) for line in (out / "dit" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "dit" / "metrics.jsonl").read_text().splitlines()]
+    log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 61))
+    # In-loop evaluation every 3 epochs (steps 30 and 60), then the leaderboard over the run.
+    fids = {r["step"]: r["eval/fid"] for r in records if "eval/fid" in r}
+    assert sorted(fids) == [30, 60] and all(np.isfinite(v) and v >= 0 for v in fids.values())
+    board = (out / "leaderboard" / "leaderboard.md").read_text()
+    assert "tiny_dit" in board and f"{min(fids.values()):.3f}" in board
+    assert (out / "leaderboard" / "fid_vs_epochs.png").stat().st_size > 0
     first = np.mean([r["loss"] for r in log[:10]])
     last = np.mean([r["loss"] for r in log[-10:]])
     assert last < first - 0.2, (first, last)      # the tiny model learns

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,13 @@ def runs(tmp_path_factory) -> Path:
                "eval.sampling_overrides=[num_steps=4]", *extra]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)
+        # Start the next run once this one has built its data loader (metrics.jsonl is opened right after):
+        # MosaicML streaming picks its shared-memory prefix with a non-atomic check-then-create, so jobs that
+        # start in the same instant on one machine can collide (README, "Data").
+        deadline = time.time() + 120
+        while (not (root / "runs" / name / "metrics.jsonl").exists() and procs[name].poll() is None
+               and time.time() < deadline):
+            time.sleep(0.1)
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name}:\n{out[-4000:]}"

@@ -17,10 +17,10 @@ def test_bench_train_prints_a_table_with_flops():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     header = [h.strip() for h in lines[1].split("|")]
-    assert header == ["batch", "mode", "precision", "img/s", "step ms", "GFLOP/img", "MFU", "peak mem GiB"]
+    assert header == ["engine", "batch", "mode", "precision", "img/s", "step ms", "GFLOP/img", "MFU", "peak mem GiB"]
     row = [c.strip() for c in lines[3].split("|")]
-    assert row[0] == "4" and row[1] == "eager" and row[2] == "fp32"
-    assert float(row[3]) > 0 and float(row[5]) > 0
+    assert row[:4] == ["fsdp2", "4", "eager", "fp32"]
+    assert float(row[4]) > 0 and float(row[6]) > 0
 
 
 def test_local_launcher_rejects_bad_arguments(tmp_path):

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="per-GPU batch sizes to measure")
     p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
     p.add_argument("--engine", default="fsdp2", choices=["fsdp2", "deepspeed"])
+    p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[1, 2, 3],
+                   help="DeepSpeed ZeRO stages to measure (--engine deepspeed)")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -40,11 +42,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args) -> dict:
+def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args, zero_stage: int = 2) -> dict:
     precision = args.precision or ("bf16" if dist.device.type == "cuda" else "fp32")
     cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(global_batch_size=batch, epochs=1))
     engine_cfg = EngineConfig(kind=args.engine, precision=precision, compile=(mode == "compiled"),
-                              activation_checkpointing=args.activation_checkpointing)
+                              activation_checkpointing=args.activation_checkpointing, zero_stage=zero_stage)
     engine = build_engine(engine_cfg, dist)
     task = DiTTask(cfg, dist)
     spec = task.build_models()["model"]
@@ -78,7 +80,8 @@ def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args) -> dict
     flops = task.flops_per_image()
     img_s = batch * args.steps / elapsed
     peak = peak_flops(dist.device)
-    row = {"batch": batch, "mode": mode, "precision": precision, "img/s": img_s,
+    row = {"engine": args.engine if args.engine == "fsdp2" else f"zero{zero_stage}",
+           "batch": batch, "mode": mode, "precision": precision, "img/s": img_s,
            "step ms": 1000 * elapsed / args.steps, "GFLOP/img": flops / 1e9,
            "MFU": (img_s * flops / peak) if peak else float("nan"),
            "peak mem GiB": (torch.cuda.max_memory_allocated(dist.device) / 2**30) if cuda else float("nan")}
@@ -103,7 +106,9 @@ def main(argv=None) -> int:
     dist = init_distributed()
     try:
         model_cfg = TINY if args.model == "tiny" else replace(ModelConfig(), type=args.model)
-        rows = [bench_one(dist, model_cfg, b, m, args) for b in args.batch for m in args.modes]
+        stages = args.zero_stage if args.engine == "deepspeed" else [None]
+        rows = [bench_one(dist, model_cfg, b, m, args, zero_stage=z or 2)
+                for z in stages for b in args.batch for m in args.modes]
         if dist.is_main:
             print(f"model {args.model}, engine {args.engine}, device {dist.device}, "
                   f"torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up")

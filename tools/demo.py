@@ -4,7 +4,11 @@
      per-channel stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks)
   2. train:   a small LightningDiT with 2 ranks through the local launcher: FSDP2, checkpoints, W&B offline,
      the lognorm -> uniform switch in the middle (resumable: a second run continues or finds it finished)
+     and in-loop evaluation: FID of EMA samples against held-out synthetic images, measured with a tiny
+     randomly initialised feature extractor (`tiny-random`: it exercises the evaluation pipeline on a CPU;
+     its numbers say nothing about image quality — real runs use Inception weights, see README "Evaluating")
   3. sample:  one row per class from the EMA weights of the last checkpoint -> PNG grid
+  4. leaderboard: the run ranked by FID, a Markdown table and a plot of FID against epochs
 
 Everything lands under --out (default runs/demo); the last lines say where.
 """
@@ -18,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def run_stage(title: str, cmd: list[str]) -> None:
@@ -39,28 +45,44 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=None, help="override the training config's epochs")
     p.add_argument("--config", default="configs/demo_dit.yaml", help="training config")
     p.add_argument("--per-class", type=int, default=10, help="samples per class in the grid")
+    p.add_argument("--eval-every", type=float, default=6.0,
+                   help="in-loop evaluation every this many epochs")
     args = p.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO / args.out
     data_dir, run_dir, grid = out / "data", out / "dit", out / "samples.png"
+    reference, board = out / "reference", out / "leaderboard"
     py = sys.executable
     t0 = time.time()
 
-    run_stage("1/3 extract synthetic images -> MDS latents",
+    run_stage("1/4 extract synthetic images -> MDS latents",
               [py, "launchers/local.py", "--nproc", str(args.nproc), "--entry", "data/extract.py",
                "configs/extract_synthetic.yaml", f"out_dir={data_dir}", f"source.num_samples={args.num_samples}"])
-    train_overrides = [f"data.path={data_dir}", f"run_dir={run_dir}"]
+    if not (reference / "class_09").exists():
+        from data.synthetic import write_image_folder
+        # Held-out images (another seed) as the FID reference of the in-loop evaluation.
+        write_image_folder(reference, 500, image_size=16, num_classes=10, seed=1)
+    train_overrides = [f"data.path={data_dir}", f"run_dir={run_dir}",
+                       f"eval.every_epochs={args.eval_every}",
+                       f"eval.reference={reference}", "eval.feature_extractor=tiny-random",
+                       "eval.num_samples=100", "eval.batch_size=50", "eval.sampling_overrides=[num_steps=25]",
+                       "eval.grid_size=20"]
     if args.epochs is not None:
         train_overrides.append(f"train.epochs={args.epochs}")
-    run_stage("2/3 train LightningDiT (FSDP2, 2 ranks)",
+    run_stage("2/4 train LightningDiT (FSDP2, 2 ranks)",
               [py, "launchers/local.py", "--nproc", str(args.nproc), args.config, *train_overrides])
-    run_stage("3/3 sample a grid (one row per class, EMA weights)",
+    run_stage("3/4 sample a grid (one row per class, EMA weights)",
               [py, "tools/sample.py", str(run_dir), "--grid", str(grid), "--per-class", str(args.per_class)])
+
+    run_stage("4/4 leaderboard (FID of the in-loop evaluations)",
+              [py, "tools/leaderboard.py", str(out), "--out", str(board)])
 
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  data (MDS shards, stats, manifest): {data_dir}")
     print(f"  run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")
+    print(f"  leaderboard: {board / 'leaderboard.md'} and {board / 'fid_vs_epochs.png'} "
+          f"(FID from a tiny random feature extractor: a pipeline check, not a quality measure)")
     if wandb_runs:
         print(f"  W&B offline run: {wandb_runs[-1]}  (upload later with `wandb sync {wandb_runs[-1]}`)")
     return 0

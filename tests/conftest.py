@@ -1,0 +1,91 @@
+"""Session-wide fixtures.
+
+``local_slurm``: a real Slurm cluster of four fake nodes n1..n4 (with accounting) on this machine, started once per
+test session by scripts/slurm/start_local_slurm.sh and stopped at the end. It needs root and Debian's packages
+(installed on first use). Where that is not possible the tests that use it are skipped with the reason, except
+under ``CI=true``, where they fail: CI must run them.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_SCRIPTS = REPO / "scripts" / "slurm"
+NODES = 4       # enough for the Slurm tests' jobs to run side by side, one job per node (tests/test_slurm.py)
+
+
+@dataclass(frozen=True)
+class LocalSlurm:
+    state_dir: Path
+    conf: Path                 # exported as SLURM_CONF for the session
+    nodes: tuple[str, ...]
+    startup_s: float
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _ports_free(base: int) -> bool:
+    for port in range(base, base + 10):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory) -> LocalSlurm:
+    def unavailable(reason: str):
+        if _in_ci():
+            pytest.fail(f"CI=true: the local Slurm cluster is required but {reason}", pytrace=False)
+        pytest.skip(f"local Slurm cluster not available: {reason}")
+
+    if sys.platform != "linux":
+        unavailable(f"needs Linux (this is {sys.platform})")
+    if os.geteuid() != 0:
+        unavailable("scripts/slurm/start_local_slurm.sh needs root")
+    # A cluster of another session may hold the default ports: use the next free block.
+    base = next((b for b in range(6817, 7817, 100) if _ports_free(b)), None)
+    if base is None:
+        unavailable("no free block of 10 TCP ports in 6817-7816")
+    state = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, LOCAL_SLURM_PORT_BASE=str(base))
+    env.pop("SLURM_CONF", None)
+    t0 = time.time()
+    try:
+        res = subprocess.run([str(SLURM_SCRIPTS / "start_local_slurm.sh"), "--nodes", str(NODES), "--accounting",
+                              str(state)], capture_output=True, text=True, timeout=900, env=env)
+    except subprocess.TimeoutExpired:
+        unavailable("start_local_slurm.sh did not finish in 15 minutes")
+    startup = time.time() - t0
+    if res.returncode != 0:
+        subprocess.run([str(SLURM_SCRIPTS / "stop_local_slurm.sh"), str(state)], capture_output=True, timeout=120)
+        unavailable(f"start_local_slurm.sh failed with exit code {res.returncode}:\n{res.stderr[-3000:]}")
+    conf = state / "etc" / "slurm.conf"
+    if (state / "etc" / "node_shm").read_text().strip() != "private":
+        subprocess.run([str(SLURM_SCRIPTS / "stop_local_slurm.sh"), str(state)], capture_output=True, timeout=120)
+        unavailable("the fake nodes cannot get a private /dev/shm (`unshare -m` needs CAP_SYS_ADMIN); the Slurm "
+                    "tests run several streaming jobs and a 2-node job on one machine, which needs it")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    print(f"\nlocal Slurm up in {startup:.1f} s (ports {base}+, {state})", file=sys.stderr)
+    try:
+        yield LocalSlurm(state, conf, tuple(f"n{i}" for i in range(1, NODES + 1)), startup)
+    finally:
+        subprocess.run([str(SLURM_SCRIPTS / "stop_local_slurm.sh"), str(state)], capture_output=True, timeout=180)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
