@@ -161,3 +161,14 @@ class Throughput:
             out["mfu"] = self._images * self.flops_per_image / elapsed / (self.peak * self.world_size)
         self.reset()
         return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """Right-aligned text table of dict rows (one header line, a rule, one line per row); floats as 3 digits."""
+    headers = list(rows[0].keys())
+    cells = [[f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -253,30 +253,6 @@ class FeatureExtractor(DINOv2Features):
                          imagenet_norm=cfg.imagenet_norm, model_kwargs=cfg.model_kwargs, config_key="features")
 
 
-def _feature_weights_path(cfg: FeaturesConfig) -> Path:
-    if not cfg.weights:
-        raise FileNotFoundError("features.weights: not set; give the path of a local DINOv2 checkpoint file (no "
-                                "downloads), or set features.random_init=true for a randomly initialised model "
-                                "(tests only)")
-    path = Path(cfg.weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"features.weights: DINOv2 weights file {path} does not exist (a local timm "
-                                f".safetensors/.pth or original DINOv2 checkpoint for {cfg.model})")
-    return path
-
-
-def _load_feature_weights(model: nn.Module, cfg: FeaturesConfig, path: Path) -> None:
-    from timm.models import load_checkpoint
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-    filter_fn = checkpoint_filter_fn if isinstance(model, VisionTransformer) else None
-    try:
-        load_checkpoint(model, str(path), strict=True, filter_fn=filter_fn)
-    except Exception as err:  # noqa: BLE001 - name the key and the file
-        raise ValueError(f"features.weights: cannot load {path} into {cfg.model}: {type(err).__name__}: "
-                         f"{err}") from err
-    log.info("features: loaded %s weights from %s", cfg.model, path)
-
-
 # ============================================================================================ distributed
 def _group_active() -> bool:
     import torch.distributed as tdist

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from core.metrics import peak_flops
+from core.metrics import format_table, peak_flops
 from data.extract import (ExtractConfig, FeatureExtractor, FeaturesConfig, SourceConfig, TokenizerConfig,
                           extract)
 from data.tokenizers import available_tokenizers, build_tokenizer
@@ -177,16 +177,6 @@ def bench_pipeline(args, batch, device, features_cfg, flops, network_rows) -> di
             "ms/batch": 1000 * batch / img_s, "tok GFLOP/img": tok / 1e9, "dino GFLOP/img": feat / 1e9,
             "MFU": img_s * (tok + feat) / peak if peak else float("nan"), "peak mem GiB": float("nan"),
             "vs network": img_s / ref[0]["img/s"] if ref else float("nan")}
-
-
-def format_table(rows: list[dict]) -> str:
-    headers = list(rows[0].keys())
-    cells = [[f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 
 from core.config import ModelConfig, SamplingConfig, load_config
-from core.metrics import peak_flops
+from core.metrics import format_table, peak_flops
 from models.fast_sampling import FastEulerSampler, forward_images, nfe
 from models.lightningdit import build_model
 from models.sampling import Sampler
@@ -184,16 +184,6 @@ def bf16_floor(refs: dict, batch: int) -> float | None:
         return None
     d = refs[("bf16", batch)] - refs[("fp32", batch)]
     return (d.norm() / refs[("fp32", batch)].norm().clamp_min(1e-12)).item()
-
-
-def format_table(rows: list[dict]) -> str:
-    headers = list(rows[0].keys())
-    cells = [[f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import torch
 from core.config import EngineConfig, ExperimentConfig, ModelConfig, TrainConfig
 from core.distributed import init_distributed, teardown
 from core.engines.base import build_engine
-from core.metrics import peak_flops
+from core.metrics import format_table, peak_flops
 from core.task import StepContext
 from models.tasks.dit import DiTTask
 
@@ -89,16 +89,6 @@ def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args, zero_st
     if cuda:
         torch.cuda.empty_cache()
     return row
-
-
-def format_table(rows: list[dict]) -> str:
-    headers = list(rows[0].keys())
-    cells = [[f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
