@@ -34,6 +34,11 @@ import numpy as np
 import pytest
 import yaml
 
+try:
+    from test_train_resume import final_state
+except ImportError:  # run as a package module
+    from tests.test_train_resume import final_state
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(REPO / "launchers" / "slurm.py")]
 CONFIG = "configs/tiny_dit.yaml"
@@ -132,28 +137,6 @@ def complete_steps(run_dir: Path) -> list[int]:
         return []
     return sorted(int(p.name.split("_")[1]) for p in ckpts.iterdir()
                   if p.name.startswith("step_") and (p / "COMPLETE").exists())
-
-
-def final_state(run_dir: Path, step: int) -> dict:
-    """Every tensor (model, EMA, optimizer) of a checkpoint, gathered into one process."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = run_dir / f"consolidated_{step}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:07d}" / "state", out)
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}.{i}", v)
-    walk("", torch.load(out, weights_only=False))
-    return flat
 
 
 def result(run_dir: Path, job_id: str, task: int = 0):

@@ -19,6 +19,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+try:
+    from test_train_resume import final_state
+except ImportError:  # run as a package module
+    from tests.test_train_resume import final_state
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_vavae.yaml"
 # 16 px images (latent 4x8x8), global batch 4 over 32 images: 8 steps per epoch; 12 steps cross the epoch boundary;
@@ -85,25 +90,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def checkpoint_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    out = run_dir / f"consolidated_{step}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:07d}" / "state", out)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(f"{prefix}.{i}", v)
-    walk("", torch.load(out, weights_only=False))
-    return flat
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted 12-step run (final checkpoint only)."""
@@ -148,7 +134,7 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "resumed from step 4" in res.stdout + res.stderr
     assert records(run_dir) == records(reference)
-    got, ref = checkpoint_tensors(run_dir, TOTAL), checkpoint_tensors(reference, TOTAL)
+    got, ref = final_state(run_dir, TOTAL), final_state(reference, TOTAL)
     assert got.keys() == ref.keys()
     kinds = {k.split(".")[0] + "." + k.split(".")[1] for k in ref}
     assert {"autoencoder.model", "autoencoder.optim", "discriminator.model", "discriminator.optim"} <= kinds, kinds
