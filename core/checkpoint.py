@@ -59,6 +59,40 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: Optional[int]) 
     return keep
 
 
+def complete_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every committed checkpoint (``step_N`` with ``COMPLETE``) in ``checkpoints_dir``,
+    oldest first; ``[]`` when the directory does not exist."""
+    root = Path(checkpoints_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        if not (p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / COMPLETE).is_file()):
+            continue
+        try:
+            out.append((int(p.name[len(STEP_PREFIX):]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that ``path`` names: ``path`` itself when it is one (``state/`` of the FSDP2
+    engine or ``deepspeed/``), else the newest complete ``step_*`` under ``path`` (a ``checkpoints/``
+    directory) or ``path/checkpoints`` (a run directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if (path / "state").is_dir() or (path / "deepspeed").is_dir():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    raise FileNotFoundError(f"{path} is neither a checkpoint directory (with state/ or deepspeed/) nor a run or "
+                            f"checkpoints directory with a complete step_* checkpoint")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -109,17 +143,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------ queries
     def complete_checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, path)`` of every committed checkpoint (``step_N`` with ``COMPLETE``), oldest first. Local."""
-        out = []
-        if not self.root.is_dir():
-            return out
-        for p in self.root.iterdir():
-            if not (p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / COMPLETE).is_file()):
-                continue
-            try:
-                out.append((int(p.name[len(STEP_PREFIX):]), p))
-            except ValueError:
-                continue
-        return sorted(out)
+        return complete_checkpoints(self.root)
 
     def should_save(self, step: int, is_last: bool = False) -> bool:
         """Whether to save at ``step``. Collective when ``every_minutes`` is set (rank 0's clock decides)."""

@@ -75,19 +75,20 @@ class TransportConfig:
 class DataConfig:
     """Training data: MDS shards of precomputed latents (see data/streaming.py) for the DiT; images for VA-VAE
     ("images": an ImageNet-style folder or a "<path> <label>" file list at `path`; "synthetic": the embedded
-    procedural images of data/synthetic.py)."""
+    procedural images of data/synthetic.py; "streaming": MDS shards with the `image` column and, for
+    vavae.vf.features=precomputed, their DINOv2 `features`, written by data/extract.py)."""
     kind: Literal["streaming", "images", "synthetic"] = "streaming"
     path: str = ""                           # local MDS directory (or the local cache of `remote`)
     remote: Optional[str] = None             # optional remote for streaming (s3://..., gs://...)
     latent_norm: bool = True                 # per-channel (z - mean) / std with the stats stored with the dataset
     latent_multiplier: float = 1.0
-    random_flip: bool = True                 # pick latent_flip with p = 0.5
-    use_features: bool = False               # also read the DINOv2 `features` column
+    random_flip: bool = True                 # pick latent_flip (VA-VAE streaming: flip the image) with p = 0.5
+    use_features: bool = False               # DiT: also read the DINOv2 `features` column (VA-VAE: vavae.vf.features)
     num_workers: int = 2
     shuffle: bool = True
     predownload: Optional[int] = None
     # image kinds ("images", "synthetic"; VA-VAE training)
-    image_size: int = 256                    # training crop size
+    image_size: int = 256                    # training crop size ("streaming": the stored image size)
     image_crop: Literal["random", "center"] = "random"   # official: SmallestMaxSize + RandomCrop (val: center)
     synthetic_num_samples: int = 1024        # "synthetic": dataset size
     synthetic_num_classes: int = 10
@@ -126,10 +127,17 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     kind: Literal["fsdp2", "deepspeed"] = "fsdp2"
-    precision: Literal["bf16", "fp32"] = "bf16"   # compute dtype; master weights, optimizer and reductions stay fp32
+    # Compute precision; master weights, optimizer, gradient reduction and EMA stay fp32 in every mode.
+    # bf16: parameters cast to bf16 for compute (FSDP2 param_dtype / DeepSpeed bf16).
+    # bf16-autocast: fp32 parameters, forward under torch.autocast(bf16) (the official LightningDiT numerics).
+    precision: Literal["bf16", "bf16-autocast", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     compile: bool = False                    # torch.compile per block
     reshard_after_forward: bool = True
+    # FSDP2 only: "full" shards over all ranks; "hybrid" (HSDP) shards within groups of `shard_group_size` ranks
+    # and replicates across the groups (device mesh ("replicate", "shard")).
+    sharding: Literal["full", "hybrid"] = "full"
+    shard_group_size: Optional[int] = None   # hybrid: ranks per shard group; None = ranks per node (LOCAL_WORLD_SIZE)
     # DeepSpeed only
     zero_stage: int = 2
     offload_optimizer: bool = False
@@ -242,7 +250,9 @@ class VFConfig:
     cos_weight: float = 1.0
     distmat_weight: float = 1.0
     proj_fix: bool = False                   # freeze linear_proj (not in the optimizer)
-    features: Literal["online", "precomputed"] = "online"   # "precomputed": not implemented (see docs/vavae.md)
+    # "online": DINOv2 on each batch; "precomputed": the `features` column of a data.kind=streaming dataset
+    # (data/extract.py with images and features on the latent grid; center crops, no flips; README "Training VA-VAE")
+    features: Literal["online", "precomputed"] = "online"
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
 
 
@@ -845,6 +855,17 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
         need(cfg.task != "vavae", "engine.kind", "the VA-VAE task runs on engine.kind=fsdp2 (its adaptive loss "
              "weights need autograd.grad through the model, which DeepSpeed's hooks do not support)", ("task",))
     positive(e.bucket_size, "engine.bucket_size")
+    positive(e.shard_group_size, "engine.shard_group_size", allow_none=True)
+    if e.sharding == "hybrid":
+        need(e.kind == "fsdp2", "engine.sharding", f"hybrid sharding (HSDP) needs engine.kind=fsdp2, got {e.kind!r} "
+             "(DeepSpeed partitions over all ranks: use engine.zero_stage)", ("engine.kind",))
+        size = e.shard_group_size
+        if isinstance(world_size, int) and world_size > 0 and size is not None and size > 0 and world_size % size:
+            need(False, "engine.shard_group_size", f"world size {world_size} is not divisible by shard_group_size "
+                 f"{size} (hybrid sharding replicates whole shard groups)")
+    elif e.shard_group_size is not None:
+        need(False, "engine.shard_group_size", f"is only used with engine.sharding=hybrid (sharding is "
+             f"{e.sharding!r}): set engine.sharding=hybrid or leave shard_group_size null", ("engine.sharding",))
 
     # checkpoint
     c = cfg.checkpoint
@@ -863,13 +884,10 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
     positive(sm.rtol, "sampling.rtol")
 
     # task <-> data kind; VA-VAE
-    image_kinds = ("images", "synthetic")
     if cfg.task == "dit":
         need(d.kind == "streaming", "data.kind",
              f"the DiT task trains on latent MDS shards (data.kind 'streaming'), got {d.kind!r}", ("task",))
-    if cfg.task == "vavae":
-        need(d.kind in image_kinds, "data.kind",
-             f"the VA-VAE task trains on images: data.kind 'images' or 'synthetic', got {d.kind!r}", ("task",))
+    if cfg.task == "vavae":        # every data.kind: image files, synthetic images, or MDS shards with images
         errors.extend(_vavae_errors(cfg))
     return errors
 
@@ -899,6 +917,9 @@ def _vavae_errors(cfg: ExperimentConfig) -> list[tuple[str, str, tuple[str, ...]
              f"(2^(len(ch_mult)-1))", ("vavae.model.ch_mult",))
     if d.kind == "images":
         need(bool(d.path), "data.path", "set the image folder (root/<class>/<image>) or a '<path> <label>' list file")
+    if d.kind == "streaming":
+        need(bool(d.path), "data.path", "set the MDS dataset directory (data/extract.py with images: true; with "
+             "data.remote, the local cache directory)")
     if d.kind == "synthetic":
         need(d.synthetic_num_samples > 0, "data.synthetic_num_samples",
              f"must be > 0, got {d.synthetic_num_samples}")
@@ -921,9 +942,18 @@ def _vavae_errors(cfg: ExperimentConfig) -> list[tuple[str, str, tuple[str, ...]
         need(vf.cos_weight >= 0 and vf.distmat_weight >= 0, "vavae.vf.cos_weight",
              f"cos_weight and distmat_weight must be >= 0, got {vf.cos_weight!r}, {vf.distmat_weight!r}",
              ("vavae.vf.distmat_weight",))
-        need(vf.dinov2.random_init or bool(vf.dinov2.weights), "vavae.vf.dinov2.weights",
-             "not set; give the path of a local DINOv2 checkpoint file (no downloads), or set "
-             "vavae.vf.dinov2.random_init=true (tests only), or vavae.vf.enabled=false")
+        if vf.features == "online":
+            need(vf.dinov2.random_init or bool(vf.dinov2.weights), "vavae.vf.dinov2.weights",
+                 "not set; give the path of a local DINOv2 checkpoint file (no downloads), or set "
+                 "vavae.vf.dinov2.random_init=true (tests only), or vavae.vf.enabled=false")
+        else:   # precomputed: the stored features of the stored (center-cropped, non-flipped) images
+            need(d.kind == "streaming", "vavae.vf.features",
+                 f"'precomputed' reads the DINOv2 `features` column of an MDS dataset: set data.kind=streaming and "
+                 f"data.path to a dataset from data/extract.py with images and features (got data.kind "
+                 f"{d.kind!r})", ("data.kind",))
+            need(not d.random_flip, "data.random_flip",
+                 "must be false with vavae.vf.features=precomputed: the stored DINOv2 features belong to the "
+                 "non-flipped image", ("vavae.vf.features",))
     if lo.perceptual_weight > 0 and not v.lpips.random_init:
         need(bool(v.lpips.vgg_weights), "vavae.lpips.vgg_weights",
              "not set; give a local torchvision vgg16 state dict (no downloads), set vavae.lpips.random_init=true "

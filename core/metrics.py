@@ -11,8 +11,9 @@ import logging
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -172,3 +173,16 @@ def format_table(rows: list[dict]) -> str:
              "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+@contextmanager
+def bench_threads(device: torch.device, threads: Optional[int]) -> Iterator[None]:
+    """Intra-op threads for a single-process benchmark: ``threads`` when given, else 1 on a CPU (several threads
+    on small kernels of a shared machine spin and measure the scheduler); restored afterwards."""
+    before = torch.get_num_threads()
+    if threads or device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -187,7 +187,8 @@ class Trainer:
             part = self.parts[phase]
             sums: dict[str, torch.Tensor] = {}
             for k, batch in enumerate(batches):
-                loss, m = self.task.loss(phase, batch, self.parts, ctx)
+                with self.engine.autocast():
+                    loss, m = self.task.loss(phase, batch, self.parts, ctx)
                 part.backward(loss / self.accum, sync=(k == self.accum - 1))
                 for key, value in m.items():
                     sums[key] = sums.get(key, 0) + value / self.accum

@@ -1,12 +1,17 @@
-"""Latent extraction: images -> tokenizer latents (+ horizontal flips, optional DINOv2 features) as MDS shards.
+"""Latent extraction: images -> tokenizer latents (+ horizontal flips, optional DINOv2 features and the images) as
+MDS shards.
 
     python -m data.extract configs/extract_synthetic.yaml [key=value ...]                 # one process
     python -m torch.distributed.run --nproc_per_node 8 data/extract.py CONFIG [key=value ...]
     python launchers/local.py --nproc 8 --entry data/extract.py CONFIG [key=value ...]
 
 For every image: ``latent`` = encode(x), ``latent_flip`` = encode(hflip(x)) (the official pipeline's two
-passes), ``label``, ``sample_id`` (the image's global index) and, with ``features.enabled``, ``features`` =
-DINOv2 patch tokens of x as float16 [D, h, w] on the latent grid (data/streaming.py has the schema).
+passes), ``label``, ``sample_id`` (the image's global index); with ``features.enabled``, ``features`` = DINOv2
+patch tokens of x as float16 [D, h, w] on the latent grid (or the ``features.grid`` x ``features.grid`` grid);
+with ``images``, ``image`` = x itself as uint8 [3, S, S] (the exact crop the tokenizer and DINOv2 saw, not
+flipped). data/streaming.py has the schema. ``tokenizer.kind: none`` stores no latents (and no statistics): a
+dataset of images + DINOv2 features for VA-VAE training with precomputed features (``vavae.vf.features:
+precomputed``; configs/extract_vavae_features.yaml), where pixel-space latents would only waste disk.
 Sources: an ImageNet-style folder or a file list (data/images.py: ADM center crop, [-1, 1]) or the embedded
 synthetic images (data/synthetic.py).
 
@@ -16,15 +21,16 @@ directory, written as ``out/rank{r:05d}/.tmp-chunk{c:06d}/`` and renamed to ``ch
 (shards, ``index.json`` and ``chunk.json``: sample ids, per-sample digests, skipped files and the chunk's
 ``RunningMoments`` state, all fsynced first). At the end each rank merges its chunk indexes into
 ``rank{r:05d}/index.json`` and rank 0 merges those into ``out/index.json`` (streaming's ``merge_index``), so
-``out`` is a plain MDS dataset for ``data.streaming.LatentDataset``. Rank 0 also writes ``latents_stats.pt``
-(exact per-channel mean/std over every stored non-flipped latent, merged from the per-chunk moments) and
-``manifest.json`` (counts, skipped and ignored files, checksums, stats, config).
+``out`` is a plain MDS dataset for ``data.streaming.LatentDataset`` (or ``ImageDataset``). Rank 0 also writes
+``latents_stats.pt`` when there are latents (exact per-channel mean/std over every stored non-flipped latent,
+merged from the per-chunk moments) and ``manifest.json`` (counts, skipped and ignored files, checksums, stats,
+config).
 
 Resume. ``out/extract_plan.json`` records what fixes the chunk contents (source fingerprint, world size,
-chunk size, tokenizer, features, dtype, seed); a restarted job must match it. It deletes ``.tmp-*`` (partial)
-chunks, skips complete ones and redoes the rest, so no image is lost or written twice: the manifest's
-``sample_ids_sha256`` (sorted ids) and ``content_sha256`` (per-sample digests in id order) are the same as for
-an uninterrupted run. Posterior samples (``tokenizer.sample``) are drawn from a generator seeded per chunk,
+chunk size, tokenizer, features and their grid, images, dtype, seed); a restarted job must match it. It deletes
+``.tmp-*`` (partial) chunks, skips complete ones and redoes the rest, so no image is lost or written twice: the
+manifest's ``sample_ids_sha256`` (sorted ids) and ``content_sha256`` (per-sample digests in id order) are the same
+as for an uninterrupted run. Posterior samples (``tokenizer.sample``) are drawn from a generator seeded per chunk,
 so a redone chunk draws the same noise.
 
 Bad files (corrupt images, non-images with an image extension) are skipped and reported with their paths;
@@ -63,14 +69,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import ConfigError, config_to_dict, load_typed_config
-from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, read_file_list,
-                         scan_image_folder)
+from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, normalized_to_uint8,
+                         read_file_list, scan_image_folder, uint8_to_normalized)
 from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
 from models.dinov2 import DINOv2Features
 
 log = logging.getLogger(__name__)
 
+NO_TOKENIZER = "none"                       # tokenizer.kind that stores no latents
 PLAN_FILENAME = "extract_plan.json"
 MANIFEST_FILENAME = "manifest.json"
 CHUNK_META = "chunk.json"
@@ -104,7 +111,7 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "identity"                   # data.tokenizers registry ("identity"; "vavae" from the VA-VAE work)
+    kind: str = "identity"                   # data.tokenizers registry ("identity", "vavae"), or "none": no latents
     sample: bool = True                      # posterior sample (official) rather than the mean
     kwargs: dict[str, Any] = field(default_factory=dict)     # passed to build_tokenizer (e.g. checkpoint path)
 
@@ -117,6 +124,8 @@ class FeaturesConfig:
     random_init: bool = False                # random weights instead of `weights` (tests / demos only)
     model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model kwargs (tiny test ViTs)
     imagenet_norm: bool = False              # official: [-1, 1] input without ImageNet mean/std
+    grid: Optional[int] = None               # token grid side (input resized to patch * grid); None = latent grid.
+    #                                          VA-VAE features: the trained autoencoder's grid (256 px / 16 = 16)
 
 
 @dataclass
@@ -125,6 +134,7 @@ class ExtractConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    images: bool = False                     # also store each image (column `image`, uint8 [3, S, S])
     latent_dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 32                     # images per forward (each also encoded flipped)
     num_workers: int = 4                     # DataLoader decode workers per rank
@@ -158,9 +168,17 @@ def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
              "must name the image folder" if s.kind == "folder" else "must name the file list")
         need(bool(s.extensions), "source.extensions", "must list at least one extension")
     need(s.limit is None or s.limit > 0, "source.limit", f"must be > 0 or null, got {s.limit}")
-    need(cfg.tokenizer.kind in available_tokenizers(), "tokenizer.kind",
-         f"unknown tokenizer {cfg.tokenizer.kind!r}; available: {', '.join(available_tokenizers())}")
+    need(cfg.tokenizer.kind in available_tokenizers() + [NO_TOKENIZER], "tokenizer.kind",
+         f"unknown tokenizer {cfg.tokenizer.kind!r}; available: {', '.join(available_tokenizers())}, or "
+         f"{NO_TOKENIZER!r} (no latents)")
     f = cfg.features
+    if cfg.tokenizer.kind == NO_TOKENIZER:
+        need(cfg.images or f.enabled, "tokenizer.kind",
+             "is 'none' (no latents): store the images (images: true) and/or DINOv2 features (features.enabled: "
+             "true), or choose a tokenizer")
+        need(not f.enabled or f.grid is not None, "features.grid",
+             "must be set when tokenizer.kind is 'none' (there is no latent grid to default to)")
+    need(f.grid is None or f.grid > 0, "features.grid", f"must be > 0 or null, got {f.grid}")
     if f.enabled:
         need(not (f.random_init and f.weights), "features.random_init",
              "set either features.weights (a local checkpoint) or features.random_init=true, not both")
@@ -370,7 +388,7 @@ class _ChunkWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         self.writer.write(record)
-        arrays = [record["latent"], record["latent_flip"]] + ([record["features"]] if "features" in record else [])
+        arrays = [record[k] for k in ("latent", "latent_flip", "features", "image") if k in record]
         self.ids.append(int(record["sample_id"]))
         self.digests.append(_sample_digest(int(record["sample_id"]), int(record["label"]), arrays))
 
@@ -469,11 +487,12 @@ def _plan(cfg: ExtractConfig, source: Any, world: int, latent_shape: Sequence[in
         "world_size": world,
         "chunk_size": cfg.chunk_size,
         "tokenizer": config_to_dict(cfg.tokenizer),
-        "latent_shape": list(latent_shape),
+        "latent_shape": list(latent_shape) if latent_shape is not None else None,
         "latent_dtype": cfg.latent_dtype,
         "features": None if not f.enabled else {
             "model": f.model, "random_init": f.random_init, "model_kwargs": f.model_kwargs,
             "imagenet_norm": f.imagenet_norm, "shape": list(features_shape or [])},
+        "image_shape": [3, cfg.source.image_size, cfg.source.image_size] if cfg.images else None,
         "seed": cfg.seed,
     }, default=str))
 
@@ -492,8 +511,8 @@ def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
                 diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan))
                          if old.get(k) != plan.get(k)]
                 error = (f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with "
-                         f"the same source, world size, chunk_size, tokenizer, features, latent_dtype and seed, "
-                         f"or choose another out_dir")
+                         f"the same source, world size, chunk_size, tokenizer, features, images, latent_dtype and "
+                         f"seed, or choose another out_dir")
         else:
             out.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(path, plan)
@@ -525,12 +544,17 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     if len(set(fingerprints)) != 1:
         raise ExtractError(f"source: ranks see different image lists (fingerprints {fingerprints}); is "
                            f"{cfg.source.path} the same on every node?")
-    tokenizer: Tokenizer = build_tokenizer(cfg.tokenizer.kind, **cfg.tokenizer.kwargs).to(device)
-    latent_shape = tokenizer.latent_shape(cfg.source.image_size)
-    features = FeatureExtractor(cfg.features, latent_shape[1:]).to(device) if cfg.features.enabled else None
+    tokenizer: Optional[Tokenizer] = None
+    latent_shape = None
+    if cfg.tokenizer.kind != NO_TOKENIZER:
+        tokenizer = build_tokenizer(cfg.tokenizer.kind, **cfg.tokenizer.kwargs).to(device)
+        latent_shape = tokenizer.latent_shape(cfg.source.image_size)
+    grid = (cfg.features.grid, cfg.features.grid) if cfg.features.grid else latent_shape[1:]
+    features = FeatureExtractor(cfg.features, grid).to(device) if cfg.features.enabled else None
     features_shape = features.output_shape if features is not None else None
     columns = latent_columns(cfg.latent_dtype, with_features=features is not None, latent_shape=latent_shape,
-                             features_shape=features_shape)
+                             features_shape=features_shape, with_latents=tokenizer is not None,
+                             image_size=cfg.source.image_size if cfg.images else None)
     plan = _plan(cfg, source, world, latent_shape, features_shape)
     _check_plan(out, plan, rank)
 
@@ -598,11 +622,12 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     num_samples = sum(s["count"] for s in summaries)
     if num_samples == 0:
         raise ExtractError(f"source: none of the {num_items} images could be read (see the skipped files above)")
-    stats = total.to_tensor_stats()
+    stats = total.to_tensor_stats() if tokenizer is not None else {"mean": None, "std": None}
     manifest = None
     if rank == 0:
         _merge_index(out, [_rank_name(s["rank"]) for s in summaries if s["has_data"]])
-        save_latent_stats(out, stats["mean"], stats["std"])
+        if tokenizer is not None:
+            save_latent_stats(out, stats["mean"], stats["std"])
         manifest = _write_manifest(cfg, out, source, plan, world, total, columns, time.time() - t_start)
     _barrier()
     skipped = manifest["skipped"] if manifest else []
@@ -615,7 +640,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     return result
 
 
-def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Tokenizer, features: Optional[FeatureExtractor],
+def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Optional[Tokenizer], features: Optional[FeatureExtractor],
                  columns: dict[str, str], rank: int, rank_dir: Path, mine: range, batches: list[list[int]],
                  batch_chunk: list[int], done_items: int, device: torch.device, world: int) -> int:
     from torch.utils.data import DataLoader
@@ -661,27 +686,40 @@ def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Tokenizer, features
     return written
 
 
-def _encode_and_write(cfg: ExtractConfig, batch: dict[str, Any], tokenizer: Tokenizer,
+def _encode_and_write(cfg: ExtractConfig, batch: dict[str, Any], tokenizer: Optional[Tokenizer],
                       features: Optional[FeatureExtractor], writer: _ChunkWriter, generator: torch.Generator,
                       device: torch.device, dtype: np.dtype) -> int:
     x = batch["image"].to(device, non_blocking=True)
     n = x.shape[0]
     with torch.inference_mode():
         z = tokenizer.encode(torch.cat([x, torch.flip(x, dims=[-1])]), sample=cfg.tokenizer.sample,
-                             generator=generator)
+                             generator=generator) if tokenizer is not None else None
         feats = features(x) if features is not None else None
-    z = z.to(torch.float32).cpu().numpy().astype(dtype)
-    latent, latent_flip = z[:n], z[n:]
-    writer.moments.update(latent)              # exact stats of the stored (non-flipped) values
-    f16 = feats.to(torch.float32).cpu().numpy().astype(np.float16) if feats is not None else None
+    columns: dict[str, np.ndarray] = {}
+    if z is not None:
+        z = z.to(torch.float32).cpu().numpy().astype(dtype)
+        columns["latent"], columns["latent_flip"] = z[:n], z[n:]
+        writer.moments.update(z[:n])           # exact stats of the stored (non-flipped) values
+    if feats is not None:
+        columns["features"] = feats.to(torch.float32).cpu().numpy().astype(np.float16)
+    if cfg.images:
+        columns["image"] = _to_uint8_exact(batch["image"]).numpy()
     labels, ids = batch["label"].tolist(), batch["sample_id"].tolist()
     for j in range(n):
-        record = {"latent": np.ascontiguousarray(latent[j]), "latent_flip": np.ascontiguousarray(latent_flip[j]),
-                  "label": int(labels[j]), "sample_id": int(ids[j])}
-        if f16 is not None:
-            record["features"] = np.ascontiguousarray(f16[j])
+        record = {"label": int(labels[j]), "sample_id": int(ids[j])}
+        record.update((name, np.ascontiguousarray(array[j])) for name, array in columns.items())
         writer.write(record)
     return n
+
+
+def _to_uint8_exact(images: torch.Tensor) -> torch.Tensor:
+    """The [-1, 1] images as the 8-bit pixels they came from; an error if they did not come from 8-bit pixels
+    (the stored image must be exactly what the tokenizer and DINOv2 saw)."""
+    pixels = normalized_to_uint8(images)
+    if not torch.equal(uint8_to_normalized(pixels), images.to(torch.float32)):
+        raise ExtractError("images: the source images are not 8-bit (x != (u / 255 - 0.5) / 0.5 for uint8 u), so "
+                           "the stored uint8 image would differ from what the tokenizer and DINOv2 saw")
+    return pixels
 
 
 def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, Any], world: int,
@@ -726,9 +764,10 @@ def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, 
         "latent_shape": plan["latent_shape"],
         "latent_dtype": cfg.latent_dtype,
         "features_shape": (plan["features"] or {}).get("shape"),
+        "image_shape": plan["image_shape"],
         "columns": columns,
-        "stats": {"count_per_channel": int(total.count), "mean": total.mean.tolist(),
-                  "std": total.std().tolist(), "file": "latents_stats.pt"},
+        "stats": None if not total.count else {"count_per_channel": int(total.count), "mean": total.mean.tolist(),
+                                               "std": total.std().tolist(), "file": "latents_stats.pt"},
         "world_size": world,
         "chunk_size": cfg.chunk_size,
         "num_chunks": chunks,

@@ -41,7 +41,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 __all__ = [
     "IMG_EXTENSIONS", "BadItem", "IgnoredFile", "ImageFileDataset", "ImageRecord", "center_crop_arr",
-    "collate_items", "load_rgb", "read_file_list", "scan_image_folder", "to_tensor_normalized",
+    "collate_items", "load_rgb", "normalized_to_uint8", "read_file_list", "scan_image_folder", "to_tensor_normalized",
+    "uint8_to_normalized",
 ]
 
 
@@ -67,8 +68,18 @@ def to_tensor_normalized(image: Image.Image) -> torch.Tensor:
     if image.mode != "RGB":
         image = image.convert("RGB")
     array = np.array(image, dtype=np.uint8, copy=True)                 # H, W, 3
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    return tensor.sub_(0.5).div_(0.5)
+    return uint8_to_normalized(torch.from_numpy(array).permute(2, 0, 1))
+
+
+def uint8_to_normalized(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any layout) -> float32 in [-1, 1], the float operations of ``to_tensor_normalized``."""
+    return images.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+
+
+def normalized_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``uint8_to_normalized``: ``round((x + 1) * 127.5)`` as uint8 (exact for images that came from
+    8-bit pixels, as every image source here does)."""
+    return torch.round((images.to(torch.float32) + 1) * 127.5).clamp_(0, 255).to(torch.uint8)
 
 
 def load_rgb(path: Union[str, Path]) -> Image.Image:

@@ -5,13 +5,14 @@ from any position (epoch, step in epoch). The position is all a resume needs, so
 the global step: no loader state has to be trusted across a kill, and an epoch boundary restarts the next
 epoch from its beginning.
 
-* `LatentSource`  MDS shards of precomputed latents through MosaicML streaming (DiT training).
-* `MapSource`     any map-style torch Dataset (e.g. images for VA-VAE training), with a seeded per-epoch
-                  permutation split across ranks.
+* `StreamingSource`  MDS shards through MosaicML streaming: precomputed latents (DiT training, `LatentDataset`) or
+                     stored images with their DINOv2 features (VA-VAE training, `ImageDataset`).
+* `MapSource`        any map-style torch Dataset (e.g. image files for VA-VAE training), with a seeded per-epoch
+                     permutation split across ranks.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -30,14 +31,15 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class LatentSource:
-    """Latent MDS shards (data/streaming.py) read through a StreamingDataLoader."""
+class StreamingSource:
+    """MDS shards (data/streaming.py) read through a StreamingDataLoader: a `dataset_cls` reader (default
+    `LatentDataset`) built from the `data` config section and `dataset_kwargs` (e.g. expected_shape)."""
 
     def __init__(self, cfg, *, micro_batch_size: int, global_batch_size: int, seed: int, dist,
-                 expected_shape: Optional[Sequence[int]] = None):
+                 dataset_cls: Optional[type] = None, **dataset_kwargs: Any):
         from streaming.base.util import clean_stale_shared_memory
 
-        from data.streaming import build_latent_loader, steps_per_epoch
+        from data.streaming import LatentDataset, build_streaming_loader, steps_per_epoch
 
         # Streaming keeps per-dataset state in shared memory; a killed run leaks it. Without a remote the next
         # run simply takes a fresh prefix. With a remote, a leaked entry for the same local directory is an
@@ -48,8 +50,9 @@ class LatentSource:
             clean_stale_shared_memory()
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self.loader, self.dataset = build_latent_loader(cfg, batch_size=micro_batch_size, seed=seed, dist=dist,
-                                                        expected_shape=expected_shape)
+        self.loader, self.dataset = build_streaming_loader(cfg, batch_size=micro_batch_size, seed=seed, dist=dist,
+                                                           dataset_cls=dataset_cls or LatentDataset,
+                                                           **dataset_kwargs)
         self.num_samples = self.dataset.num_samples
         self.steps_per_epoch = steps_per_epoch(self.dataset, global_batch_size)
         # Streaming's shuffle depends on its number of canonical nodes: fixed at the first start of a run

@@ -1,35 +1,48 @@
-"""Latent datasets on MosaicML streaming (MDS shards): schema, writers, statistics and the reader.
+"""MDS datasets on MosaicML streaming: schema, writers, statistics and the readers (latents for the DiT, images
+and DINOv2 features for VA-VAE).
 
-Schema (one MDS sample per image; written with zstd compression and xxh64 shard hashes):
+Schema (one MDS sample per image; written with zstd compression and xxh64 shard hashes; data/extract.py writes
+it, every column but label and sample_id optional there):
 
-    latent        ndarray:<float16|float32>[:C,H,W]   VAE latent of the image
-    latent_flip   ndarray:<float16|float32>[:C,H,W]   VAE latent of the horizontally flipped image
+    latent        ndarray:<float16|float32>[:C,H,W]   tokenizer latent of the image (DiT training)
+    latent_flip   ndarray:<float16|float32>[:C,H,W]   tokenizer latent of the horizontally flipped image
     label         int64                               class index
     sample_id     int64                               global image index (resume checks, dedup)
-    features      ndarray:float16[:D,h,w]             optional DINOv2 patch tokens
+    features      ndarray:float16[:D,h,w]             DINOv2 patch tokens of the (non-flipped) image on an h x w
+                                                      token grid (VA-VAE: the autoencoder's latent grid)
+    image         ndarray:uint8:3,S,S                 the image itself: the exact S x S crop the tokenizer and
+                                                      DINOv2 saw, not flipped (VA-VAE training)
 
 The statistics file ``latents_stats.pt`` next to ``index.json`` holds
 ``{'mean': Tensor(1,C,1,1), 'std': Tensor(1,C,1,1)}``, the official LightningDiT layout, so the
 official file can be dropped in. They are exact per-channel moments over every non-flipped latent
-(``RunningMoments``), where the official code samples 10,000 latents.
+(``RunningMoments``), where the official code samples 10,000 latents. A dataset without latents has none.
 
-Reading (``LatentDataset`` / ``build_latent_loader``):
+Readers: ``LatentDataset`` (DiT: latent/latent_flip, label, sample_id[, features]) and ``ImageDataset`` (VA-VAE:
+image[, features], label, sample_id), both built by ``build_streaming_loader`` and checked the same way (below).
+``read_columns`` reads a dataset's column encodings from its ``index.json`` without building a reader.
 
-* Normalisation: ``z = (z - mean) / std`` when ``latent_norm``, then ``z * latent_multiplier``
-  always (as the official dataset does; the SD-VAE baseline uses latent_norm=False, 0.18215).
-* Flip augmentation: ``latent_flip`` replaces ``latent`` with p = 0.5, decided by a hash of
-  (seed, epoch, stored sample_id) -- no RNG state, so order *and* flips are identical after a
-  mid-epoch resume with any number of workers. The epoch is the one streaming itself iterates
-  (recorded when ``__iter__`` starts the epoch, including the epoch restored by
-  ``load_state_dict``).
+Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
+
+* Normalisation (latents): ``z = (z - mean) / std`` when ``latent_norm``, then ``z * latent_multiplier``
+  always (as the official dataset does; the SD-VAE baseline uses latent_norm=False, 0.18215). Images:
+  ``u / 255`` then ``(x - 0.5) / 0.5`` (float32, [-1, 1]), bitwise what data/images.py computes from the file.
+* Flip augmentation: ``latent_flip`` replaces ``latent`` (``ImageDataset``: the image is flipped) with
+  p = 0.5, decided by a hash of (seed, epoch, stored sample_id) -- no RNG state, so order *and* flips are
+  identical after a mid-epoch resume with any number of workers. The epoch is the one streaming itself
+  iterates (recorded when ``__iter__`` starts the epoch, including the epoch restored by
+  ``load_state_dict``). Stored features belong to the non-flipped image: ``ImageDataset`` refuses flips when
+  it reads them.
+* Checks: required columns present (the error names data.path and the missing column), every shard with
+  the same columns, fixed shapes against what the model expects (up front, else per sample).
 * Distribution: streaming finds rank and world from the environment variables RANK, WORLD_SIZE,
   LOCAL_RANK and LOCAL_WORLD_SIZE (set by torchrun), not from torch.distributed.
-  ``build_latent_loader(..., dist=...)`` fills them in when missing (e.g. under srun) and refuses
+  ``build_streaming_loader(..., dist=...)`` fills them in when missing (e.g. under srun) and refuses
   values that disagree.
 * Failures: a missing/invalid ``index.json``, a missing or truncated shard file, a shard whose hash
   does not match, or one that cannot be decompressed/decoded raises an error naming the file.
   Streaming itself would end the epoch early without an error when its background download thread
-  fails; ``LatentDataset.__iter__`` turns that into an exception.
+  fails; the readers' ``__iter__`` turns that into an exception.
 * Disk: streaming reads uncompressed shards. Without ``remote`` it decompresses each
   ``shard.N.mds.zstd`` once into ``shard.N.mds`` *inside the dataset directory* and keeps both, so
   the directory must be writable and grows by the raw size. To keep a dataset read-only, point
@@ -59,13 +72,12 @@ INDEX_FILENAME = "index.json"
 DEFAULT_SIZE_LIMIT = 1 << 26          # bytes of uncompressed samples per shard (streaming's default)
 DEFAULT_HASHES = ("xxh64",)
 LATENT_DTYPES = ("float16", "float32")
-REQUIRED_COLUMNS = ("latent", "label", "sample_id")
 
 __all__ = [
-    "STATS_FILENAME", "CorruptShardError", "LatentDataset", "RunningMoments", "WrittenDataset",
-    "build_latent_loader", "denormalize_latents", "ensure_streaming_env", "flip_decision", "latent_columns",
-    "load_latent_stats", "merge_shard_indexes", "normalize_latents", "open_writer",
-    "save_latent_stats", "steps_per_epoch", "verify_dataset", "write_latent_dataset",
+    "STATS_FILENAME", "CorruptShardError", "ImageDataset", "LatentDataset", "RunningMoments", "WrittenDataset",
+    "build_streaming_loader", "denormalize_latents", "ensure_streaming_env", "flip_decision", "latent_columns",
+    "load_latent_stats", "merge_shard_indexes", "normalize_latents", "open_writer", "parse_ndarray_encoding",
+    "read_columns", "save_latent_stats", "steps_per_epoch", "verify_dataset", "write_latent_dataset",
 ]
 
 
@@ -90,30 +102,33 @@ def _ndarray_encoding(dtype: str, shape: Optional[Sequence[int]]) -> str:
 def latent_columns(latent_dtype: str = "float16", with_features: bool = False, *,
                    latent_shape: Optional[Sequence[int]] = None,
                    features_shape: Optional[Sequence[int]] = None,
-                   features_dtype: str = "float16") -> dict[str, str]:
-    """MDS column spec of the latent dataset.
+                   features_dtype: str = "float16", with_latents: bool = True,
+                   image_size: Optional[int] = None) -> dict[str, str]:
+    """MDS column spec of the dataset (see the schema above).
 
     The dtype is always part of the encoding. With ``latent_shape`` (C, H, W) / ``features_shape``
     (D, h, w) the shape is fixed too (no per-sample header, and the reader can check it up front).
+    ``with_latents=False`` leaves out latent/latent_flip; ``image_size`` S adds the ``image`` column
+    (uint8 [3, S, S]).
     """
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
     if latent_shape is not None and len(latent_shape) != 3:
         raise ValueError(f"latent_shape must be (C, H, W), got {tuple(latent_shape)}")
-    columns = {
-        "latent": _ndarray_encoding(latent_dtype, latent_shape),
-        "latent_flip": _ndarray_encoding(latent_dtype, latent_shape),
-        "label": "int64",
-        "sample_id": "int64",
-    }
+    columns = {}
+    if with_latents:
+        columns["latent"] = columns["latent_flip"] = _ndarray_encoding(latent_dtype, latent_shape)
+    columns.update(label="int64", sample_id="int64")
     if with_features:
         if features_dtype not in LATENT_DTYPES:
             raise ValueError(f"features_dtype must be one of {LATENT_DTYPES}, got {features_dtype!r}")
         columns["features"] = _ndarray_encoding(features_dtype, features_shape)
+    if image_size is not None:
+        columns["image"] = _ndarray_encoding("uint8", (3, image_size, image_size))
     return columns
 
 
-def _parse_ndarray_encoding(encoding: str) -> tuple[Optional[str], Optional[tuple[int, ...]]]:
+def parse_ndarray_encoding(encoding: str) -> tuple[Optional[str], Optional[tuple[int, ...]]]:
     """'ndarray:float16:4,8,8' -> ('float16', (4, 8, 8)); (None, None) for non-ndarray encodings."""
     parts = encoding.split(":")
     if parts[0] != "ndarray":
@@ -413,7 +428,7 @@ def flip_decision(seed: int, epoch: int, sample_id: int) -> bool:
 def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any]:
     index = directory / INDEX_FILENAME
     if not directory.is_dir():
-        raise FileNotFoundError(f"{config_key}: latent dataset directory {directory} does not exist")
+        raise FileNotFoundError(f"{config_key}: dataset directory {directory} does not exist")
     if not index.is_file():
         raise FileNotFoundError(f"{config_key}: {directory} is not an MDS dataset: {index} does not exist "
                                 f"(per-rank directories need merge_shard_indexes first)")
@@ -432,6 +447,29 @@ def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any
         if not isinstance(shard, dict) or shard.get("format") != "mds" or not shard.get("raw_data"):
             raise ValueError(f"{config_key}: index file {index}: shard #{i} is not an MDS shard entry")
     return obj
+
+
+def read_columns(local: Union[str, Path], remote: Optional[str] = None,
+                 config_key: str = "data.path") -> dict[str, str]:
+    """Column name -> MDS encoding of a dataset, from its ``index.json`` (without building a reader): the local
+    one, or with ``remote`` and no local index yet, the remote's (fetched to a temporary file)."""
+    index_file = Path(local) / INDEX_FILENAME
+    if remote is not None and not index_file.is_file():
+        import tempfile
+
+        from streaming.base.storage.download import CloudDownloader
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                CloudDownloader.direct_download(os.path.join(remote, INDEX_FILENAME),
+                                                os.path.join(tmp, INDEX_FILENAME))
+            except Exception as e:  # noqa: BLE001 - name the key and the remote
+                raise FileNotFoundError(f"data.remote: cannot fetch {INDEX_FILENAME} from {remote}: "
+                                        f"{type(e).__name__}: {e}") from e
+            index = _read_index(Path(tmp), config_key)
+    else:
+        index = _read_index(Path(local), config_key)
+    shard = index["shards"][0]
+    return dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
 
 
 def _check_shard_files(directory: Path, shard: Mapping[str, Any], check_hashes: bool) -> Optional[str]:
@@ -482,64 +520,45 @@ def _common_hash(shards: Sequence[Mapping[str, Any]]) -> Optional[str]:
     return "xxh64" if "xxh64" in common else sorted(common)[0]
 
 
-# ----------------------------------------------------------------------------------------- reader
-class LatentDataset(StreamingDataset):
-    """StreamingDataset over the latent schema, returning training-ready samples.
+# ----------------------------------------------------------------------------------------- readers
+class _ShardDataset(StreamingDataset):
+    """StreamingDataset with our checks and failure handling; the base of ``LatentDataset`` and ``ImageDataset``.
 
-    Each item is ``{"latent": float32 [C,H,W] (normalised), "label": int64, "sample_id": int64,
-    "flipped": bool[, "features": stored dtype [D,h,w]]}``.
-
-    Args (besides StreamingDataset's keyword arguments, e.g. shuffle, shuffle_seed, batch_size):
-        local, remote: as StreamingDataset. Without ``remote``, ``local`` is the dataset itself and
-            is checked up front (index.json, shard files present with the indexed sizes).
-        latent_norm, latent_multiplier, random_flip, use_features: as ``DataConfig``.
-        flip_seed: seed of the flip decision (the experiment seed).
-        stats_path: statistics file or directory; default ``local/latents_stats.pt`` (fetched from
-            ``remote`` when missing locally).
-        expected_shape: (C, H, W) the model expects; checked against the data.
-        validate_hash: "auto" uses a hash recorded for every shard (xxh64 by our writer) so that
-            streaming verifies each shard when it decompresses/downloads it; None disables.
+    Without ``remote``, ``local`` is the dataset itself and is checked up front (index.json, shard files present
+    with the indexed sizes); the required columns are checked once streaming has the index; a shard that cannot
+    be read raises ``CorruptShardError`` naming the file. ``validate_hash="auto"`` uses a hash recorded for every
+    shard (xxh64 by our writer) so that streaming verifies each shard when it decompresses/downloads it; None
+    disables. Subclasses name their columns (``_required_columns``, ``_check_encodings``), prepare what must be
+    checked before streaming's shared state is touched (``_prepare``) and build the sample
+    (``_to_training_sample``).
     """
 
-    def __init__(self, *, local: str, remote: Optional[str] = None, latent_norm: bool = True,
-                 latent_multiplier: float = 1.0, random_flip: bool = True, use_features: bool = False,
-                 flip_seed: int = 0, stats_path: Optional[Union[str, Path]] = None,
-                 expected_shape: Optional[Sequence[int]] = None, validate_hash: Optional[str] = "auto",
-                 **kwargs: Any) -> None:
+    def __init__(self, *, local: str, remote: Optional[str] = None, random_flip: bool = False, flip_seed: int = 0,
+                 validate_hash: Optional[str] = "auto", **kwargs: Any) -> None:
         if not local:
-            raise ValueError("data.path: the latent dataset directory is not set")
+            raise ValueError("data.path: the dataset directory is not set")
         self.data_dir = Path(local)
-        self.latent_norm = bool(latent_norm)
-        self.latent_multiplier = float(latent_multiplier)
         self.random_flip = bool(random_flip)
-        self.use_features = bool(use_features)
         self.flip_seed = int(flip_seed)
-        self.expected_shape = tuple(int(d) for d in expected_shape) if expected_shape is not None else None
         self._iter_epoch: Optional[int] = None
         self._shard_error: Optional[CorruptShardError] = None
 
+        auto_hash = validate_hash == "auto"
         if remote is None:
             index = _read_index(self.data_dir)
             for shard in index["shards"]:
                 problem = _check_shard_files(self.data_dir, shard, check_hashes=False)
                 if problem:
                     raise CorruptShardError(f"data.path: {problem}")
-            if validate_hash == "auto":
+            if auto_hash:
                 validate_hash = _common_hash(index["shards"])
-        elif validate_hash == "auto":
+        elif auto_hash:
             validate_hash = None   # decided below, once the index is local
-            self._auto_hash = True
-
-        # Statistics before touching streaming's shared state, so that config errors come first.
-        self.mean: Optional[torch.Tensor] = None
-        self.std: Optional[torch.Tensor] = None
-        self.stats_file = _stats_file(stats_path) if stats_path is not None else self.data_dir / STATS_FILENAME
-        if self.latent_norm:
-            self._load_stats(remote)
+        self._prepare(remote)      # config errors before touching streaming's shared state
 
         super().__init__(local=str(local), remote=remote, validate_hash=validate_hash, **kwargs)
 
-        if remote is not None and getattr(self, "_auto_hash", False):
+        if remote is not None and auto_hash:
             infos = [{"zip_data": _file_info_dict(s.file_pairs[0][1]),
                       "raw_data": _file_info_dict(s.file_pairs[0][0])} for s in self.shards]
             algo = _common_hash(infos)
@@ -547,63 +566,39 @@ class LatentDataset(StreamingDataset):
                 stream.validate_hash = algo
         self._check_schema()
 
-    # ---- setup helpers
-    def _load_stats(self, remote: Optional[str]) -> None:
-        file = self.stats_file
-        if not file.is_file() and remote is not None and file.parent == self.data_dir:
-            try:
-                from streaming.base.storage.download import CloudDownloader
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f".{file.name}.download.{os.getpid()}")
-                CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
-                os.replace(tmp, file)
-            except Exception as e:  # noqa: BLE001 - fall through to the clear error below
-                log.warning("could not fetch %s from %s: %s", STATS_FILENAME, remote, e)
-        if not file.is_file():
-            where = f" (nor in data.remote {remote})" if remote is not None else ""
-            raise FileNotFoundError(
-                f"data.latent_norm is true but the latent statistics file {file} does not exist{where}. "
-                f"Write it with data.streaming.save_latent_stats (RunningMoments over the latents), copy the "
-                f"official latents_stats.pt there, or set data.latent_norm=false.")
-        self.mean, self.std = (t.reshape(-1, 1, 1) for t in load_latent_stats(file))
+    # ---- what subclasses define
+    def _prepare(self, remote: Optional[str]) -> None:
+        pass
 
+    def _required_columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def _missing_hint(self, missing: Sequence[str]) -> str:
+        """What to do about missing columns (appended to the error)."""
+        return ""
+
+    def _check_encodings(self, encodings: Mapping[str, str]) -> None:
+        pass
+
+    def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ---- schema
     def _check_schema(self) -> None:
         reader = self.shards[0]
         encodings = dict(zip(reader.column_names, reader.column_encodings))
-        required = list(REQUIRED_COLUMNS) + (["latent_flip"] if self.random_flip else []) \
-            + (["features"] if self.use_features else [])
-        missing = [c for c in required if c not in encodings]
+        missing = [c for c in self._required_columns() if c not in encodings]
         if missing:
             raise ValueError(f"data.path: the dataset at {self.data_dir} lacks column(s) {missing}; it has "
-                             f"{sorted(encodings)}" + (" (set data.use_features=false or extract DINOv2 "
-                                                       "features)" if "features" in missing else ""))
+                             f"{sorted(encodings)}{self._missing_hint(missing)}")
         for shard in self.shards[1:]:
             if list(shard.column_names) != list(reader.column_names) or \
                     list(shard.column_encodings) != list(reader.column_encodings):
                 raise ValueError(f"data.path: shards of {self.data_dir} disagree on their columns "
                                  f"({shard.raw_data.basename} vs {reader.raw_data.basename})")
-        for column in ("latent", "latent_flip"):
-            if column not in encodings:
-                continue
-            dtype, shape = _parse_ndarray_encoding(encodings[column])
-            if dtype is None and not encodings[column].startswith("ndarray"):
-                raise ValueError(f"data.path: column {column!r} of {self.data_dir} has encoding "
-                                 f"{encodings[column]!r}, expected ndarray:float16/float32")
-            if shape is not None:
-                self._check_latent_shape(shape, where=f"column {column!r} ({encodings[column]})")
+        self._check_encodings(encodings)
 
-    def _check_latent_shape(self, shape: Sequence[int], where: str) -> None:
-        shape = tuple(int(d) for d in shape)
-        if len(shape) != 3:
-            raise ValueError(f"data.path: latents of {self.data_dir} must be [C, H, W]; {where} has shape {shape}")
-        if self.mean is not None and shape[0] != self.mean.shape[0]:
-            raise ValueError(f"data.path: latents of {self.data_dir} have {shape[0]} channels ({where}, shape "
-                             f"{shape}) but the statistics file {self.stats_file} has {self.mean.shape[0]}")
-        if self.expected_shape is not None and shape != self.expected_shape:
-            raise ValueError(f"data.path: latents of {self.data_dir} have shape {shape} ({where}) but the model "
-                             f"expects {self.expected_shape} (model.in_channels, model.input_size)")
-
-    # ---- epoch tracking
+    # ---- epoch tracking and flips
     def _resume_incr_epoch(self) -> tuple[int, int]:
         # Called once per __iter__ in every worker: the epoch streaming is about to iterate
         # (including an epoch restored by load_state_dict). Recorded for the flip decision.
@@ -617,6 +612,9 @@ class LatentDataset(StreamingDataset):
         if self._iter_epoch is not None:
             return self._iter_epoch
         return max(self.next_epoch - 1, 0)
+
+    def _flipped(self, sample_id: int) -> bool:
+        return self.random_flip and flip_decision(self.flip_seed, self.current_epoch, sample_id)
 
     # ---- failures
     def _shard_paths(self, shard_id: int) -> str:
@@ -711,15 +709,104 @@ class LatentDataset(StreamingDataset):
             return self._to_training_sample(raw)
         except (ValueError, KeyError, TypeError) as e:
             self._abort_iteration()
-            if isinstance(e, ValueError) and str(e).startswith("data.path"):
+            if isinstance(e, ValueError) and str(e).startswith("data."):    # a config error (shapes), not corruption
                 raise
             shard_id, _ = self.spanner[sample_id]
             self._shard_error = self._describe(shard_id, e, f"decoding sample {sample_id} of {self.data_dir}")
             raise self._shard_error from e
 
+
+class LatentDataset(_ShardDataset):
+    """The DiT's reader: training-ready latents.
+
+    Each item is ``{"latent": float32 [C,H,W] (normalised), "label": int64, "sample_id": int64,
+    "flipped": bool[, "features": stored dtype [D,h,w]]}``.
+
+    Args (besides StreamingDataset's keyword arguments, e.g. shuffle, shuffle_seed, batch_size, and
+    ``_ShardDataset``'s local, remote, validate_hash):
+        latent_norm, latent_multiplier, random_flip, use_features: as ``DataConfig``.
+        flip_seed: seed of the flip decision (the experiment seed).
+        stats_path: statistics file or directory; default ``local/latents_stats.pt`` (fetched from
+            ``remote`` when missing locally).
+        expected_shape: (C, H, W) the model expects; checked against the data.
+    """
+
+    def __init__(self, *, local: str, remote: Optional[str] = None, latent_norm: bool = True,
+                 latent_multiplier: float = 1.0, random_flip: bool = True, use_features: bool = False,
+                 flip_seed: int = 0, stats_path: Optional[Union[str, Path]] = None,
+                 expected_shape: Optional[Sequence[int]] = None, **kwargs: Any) -> None:
+        self.latent_norm = bool(latent_norm)
+        self.latent_multiplier = float(latent_multiplier)
+        self.use_features = bool(use_features)
+        self.expected_shape = tuple(int(d) for d in expected_shape) if expected_shape is not None else None
+        self.mean: Optional[torch.Tensor] = None
+        self.std: Optional[torch.Tensor] = None
+        self._stats_path = stats_path
+        super().__init__(local=local, remote=remote, random_flip=random_flip, flip_seed=flip_seed, **kwargs)
+
+    @staticmethod
+    def config_kwargs(cfg: Any, seed: int) -> dict[str, Any]:
+        """Arguments from a ``DataConfig`` (``build_streaming_loader``)."""
+        return {"latent_norm": cfg.latent_norm, "latent_multiplier": cfg.latent_multiplier,
+                "random_flip": cfg.random_flip, "use_features": cfg.use_features, "flip_seed": seed}
+
+    def _prepare(self, remote: Optional[str]) -> None:
+        path = self._stats_path
+        self.stats_file = _stats_file(path) if path is not None else self.data_dir / STATS_FILENAME
+        if self.latent_norm:
+            self._load_stats(remote)
+
+    def _load_stats(self, remote: Optional[str]) -> None:
+        file = self.stats_file
+        if not file.is_file() and remote is not None and file.parent == self.data_dir:
+            try:
+                from streaming.base.storage.download import CloudDownloader
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.download.{os.getpid()}")
+                CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
+                os.replace(tmp, file)
+            except Exception as e:  # noqa: BLE001 - fall through to the clear error below
+                log.warning("could not fetch %s from %s: %s", STATS_FILENAME, remote, e)
+        if not file.is_file():
+            where = f" (nor in data.remote {remote})" if remote is not None else ""
+            raise FileNotFoundError(
+                f"data.latent_norm is true but the latent statistics file {file} does not exist{where}. "
+                f"Write it with data.streaming.save_latent_stats (RunningMoments over the latents), copy the "
+                f"official latents_stats.pt there, or set data.latent_norm=false.")
+        self.mean, self.std = (t.reshape(-1, 1, 1) for t in load_latent_stats(file))
+
+    def _required_columns(self) -> list[str]:
+        return ["latent", "label", "sample_id"] + (["latent_flip"] if self.random_flip else []) \
+            + (["features"] if self.use_features else [])
+
+    def _missing_hint(self, missing: Sequence[str]) -> str:
+        return " (set data.use_features=false or extract DINOv2 features)" if "features" in missing else ""
+
+    def _check_encodings(self, encodings: Mapping[str, str]) -> None:
+        for column in ("latent", "latent_flip"):
+            if column not in encodings:
+                continue
+            dtype, shape = parse_ndarray_encoding(encodings[column])
+            if dtype is None and not encodings[column].startswith("ndarray"):
+                raise ValueError(f"data.path: column {column!r} of {self.data_dir} has encoding "
+                                 f"{encodings[column]!r}, expected ndarray:float16/float32")
+            if shape is not None:
+                self._check_latent_shape(shape, where=f"column {column!r} ({encodings[column]})")
+
+    def _check_latent_shape(self, shape: Sequence[int], where: str) -> None:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 3:
+            raise ValueError(f"data.path: latents of {self.data_dir} must be [C, H, W]; {where} has shape {shape}")
+        if self.mean is not None and shape[0] != self.mean.shape[0]:
+            raise ValueError(f"data.path: latents of {self.data_dir} have {shape[0]} channels ({where}, shape "
+                             f"{shape}) but the statistics file {self.stats_file} has {self.mean.shape[0]}")
+        if self.expected_shape is not None and shape != self.expected_shape:
+            raise ValueError(f"data.path: latents of {self.data_dir} have shape {shape} ({where}) but the model "
+                             f"expects {self.expected_shape} (model.in_channels, model.input_size)")
+
     def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         sid = int(raw["sample_id"])
-        flipped = self.random_flip and flip_decision(self.flip_seed, self.current_epoch, sid)
+        flipped = self._flipped(sid)
         array = raw["latent_flip" if flipped else "latent"]
         if array.ndim != 3 or (self.mean is not None and array.shape[0] != self.mean.shape[0]) or \
                 (self.expected_shape is not None and tuple(array.shape) != self.expected_shape):
@@ -729,6 +816,75 @@ class LatentDataset(StreamingDataset):
         item = {"latent": z, "label": torch.tensor(int(raw["label"]), dtype=torch.int64),
                 "sample_id": torch.tensor(sid, dtype=torch.int64),
                 "flipped": torch.tensor(bool(flipped))}
+        if self.use_features:
+            item["features"] = torch.from_numpy(np.array(raw["features"]))
+        return item
+
+
+class ImageDataset(_ShardDataset):
+    """VA-VAE's reader: the stored images (data/extract.py with ``images: true``) and optionally their DINOv2
+    ``features`` (``use_features``: the precomputed VF-loss targets).
+
+    Each item is ``{"image": float32 [3,S,S] in [-1, 1], "label": int64, "sample_id": int64[, "features": stored
+    dtype [D,h,w]]}``. ``image_size`` (``data.image_size``) is checked against the stored S. ``random_flip`` flips
+    the image (the same hash decision as latent flips); it is refused with ``use_features``, because the stored
+    features belong to the non-flipped image.
+    """
+
+    def __init__(self, *, local: str, remote: Optional[str] = None, random_flip: bool = False,
+                 use_features: bool = False, flip_seed: int = 0, image_size: Optional[int] = None,
+                 **kwargs: Any) -> None:
+        if use_features and random_flip:
+            raise ValueError("data.random_flip: must be false when the precomputed DINOv2 features are read: they "
+                             "belong to the non-flipped image")
+        self.use_features = bool(use_features)
+        self.image_shape = (3, int(image_size), int(image_size)) if image_size is not None else None
+        super().__init__(local=local, remote=remote, random_flip=random_flip, flip_seed=flip_seed, **kwargs)
+
+    @staticmethod
+    def config_kwargs(cfg: Any, seed: int) -> dict[str, Any]:
+        """Arguments from a ``DataConfig`` (``build_streaming_loader``); ``use_features`` is the caller's."""
+        return {"random_flip": cfg.random_flip, "flip_seed": seed, "image_size": cfg.image_size}
+
+    def _required_columns(self) -> list[str]:
+        return ["image", "label", "sample_id"] + (["features"] if self.use_features else [])
+
+    def _missing_hint(self, missing: Sequence[str]) -> str:
+        hints = (["extract the images with `images: true` (configs/extract_vavae_features.yaml)"]
+                 if "image" in missing else []) \
+            + (["extract DINOv2 features (features.enabled: true, features.grid = the latent grid) or compute them "
+                "online (vavae.vf.features: online)"] if "features" in missing else [])
+        return f" ({'; '.join(hints)})" if hints else ""
+
+    def _check_encodings(self, encodings: Mapping[str, str]) -> None:
+        dtype, shape = parse_ndarray_encoding(encodings["image"])
+        if dtype != "uint8":
+            raise ValueError(f"data.path: column 'image' of {self.data_dir} has encoding {encodings['image']!r}, "
+                             f"expected ndarray:uint8 (as data/extract.py writes it)")
+        if shape is not None:
+            self._check_image_shape(shape, where=f"column 'image' ({encodings['image']})")
+
+    def _check_image_shape(self, shape: Sequence[int], where: str) -> None:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 3 or shape[0] != 3:
+            raise ValueError(f"data.path: images of {self.data_dir} must be [3, S, S]; {where} has shape {shape}")
+        if self.image_shape is not None and shape != self.image_shape:
+            raise ValueError(f"data.image_size: the images of {self.data_dir} have shape {shape} ({where}) but "
+                             f"data.image_size is {self.image_shape[-1]} (set data.image_size={shape[-1]}; "
+                             f"stored images are used as they are, never resized)")
+
+    def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        from data.images import uint8_to_normalized
+        sid = int(raw["sample_id"])
+        array = raw["image"]
+        if array.ndim != 3 or array.shape[0] != 3 or \
+                (self.image_shape is not None and tuple(array.shape) != self.image_shape):
+            self._check_image_shape(array.shape, where=f"sample_id {sid}")
+        image = uint8_to_normalized(torch.from_numpy(np.array(array, dtype=np.uint8)))
+        if self._flipped(sid):
+            image = torch.flip(image, dims=[-1])
+        item = {"image": image, "label": torch.tensor(int(raw["label"]), dtype=torch.int64),
+                "sample_id": torch.tensor(sid, dtype=torch.int64)}
         if self.use_features:
             item["features"] = torch.from_numpy(np.array(raw["features"]))
         return item
@@ -762,7 +918,7 @@ def ensure_streaming_env(dist: Any = None) -> None:
                 raise RuntimeError(
                     f"streaming reads RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE from the environment, but they "
                     f"are unset or disagree with torch.distributed (rank {tdist.get_rank()} of "
-                    f"{tdist.get_world_size()}); launch with torchrun or pass dist= to build_latent_loader")
+                    f"{tdist.get_world_size()}); launch with torchrun or pass dist= to build_streaming_loader")
         return
     for key, attr in _ENV_KEYS:
         value = getattr(dist, attr, None)
@@ -776,14 +932,15 @@ def ensure_streaming_env(dist: Any = None) -> None:
                                f"({attr}={value}); streaming would partition the data wrongly")
 
 
-def build_latent_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool = True, dist: Any = None,
-                        expected_shape: Optional[Sequence[int]] = None,
-                        stats_path: Optional[Union[str, Path]] = None, pin_memory: Optional[bool] = None,
-                        persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
-                        **dataset_kwargs: Any) -> tuple[StreamingDataLoader, LatentDataset]:
-    """(StreamingDataLoader, LatentDataset) for a ``DataConfig``; ``batch_size`` is per rank.
+def build_streaming_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool = True, dist: Any = None,
+                           dataset_cls: type = LatentDataset, pin_memory: Optional[bool] = None,
+                           persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
+                           **dataset_kwargs: Any) -> tuple[StreamingDataLoader, _ShardDataset]:
+    """(StreamingDataLoader, dataset) for a ``DataConfig``; ``batch_size`` is per rank.
 
-    Call after torch.distributed is initialised (otherwise streaming initialises and destroys a
+    ``dataset_cls`` is ``LatentDataset`` (DiT) or ``ImageDataset`` (VA-VAE), built from the config
+    (``dataset_cls.config_kwargs``) and ``dataset_kwargs`` (which win; e.g. ``expected_shape``, ``stats_path``,
+    ``use_features``). Call after torch.distributed is initialised (otherwise streaming initialises and destroys a
     process group of its own when WORLD_SIZE > 1). Each rank gets a disjoint 1/world share of every
     epoch (padded by repeating samples to a multiple of the world size). Resume with
     ``loader.load_state_dict(state)`` before ``iter(loader)``; see the module docstring.
@@ -793,12 +950,9 @@ def build_latent_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ensure_streaming_env(dist)
-    dataset = LatentDataset(
-        local=cfg.path, remote=cfg.remote, latent_norm=cfg.latent_norm,
-        latent_multiplier=cfg.latent_multiplier, random_flip=cfg.random_flip,
-        use_features=cfg.use_features, flip_seed=seed, stats_path=stats_path,
-        expected_shape=expected_shape, shuffle=cfg.shuffle, shuffle_seed=seed, batch_size=batch_size,
-        predownload=cfg.predownload, replication=None, **dataset_kwargs)
+    kwargs = {**dataset_cls.config_kwargs(cfg, seed), **dataset_kwargs}
+    dataset = dataset_cls(local=cfg.path, remote=cfg.remote, shuffle=cfg.shuffle, shuffle_seed=seed,
+                          batch_size=batch_size, predownload=cfg.predownload, replication=None, **kwargs)
     workers = int(cfg.num_workers)
     extra: dict[str, Any] = {}
     if workers > 0:

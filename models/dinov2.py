@@ -6,8 +6,10 @@
 
 * The ViT is ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)``: weights
   come only from the LOCAL file ``weights`` (timm or original DINOv2 key layout; loaded strictly), never a
-  download. ``random_init=True`` skips the file (tests and demos only; a warning says so). A missing file
-  is a ``FileNotFoundError`` naming ``<config_key>.weights``.
+  download. ``random_init=True`` skips the file (tests and demos only; a warning says so) and draws the weights
+  from a fixed seed (``RANDOM_INIT_SEED``, whatever the global RNG), so that every process that builds the same
+  model (extraction job, every training rank) gets the same random network. A missing file is a
+  ``FileNotFoundError`` naming ``<config_key>.weights``.
 * Input: resized (bilinear, align_corners=False) to ``patch * grid`` so that the token grid equals the
   latent grid (224 px for patch 14 and a 16 x 16 latent, the official VA-VAE setting). The official code
   feeds the [-1, 1] image *without* ImageNet mean/std normalisation (a known minor bug, hustvl/LightningDiT
@@ -27,8 +29,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DINOv2Features", "IMAGENET_MEAN", "IMAGENET_STD", "load_timm_weights", "resolve_weights_path"]
+__all__ = ["DINOv2Features", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "load_timm_weights",
+           "resolve_weights_path"]
 
+RANDOM_INIT_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -71,7 +75,10 @@ class DINOv2Features(nn.Module):
         model_kwargs = dict(model_kwargs or {})
         path = None if random_init else resolve_weights_path(weights, config_key, "DINOv2")  # before building
         try:
-            vit = timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0, **model_kwargs)
+            with torch.random.fork_rng(devices=[], enabled=random_init):
+                if random_init:
+                    torch.manual_seed(RANDOM_INIT_SEED)
+                vit = timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0, **model_kwargs)
         except Exception as err:  # noqa: BLE001 - unknown model name, bad kwargs
             raise ValueError(f"{config_key}.model: cannot create timm model {model!r} with model_kwargs "
                              f"{model_kwargs}: {err}") from err

@@ -520,8 +520,9 @@ def _build_tokenizer_class():
         """VA-VAE as a ``data.tokenizers.Tokenizer``: ``build_tokenizer("vavae", checkpoint=PATH)``.
 
         ``checkpoint``: a released file (``{"state_dict": ...}`` Lightning checkpoint or a bare state dict; the
-        ``loss.*``/``foundation_model.*``/``linear_proj.*`` entries are set aside) or our run's checkpoint
-        directory (``<run>/checkpoints/step_N``; its architecture is read from the run's saved config). The
+        ``loss.*``/``foundation_model.*``/``linear_proj.*`` entries are set aside), our run's checkpoint
+        directory (``<run>/checkpoints/step_N``; its architecture is read from the run's saved config) or the run
+        directory itself (its newest complete checkpoint). The
         architecture defaults to f16d32; any ddconfig keyword (``embed_dim``, ``ch``, ``ch_mult``, ...) overrides
         it. ``random_init=True`` builds an untrained model without a checkpoint (tests only). Encoding returns the
         posterior mean, or a sample (``sample=True``, the official extraction) drawn with ``generator``."""
@@ -529,6 +530,9 @@ def _build_tokenizer_class():
         def __init__(self, checkpoint: Optional[str] = None, *, random_init: bool = False, **ddconfig: Any):
             super().__init__()
             arch = f16d32_config()
+            if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / ".metadata").is_file():
+                from core.checkpoint import resolve_checkpoint_dir
+                checkpoint = str(resolve_checkpoint_dir(checkpoint))     # a run dir -> its newest checkpoint
             if checkpoint and Path(checkpoint).is_dir():
                 found = _run_model_config(Path(checkpoint))
                 if found:

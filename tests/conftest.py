@@ -1,4 +1,7 @@
-"""Session-wide fixtures.
+"""Shared fixtures.
+
+``one_thread``: one intra-op thread for the test (tiny CPU models: several threads on small kernels of a loaded
+2-core machine spin and crawl); modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 
 ``local_slurm``: a real Slurm cluster of four fake nodes n1..n4 (with accounting) on this machine, started once per
 test session by scripts/slurm/start_local_slurm.sh and stopped at the end. It needs root and Debian's packages
@@ -16,10 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "scripts" / "slurm"
 NODES = 4       # enough for the Slurm tests' jobs to run side by side, one job per node (tests/test_slurm.py)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

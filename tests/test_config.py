@@ -232,7 +232,7 @@ def test_int_accepted_for_float(tmp_path):
 
 def test_literal_outside_choices_lists_them(tmp_path):
     msg = error_of(load_config, write(tmp_path, "engine:\n  precision: fp16\n"))
-    assert msg.endswith("engine.precision: 'fp16' is not one of: 'bf16', 'fp32'")
+    assert msg.endswith("engine.precision: 'fp16' is not one of: 'bf16', 'bf16-autocast', 'fp32'")
     msg = error_of(load_config, XL, ["transport.timestep_sampling=[{kind: beta}]"])
     assert msg == ("command line: transport.timestep_sampling[0].kind: 'beta' is not one of: "
                    "'lognorm', 'uniform'")
@@ -342,6 +342,22 @@ def test_world_size_divisibility_names_the_numbers():
     msg = error_of(load_config, XL, ["train.global_batch_size=1000"], world_size=16)
     assert msg == ("command line: train.global_batch_size: global batch size 1000 is not divisible by "
                    "world size 16")
+
+
+def test_hybrid_sharding_keys():
+    cfg = load_config(XL, ["engine.sharding=hybrid", "engine.shard_group_size=8", "engine.precision=bf16-autocast"])
+    validate(cfg, world_size=64)
+    assert (cfg.engine.sharding, cfg.engine.shard_group_size, cfg.engine.precision) == ("hybrid", 8, "bf16-autocast")
+    assert error_of(validate, cfg, world_size=4) == ("config: engine.shard_group_size: world size 4 is not divisible "
+                                                     "by shard_group_size 8 (hybrid sharding replicates whole shard "
+                                                     "groups)")
+    msg = error_of(load_config, XL, ["engine.sharding=hybrid", "engine.shard_group_size=0"])
+    assert msg == "command line: engine.shard_group_size: must be > 0, got 0"
+    msg = error_of(load_config, XL, ["engine.sharding=hybrid", "engine.kind=deepspeed"])
+    assert msg.startswith("command line: engine.sharding: hybrid sharding (HSDP) needs engine.kind=fsdp2, got "
+                          "'deepspeed'")
+    msg = error_of(load_config, XL, ["engine.shard_group_size=4"])
+    assert msg.startswith("command line: engine.shard_group_size: is only used with engine.sharding=hybrid")
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -8,13 +8,14 @@ False)``; DeepSpeed JIT-builds its small shared-memory comm op on first use (cac
   a single-process reference, FSDP2 and ZeRO-1/2/3 — losses, grad norms, weights, EMA and Adam moments agree
   to fp32 rounding (tolerances below; the measured maxima are ~1e-7);
 * activation checkpointing (recomputes, keeps names), per-block torch.compile (ZeRO-2), optimizer offload,
-  bf16 for every stage, clipping and the non-finite skip for every stage;
+  bf16 and bf16-autocast for every stage, clipping and the non-finite skip for every stage;
 * bit-exact resume under ZeRO-2 through the CheckpointManager (two parts, one without EMA), fallback to the
   previous checkpoint, ZeRO-3 / bf16 ZeRO-1 round trips;
 * 2 ranks -> 1 rank through DeepSpeed's universal checkpoint (ZeRO-2 and ZeRO-3), bit-exact state.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from pathlib import Path
@@ -58,22 +59,25 @@ def _ds(stage, **kw):
     return EngineConfig(kind="deepspeed", precision=kw.pop("precision", "fp32"), zero_stage=stage, **kw)
 
 
-def _engine_step(part, dist, step):
-    """One optimizer step of ``part`` on this rank's half of the step's batch; returns (mean loss, norm)."""
+def _engine_step(part, dist, step, autocast=contextlib.nullcontext):
+    """One optimizer step of ``part`` on this rank's half of the step's batch, forwards in ``autocast()`` (the
+    engine's, as the trainer does); returns (mean loss, norm)."""
     from core.distributed import all_reduce_mean
     x, y = _batch(step)
     part.set_lr(_lr(step))
     lo = dist.rank * 16 // dist.world_size
     hi = (dist.rank + 1) * 16 // dist.world_size
     if step < ACCUM_FROM:
-        loss = F.mse_loss(part.module(x[lo:hi]), y[lo:hi])
+        with autocast():
+            loss = F.mse_loss(part.module(x[lo:hi]), y[lo:hi])
         part.backward(loss)
         total = loss.detach()
     else:
         mid = (lo + hi) // 2
         total = torch.zeros(())
         for k, (a, b) in enumerate([(lo, mid), (mid, hi)]):
-            loss = F.mse_loss(part.module(x[a:b]), y[a:b]) / 2
+            with autocast():
+                loss = F.mse_loss(part.module(x[a:b]), y[a:b]) / 2
             part.backward(loss, sync=(k == 1))
             total = total + loss.detach()
     norm = part.step()
@@ -179,11 +183,12 @@ def _variants_worker(dist):
     plain_keys = list(init.state_dict().keys())
 
     def run(ecfg, steps=4, clip=None, count_calls=False):
-        part = build_engine(ecfg, dist).prepare("model", copy.deepcopy(init), _ocfg(), DECAY, "blocks", grad_clip=clip)
+        engine = build_engine(ecfg, dist)
+        part = engine.prepare("model", copy.deepcopy(init), _ocfg(), DECAY, "blocks", grad_clip=clip)
         calls = []
         fc = part.module.module.blocks[0].fc
         hook = fc.register_forward_hook(lambda *a: calls.append(1)) if count_calls else None
-        log = [_engine_step(part, dist, s) for s in range(steps)]
+        log = [_engine_step(part, dist, s, engine.autocast) for s in range(steps)]
         if hook is not None:
             hook.remove()
         return part, log, len(calls)
@@ -226,6 +231,22 @@ def _variants_worker(dist):
         for (loss, _), (bl, _) in zip(log, base_log):
             assert abs(loss - bl) < 3e-2 * abs(bl), (stage, loss, bl)
         out[f"bf16_{stage}_max_rel_loss_err"] = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(log, base_log))
+    # bf16-autocast: fp32 weights; DeepSpeed's own forward autocasts to bf16 (its torch_autocast section, so an
+    # autocast opened outside is not switched off); no parameter is marked for bf16 gradient reduction
+    for stage in (1, 2, 3):
+        part, log, _ = run(_ds(stage, precision="bf16-autocast"))
+        assert not any(hasattr(p, "comm_dtype") for p in part.module.module.parameters())
+        assert all(v.dtype == torch.float32 for v in _ds_state(part).values())
+        seen = []
+        hook = part.module.module.blocks[0].fc.register_forward_hook(
+            lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+        part.module(torch.zeros(2, 4))
+        hook.remove()
+        assert seen == [(torch.float32, torch.bfloat16)], (stage, seen)
+        for (loss, _), (bl, _) in zip(log, base_log):
+            assert abs(loss - bl) < 3e-2 * abs(bl), (stage, loss, bl)
+        out[f"bf16-autocast_{stage}_max_rel_loss_err"] = max(abs(a[0] - b[0]) / abs(b[0])
+                                                             for a, b in zip(log, base_log))
 
     # clipping (pre-clip norm returned) and the non-finite skip, every stage
     clip = 0.05
@@ -400,6 +421,10 @@ def test_ds_config_from_engine_config():
     assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["communication_data_type"] == "fp32"
     assert "offload_optimizer" not in ds_config(_ds(2), 1)["zero_optimization"]
     assert ds_config(_ds(1), 1)["gradient_clipping"] == 0.0 and not ds_config(_ds(1), 1)["bf16"]["enabled"]
+    assert "torch_autocast" not in ds_config(_ds(2, precision="bf16"), 1)
+    autocast = ds_config(_ds(2, precision="bf16-autocast"), 1)
+    assert not autocast["bf16"]["enabled"] and autocast["communication_data_type"] == "fp32"
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     with pytest.raises(ValueError, match="zero_stage"):
         ds_config(_ds(0), 1)
 

@@ -1,20 +1,26 @@
 """FSDP2 engine on a REAL 2-process gloo group vs a plain single-process reference model.
 
 Each rank trains on its half of a fixed batch; the reference trains on the whole batch with the same
-optimizer. Losses, grad norms, final weights and EMA must agree to fp32 rounding.
+optimizer. Losses, grad norms, final weights and EMA must agree to fp32 rounding. Hybrid sharding (HSDP) must
+train bit-identically to full sharding and its checkpoints load under full sharding (2 ranks and 1) and back;
+precision "bf16-autocast" must equal the plain model under torch.autocast and resume bit-exactly.
 """
 from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 try:
     from dist_utils import ToyModel, run_distributed
+    from test_lightningdit import randomize, tiny
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import ToyModel, run_distributed
+    from tests.test_lightningdit import randomize, tiny
 
 ATOL = 1e-5
 DECAY = 0.9
@@ -225,7 +231,157 @@ def _wrapping_worker(dist):
     return report
 
 
+def _state(part):
+    """Full (unsharded) weights, EMA and Adam moments of an FSDP2 part (collective)."""
+    return {**{f"model.{k}": v for k, v in _full(part.module).items()},
+            **{f"ema.{k}": v for k, v in _full(part.ema).items()},
+            **{f"optim.{k}": v for k, v in _full_optim(part).items()}}
+
+
+def _build_toy(dist, seed=0, **engine_kw):
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines.fsdp2 import FSDP2Engine
+    torch.manual_seed(seed)
+    engine = FSDP2Engine(EngineConfig(precision="fp32", **engine_kw), dist)
+    return engine, engine.prepare("model", ToyModel(), OptimizerConfig(lr=1e-2, weight_decay=0.01), DECAY, "blocks")
+
+
+def _train_toy(part, dist, steps=3):
+    """``steps`` optimizer steps on this rank's share of a fixed batch, the last one as 2 accumulated micro-batches;
+    returns the per-step (all-reduced loss, grad norm)."""
+    from core.distributed import all_reduce_mean
+    x, y = _data()
+    n = 16 // dist.world_size
+    log = []
+    for step in range(steps):
+        micro = 2 if step == steps - 1 else 1
+        total = torch.zeros(())
+        for k in range(micro):
+            mb = slice(dist.rank * n + k * n // micro, dist.rank * n + (k + 1) * n // micro)
+            loss = F.mse_loss(part.module(x[mb]), y[mb]) / micro
+            part.backward(loss, sync=(k == micro - 1))
+            total += loss.detach()
+        log.append((all_reduce_mean(total), part.step()))
+    return log
+
+
+def _hybrid_worker(dist, ckpt_root):
+    """HSDP (2 replicas x 1 shard; 1 x 2 = the default group of LOCAL_WORLD_SIZE ranks) against full sharding, and
+    checkpoints written under one mesh loaded under the other."""
+    from torch.distributed.tensor import Replicate, Shard
+    from core.config import EngineConfig
+    from core.engines.fsdp2 import FSDP2Engine
+
+    ckpt_root = Path(ckpt_root)
+    runs = {}
+    for name, kw in (("full", {}), ("hybrid_2x1", dict(sharding="hybrid", shard_group_size=1)),
+                     ("hybrid_1x2", dict(sharding="hybrid"))):
+        engine, part = _build_toy(dist, **kw)
+        runs[name] = (engine, part, _train_toy(part, dist), _state(part))
+    weight = runs["hybrid_2x1"][1].module.inp.weight
+    assert weight.device_mesh.mesh_dim_names == ("replicate", "shard") and weight.device_mesh.shape == (2, 1)
+    assert weight.placements == (Replicate(), Shard(0))
+    assert runs["hybrid_2x1"][1].ema.inp.weight.device_mesh is weight.device_mesh      # EMA on the same mesh
+    assert runs["hybrid_1x2"][0].mesh.shape == (1, 2)                                 # 2 ranks per "node" here
+    # Bit-exact: on 2 ranks every gradient reduction is the single addition a + b, whichever group runs it.
+    ref_log, ref_state = runs["full"][2], runs["full"][3]
+    for name in ("hybrid_2x1", "hybrid_1x2"):
+        log, state = runs[name][2], runs[name][3]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(log, ref_log)), (name, log)
+        _assert_equal_sd(state, ref_state, f"{name} vs full sharding")
+    # checkpoints: hybrid -> full and full -> hybrid, fresh parts with other initial weights
+    for src, dst_kw in (("hybrid_2x1", {}), ("full", dict(sharding="hybrid", shard_group_size=1))):
+        engine, part = runs[src][:2]
+        engine.save(ckpt_root / src, {"model": part}, {"step": 3})
+        engine2, part2 = _build_toy(dist, seed=7, **dst_kw)
+        assert engine2.load(ckpt_root / src, {"model": part2}) == {"step": 3}
+        _assert_equal_sd(_state(part2), runs[src][3], f"{src} checkpoint loaded under {dst_kw or 'full'}")
+    with pytest.raises(ValueError, match="engine.shard_group_size: world size 2 is not divisible by shard_group_"):
+        FSDP2Engine(EngineConfig(sharding="hybrid", shard_group_size=3), dist).mesh
+    return {name: runs[name][3] for name in ("full", "hybrid_2x1")}
+
+
+def _hybrid_one_rank_worker(dist, ckpt_root, states):
+    """The 2-rank checkpoints on 1 rank: the hybrid one under full sharding, the full one under hybrid (1 x 1)."""
+    for src, dst_kw in (("hybrid_2x1", {}), ("full", dict(sharding="hybrid"))):
+        engine, part = _build_toy(dist, seed=7, **dst_kw)
+        extra = engine.load(Path(ckpt_root) / src, {"model": part})
+        assert extra == {"step": 3, "world_size_changed": True}
+        _assert_equal_sd(_state(part), states[src], f"{src} checkpoint on 1 rank")
+    return True
+
+
+def _autocast_worker(dist, ckpt_dir):
+    """precision="bf16-autocast" on a tiny LightningDiT: forward and loss bit-identical to the plain model under
+    torch.autocast(cpu, bf16) with the same weights (fp32 weights, fp32 residual stream), then 2 training steps, a
+    checkpoint, 2 more; a fresh part resumes from the checkpoint and repeats the last 2 steps bit for bit."""
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines.fsdp2 import FSDP2Engine
+    from models.transport import Transport
+
+    transport = Transport()
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = randomize(tiny())
+        engine = FSDP2Engine(EngineConfig(precision="bf16-autocast"), dist)
+        return model, engine, engine.prepare("model", copy.deepcopy(model), OptimizerConfig(lr=1e-3), DECAY)
+
+    def loss_of(module, step):
+        g = torch.Generator().manual_seed(100 * step + dist.rank)
+        x1, y = torch.randn(2, 4, 4, 4, generator=g), torch.randint(0, 10, (2,), generator=g)
+        t, noise = torch.rand(2, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+        torch.manual_seed(step)                                                  # label dropout
+        return transport.training_losses(module, x1, {"y": y}, t=t, noise=noise)["loss"].mean()
+
+    def train(engine, part, steps):
+        losses = []
+        for step in steps:
+            with engine.autocast():
+                loss = loss_of(part.module, step)
+            part.backward(loss)
+            part.step()
+            losses.append(loss.detach())
+        return losses
+
+    ref, engine, part = build(seed=0)
+    seen = []
+    hook = part.module.blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].dtype, next(m.parameters()).dtype)))
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])       # 10: the null class
+    with engine.autocast():
+        out, loss = part.module.eval()(x, t, y), loss_of(part.module.train(), 0)
+    hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, ref_loss = ref.eval()(x, t, y), loss_of(ref.train(), 0)
+    assert seen[0] == (torch.float32, torch.float32), seen                       # fp32 residual and weights
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out)
+    assert torch.equal(loss, ref_loss)
+
+    ckpt_dir = Path(ckpt_dir)
+    train(engine, part, range(2))
+    engine.save(ckpt_dir, {"model": part}, {"step": 2})
+    saved = _state(part)
+    live = train(engine, part, range(2, 4))
+    _, engine2, part2 = build(seed=1)
+    engine2.load(ckpt_dir, {"model": part2})
+    _assert_equal_sd(_state(part2), saved, "resumed state")
+    assert torch.equal(torch.stack(train(engine2, part2, range(2, 4))), torch.stack(live))
+    _assert_equal_sd(_state(part2), _state(part), "state after the resumed steps")
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bf16_autocast_is_plain_autocast_and_resumes_bit_exactly(tmp_path, world_size):
+    assert run_distributed(_autocast_worker, world_size=world_size, args=(str(tmp_path),)) == [True] * world_size
+
+
+def test_hybrid_sharding_matches_full_and_checkpoints_reshard(tmp_path):
+    states = run_distributed(_hybrid_worker, world_size=2, args=(str(tmp_path),))[0]
+    assert run_distributed(_hybrid_one_rank_worker, world_size=1, args=(str(tmp_path), states)) == [True]
+
+
 def test_fsdp2_matches_single_process_training_accumulation_and_ema():
     assert run_distributed(_equivalence_worker, world_size=2) == [True, True]
 

@@ -28,7 +28,7 @@ from streaming.base.util import clean_stale_shared_memory
 from core.config import ConfigError, DataConfig
 from data.extract import (ExtractConfig, ExtractError, FeatureExtractor, FeaturesConfig, extract,
                           load_extract_config, main, read_manifest)
-from data.streaming import build_latent_loader, load_latent_stats
+from data.streaming import build_streaming_loader, load_latent_stats
 from data.synthetic import SyntheticImages, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
     assert manifest["num_samples"] == N and manifest["num_skipped"] == 0 and manifest["world_size"] == 2
 
     # The training reader takes the output as it is (normalised with the stored stats).
-    loader, dataset = build_latent_loader(DataConfig(path=str(out), num_workers=0, shuffle=False), batch_size=8,
+    loader, dataset = build_streaming_loader(DataConfig(path=str(out), num_workers=0, shuffle=False), batch_size=8,
                                           seed=0, drop_last=False, expected_shape=(3, SIZE, SIZE))
     seen = []
     for batch in loader:
@@ -251,9 +251,9 @@ def test_dinov2_features_tiny_random_vit(tmp_path):
     assert features.shape == (32, SIZE, SIZE) and features.dtype == np.float16   # [D, h, w] on the latent grid
     assert read_manifest(cfg.out_dir)["features_shape"] == [32, SIZE, SIZE]
 
-    # Same weights (the job seeds torch with cfg.seed before building the model): token (r, c) of
+    # Same weights (random_init draws them from a fixed seed, whatever the global RNG): token (r, c) of
     # forward_features on the 224 px input, after the CLS token, is features[:, r, c].
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(1234)
     extractor = FeatureExtractor(cfg.features, (SIZE, SIZE))
     assert extractor.input_hw == (14 * SIZE, 14 * SIZE) and extractor.num_prefix_tokens == 1
     image = SyntheticImages(6, image_size=SIZE, num_classes=CLASSES)[0][0][None]
@@ -263,6 +263,40 @@ def test_dinov2_features_tiny_random_vit(tmp_path):
     for r, c in [(0, 0), (0, 5), (7, 3), (15, 15)]:
         np.testing.assert_allclose(features[:, r, c].astype(np.float32), tokens[r * SIZE + c].numpy(),
                                    rtol=2e-3, atol=2e-3)
+
+
+def test_images_and_features_on_another_grid_without_latents(tmp_path):
+    """tokenizer.kind none + images + features on an 8x8 grid (what VA-VAE f2 training at 16 px needs): the
+    columns, the exact stored images, the plan (a resume with another grid is refused) and the config checks."""
+    out = tmp_path / "out"
+    overrides = [f"out_dir={out}", "source.num_samples=6", f"source.image_size={SIZE}", "tokenizer.kind=none",
+                 "images=true", "features.enabled=true", "features.model=vit_small_patch14_dinov2",
+                 "features.random_init=true", f"features.model_kwargs={json.dumps(TINY_VIT)}", "features.grid=8",
+                 "batch_size=4", "num_workers=0", "progress_bar=false"]
+    result = extract(load_extract_config(CONFIG, overrides))
+    assert result.num_samples == 6 and result.mean is None
+    manifest = read_manifest(out)
+    assert manifest["columns"] == {"label": "int64", "sample_id": "int64", "features": "ndarray:float16:32,8,8",
+                                   "image": f"ndarray:uint8:3,{SIZE},{SIZE}"}
+    assert manifest["features_shape"] == [32, 8, 8] and manifest["image_shape"] == [3, SIZE, SIZE]
+    assert manifest["latent_shape"] is None and manifest["stats"] is None
+    assert not (out / "latents_stats.pt").exists()
+    pixels = SyntheticImages(6, image_size=SIZE, num_classes=CLASSES, output="uint8")
+    for s in read_raw(out):
+        assert s["image"].dtype == np.uint8 and s["features"].shape == (32, 8, 8)
+        np.testing.assert_array_equal(s["image"], pixels[int(s["sample_id"])][0].transpose(2, 0, 1))
+    # Resuming is a no-op; another grid is another dataset.
+    assert extract(load_extract_config(CONFIG, overrides)).written_this_run == 0
+    with pytest.raises(ExtractError, match=r"features: .*\[32, 8, 8\].*\[32, 4, 4\]"):
+        extract(load_extract_config(CONFIG, overrides + ["features.grid=4"]))
+
+    with pytest.raises(ConfigError, match=r"tokenizer\.kind: is 'none' \(no latents\): store the images"):
+        load_extract_config(CONFIG, ["tokenizer.kind=none"])
+    with pytest.raises(ConfigError, match=r"features\.grid: must be set when tokenizer\.kind is 'none'"):
+        load_extract_config(CONFIG, ["tokenizer.kind=none", "features.enabled=true", "features.random_init=true"])
+    example = load_extract_config(REPO / "configs" / "extract_vavae_features.yaml")
+    assert example.images and example.tokenizer.kind == "none" and example.features.grid == 16
+    assert example.features.model == "vit_large_patch14_dinov2.lvd142m" and example.source.image_size == 256
 
 
 def test_dinov2_registers_imagenet_norm_and_local_weights(tmp_path):

@@ -29,13 +29,7 @@ def _imports():
 STEPS = ["--num-steps", "10", "--cfg-interval-start", "0.3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU models: one intra-op thread is fastest (and far faster on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _table(out: str) -> tuple[list[str], list[list[str]]]:
@@ -168,10 +162,9 @@ class _Recorder:
 
 
 def _record_steps(dist):
-    """One training step each: FSDP2 engine (full shard), HSDP mesh (2 replicas x 1 shard), DDP."""
+    """One training step each: FSDP2 engine with full sharding, the engine with hybrid sharding (HSDP, 2 replicas x
+    1 shard; forward and backward), DDP."""
     import torch.distributed as tdist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from core.config import EngineConfig, OptimizerConfig
@@ -191,13 +184,11 @@ def _record_steps(dist):
         out[key] = rec.calls
 
     torch.manual_seed(0)
-    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
-    model = ToyModel()
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    engine = FSDP2Engine(EngineConfig(precision="fp32", sharding="hybrid", shard_group_size=1), dist)
+    part = engine.prepare("m", ToyModel(), OptimizerConfig(), 0.9, "blocks")
+    assert engine.mesh.shape == (2, 1)
     with _Recorder.mode() as rec:
-        model(x).sum().backward()
+        part.backward(part.module(x).sum())
     out["hsdp"] = rec.calls
 
     ddp = DistributedDataParallel(ToyModel(), broadcast_buffers=False)

@@ -30,14 +30,13 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 try:
-    from test_train_resume import final_state
+    from test_train_resume import complete_steps, final_state, write_toy_latents
 except ImportError:  # run as a package module
-    from tests.test_train_resume import final_state
+    from tests.test_train_resume import complete_steps, final_state, write_toy_latents
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, str(REPO / "launchers" / "slurm.py")]
@@ -131,24 +130,24 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    ckpts = run_dir / "checkpoints"
-    if not ckpts.exists():
-        return []
-    return sorted(int(p.name.split("_")[1]) for p in ckpts.iterdir()
-                  if p.name.startswith("step_") and (p / "COMPLETE").exists())
-
-
 def result(run_dir: Path, job_id: str, task: int = 0):
     with open(run_dir / "slurm" / f"{job_id}_{task}_result.pkl", "rb") as f:
         return pickle.load(f)
 
 
-def sacct_states(job_id: str) -> list[str]:
-    res = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
-                         text=True, timeout=30)
-    assert res.returncode == 0, res.stderr
-    return [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+def sacct_states(job_id: str, timeout: float = 60.0) -> list[str]:
+    """Accounting states of every start of the job (``-D``: requeued starts too), once the last start's end has
+    reached the accounting database: slurmctld sends it to slurmdbd asynchronously, so right after the job ended
+    (``scontrol show job``) sacct may still report the last start as RUNNING."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                             text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        states = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+        if (states and states[-1] not in ("PENDING", "RUNNING")) or time.monotonic() > deadline:
+            return states
+        time.sleep(1.0)
 
 
 class PreemptDriver(threading.Thread):
@@ -191,20 +190,7 @@ class PreemptDriver(threading.Thread):
 # ================================================================================================ fixtures
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """64 class-dependent 3x16x16 'latents' with their flips as MDS shards (as in test_train_resume)."""
-    from data.streaming import write_latent_dataset
-
-    out = tmp_path_factory.mktemp("slurm_data") / "mds"
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(64):
-            label = i % 10
-            img = rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.5 + (label - 4.5) / 5
-            yield {"latent": img, "latent_flip": img[:, :, ::-1].copy(), "label": label, "sample_id": i}
-
-    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=4096)
-    return out
+    return write_toy_latents(tmp_path_factory.mktemp("slurm_data") / "mds")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from streaming.base.util import clean_stale_shared_memory
 
 from core.config import DataConfig
 from data.streaming import (
-    CorruptShardError, LatentDataset, RunningMoments, build_latent_loader, denormalize_latents,
+    CorruptShardError, ImageDataset, LatentDataset, RunningMoments, build_streaming_loader, denormalize_latents,
     ensure_streaming_env, flip_decision, latent_columns, load_latent_stats, merge_shard_indexes,
-    normalize_latents, open_writer, save_latent_stats, steps_per_epoch, verify_dataset,
+    normalize_latents, open_writer, read_columns, save_latent_stats, steps_per_epoch, verify_dataset,
     write_latent_dataset)
 
 C, H = 4, 4
@@ -121,6 +121,48 @@ def test_features_column(tmp_path):
     ref = samples[int(item["sample_id"]) - ID0]["features"].astype(np.float16)
     assert item["features"].dtype == torch.float16
     np.testing.assert_array_equal(item["features"].numpy(), ref)
+
+
+def test_image_dataset_images_features_flips_and_schema_errors(tmp_path):
+    """The VA-VAE reader: uint8 images back to the exact [-1, 1] floats, features as stored, flips by the shared
+    hash, and schema/shape errors naming the config key and the column."""
+    from data.images import uint8_to_normalized
+
+    rng = np.random.default_rng(0)
+    columns = latent_columns(with_latents=False, with_features=True, features_shape=(8, 2, 2), image_size=H)
+    assert columns == {"label": "int64", "sample_id": "int64", "features": "ndarray:float16:8,2,2",
+                       "image": "ndarray:uint8:3,4,4"}
+    samples = [{"image": rng.integers(0, 256, (3, H, H), dtype=np.uint8), "label": i % 10, "sample_id": ID0 + i,
+                "features": rng.standard_normal((8, 2, 2)).astype(np.float16)} for i in range(12)]
+    with open_writer(tmp_path / "ds", columns, size_limit=300) as writer:
+        for sample in samples:
+            writer.write(sample)
+    assert read_columns(tmp_path / "ds") == columns
+    ds = ImageDataset(local=str(tmp_path / "ds"), use_features=True, image_size=H, batch_size=2)
+    for i in range(12):
+        item = ds[i]
+        src = samples[int(item["sample_id"]) - ID0]
+        assert item["image"].dtype == torch.float32 and int(item["label"]) == src["label"]
+        assert torch.equal(item["image"], uint8_to_normalized(torch.from_numpy(src["image"])))
+        assert -1 <= item["image"].min() and item["image"].max() <= 1
+        np.testing.assert_array_equal(item["features"].numpy(), src["features"])
+    del ds
+    flipping = ImageDataset(local=str(tmp_path / "ds"), random_flip=True, flip_seed=5, batch_size=2)
+    for i in range(12):
+        item = flipping[i]
+        image = uint8_to_normalized(torch.from_numpy(samples[int(item["sample_id"]) - ID0]["image"]))
+        flip = flip_decision(5, 0, int(item["sample_id"]))
+        assert "features" not in item and torch.equal(item["image"], image.flip(-1) if flip else image)
+    del flipping
+
+    with pytest.raises(ValueError, match=r"data\.random_flip: must be false .*non-flipped image"):
+        ImageDataset(local=str(tmp_path / "ds"), use_features=True, random_flip=True, batch_size=2)
+    with pytest.raises(ValueError, match=r"data\.image_size: .*\(3, 4, 4\).*data\.image_size is 8"):
+        ImageDataset(local=str(tmp_path / "ds"), image_size=8, batch_size=2)
+    latents, _ = write(tmp_path / "latents", 4)                       # a DiT dataset: no images
+    with pytest.raises(ValueError, match=r"data\.path: .*lacks column\(s\) \['image', 'features'\].*images: true"):
+        ImageDataset(local=str(latents), use_features=True, batch_size=2)
+    gc.collect()
 
 
 # ----------------------------------------------------------------------------------------- flips
@@ -233,9 +275,9 @@ def collect(loader, max_batches=None):
     return ids, flips
 
 
-def test_build_latent_loader_and_steps_per_epoch(tmp_path):
+def test_build_streaming_loader_and_steps_per_epoch(tmp_path):
     path, _ = write(tmp_path / "ds", 50)
-    loader, ds = build_latent_loader(data_cfg(path, num_workers=0), batch_size=4, seed=0)
+    loader, ds = build_streaming_loader(data_cfg(path, num_workers=0), batch_size=4, seed=0)
     assert len(ds) == 50 and len(loader) == 12
     assert steps_per_epoch(ds, 8) == 6
     ids, _ = collect(loader)
@@ -253,7 +295,7 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
 
     # Reference: two uninterrupted epochs, no workers. Each loader gets its own local cache dir
     # (remote = the written dataset), as several datasets may not share one.
-    ref_loader, _ = build_latent_loader(data_cfg(tmp_path / "cache_ref", remote=str(data), num_workers=0),
+    ref_loader, _ = build_streaming_loader(data_cfg(tmp_path / "cache_ref", remote=str(data), num_workers=0),
                                         batch_size=bs, seed=seed)
     ref = [collect(ref_loader) for _ in range(2)]
     del ref_loader
@@ -267,7 +309,7 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
     # Interrupted run: position the loader at the start of epoch 1 (as the trainer does), stop
     # after `stop` batches and take the state.
     cfg = data_cfg(tmp_path / "cache_a", remote=str(data), num_workers=workers)
-    loader, _ = build_latent_loader(cfg, batch_size=bs, seed=seed)
+    loader, _ = build_streaming_loader(cfg, batch_size=bs, seed=seed)
     state = dict(loader.state_dict())
     state.update(epoch=1, sample_in_epoch=0)
     loader.load_state_dict(state)
@@ -280,7 +322,7 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
 
     # Resumed run in a fresh loader: exactly the remaining batches, in order, with the same flips.
     cfg_b = data_cfg(tmp_path / "cache_b", remote=str(data), num_workers=workers)
-    resumed, _ = build_latent_loader(cfg_b, batch_size=bs, seed=seed)
+    resumed, _ = build_streaming_loader(cfg_b, batch_size=bs, seed=seed)
     resumed.load_state_dict(json.loads(json.dumps(state)))        # survives serialisation
     tail = collect(resumed)
     assert tail[0] == ref[1][0][stop:]

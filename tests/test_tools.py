@@ -13,14 +13,15 @@ def _run(*args, timeout=300):
 
 
 def test_bench_train_prints_a_table_with_flops():
-    res = _run("tools/bench_train.py", "--batch", "4", "--steps", "2", "--warmup", "1")
+    res = _run("tools/bench_train.py", "--batch", "4", "--steps", "2", "--warmup", "1",
+               "--precision", "fp32", "bf16-autocast")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     header = [h.strip() for h in lines[1].split("|")]
     assert header == ["engine", "batch", "mode", "precision", "img/s", "step ms", "GFLOP/img", "MFU", "peak mem GiB"]
-    row = [c.strip() for c in lines[3].split("|")]
-    assert row[:4] == ["fsdp2", "4", "eager", "fp32"]
-    assert float(row[4]) > 0 and float(row[6]) > 0
+    rows = [[c.strip() for c in line.split("|")] for line in lines[3:]]
+    assert [row[:4] for row in rows] == [["fsdp2", "4", "eager", "fp32"], ["fsdp2", "4", "eager", "bf16-autocast"]]
+    assert all(float(row[4]) > 0 and float(row[6]) > 0 for row in rows)
 
 
 def test_local_launcher_rejects_bad_arguments(tmp_path):

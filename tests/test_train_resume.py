@@ -25,12 +25,10 @@ REQUEUE = 75
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """64 class-dependent 3x16x16 'latents' (identity tokenizer) with their flips, as MDS shards."""
+def write_toy_latents(out: Path) -> Path:
+    """64 class-dependent 3x16x16 'latents' (identity tokenizer) with their flips, as MDS shards at ``out``."""
     from data.streaming import write_latent_dataset
 
-    out = tmp_path_factory.mktemp("data") / "mds"
     rng = np.random.default_rng(0)
 
     def samples():
@@ -41,6 +39,11 @@ def dataset(tmp_path_factory) -> Path:
 
     write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=4096)
     return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_toy_latents(tmp_path_factory.mktemp("data") / "mds")
 
 
 def _cmd(run_dir: Path, data: Path, nproc: int, overrides) -> list[str]:
@@ -65,11 +68,9 @@ def start(run_dir, data, nproc=2, overrides=("wandb.mode=disabled",), **env) -> 
 
 
 def complete_steps(run_dir: Path) -> list[int]:
-    ckpts = run_dir / "checkpoints"
-    if not ckpts.exists():
-        return []
-    return sorted(int(p.name.split("_")[1]) for p in ckpts.iterdir()
-                  if p.name.startswith("step_") and (p / "COMPLETE").exists())
+    """Steps of the run's committed checkpoints, oldest first."""
+    from core.checkpoint import complete_checkpoints
+    return [step for step, _ in complete_checkpoints(run_dir / "checkpoints")]
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout=180.0) -> None:

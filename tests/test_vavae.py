@@ -30,13 +30,7 @@ TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_r
           "vavae.disc.n_layers=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU kernels: one intra-op thread (several threads on a loaded 2-core machine spin and crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tsv() -> dict[str, list[int]]:
@@ -190,6 +184,7 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
     from models.tasks.vavae import VAVAETask
 
     cfg = load_config(REPO / "configs/tiny_vavae.yaml", overrides)
+    autocast = cfg.engine.precision == "bf16-autocast"
     task, ref_task = VAVAETask(cfg, dist), VAVAETask(cfg, dist)           # same rank -> same noise generator
     specs = task.build_models()
     ref = {name: copy.deepcopy(spec.module) for name, spec in specs.items()}
@@ -213,9 +208,11 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
         for phase in ("autoencoder", "discriminator"):
             ctx = SimpleNamespace(step=step)
             for k, batch in enumerate(batches):
-                loss, m = task.loss(phase, batch, parts, ctx)
+                with engine.autocast():                          # as the trainer; the reference: the same autocast
+                    loss, m = task.loss(phase, batch, parts, ctx)
                 parts[phase].backward(loss / accum, sync=(k == accum - 1))
-                ref_loss, ref_m = ref_task.loss(phase, batch, ref_parts, ctx)
+                with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    ref_loss, ref_m = ref_task.loss(phase, batch, ref_parts, ctx)
                 (ref_loss / accum).backward()
                 for key in m:
                     d = abs(float(m[key]) - float(ref_m[key])) / max(1.0, abs(float(ref_m[key])))
@@ -251,6 +248,15 @@ def test_adaptive_weights_under_fsdp2_match_unsharded_reference():
         assert diffs["grads"] < 1e-5, diffs
         assert diffs["params"] < 1e-5, diffs
         assert diffs["buffers"] < 1e-6, diffs
+
+
+def test_bf16_autocast_matches_unsharded_reference_under_autocast():
+    # engine.precision=bf16-autocast: the FSDP2 parts under Engine.autocast() equal plain modules under
+    # torch.autocast(bf16) bit for bit on one rank (a no-op engine autocast would differ from the bf16 reference).
+    overrides = TINY16 + ["vavae.loss.disc_start=1", "engine.precision=bf16-autocast"]
+    [(diffs, seen)] = run_distributed(_fsdp_vs_unsharded, world_size=1, args=(1, overrides))
+    assert seen["d_weight"] > 0 and seen["vf_weight"] > 0, seen
+    assert diffs == {"weights": 0.0, "grads": 0.0, "params": 0.0, "buffers": 0.0}, diffs
 
 
 # ------------------------------------------------------------------------------------------ tools/eval_tokenizer

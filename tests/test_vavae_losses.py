@@ -24,13 +24,7 @@ TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_r
 R2 = 1 / math.sqrt(2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small CPU kernels: one intra-op thread (several threads on a loaded 2-core machine spin and crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ VF loss
@@ -256,8 +250,8 @@ def test_vavae_config_section_and_stage_configs():
     assert s3.vavae.loss.disc_start == 1
 
     tiny = REPO / "configs/tiny_vavae.yaml"
-    with pytest.raises(ConfigError, match=r"data\.kind: the VA-VAE task trains on images"):
-        load_config(tiny, ["data.kind=streaming"])
+    with pytest.raises(ConfigError, match=r"data\.path: set the MDS dataset directory"):
+        load_config(tiny, ["data.kind=streaming"])              # images (+ DINOv2 features) in MDS shards
     with pytest.raises(ConfigError, match=r"vavae\.vf\.dinov2\.weights: not set"):
         load_config(tiny, ["vavae.vf.dinov2.random_init=false"])
     # The discriminator may have its own learning rate (the trainer schedules each part from its own base LR).
@@ -266,5 +260,3 @@ def test_vavae_config_section_and_stage_configs():
         load_config(tiny, ["vavae.disc_optimizer.lr=0"])
     with pytest.raises(ConfigError, match=r"data\.image_size: image size 31 is not divisible"):
         load_config(tiny, ["data.image_size=31"])
-    with pytest.raises(NotImplementedError, match=r"vavae\.vf\.features='precomputed'"):
-        _tiny_task(["vavae.vf.features=precomputed"])

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from core.metrics import format_table, peak_flops
+from core.metrics import bench_threads, format_table, peak_flops
 from data.extract import (ExtractConfig, FeatureExtractor, FeaturesConfig, SourceConfig, TokenizerConfig,
                           extract)
 from data.tokenizers import available_tokenizers, build_tokenizer
@@ -182,13 +182,8 @@ def bench_pipeline(args, batch, device, features_cfg, flops, network_rows) -> di
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = torch.get_num_threads()
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    try:
+    with bench_threads(device, args.threads):
         return _run(args, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args, device: torch.device) -> int:

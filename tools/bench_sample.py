@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 
 from core.config import ModelConfig, SamplingConfig, load_config
-from core.metrics import format_table, peak_flops
+from core.metrics import bench_threads, format_table, peak_flops
 from models.fast_sampling import FastEulerSampler, forward_images, nfe
 from models.lightningdit import build_model
 from models.sampling import Sampler
@@ -189,13 +189,8 @@ def bf16_floor(refs: dict, batch: int) -> float | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = torch.get_num_threads()
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    try:
+    with bench_threads(device, args.threads):
         return _run(args, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args, device: torch.device) -> int:

@@ -2,9 +2,10 @@
 
     python tools/bench_train.py                                   # tiny model on CPU (seconds)
     python tools/bench_train.py --model LightningDiT-XL/1 --batch 64 128 --modes eager compiled
+    python tools/bench_train.py --model LightningDiT-XL/1 --batch 64 --modes compiled --precision bf16 bf16-autocast
 
-It runs the real training step of the shared trainer (DiT task loss → engine backward → engine step with
-clipping, optimizer and EMA) on random latents in one process, so the data loader is not measured
+It runs the real training step of the shared trainer (DiT task loss under the engine's autocast → engine backward
+→ engine step with clipping, optimizer and EMA) on random latents in one process, so the data loader is not measured
 (`data_wait_frac` in the trainer's logs covers that). FLOPs per image come from the model's analytic
 count (models.lightningdit.LightningDiT.flops_per_image), not a guess.
 """
@@ -35,15 +36,15 @@ def parse_args(argv=None):
     p.add_argument("--engine", default="fsdp2", choices=["fsdp2", "deepspeed"])
     p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[1, 2, 3],
                    help="DeepSpeed ZeRO stages to measure (--engine deepspeed)")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--precision", nargs="+", default=None, choices=["bf16", "bf16-autocast", "fp32"],
+                   help="engine.precision values to measure; default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     return p.parse_args(argv)
 
 
-def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args, zero_stage: int = 2) -> dict:
-    precision = args.precision or ("bf16" if dist.device.type == "cuda" else "fp32")
+def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, precision: str, args, zero_stage: int = 2) -> dict:
     cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(global_batch_size=batch, epochs=1))
     engine_cfg = EngineConfig(kind=args.engine, precision=precision, compile=(mode == "compiled"),
                               activation_checkpointing=args.activation_checkpointing, zero_stage=zero_stage)
@@ -60,7 +61,8 @@ def bench_one(dist, model_cfg: ModelConfig, batch: int, mode: str, args, zero_st
     ctx = StepContext(step=0, epoch=0.0, timestep_phase=cfg.transport.timestep_sampling[0])
 
     def step():
-        loss, _ = task.loss("model", data, parts, ctx)
+        with engine.autocast():
+            loss, _ = task.loss("model", data, parts, ctx)
         part.backward(loss)
         part.step()
 
@@ -97,8 +99,9 @@ def main(argv=None) -> int:
     try:
         model_cfg = TINY if args.model == "tiny" else replace(ModelConfig(), type=args.model)
         stages = args.zero_stage if args.engine == "deepspeed" else [None]
-        rows = [bench_one(dist, model_cfg, b, m, args, zero_stage=z or 2)
-                for z in stages for b in args.batch for m in args.modes]
+        precisions = args.precision or ["bf16" if dist.device.type == "cuda" else "fp32"]
+        rows = [bench_one(dist, model_cfg, b, m, p, args, zero_stage=z or 2)
+                for z in stages for p in precisions for b in args.batch for m in args.modes]
         if dist.is_main:
             print(f"model {args.model}, engine {args.engine}, device {dist.device}, "
                   f"torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up")

@@ -1,20 +1,26 @@
 """`make demo`: the whole pipeline on the embedded synthetic dataset, on CPU, with the real machinery.
 
-  1. extract: synthetic class-conditional images -> latents (identity tokenizer, both flips) + exact
-     per-channel stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks)
-  2. train:   a small LightningDiT with 2 ranks through the local launcher: FSDP2, checkpoints, W&B offline,
-     the lognorm -> uniform switch in the middle (resumable: a second run continues or finds it finished)
-     and in-loop evaluation: FID of EMA samples against held-out synthetic images, measured with a tiny
-     randomly initialised feature extractor (`tiny-random`: it exercises the evaluation pipeline on a CPU;
-     its numbers say nothing about image quality — real runs use Inception weights, see README "Evaluating")
-  3. sample:  one row per class from the EMA weights of the last checkpoint -> PNG grid
-  4. leaderboard: the run ranked by FID, a Markdown table and a plot of FID against epochs
+  1. tokenizer: a small VA-VAE (L1 + LPIPS + KL + VF loss to a DINOv2 + PatchGAN from epoch 4) trained on the
+     synthetic 16 px images with 2 ranks through the local launcher (FSDP2, checkpoints, W&B offline);
+     its LPIPS and DINOv2 are tiny RANDOMLY INITIALISED networks (no downloads), see configs/demo_vavae.yaml
+  2. reconstruction: PSNR / SSIM of the VA-VAE on held-out synthetic images (tools/eval_tokenizer.py)
+  3. extract: the synthetic images -> VA-VAE latents (posterior samples, both flips) + exact per-channel
+     stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks)
+  4. train:   a small LightningDiT on those latents with 2 ranks: FSDP2, checkpoints, W&B offline, the
+     lognorm -> uniform switch in the middle (resumable: a second run continues or finds it finished) and
+     in-loop evaluation: FID of EMA samples (decoded by the VA-VAE) against held-out synthetic images, measured
+     with a tiny randomly initialised feature extractor (`tiny-random`: it exercises the evaluation pipeline on
+     a CPU; its numbers say nothing about image quality — real runs use Inception weights, see README
+     "Evaluating")
+  5. sample:  one row per class from the EMA weights of the last checkpoint, decoded by the VA-VAE -> PNG grid
+  6. leaderboard: the DiT run ranked by FID, a Markdown table and a plot of FID against epochs
 
 Everything lands under --out (default runs/demo); the last lines say where.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -37,49 +43,78 @@ def run_stage(title: str, cmd: list[str]) -> None:
     print(f"=== {title}: done in {time.time() - t0:.0f} s", flush=True)
 
 
+def latent_shape(data_dir: Path) -> list[int]:
+    """(C, H, W) of the latents the extraction wrote (its manifest)."""
+    return list(json.loads((data_dir / "manifest.json").read_text())["latent_shape"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, run and samples go")
-    p.add_argument("--nproc", type=int, default=2, help="ranks for extraction and training")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where data, runs and samples go")
+    p.add_argument("--nproc", type=int, default=2, help="ranks for training and extraction")
     p.add_argument("--num-samples", type=int, default=2048, help="synthetic images to generate")
-    p.add_argument("--epochs", type=float, default=None, help="override the training config's epochs")
-    p.add_argument("--config", default="configs/demo_dit.yaml", help="training config")
+    p.add_argument("--vavae-config", default="configs/demo_vavae.yaml", help="tokenizer training config")
+    p.add_argument("--vavae-epochs", type=float, default=None, help="override the VA-VAE config's epochs")
+    p.add_argument("--config", default="configs/demo_dit.yaml",
+                   help="DiT training config (model.in_channels / input_size are set from the latents)")
+    p.add_argument("--epochs", type=float, default=None, help="override the DiT config's epochs")
     p.add_argument("--per-class", type=int, default=10, help="samples per class in the grid")
     p.add_argument("--eval-every", type=float, default=6.0,
                    help="in-loop evaluation every this many epochs")
     args = p.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO / args.out
-    data_dir, run_dir, grid = out / "data", out / "dit", out / "samples.png"
+    vavae_dir, data_dir, run_dir, grid = out / "vavae", out / "data", out / "dit", out / "samples.png"
     reference, board = out / "reference", out / "leaderboard"
     py = sys.executable
     t0 = time.time()
 
-    run_stage("1/4 extract synthetic images -> MDS latents",
-              [py, "launchers/local.py", "--nproc", str(args.nproc), "--entry", "data/extract.py",
-               "configs/extract_synthetic.yaml", f"out_dir={data_dir}", f"source.num_samples={args.num_samples}"])
     if not (reference / "class_09").exists():
         from data.synthetic import write_image_folder
-        # Held-out images (another seed) as the FID reference of the in-loop evaluation.
+        # Held-out images (another seed): the tokenizer's reconstruction test set and the FID reference.
         write_image_folder(reference, 500, image_size=16, num_classes=10, seed=1)
+
+    vavae_overrides = [f"run_dir={vavae_dir}", f"data.synthetic_num_samples={args.num_samples}"]
+    if args.vavae_epochs is not None:
+        vavae_overrides.append(f"train.epochs={args.vavae_epochs}")
+    run_stage("1/6 train the VA-VAE tokenizer (FSDP2, 2 ranks)",
+              [py, "launchers/local.py", "--nproc", str(args.nproc), args.vavae_config, *vavae_overrides])
+    from core.checkpoint import resolve_checkpoint_dir
+    tokenizer_ckpt = resolve_checkpoint_dir(vavae_dir)      # this exact checkpoint encodes and decodes
+
+    run_stage("2/6 VA-VAE reconstruction of held-out images (PSNR, SSIM)",
+              [py, "tools/eval_tokenizer.py", "--checkpoint", str(tokenizer_ckpt), "--images", str(reference),
+               "--image-size", "16", "--no-lpips", "--num-workers", "0", "--device", "cpu",
+               "--json", str(out / "vavae_reconstruction.json")])
+
+    run_stage("3/6 extract synthetic images -> VA-VAE latents (MDS shards, 2 ranks)",
+              [py, "launchers/local.py", "--nproc", str(args.nproc), "--entry", "data/extract.py",
+               "configs/extract_synthetic.yaml", f"out_dir={data_dir}", f"source.num_samples={args.num_samples}",
+               "tokenizer.kind=vavae", f"tokenizer.kwargs={{checkpoint: '{tokenizer_ckpt}'}}"])
+    channels, size, _ = latent_shape(data_dir)
     train_overrides = [f"data.path={data_dir}", f"run_dir={run_dir}",
+                       f"model.in_channels={channels}", f"model.input_size={size}",
                        f"eval.every_epochs={args.eval_every}",
                        f"eval.reference={reference}", "eval.feature_extractor=tiny-random",
                        "eval.num_samples=100", "eval.batch_size=50", "eval.sampling_overrides=[num_steps=25]",
                        "eval.grid_size=20"]
     if args.epochs is not None:
         train_overrides.append(f"train.epochs={args.epochs}")
-    run_stage("2/4 train LightningDiT (FSDP2, 2 ranks)",
+    run_stage("4/6 train LightningDiT on the latents (FSDP2, 2 ranks)",
               [py, "launchers/local.py", "--nproc", str(args.nproc), args.config, *train_overrides])
-    run_stage("3/4 sample a grid (one row per class, EMA weights)",
+    run_stage("5/6 sample a grid (one row per class, EMA weights, decoded by the VA-VAE)",
               [py, "tools/sample.py", str(run_dir), "--grid", str(grid), "--per-class", str(args.per_class)])
 
-    run_stage("4/4 leaderboard (FID of the in-loop evaluations)",
-              [py, "tools/leaderboard.py", str(out), "--out", str(board)])
+    run_stage("6/6 leaderboard (FID of the in-loop evaluations)",
+              [py, "tools/leaderboard.py", str(run_dir), "--out", str(board)])
 
+    recon = json.loads((out / "vavae_reconstruction.json").read_text())
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
-    print(f"  data (MDS shards, stats, manifest): {data_dir}")
-    print(f"  run directory (config, checkpoints, metrics.jsonl): {run_dir}")
+    print(f"  VA-VAE run (config, checkpoints, metrics.jsonl): {vavae_dir}; tokenizer checkpoint {tokenizer_ckpt}")
+    print(f"  VA-VAE reconstruction of {recon.get('num_images', '?')} held-out images: PSNR {recon['psnr']:.2f} dB, "
+          f"SSIM {recon['ssim']:.3f} ({out / 'vavae_reconstruction.json'})")
+    print(f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir}")
+    print(f"  DiT run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")
     print(f"  leaderboard: {board / 'leaderboard.md'} and {board / 'fid_vs_epochs.png'} "
           f"(FID from a tiny random feature extractor: a pipeline check, not a quality measure)")

@@ -28,24 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-COMPLETE = "COMPLETE"
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is a checkpoint directory, else the newest complete ``step_*`` under
-    ``path`` or ``path/checkpoints``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if (path / "state").is_dir() or (path / "deepspeed").is_dir():
-        return path
-    for root in (path, path / "checkpoints"):
-        steps = sorted((p for p in root.glob("step_*") if (p / COMPLETE).is_file()), key=lambda p: p.name) \
-            if root.is_dir() else []
-        if steps:
-            return steps[-1]
-    raise FileNotFoundError(f"{path} is neither a checkpoint directory (with state/ or deepspeed/) nor a run / "
-                            "checkpoints directory with a complete step_* checkpoint")
+from core.checkpoint import resolve_checkpoint_dir  # noqa: E402 - after the path set-up
 
 
 def engine_of(ckpt_dir: Path) -> str:

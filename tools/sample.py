@@ -72,10 +72,11 @@ class SamplingError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ model loading
 def _latest_checkpoint(run_dir: Path) -> Path:
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    if not ckpts:
+    from core.checkpoint import complete_checkpoints
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if not found:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-    return ckpts[-1]
+    return found[-1][1]
 
 
 def load_run(run_dir: Path, overrides=(), ckpt: Optional[Path] = None, which: str = "ema",

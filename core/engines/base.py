@@ -1,14 +1,15 @@
 """Engine / TrainedPart interfaces: the only things the trainer and the checkpoint manager call.
 
-An *engine* wraps models for distributed training (FSDP2 today, DeepSpeed later) and owns their
-checkpoint state. A *trained part* is one trainable model + its optimizer (+ EMA) as wrapped by an engine.
-See docs/architecture.md for the contract.
+An *engine* wraps models for distributed training (FSDP2, DeepSpeed ZeRO) and owns their checkpoint state and
+their compute precision (``Engine.autocast``). A *trained part* is one trainable model + its optimizer (+ EMA) as
+wrapped by an engine. See docs/architecture.md for the contract.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
@@ -66,6 +67,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
         """Collective: restore every part's state from ``ckpt_dir``; returns the saved ``extra``."""
+
+    def autocast(self) -> ContextManager:
+        """The context every forward through the trained parts runs in (the trainer wraps ``Task.loss`` in it):
+        ``torch.autocast(bf16)`` for ``precision="bf16-autocast"`` (fp32 parameters, per-op bf16 compute: the
+        official LightningDiT numerics), a no-op for "bf16" (the engine casts the parameters instead) and "fp32"."""
+        if self.cfg.precision == "bf16-autocast":
+            return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def wait(self) -> None:
         """Finish this rank's async save in flight and re-raise its error (no-op for synchronous engines)."""

@@ -7,7 +7,9 @@ Wrapping (``DeepSpeedEngine.prepare``), in this order:
 
 1. parameters are cast to fp32 (DeepSpeed keeps the fp32 master copy of the trainable parameters in the
    ZeRO optimizer's flat partitions; with ``precision="bf16"`` it casts the module's *parameters* — not its
-   buffers, since DeepSpeed 0.19 — to bf16 for compute);
+   buffers, since DeepSpeed 0.19 — to bf16 for compute; with ``precision="bf16-autocast"`` the parameters stay
+   fp32 and DeepSpeed's ``torch_autocast`` section runs the forward under ``torch.autocast(bf16)``, gradients
+   reduced in fp32, like the FSDP2 engine's mode of that name);
 2. a fp32 CPU snapshot of the frozen parameters (``requires_grad=False``, e.g. LightningDiT's ``pos_embed``)
    is taken: they are not in the optimizer, so DeepSpeed has no fp32 copy of them once it cast them to bf16;
 3. every block of ``getattr(model, blocks_attr)`` optionally gets activation checkpointing and
@@ -154,8 +156,9 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
     if cfg.zero_stage not in (1, 2, 3):
         raise ValueError(f"engine.zero_stage: the DeepSpeed engine runs ZeRO stage 1, 2 or 3, got {cfg.zero_stage} "
                          "(stage 0 is plain data parallelism: use engine.kind=fsdp2 or a ZeRO stage)")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"engine.precision: unknown precision {cfg.precision!r} (expected 'bf16' or 'fp32')")
+    if cfg.precision not in ("bf16", "bf16-autocast", "fp32"):
+        raise ValueError(f"engine.precision: unknown precision {cfg.precision!r} "
+                         "(expected 'bf16', 'bf16-autocast' or 'fp32')")
     bucket = max(2, int(cfg.bucket_size) // 2 * 2)        # allgather bucket must be a multiple of 2
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
@@ -168,7 +171,7 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     bf16 = cfg.precision == "bf16"
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,        # the trainer accumulates and scales; see the module docstring
         "train_batch_size": world_size,
@@ -184,6 +187,12 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "FAIL"},
     }
+    if cfg.precision == "bf16-autocast":
+        # fp32 ZeRO, forward under torch.autocast(bf16). DeepSpeed's forward switches off an autocast opened outside
+        # it (on CUDA) unless its own `torch_autocast` section is on; with no lower-precision-safe modules every
+        # gradient is still reduced in fp32 (DeepSpeed would otherwise reduce Linear/Conv gradients in bf16).
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return config
 
 
 def _run_ds_to_universal(argv: list[str]) -> None:

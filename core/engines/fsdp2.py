@@ -12,9 +12,21 @@ Wrapping (``FSDP2Engine.prepare``), in this order:
    each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
    fused op over local shards, with no communication.
 
-Mixed precision (``precision="bf16"``): ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32,
-cast_forward_inputs=False)`` —
-compute and all-gathers in bf16, gradient reduction, sharded gradients, optimizer and EMA in fp32.
+Device mesh (``engine.sharding``): ``"full"`` shards every unit over all ranks (1-D mesh ``("shard",)``);
+``"hybrid"`` (HSDP) builds a 2-D mesh ``("replicate", "shard")`` of shape (world / G, G) with
+G = ``engine.shard_group_size`` (default: the ranks per node, ``LOCAL_WORLD_SIZE``): each unit is sharded within a
+group of G consecutive ranks (one node: all-gathers and reduce-scatters stay on NVLink) and replicated across the
+groups (one all-reduce of the gradient shards per unit, across nodes). The EMA is sharded on the same mesh, so
+its update stays local. DCP stores global tensors, so a checkpoint written under one mesh loads under any other.
+
+Precision (``engine.precision``; master weights, gradient reduction, optimizer and EMA are fp32 in every mode):
+
+* ``"bf16"``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32, cast_forward_inputs=False)`` — FSDP2
+  all-gathers and computes with bf16 parameters;
+* ``"bf16-autocast"``: no parameter cast (fp32 all-gathers); the forward runs under ``torch.autocast(bf16)``
+  (``Engine.autocast``, opened by the trainer around ``Task.loss``), as the official LightningDiT training: matmuls
+  in bf16, while fp32 parameters such as ``pos_embed`` keep the residual stream in fp32;
+* ``"fp32"``: no cast, no autocast.
 
 Checkpoints (``save``/``load``, both collective): one DCP checkpoint under ``<ckpt_dir>/state`` holding
 ``{"<part>.model", "<part>.ema", "<part>.optim"}`` for every part as sharded (DTensor) state dicts — DCP
@@ -43,7 +55,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -174,10 +186,41 @@ class FSDP2Engine(Engine):
 
     # ------------------------------------------------------------------ wrapping
     @property
-    def mesh(self):
+    def mesh(self) -> DeviceMesh:
+        """The device mesh every part is sharded on (built at the first ``prepare``; collective)."""
         if self._mesh is None:
-            self._mesh = init_device_mesh(self.dist.device.type, (self.dist.world_size,))
+            device, world = self.dist.device.type, self.dist.world_size
+            if self.cfg.sharding == "full":
+                self._mesh = init_device_mesh(device, (world,), mesh_dim_names=("shard",))
+            elif self.cfg.sharding == "hybrid":
+                group = self.shard_group_size()
+                self._mesh = init_device_mesh(device, (world // group, group), mesh_dim_names=("replicate", "shard"))
+                if self.dist.is_main:
+                    log.info("hybrid sharding: %d replica(s) x %d shard(s)", world // group, group)
+            else:
+                raise ValueError(f"engine.sharding: unknown sharding {self.cfg.sharding!r} "
+                                 "(expected 'full' or 'hybrid')")
         return self._mesh
+
+    def shard_group_size(self) -> int:
+        """Hybrid sharding: ranks per shard group (``engine.shard_group_size``, default the ranks per node).
+
+        Collective when defaulted: every rank must build the same mesh, so the ranks per node must agree."""
+        world, group = self.dist.world_size, self.cfg.shard_group_size
+        key = "engine.shard_group_size"
+        if group is None:
+            group, key = self.dist.local_world_size, "engine.shard_group_size (null: ranks per node, LOCAL_WORLD_SIZE)"
+            if world > 1:
+                bounds = torch.tensor([group, -group], device=self.dist.device)
+                tdist.all_reduce(bounds, op=tdist.ReduceOp.MAX)
+                most, fewest = int(bounds[0]), -int(bounds[1])
+                if most != fewest:
+                    raise ValueError(f"{key}: the nodes run different numbers of ranks ({fewest} to {most}); "
+                                     "set engine.shard_group_size explicitly")
+        if group < 1 or world % group:
+            raise ValueError(f"{key}: world size {world} is not divisible by shard_group_size {group} (hybrid "
+                             "sharding replicates whole shard groups)")
+        return group
 
     def mp_policy(self) -> MixedPrecisionPolicy:
         if self.cfg.precision == "bf16":
@@ -186,9 +229,10 @@ class FSDP2Engine(Engine):
             # fp32. The model casts activations to its weight dtype itself.
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                         cast_forward_inputs=False)
-        if self.cfg.precision == "fp32":
-            return MixedPrecisionPolicy()
-        raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} (expected 'bf16' or 'fp32')")
+        if self.cfg.precision in ("fp32", "bf16-autocast"):
+            return MixedPrecisionPolicy()    # fp32 parameters; bf16-autocast casts per op (Engine.autocast)
+        raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} "
+                         "(expected 'bf16', 'bf16-autocast' or 'fp32')")
 
     @staticmethod
     def _blocks(model: nn.Module, blocks_attr: Optional[str]):

@@ -36,11 +36,11 @@ class DiTTask(Task):
         return ["model"]
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
-        from data.sources import LatentSource
+        from data.sources import StreamingSource
         m = self.cfg.model
-        return LatentSource(self.cfg.data, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
-                            seed=self.cfg.seed, dist=self.dist,
-                            expected_shape=(m.in_channels, m.input_size, m.input_size))
+        return StreamingSource(self.cfg.data, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                               seed=self.cfg.seed, dist=self.dist,
+                               expected_shape=(m.in_channels, m.input_size, m.input_size))
 
     def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
              ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -22,9 +22,12 @@ Autoencoder objective (LDM ``LPIPSWithDiscriminator`` + VF, hustvl/LightningDiT)
 
 and the discriminator's ``disc_factor(step) * hinge(D(x), D(x_hat.detach()))`` on the reconstructions of the
 same forward (the official code calls the loss again with detached inputs; it does not re-run the
-autoencoder). ``disc_factor(step)`` is ``disc_factor`` from ``disc_start`` on, 0 before; ``step`` counts
-optimizer steps of the autoencoder (= training steps). Before ``disc_start`` the discriminator still takes
-(zero-gradient) Adam steps, as officially, so Adam's step count matches.
+autoencoder). The VF target is DINOv2 on the batch's images (``vavae.vf.features: online``) or the batch's
+stored ``features`` (``precomputed``: ``data.kind: streaming`` over a dataset from data/extract.py with images
+and features on the latent grid; no DINOv2 model is built, and ``vf_dim`` comes from the dataset's index).
+``disc_factor(step)`` is ``disc_factor`` from ``disc_start`` on, 0 before; ``step`` counts optimizer steps of the
+autoencoder (= training steps). Before ``disc_start`` the discriminator still takes (zero-gradient) Adam steps, as
+officially, so Adam's step count matches.
 
 Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autograd, on the live graph):
 
@@ -200,21 +203,42 @@ def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
     return weight
 
 
+def _precomputed_features_dim(data_cfg, grid: tuple[int, int]) -> int:
+    """D of the dataset's ``features`` column [D, h, w] (read from its index.json), checked against the latent grid."""
+    from data.streaming import parse_ndarray_encoding, read_columns
+    columns = read_columns(data_cfg.path, data_cfg.remote)
+    where = data_cfg.remote or data_cfg.path
+    if "features" not in columns:
+        raise ValueError(f"data.path: vavae.vf.features=precomputed, but the dataset at {where} has no `features` "
+                         f"column (it has {sorted(columns)}): extract DINOv2 features with features.enabled=true and "
+                         f"features.grid={grid[0]} (configs/extract_vavae_features.yaml), or set "
+                         f"vavae.vf.features=online")
+    _, shape = parse_ndarray_encoding(columns["features"])
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"data.path: the `features` column of {where} has encoding {columns['features']!r}; "
+                         f"vavae.vf.features=precomputed needs a fixed [D, h, w] shape (as data/extract.py writes it)")
+    if tuple(shape[1:]) != tuple(grid):
+        raise ValueError(f"data.path: the DINOv2 features of {where} are on a {shape[1]}x{shape[2]} token grid, but "
+                         f"the autoencoder's latent grid is {grid[0]}x{grid[1]} (data.image_size / 2^(len("
+                         f"vavae.model.ch_mult)-1)): re-extract with features.grid={grid[0]}, or set "
+                         f"vavae.vf.features=online")
+    return int(shape[0])
+
+
 class VAVAETask(Task):
     def __init__(self, cfg, dist):
         self.cfg = cfg
         self.dist = dist
         self.device = dist.device
         v = cfg.vavae
-        if v.vf.enabled and v.vf.features == "precomputed":
-            raise NotImplementedError(
-                "vavae.vf.features='precomputed' is not implemented: VA-VAE training reads images and computes the "
-                "DINOv2 features online (vavae.vf.features='online'); the MDS `features` column belongs to latent "
-                "datasets, which hold no images to reconstruct")
+        factor = 2 ** (len(v.model.ch_mult) - 1)
+        grid = (cfg.data.image_size // factor,) * 2           # the latent grid = the VF target's token grid
+        # VF target: stored DINOv2 features of the batch (no model here) or DINOv2 run online.
+        self.precomputed = v.vf.enabled and v.vf.features == "precomputed"
+        self.vf_dim = _precomputed_features_dim(cfg.data, grid) if self.precomputed else None
         # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
-        self.bf16 = cfg.engine.precision == "bf16"
         # Frozen networks: identical on every rank (fixed seed for random-init test models), never checkpointed.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 12345)
@@ -223,14 +247,13 @@ class VAVAETask(Task):
                 self.lpips = build_lpips(v.lpips.vgg_weights, v.lpips.lin_weights, random_init=v.lpips.random_init,
                                          config_key="vavae.lpips").to(self.device)
             self.vf_model = None
-            if v.vf.enabled:
+            if v.vf.enabled and not self.precomputed:
                 from models.dinov2 import DINOv2Features
                 d = v.vf.dinov2
-                factor = 2 ** (len(v.model.ch_mult) - 1)
-                grid = (cfg.data.image_size // factor,) * 2
                 self.vf_model = DINOv2Features(d.model, d.weights, random_init=d.random_init, grid=grid,
                                                imagenet_norm=d.imagenet_norm, model_kwargs=d.model_kwargs,
                                                config_key="vavae.vf.dinov2").to(self.device)
+                self.vf_dim = self.vf_model.dim
         self._pending: deque = deque()         # (batch id, detached reconstruction) from the AE phase
 
     # ------------------------------------------------------------------ models
@@ -239,7 +262,7 @@ class VAVAETask(Task):
         # Same initial weights on every rank (the official DDP broadcast from rank 0).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            ae = vavae_from_config(v.model, vf_dim=self.vf_model.dim if self.vf_model is not None else None)
+            ae = vavae_from_config(v.model, vf_dim=self.vf_dim)
             disc = NLayerDiscriminator(v.disc.in_channels, v.disc.ndf, v.disc.n_layers)
         if v.init_from:
             self._init_from(ae, disc, v.init_from)
@@ -276,6 +299,12 @@ class VAVAETask(Task):
         return ["autoencoder", "discriminator"]
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
+        if self.cfg.data.kind == "streaming":          # stored images (+ their DINOv2 features) in MDS shards
+            from data.sources import StreamingSource
+            from data.streaming import ImageDataset
+            return StreamingSource(self.cfg.data, micro_batch_size=micro_batch_size,
+                                   global_batch_size=global_batch_size, seed=self.cfg.seed, dist=self.dist,
+                                   dataset_cls=ImageDataset, use_features=self.precomputed)
         dataset = build_image_dataset(self.cfg.data, self.cfg.seed)
         return EpochMapSource(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                               seed=self.cfg.seed, dist=self.dist, num_workers=self.cfg.data.num_workers,
@@ -283,7 +312,11 @@ class VAVAETask(Task):
 
     # ------------------------------------------------------------------ losses
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 compute for the frozen networks (LPIPS, DINOv2). They are not engine parts: under precision "bf16" the
+        engine's parameter cast does not reach them, so they get autocast here. Under "bf16-autocast" the trainer
+        already runs the whole loss in ``Engine.autocast()``; enabled here too, so as not to switch it off."""
+        enabled = self.cfg.engine.precision in ("bf16", "bf16-autocast")
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _sync_disc_buffers(self, disc) -> None:
         """After each discriminator forward: rank 0's BatchNorm running statistics on every rank (the official DDP
@@ -298,8 +331,9 @@ class VAVAETask(Task):
              ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"].to(self.device, non_blocking=True).float()
         if phase == "autoencoder":
+            features = batch["features"].to(self.device, non_blocking=True).float() if self.precomputed else None
             loss, metrics, recon = self.autoencoder_loss(x, parts["autoencoder"].module,
-                                                         parts["discriminator"].module, ctx.step)
+                                                         parts["discriminator"].module, ctx.step, features=features)
             self._pending.append((id(batch), recon))
             return loss, metrics
         if phase == "discriminator":
@@ -310,9 +344,14 @@ class VAVAETask(Task):
             return self.discriminator_loss(x, recon, parts["discriminator"].module, ctx.step)
         raise ValueError(f"VA-VAE task: unknown phase {phase!r}")
 
-    def autoencoder_loss(self, x: torch.Tensor, ae, disc, step: int
+    def autoencoder_loss(self, x: torch.Tensor, ae, disc, step: int, features: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """(loss to backward, metrics, detached reconstruction) of the autoencoder phase; see the module doc."""
+        """(loss to backward, metrics, detached reconstruction) of the autoencoder phase; see the module doc.
+        ``features``: the stored DINOv2 features of ``x`` (B, D, h, w), required with vavae.vf.features=precomputed
+        (otherwise DINOv2 runs on ``x``)."""
+        if self.precomputed and features is None:
+            raise ValueError("vavae.vf.features=precomputed: the batch has no DINOv2 `features` (data.kind "
+                             "'streaming' over a dataset with a features column provides them)")
         v = self.cfg.vavae
         lo, vfc = v.loss, v.vf
         _keep_unsharded_after_forward(ae)
@@ -337,7 +376,7 @@ class VAVAETask(Task):
 
         disc_factor = adopt_weight(lo.disc_factor, step, threshold=lo.disc_start)
         use_gan = disc_factor > 0 and lo.disc_weight > 0
-        use_vf = self.vf_model is not None and vfc.weight > 0
+        use_vf = self.vf_dim is not None and vfc.weight > 0
         want = ([w_dec] if use_gan else []) + ([w_enc] if use_vf and vfc.adaptive else [])
         nll_grads = torch.autograd.grad(nll, want, retain_graph=True) if want else ()
 
@@ -358,6 +397,7 @@ class VAVAETask(Task):
         if self.vf_model is not None:
             with torch.no_grad(), self._autocast():
                 features = self.vf_model(x, grid=out.z_proj.shape[-2:]).float()
+        if self.vf_dim is not None:
             terms = vf_loss(out.z_proj, features, cos_margin=vfc.cos_margin, distmat_margin=vfc.distmat_margin,
                             cos_weight=vfc.cos_weight, distmat_weight=vfc.distmat_weight)
             vf_weight = torch.tensor(float(vfc.weight), device=x.device)
