@@ -27,6 +27,7 @@ def test_demo_pipeline_small(tmp_path):
     assert vavae_steps[-1] == 10
     recon = json.loads((out / "vavae_reconstruction.json").read_text())
     assert recon["num_images"] == 500 and 5 < recon["psnr"] < 100 and -1 <= recon["ssim"] <= 1
+    assert np.isfinite(recon["rfid"]) and recon["rfid"] >= 0
     # Its latents (f2, 4 channels), encoded with the checkpoint it ended with.
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["num_samples"] == 160 and manifest["latent_shape"] == [4, 8, 8]

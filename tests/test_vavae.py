@@ -294,8 +294,20 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
     out = tmp_path / "out"
     assert main(["--random-init", "--arch", *arch, "--images", str(tmp_path / "images"), "--image-size", "16",
                  "--batch-size", "2", "--num-workers", "0", "--lpips-random-init", "--out-dir", str(out),
-                 "--json", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+                 "--json", str(tmp_path / "m.json"), "--device", "cpu", "--fid-extractor", "tiny-random"]) == 0
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["num_images"] == 5 and result["posterior"] == "sample"
     assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1 and result["lpips"] > 0
     assert len(list((out / "ref").glob("*.png"))) == 5 and len(list((out / "rec").glob("*.png"))) == 5
+    # rFID by the evaluation code on the written folders: the number tools/fid.py gives for them (up to the
+    # float summation order of another batch size).
+    from tools.fid import evaluate_images
+    direct = evaluate_images(str(out / "rec"), str(out / "ref"), feature_extractor="tiny-random", use_cache=False)
+    assert result["rfid"] == pytest.approx(direct["fid"], rel=1e-6) and result["rfid"] > 0
+    assert result["rfid_feature_extractor"] == "tiny-random"
+    base = ["--random-init", "--arch", *arch, "--images", str(tmp_path / "images"), "--image-size", "16",
+            "--batch-size", "5", "--num-workers", "0", "--no-lpips", "--device", "cpu"]
+    with pytest.raises(SystemExit):             # rFID compares written folders: --out-dir is required
+        main(base + ["--fid-extractor", "tiny-random"])
+    with pytest.raises(Exception, match="--fid-weights"):     # Inception: a local weights file, never a download
+        main(base + ["--out-dir", str(tmp_path / "out2"), "--fid-extractor", "inception-v3-compat"])

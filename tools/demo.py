@@ -3,7 +3,8 @@
   1. tokenizer: a small VA-VAE (L1 + LPIPS + KL + VF loss to a DINOv2 + PatchGAN from epoch 4) trained on the
      synthetic 16 px images with 2 ranks through the local launcher (FSDP2, checkpoints, W&B offline);
      its LPIPS and DINOv2 are tiny RANDOMLY INITIALISED networks (no downloads), see configs/demo_vavae.yaml
-  2. reconstruction: PSNR / SSIM of the VA-VAE on held-out synthetic images (tools/eval_tokenizer.py)
+  2. reconstruction: PSNR / SSIM / rFID of the VA-VAE on held-out synthetic images (tools/eval_tokenizer.py;
+     rFID with the tiny random feature extractor, see 4.)
   3. extract: the synthetic images -> VA-VAE latents (posterior samples, both flips) + exact per-channel
      stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks)
   4. train:   a small LightningDiT on those latents with 2 ranks: FSDP2, checkpoints, W&B offline, the
@@ -81,9 +82,10 @@ def main(argv=None) -> int:
     from core.checkpoint import resolve_checkpoint_dir
     tokenizer_ckpt = resolve_checkpoint_dir(vavae_dir)      # this exact checkpoint encodes and decodes
 
-    run_stage("2/6 VA-VAE reconstruction of held-out images (PSNR, SSIM)",
+    run_stage("2/6 VA-VAE reconstruction of held-out images (PSNR, SSIM, rFID)",
               [py, "tools/eval_tokenizer.py", "--checkpoint", str(tokenizer_ckpt), "--images", str(reference),
                "--image-size", "16", "--no-lpips", "--num-workers", "0", "--device", "cpu",
+               "--out-dir", str(out / "vavae_reconstruction"), "--fid-extractor", "tiny-random",
                "--json", str(out / "vavae_reconstruction.json")])
 
     run_stage("3/6 extract synthetic images -> VA-VAE latents (MDS shards, 2 ranks)",
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  VA-VAE run (config, checkpoints, metrics.jsonl): {vavae_dir}; tokenizer checkpoint {tokenizer_ckpt}")
     print(f"  VA-VAE reconstruction of {recon.get('num_images', '?')} held-out images: PSNR {recon['psnr']:.2f} dB, "
-          f"SSIM {recon['ssim']:.3f} ({out / 'vavae_reconstruction.json'})")
+          f"SSIM {recon['ssim']:.3f}, rFID {recon['rfid']:.3f} (tiny random extractor) "
+          f"({out / 'vavae_reconstruction.json'}; images side by side in {out / 'vavae_reconstruction'})")
     print(f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir}")
     print(f"  DiT run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")

@@ -19,9 +19,10 @@ Protocol (the official ``evaluate_tokenizer.py``, facts §5.5, with the differen
   averaged over the valid window positions and channels, then over images (the torchmetrics definition the
   official script uses, implemented here: torchmetrics is not a dependency);
 * LPIPS: VGG16 LPIPS (models/losses/lpips.py) on [-1, 1] images, per image, averaged; weights from local files;
-* rFID: **HOOK** — with ``--fid-weights`` (local Inception weights), the reference and reconstructed PNGs written
-  to ``--out-dir`` are scored by the evaluation code (tools/fid.py ``evaluate_images``, pytorch-fid-compatible
-  Inception); without it rFID is not computed.
+* rFID: with ``--fid-weights`` (local Inception weights), the reference and reconstructed PNGs written to
+  ``--out-dir`` are scored by the evaluation code (tools/fid.py ``evaluate_images``, the pytorch-fid-compatible
+  Inception of torch-fidelity); ``--fid-extractor tiny-random`` scores them with the tiny random network of the
+  CPU tests and the demo instead (a pipeline check, not a quality measure); with neither, rFID is not computed.
 
 Single process; ``--device auto`` picks CUDA when available. Exit code 0; the metrics are printed as JSON
 (and written to ``--json``).
@@ -34,7 +35,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,18 +123,16 @@ def _collate(items):
     return images, [i for _, i in good], bad
 
 
-# ------------------------------------------------------------------------------------------------ rFID hook
-def rfid_hook(reference_dir: Path, recon_dir: Path, weights: str, device: str, batch_size: int) -> dict[str, Any]:
-    """HOOK for the evaluation code's FID (tools/fid.py): FID of the reconstructions against the references,
-    both as PNG folders. Kept separate so that the FID implementation (Inception port, weights, caching) lives in
-    one place."""
-    try:
-        from tools.fid import evaluate_images
-    except ImportError as err:  # pragma: no cover - the evaluation module is part of the package
-        raise NotImplementedError(f"rFID needs tools/fid.py (evaluate_images): {err}") from err
-    result = evaluate_images(str(recon_dir), str(reference_dir), metrics=("fid",), weights=weights, device=device,
-                             batch_size=batch_size, use_cache=False, weights_key="--fid-weights")
-    return {"rfid": float(result["fid"])}
+# ------------------------------------------------------------------------------------------------ rFID
+def rfid(reference_dir: Path, recon_dir: Path, extractor: str, weights: Optional[str], device: str,
+         batch_size: int) -> dict[str, Any]:
+    """FID of the reconstructions against the references, both PNG folders, by the evaluation code (tools/fid.py:
+    one FID implementation — feature extractor, weights, statistics — for samples and reconstructions)."""
+    from tools.fid import evaluate_images
+    result = evaluate_images(str(recon_dir), str(reference_dir), metrics=("fid",), feature_extractor=extractor,
+                             weights=weights, device=device, batch_size=batch_size, use_cache=False,
+                             weights_key="--fid-weights")
+    return {"rfid": float(result["fid"]), "rfid_feature_extractor": result["feature_extractor"]}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -167,14 +166,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lpips-random-init", action="store_true", help="random LPIPS network (tests only)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--out-dir", help="write ref/ and rec/ PNGs here (needed for rFID)")
-    p.add_argument("--fid-weights", help="HOOK: local Inception weights; computes rFID on the PNGs in --out-dir")
+    p.add_argument("--fid-weights", help="local Inception weights: computes rFID on the PNGs in --out-dir")
+    p.add_argument("--fid-extractor", default=None,
+                   help="FID feature extractor (tools/fid.py; default inception-v3-compat); 'tiny-random' needs no "
+                        "weights (tests, demo: a pipeline check, not a quality measure)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the metrics to this file")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_init:
         p.error("--checkpoint is required (or --random-init for an untrained test model)")
-    if args.fid_weights and not args.out_dir:
-        p.error("--fid-weights needs --out-dir (rFID compares the written PNG folders)")
+    if (args.fid_weights or args.fid_extractor) and not args.out_dir:
+        p.error("rFID (--fid-weights / --fid-extractor) needs --out-dir (it compares the written PNG folders)")
     if not args.no_lpips and not args.lpips_random_init and not args.lpips_vgg_weights:
         p.error("LPIPS needs --lpips-vgg-weights (local file; and --lpips-lin-weights), or --no-lpips")
     return args
@@ -232,8 +234,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               "psnr": sums["psnr"] / n, "ssim": sums["ssim"] / n}
     if lpips is not None:
         result["lpips"] = sums["lpips"] / n
-    if args.fid_weights:
-        result.update(rfid_hook(out_dir / "ref", out_dir / "rec", args.fid_weights, str(device), args.batch_size))
+    if args.fid_weights or args.fid_extractor:
+        from tools.fid import INCEPTION
+        result.update(rfid(out_dir / "ref", out_dir / "rec", args.fid_extractor or INCEPTION, args.fid_weights,
+                           str(device), args.batch_size))
     return result
 
 
