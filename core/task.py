@@ -14,6 +14,7 @@ from torch import nn
 from core.config import OptimizerConfig, TimestepPhase
 
 if TYPE_CHECKING:
+    from core.engines.base import Engine, TrainedPart
     from data.sources import DataSource
 
 
@@ -25,6 +26,9 @@ class PartSpec:
     ema_decay: Optional[float] = None
     blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
     grad_clip: Optional[float] = None
+    # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
+    # without repeated blocks (VA-VAE: encoder, decoder); the module objects and state_dict keys do not change.
+    compile_attrs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,6 +66,10 @@ class Task:
         """Scalar loss to back-propagate for `phase`, and detached metrics to log."""
         raise NotImplementedError
 
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A random micro-batch shaped like the training data, on the task's device (benchmarks, tests)."""
+        raise NotImplementedError
+
     def flops_per_image(self) -> Optional[float]:
         """Training FLOPs (forward + backward) per image, for MFU; None if unknown."""
         return None
@@ -72,6 +80,13 @@ class Task:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def prepare_parts(engine: "Engine", specs: dict[str, PartSpec]) -> dict[str, "TrainedPart"]:
+    """Every part wrapped by ``engine`` as its spec says (the trainer and tools/bench_train.py)."""
+    return {name: engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay, blocks_attr=spec.blocks_attr,
+                                 grad_clip=spec.grad_clip, compile_attrs=tuple(spec.compile_attrs))
+            for name, spec in specs.items()}
 
 
 def build_task(cfg, dist) -> Task:

@@ -30,7 +30,7 @@ from core.distributed import DistInfo
 from core.engines.base import build_engine
 from core.metrics import MetricLogger, Throughput, peak_flops
 from core.schedule import PhaseTracker, lr_at, timestep_phase_at
-from core.task import StepContext, Task, build_task
+from core.task import StepContext, Task, build_task, prepare_parts
 
 log = logging.getLogger("llat")
 
@@ -61,6 +61,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str, torch.Tensor]],
+               ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimizer step over all phases of ``task`` on ``batches`` (the micro-batches of this rank): for each
+    phase, forward (``Task.loss`` under ``engine.autocast()``) and backward per micro-batch (gradients reduced on
+    the last), then the part's step. Returns the metrics (averaged over the micro-batches, per phase) and whether
+    every grad norm was finite. Also timed by tools/bench_train.py."""
+    accum = len(batches)
+    metrics: dict[str, torch.Tensor] = {}
+    finite = True
+    for phase in task.phases():
+        part = parts[phase]
+        sums: dict[str, torch.Tensor] = {}
+        for k, batch in enumerate(batches):
+            with engine.autocast():
+                loss, m = task.loss(phase, batch, parts, ctx)
+            part.backward(loss / accum, sync=(k == accum - 1))
+            for key, value in m.items():
+                sums[key] = sums.get(key, 0) + value / accum
+        grad_norm = part.step()
+        prefix = "" if len(task.phases()) == 1 else f"{phase}/"
+        metrics.update({prefix + k: v for k, v in sums.items()})
+        metrics[prefix + "grad_norm"] = grad_norm
+        finite = finite and bool(torch.isfinite(grad_norm).item())
+    return metrics, finite
 
 
 class Trainer:
@@ -94,9 +120,7 @@ class Trainer:
 
         self.engine = build_engine(cfg.engine, dist)
         self._base_lr = {name: spec.optimizer.lr for name, spec in specs.items()}
-        self.parts = {name: self.engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay,
-                                                blocks_attr=spec.blocks_attr, grad_clip=spec.grad_clip)
-                      for name, spec in specs.items()}
+        self.parts = prepare_parts(self.engine, specs)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.engine, dist)
 
         self.step = 0
@@ -181,23 +205,7 @@ class Trainer:
 
     def _train_step(self, batches, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
         """One optimizer step over all phases; returns metrics and whether every update was finite."""
-        metrics: dict[str, torch.Tensor] = {}
-        finite = True
-        for phase in self.task.phases():
-            part = self.parts[phase]
-            sums: dict[str, torch.Tensor] = {}
-            for k, batch in enumerate(batches):
-                with self.engine.autocast():
-                    loss, m = self.task.loss(phase, batch, self.parts, ctx)
-                part.backward(loss / self.accum, sync=(k == self.accum - 1))
-                for key, value in m.items():
-                    sums[key] = sums.get(key, 0) + value / self.accum
-            grad_norm = part.step()
-            prefix = "" if len(self.task.phases()) == 1 else f"{phase}/"
-            metrics.update({prefix + k: v for k, v in sums.items()})
-            metrics[prefix + "grad_norm"] = grad_norm
-            finite = finite and bool(torch.isfinite(grad_norm).item())
-        return metrics, finite
+        return train_step(self.task, self.engine, self.parts, batches, ctx)
 
     def _eval_due(self) -> bool:
         every = self.cfg.eval.every_epochs

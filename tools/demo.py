@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     print(f"  VA-VAE run (config, checkpoints, metrics.jsonl): {vavae_dir}; tokenizer checkpoint {tokenizer_ckpt}")
     print(f"  VA-VAE reconstruction of {recon.get('num_images', '?')} held-out images: PSNR {recon['psnr']:.2f} dB, "
           f"SSIM {recon['ssim']:.3f}, rFID {recon['rfid']:.3f} (tiny random extractor) "
-          f"({out / 'vavae_reconstruction.json'}; images side by side in {out / 'vavae_reconstruction'})")
+          f"({out / 'vavae_reconstruction.json'}; reference and reconstructed PNGs under {out / 'vavae_reconstruction'})")
     print(f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir}")
     print(f"  DiT run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")

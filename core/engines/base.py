@@ -57,8 +57,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None) -> TrainedPart:
-        """Wrap ``model`` (fp32, not yet sharded) and build its optimizer and EMA."""
+                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
+                compile_attrs: tuple[str, ...] = ()) -> TrainedPart:
+        """Wrap ``model`` (fp32, not yet sharded) and build its optimizer and EMA. With ``engine.compile``, the blocks
+        of ``blocks_attr`` and the sub-modules named in ``compile_attrs`` get their ``forward`` compiled in place
+        (``compile_forwards``)."""
 
     @abc.abstractmethod
     def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
@@ -110,3 +113,16 @@ def build_engine(cfg: EngineConfig, dist: "DistInfo", **kwargs: Any) -> Engine:
         from core.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(cfg, dist, **kwargs)
     raise ValueError(f"engine.kind: unknown engine {cfg.kind!r} (expected 'fsdp2' or 'deepspeed')")
+
+
+def compile_forwards(model: nn.Module, attrs: tuple[str, ...], compile_kwargs: dict[str, Any]) -> None:
+    """``torch.compile`` the ``forward`` of each named sub-module of ``model`` in place: the module objects and the
+    state_dict keys stay the same, and whatever hooks the engine puts on its units stay outside the compiled regions.
+    The engines call it for ``PartSpec.compile_attrs`` (models without repeated blocks, e.g. the VA-VAE)."""
+    for attr in attrs:
+        try:
+            sub = model.get_submodule(attr)
+        except AttributeError as e:
+            raise AttributeError(f"{type(model).__name__} has no sub-module {attr!r} to compile "
+                                 "(PartSpec.compile_attrs)") from e
+        sub.forward = torch.compile(sub.forward, **compile_kwargs)

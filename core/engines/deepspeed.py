@@ -120,7 +120,7 @@ from torch import nn
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo, barrier
 from core.ema import ema_update_
-from core.engines.base import Engine, TrainedPart, build_optimizer
+from core.engines.base import Engine, TrainedPart, build_optimizer, compile_forwards
 from core.engines.fsdp2 import _atomic_torch_save, canonical_name, extra_path
 
 log = logging.getLogger(__name__)
@@ -463,11 +463,8 @@ class DeepSpeedEngine(Engine):
         self.deepspeed.init_distributed(dist_backend=dist.backend, dist_init_required=False, verbose=False)
 
     # ------------------------------------------------------------------ wrapping
-    def _prepare_blocks(self, model: nn.Module, blocks_attr: Optional[str]) -> None:
+    def _prepare_blocks(self, model: nn.Module, blocks_attr: Optional[str], compile_attrs: tuple[str, ...]) -> None:
         if not (self.cfg.activation_checkpointing or self.cfg.compile):
-            return
-        if blocks_attr is None:
-            log.warning("activation checkpointing / compile apply per block, but no blocks_attr was given: skipped")
             return
         compile_blocks = self.cfg.compile
         if compile_blocks and self.cfg.zero_stage == 3:
@@ -476,6 +473,13 @@ class DeepSpeedEngine(Engine):
             log.warning("engine.compile is skipped with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks break "
                         "the graph at every sub-module); use stage 1/2 or FSDP2 for compiled blocks")
             compile_blocks = False
+        if compile_blocks and compile_attrs:
+            compile_forwards(model, compile_attrs, self.compile_kwargs)
+        if blocks_attr is None:
+            if self.cfg.activation_checkpointing or (compile_blocks and not compile_attrs):
+                log.warning("activation checkpointing / compile apply per block (or to PartSpec.compile_attrs), but "
+                            "no blocks_attr was given: skipped")
+            return
         from core.engines.fsdp2 import FSDP2Engine
         blocks = FSDP2Engine._blocks(model, blocks_attr)
         for block in blocks:
@@ -487,7 +491,8 @@ class DeepSpeedEngine(Engine):
             block.forward = forward
 
     def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None) -> DeepSpeedPart:
+                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
+                compile_attrs: tuple[str, ...] = ()) -> DeepSpeedPart:
         if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
         if any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -501,7 +506,7 @@ class DeepSpeedEngine(Engine):
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{name}: no trainable parameters")
         model.to(self.dist.device)
-        self._prepare_blocks(model, blocks_attr)
+        self._prepare_blocks(model, blocks_attr, tuple(compile_attrs))
         opt_device = torch.device("cpu") if self.cfg.offload_optimizer else self.dist.device
         base = build_optimizer([p for p in model.parameters() if p.requires_grad], optim_cfg, opt_device)
         config = ds_config(self.cfg, self.dist.world_size, grad_clip)

@@ -8,6 +8,8 @@ Wrapping (``FSDP2Engine.prepare``), in this order:
    (``checkpoint_wrapper``, non-reentrant) and ``torch.compile`` of its ``forward`` (the module object is
    kept, so ``state_dict`` keys do not change; FSDP2's hooks stay outside the compiled region), then
    ``fully_shard(block)``; finally ``fully_shard(model)`` for the remaining (root) parameters;
+   ``compile_attrs`` (``PartSpec.compile_attrs``): sub-modules compiled the same way (their ``forward``) *inside*
+   a unit, for models without repeated blocks (the VA-VAE autoencoder and discriminator are single units);
 4. the EMA is sharded the same way (per block + root, no mixed precision, no checkpointing/compile), so
    each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
    fused op over local shards, with no communication.
@@ -62,7 +64,7 @@ from torch.distributed.tensor import DTensor
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo
 from core.ema import ema_update_
-from core.engines.base import Engine, TrainedPart, build_optimizer
+from core.engines.base import Engine, TrainedPart, build_optimizer, compile_forwards
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +251,15 @@ class FSDP2Engine(Engine):
         return blocks
 
     def _shard(self, model: nn.Module, blocks_attr: Optional[str], mp: MixedPrecisionPolicy,
-               checkpointing: bool, compile_blocks: bool) -> None:
+               checkpointing: bool, compile_blocks: bool, compile_attrs: tuple[str, ...] = ()) -> None:
         blocks = self._blocks(model, blocks_attr)
-        if blocks is None and (checkpointing or compile_blocks):
-            log.warning("activation checkpointing / compile apply per block, but no blocks_attr was given: skipped")
+        if blocks is None and checkpointing:
+            log.warning("activation checkpointing applies per block, but no blocks_attr was given: skipped")
+        if blocks is None and compile_blocks and not compile_attrs:
+            log.warning("engine.compile applies per block or to PartSpec.compile_attrs, but neither was given: "
+                        "skipped")
+        if compile_blocks and compile_attrs:
+            compile_forwards(model, compile_attrs, self.compile_kwargs)
         kw = dict(mesh=self.mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
         for i in range(len(blocks) if blocks is not None else 0):
             block = blocks[i]
@@ -269,7 +276,8 @@ class FSDP2Engine(Engine):
         fully_shard(model, **kw)
 
     def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None) -> FSDP2Part:
+                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
+                compile_attrs: tuple[str, ...] = ()) -> FSDP2Part:
         if isinstance(model, FSDPModule):
             raise ValueError(f"{name}: model is already wrapped with fully_shard")
         if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
@@ -284,7 +292,8 @@ class FSDP2Engine(Engine):
             ema.eval()
         device = self.dist.device
         model.to(device)
-        self._shard(model, blocks_attr, self.mp_policy(), self.cfg.activation_checkpointing, self.cfg.compile)
+        self._shard(model, blocks_attr, self.mp_policy(), self.cfg.activation_checkpointing, self.cfg.compile,
+                    tuple(compile_attrs))
         if ema is not None:
             ema.to(device)
             self._shard(ema, blocks_attr, MixedPrecisionPolicy(), False, False)

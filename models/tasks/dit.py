@@ -53,6 +53,13 @@ class DiTTask(Task):
                    "cos": terms["cos"].mean().detach()}
         return loss, metrics
 
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random latents (N(0, 1), the normalised latent scale) and class labels."""
+        m = self.cfg.model
+        return {"latent": torch.randn(batch_size, m.in_channels, m.input_size, m.input_size, device=self.device,
+                                      generator=generator),
+                "label": torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=generator)}
+
     def flops_per_image(self):
         return self._flops
 

@@ -269,10 +269,12 @@ class VAVAETask(Task):
         if ae.vf_dim is not None and v.vf.proj_fix:
             ae.linear_proj.requires_grad_(False)
         clip = cfg.train.grad_clip
+        # engine.compile: the encoder, decoder and discriminator trunk are compiled inside their single FSDP units
+        # (the adaptive weights' autograd.grad passes run through the compiled graphs; tests/test_perf_tools.py).
         return {"autoencoder": PartSpec(module=ae, optimizer=cfg.optimizer, ema_decay=v.ema_decay, blocks_attr=None,
-                                        grad_clip=clip),
+                                        grad_clip=clip, compile_attrs=("encoder", "decoder")),
                 "discriminator": PartSpec(module=disc, optimizer=v.disc_optimizer, ema_decay=None, blocks_attr=None,
-                                          grad_clip=clip)}
+                                          grad_clip=clip, compile_attrs=("main",))}
 
     def _init_from(self, ae: VAVAE, disc: NLayerDiscriminator, path: str) -> None:
         v = self.cfg.vavae
@@ -297,6 +299,16 @@ class VAVAETask(Task):
 
     def phases(self) -> list[str]:
         return ["autoencoder", "discriminator"]
+
+    def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random images in [-1, 1] at ``data.image_size`` (what the loss reads); with vavae.vf.features=precomputed
+        also ``features`` (B, vf_dim, h, w) on the latent grid, as the streaming source delivers them."""
+        s, d, c = self.cfg.data.image_size, self.device, self.cfg.vavae.model.in_channels
+        batch = {"image": torch.rand(batch_size, c, s, s, device=d, generator=generator) * 2 - 1}
+        if self.precomputed:
+            h = s // 2 ** (len(self.cfg.vavae.model.ch_mult) - 1)
+            batch["features"] = torch.randn(batch_size, self.vf_dim, h, h, device=d, generator=generator)
+        return batch
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
         if self.cfg.data.kind == "streaming":          # stored images (+ their DINOv2 features) in MDS shards
