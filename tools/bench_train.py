@@ -219,11 +219,16 @@ def bench_one(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
         flops_cache["source"] = "analytic"
     img_s = batch * args.steps / elapsed
     peak = peak_flops(dist.device)
+    return {**row_identity(cfg, batch), "img/s": img_s, "step ms": 1000 * elapsed / args.steps,
+            "GFLOP/img": flops / 1e9, "MFU": (img_s * flops / peak) if peak else float("nan"),
+            "peak mem GiB": peak_mem}
+
+
+def row_identity(cfg: ExperimentConfig, batch: int) -> dict:
+    """The columns naming a row: engine (ZeRO stage), batch, mode, precision."""
     e = cfg.engine
-    return {"engine": e.kind if e.kind == "fsdp2" else f"zero{e.zero_stage}",
-            "batch": batch, "mode": "compiled" if compiled else "eager", "precision": e.precision, "img/s": img_s,
-            "step ms": 1000 * elapsed / args.steps, "GFLOP/img": flops / 1e9,
-            "MFU": (img_s * flops / peak) if peak else float("nan"), "peak mem GiB": peak_mem}
+    return {"engine": e.kind if e.kind == "fsdp2" else f"zero{e.zero_stage}", "batch": batch,
+            "mode": "compiled" if e.compile else "eager", "precision": e.precision}
 
 
 def bench_row(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) -> dict:
@@ -234,9 +239,8 @@ def bench_row(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
         pass                                        # outside the handler, the traceback's frames are gone
     gc.collect()
     torch.cuda.empty_cache()
-    e, nan = cfg.engine, float("nan")
-    return {"engine": e.kind if e.kind == "fsdp2" else f"zero{e.zero_stage}", "batch": batch,
-            "mode": "compiled" if e.compile else "eager", "precision": e.precision, "img/s": nan, "step ms": nan,
+    nan = float("nan")
+    return {**row_identity(cfg, batch), "img/s": nan, "step ms": nan,
             "GFLOP/img": (flops_cache.get("counted") or nan) / 1e9, "MFU": nan, "peak mem GiB": nan, "note": "OOM"}
 
 
