@@ -185,3 +185,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else None
     tdist.broadcast_object_list(box, src=src, device=device)
     return box[0]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group, or (0, 1) without one."""
+    if _active():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (picklable objects; ``[obj]`` without a group)."""
+    if not _active() or tdist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def raise_if_any_rank_failed(error: Optional[str], exc_type: type[Exception] = RuntimeError) -> None:
+    """Collective: every rank raises ``exc_type`` when any rank reports an error message (``None`` = this rank is
+    fine), so no rank waits forever in a later collective for a peer that gave up. The message names the first
+    failing rank."""
+    errors = [(rank, e) for rank, e in enumerate(all_gather_object(error)) if e]
+    if errors:
+        rank, message = errors[0]
+        more = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
+        raise exc_type(message if rank_and_world()[1] == 1 else f"rank {rank}: {message}{more}")
