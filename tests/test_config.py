@@ -82,7 +82,7 @@ def test_official_800ep_recipe_values():
     assert (t.global_batch_size, t.ema_decay, t.grad_clip, t.epochs, t.max_steps) == (1024, 0.9999, None, 800, None)
     assert cfg.transport.use_cosine_loss is True
     assert cfg.transport.timestep_sampling == [TimestepPhase("lognorm", 480.0, 0.0, 1.0), TimestepPhase("uniform")]
-    assert cfg.engine.precision == "bf16"
+    assert cfg.engine.precision == "bf16-autocast"      # the official numerics (fp32 parameters, bf16 autocast)
     assert cfg.checkpoint.every_steps == 20000
     s = cfg.sampling
     assert (s.method, s.num_steps, s.cfg_scale, s.cfg_interval_start, s.timestep_shift, s.guidance_mode) == \
