@@ -17,13 +17,19 @@ path) so that ``build_feature_extractor("name", ...)`` imports it on first use. 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureExtractor", "LAZY_FEATURE_MODULES", "available_feature_extractors", "build_feature_extractor",
-           "register_feature_extractor"]
+__all__ = [
+    "LAZY_FEATURE_MODULES",
+    "FeatureExtractor",
+    "available_feature_extractors",
+    "build_feature_extractor",
+    "register_feature_extractor",
+]
 
 
 class FeatureExtractor(nn.Module):
@@ -38,10 +44,10 @@ class FeatureExtractor(nn.Module):
         """(D, h, w) of one image's features on the default grid."""
         return (int(self.dim), int(self.grid[0]), int(self.grid[1]))
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         return super().train(False)          # always frozen, always eval
 
-    def forward(self, images: torch.Tensor, grid: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -19,7 +19,12 @@ except ImportError as err:                      # the `test` extra installs it (
     pytest.skip(f"albumentations is not installed (pip install -c constraints.txt -e '.[test]'): {err}",
                 allow_module_level=True)
 
-from data.images import ImageRecord, normalized_to_uint8, smallest_max_size, uint8_to_normalized
+from data.images import (
+    ImageRecord,
+    normalized_to_uint8,
+    smallest_max_size,
+    uint8_to_normalized,
+)
 from models.tasks.vavae import TrainImages
 
 S = 16
@@ -32,7 +37,7 @@ SHAPES = [(16, 40), (40, 16), (23, 17), (17, 23), (49, 61), (9, 30), (16, 16), (
 def official_preprocess(path, size: int, random_crop: bool) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 HWC crop, float32 HWC in [-1, 1]) as taming's ImagePaths.preprocess_image computes them."""
     image = Image.open(path)
-    if not image.mode == "RGB":
+    if image.mode != "RGB":
         image = image.convert("RGB")
     image = np.array(image).astype(np.uint8)
     rescaler = A.SmallestMaxSize(max_size=size)
