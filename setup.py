@@ -28,6 +28,8 @@ setup(
         "torch-fidelity>=0.3",
         "deepspeed>=0.16",
         "psutil>=5.9",
+        "opencv-python-headless>=4.9",      # cv2.resize: the official VA-VAE training resize (data/images.py)
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    # albumentations: the official VA-VAE transform, checked against ours (tests/test_vavae_preprocessing.py)
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4"]},
 )

@@ -65,19 +65,18 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from core.config import ConfigError, config_to_dict, load_typed_config
+from data.features import FeatureExtractor, build_feature_extractor
 from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, normalized_to_uint8,
                          read_file_list, scan_image_folder, uint8_to_normalized)
 from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
-from models.dinov2 import DINOv2Features
 
 log = logging.getLogger(__name__)
 
 NO_TOKENIZER = "none"                       # tokenizer.kind that stores no latents
+FEATURES_KIND = "dinov2"                    # the data.features extractor the `features` section configures
 PLAN_FILENAME = "extract_plan.json"
 MANIFEST_FILENAME = "manifest.json"
 CHUNK_META = "chunk.json"
@@ -87,8 +86,8 @@ FORMAT_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk(\d{6})$")
 
 __all__ = [
-    "ExtractConfig", "ExtractError", "ExtractResult", "FeatureExtractor", "FeaturesConfig", "SourceConfig",
-    "TokenizerConfig", "build_source", "check_extract_config", "extract", "load_extract_config", "main",
+    "ExtractConfig", "ExtractError", "ExtractResult", "FeaturesConfig", "SourceConfig", "TokenizerConfig",
+    "build_features", "build_source", "check_extract_config", "extract", "load_extract_config", "main",
     "read_manifest",
 ]
 
@@ -256,19 +255,19 @@ def _source_fingerprint(source: Any) -> str:
 
 
 # ================================================================================================= features
-class FeatureExtractor(DINOv2Features):
+def build_features(cfg: FeaturesConfig, grid: tuple[int, int]) -> FeatureExtractor:
     """DINOv2 patch tokens on the latent grid: [-1, 1] images (B,3,H,W) -> (B, D, h, w).
 
-    The frozen timm DINOv2 wrapper of ``models/dinov2.py`` (shared with VA-VAE training), configured from the
-    ``features`` section: ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)``
-    with weights from the local file ``features.weights`` (or random with ``features.random_init``); input
-    resized (bilinear, align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224
-    px for patch 14 and a 16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the
-    prefix tokens (CLS, registers) reshaped to [D, h, w]."""
-
-    def __init__(self, cfg: FeaturesConfig, grid: tuple[int, int]) -> None:
-        super().__init__(cfg.model, cfg.weights, random_init=cfg.random_init, grid=grid,
-                         imagenet_norm=cfg.imagenet_norm, model_kwargs=cfg.model_kwargs, config_key="features")
+    The frozen timm DINOv2 wrapper registered as ``"dinov2"`` in data/features.py (``models/dinov2.py``, shared
+    with VA-VAE training; built by name, so data/ does not import models/), configured from the ``features``
+    section: ``timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0)`` with weights
+    from the local file ``features.weights`` (or random with ``features.random_init``); input resized (bilinear,
+    align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224 px for patch 14 and a
+    16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the prefix tokens (CLS,
+    registers) reshaped to [D, h, w]."""
+    return build_feature_extractor(FEATURES_KIND, model=cfg.model, weights=cfg.weights, random_init=cfg.random_init,
+                                   grid=grid, imagenet_norm=cfg.imagenet_norm, model_kwargs=cfg.model_kwargs,
+                                   config_key="features")
 
 
 # ============================================================================================ distributed
@@ -550,7 +549,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
         tokenizer = build_tokenizer(cfg.tokenizer.kind, **cfg.tokenizer.kwargs).to(device)
         latent_shape = tokenizer.latent_shape(cfg.source.image_size)
     grid = (cfg.features.grid, cfg.features.grid) if cfg.features.grid else latent_shape[1:]
-    features = FeatureExtractor(cfg.features, grid).to(device) if cfg.features.enabled else None
+    features = build_features(cfg.features, grid).to(device) if cfg.features.enabled else None
     features_shape = features.output_shape if features is not None else None
     columns = latent_columns(cfg.latent_dtype, with_features=features is not None, latent_shape=latent_shape,
                              features_shape=features_shape, with_latents=tokenizer is not None,

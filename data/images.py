@@ -5,6 +5,12 @@ Normalize(0.5, 0.5)): while the short side is at least twice the target size, ha
 filter; resize so that the short side equals the target size with BICUBIC (sizes rounded with Python's
 ``round``); take the center crop; scale to [-1, 1] as float32 CHW.
 
+VA-VAE training images are made differently, as the official VA-VAE training does (hustvl/LightningDiT
+``vavae/``, taming-transformers ``ImagePaths``): albumentations ``SmallestMaxSize(256)`` (cv2 ``INTER_LINEAR``, no
+BOX pre-halving) then ``RandomCrop(256)`` (``CenterCrop`` for validation), no flip. ``smallest_max_size`` is that
+resize, calling cv2 as albumentations does (opencv-python-headless is a runtime dependency for it); the crop and
+its seeded randomness live with the training dataset (models/tasks/vavae.py ``TrainImages``).
+
 Sources:
 
 * ``scan_image_folder(root)``: ``root/<class>/**/<file>`` as torchvision's ImageFolder sees it: class
@@ -41,8 +47,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 __all__ = [
     "IMG_EXTENSIONS", "BadItem", "IgnoredFile", "ImageFileDataset", "ImageRecord", "center_crop_arr",
-    "collate_items", "load_rgb", "normalized_to_uint8", "read_file_list", "scan_image_folder", "to_tensor_normalized",
-    "uint8_to_normalized",
+    "collate_items", "load_rgb", "normalized_to_uint8", "read_file_list", "scan_image_folder", "smallest_max_size",
+    "to_tensor_normalized", "uint8_to_normalized",
 ]
 
 
@@ -60,6 +66,24 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     left = (image.width - image_size) // 2
     top = (image.height - image_size) // 2
     return image.crop((left, top, left + image_size, top + image_size))
+
+
+def smallest_max_size(pixels: np.ndarray, size: int) -> np.ndarray:
+    """albumentations ``SmallestMaxSize(max_size=size)`` with its default interpolation (the official VA-VAE
+    training resize): HWC uint8 -> HWC uint8 whose short side is ``size``.
+
+    ``scale = size / min(h, w)``, new sides ``max(1, round(side * scale))`` (round half to even: albumentations
+    2.x's ``round``, 0.4 / 1.x's ``py3round``), ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)``; an image
+    already at that size is returned as is. cv2 is imported here (opencv-python-headless), not at module level."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    height, width = pixels.shape[:2]
+    scale = size / min(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    if (new_height, new_width) == (height, width):
+        return pixels
+    import cv2
+    return cv2.resize(pixels, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
 
 
 def to_tensor_normalized(image: Image.Image) -> torch.Tensor:

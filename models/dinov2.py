@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.features import FeatureExtractor, register_feature_extractor
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DINOv2Features", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "load_timm_weights",
@@ -63,9 +65,11 @@ def load_timm_weights(model: nn.Module, path: Path, config_key: str, model_name:
     log.info("%s: loaded %s weights from %s", config_key, model_name, path)
 
 
-class DINOv2Features(nn.Module):
+@register_feature_extractor("dinov2")
+class DINOv2Features(FeatureExtractor):
     """See the module docstring. Attributes: ``model`` (the timm ViT), ``grid``, ``input_hw``, ``patch``,
-    ``num_prefix_tokens``, ``dim``, ``imagenet_norm``."""
+    ``num_prefix_tokens``, ``dim``, ``imagenet_norm``; ``output_shape`` (D, h, w). Registered as the feature
+    extractor ``"dinov2"`` of data/features.py (what the extraction job builds)."""
 
     def __init__(self, model: str = "vit_large_patch14_dinov2.lvd142m", weights: Optional[str] = None, *,
                  random_init: bool = False, grid: Sequence[int] = (16, 16), imagenet_norm: bool = False,
@@ -103,13 +107,6 @@ class DINOv2Features(nn.Module):
 
     def input_size(self, grid: Sequence[int]) -> tuple[int, int]:
         return (self.patch[0] * int(grid[0]), self.patch[1] * int(grid[1]))
-
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        return (self.dim, self.grid[0], self.grid[1])
-
-    def train(self, mode: bool = True) -> "DINOv2Features":
-        return super().train(False)          # always frozen, always eval
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from core.config import ConfigError, DataConfig
-from data.extract import (ExtractConfig, ExtractError, FeatureExtractor, FeaturesConfig, extract,
+from data.extract import (ExtractConfig, ExtractError, FeaturesConfig, build_features, extract,
                           load_extract_config, main, read_manifest)
 from data.streaming import build_streaming_loader, load_latent_stats
 from data.synthetic import SyntheticImages, write_image_folder
@@ -254,7 +254,7 @@ def test_dinov2_features_tiny_random_vit(tmp_path):
     # Same weights (random_init draws them from a fixed seed, whatever the global RNG): token (r, c) of
     # forward_features on the 224 px input, after the CLS token, is features[:, r, c].
     torch.manual_seed(1234)
-    extractor = FeatureExtractor(cfg.features, (SIZE, SIZE))
+    extractor = build_features(cfg.features, (SIZE, SIZE))
     assert extractor.input_hw == (14 * SIZE, 14 * SIZE) and extractor.num_prefix_tokens == 1
     image = SyntheticImages(6, image_size=SIZE, num_classes=CLASSES)[0][0][None]
     with torch.no_grad():
@@ -303,13 +303,13 @@ def test_dinov2_registers_imagenet_norm_and_local_weights(tmp_path):
     # Tiny RANDOMLY INITIALISED ViT with 4 register tokens: all 5 prefix tokens are dropped.
     cfg = FeaturesConfig(enabled=True, model="vit_small_patch14_reg4_dinov2", random_init=True,
                          model_kwargs=TINY_VIT, imagenet_norm=True)
-    extractor = FeatureExtractor(cfg, (4, 6))
+    extractor = build_features(cfg, (4, 6))
     assert extractor.num_prefix_tokens == 5 and extractor.input_hw == (56, 84)
     assert extractor(torch.rand(2, 3, 32, 48) * 2 - 1).shape == (2, 32, 4, 6)
     # Weights come from a local file only: a saved state dict loads back exactly ...
     weights = tmp_path / "vit.pth"
     torch.save(extractor.model.state_dict(), weights)
-    loaded = FeatureExtractor(FeaturesConfig(enabled=True, model="vit_small_patch14_reg4_dinov2",
+    loaded = build_features(FeaturesConfig(enabled=True, model="vit_small_patch14_reg4_dinov2",
                                              weights=str(weights), model_kwargs=TINY_VIT), (4, 6))
     for key, value in extractor.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key

@@ -8,7 +8,7 @@
 
 "network" rows time exactly the per-batch work of the extraction job (``data/extract.py``): the tokenizer
 (``data.tokenizers.build_tokenizer``) encodes ``cat([x, hflip(x)])`` with a posterior sample, and
-``FeatureExtractor`` (DINOv2 patch tokens on the latent grid) runs on ``x``, under ``torch.inference_mode``, on
+``build_features`` (DINOv2 patch tokens on the latent grid) runs on ``x``, under ``torch.inference_mode``, on
 random images already on the device: this is the GPU's capacity for those networks. The optional
 "pipeline" row runs the real extraction job (``data.extract.extract``: DataLoader workers, host-to-device
 copies, MDS writing) on ``--pipeline N`` synthetic images (or ``--pipeline-folder DIR``) and reports
@@ -33,7 +33,7 @@ import time
 import torch
 
 from core.metrics import bench_threads, format_table, peak_flops
-from data.extract import (ExtractConfig, FeatureExtractor, FeaturesConfig, SourceConfig, TokenizerConfig,
+from data.extract import (ExtractConfig, FeaturesConfig, SourceConfig, TokenizerConfig, build_features,
                           extract)
 from data.tokenizers import available_tokenizers, build_tokenizer
 
@@ -195,7 +195,7 @@ def _run(args, device: torch.device) -> int:
     latent_shape = tokenizer.latent_shape(args.image_size)
     features_cfg = FeaturesConfig(enabled=not args.no_features, model=args.features_model, random_init=True,
                                   model_kwargs=json.loads(args.features_model_kwargs))
-    features = FeatureExtractor(features_cfg, latent_shape[1:]).to(device) if features_cfg.enabled else None
+    features = build_features(features_cfg, latent_shape[1:]).to(device) if features_cfg.enabled else None
     step = ExtractStep(tokenizer, features, sample=not args.no_sample).eval()
     rows = []
     for b in args.batch:

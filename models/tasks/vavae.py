@@ -79,21 +79,16 @@ ADAPTIVE_VF_MAX = 1e8
 
 
 # ================================================================================================= data
-def _resize_short_side(image, size: int):
-    """Short side -> ``size``: BOX-halve while >= 2*size, then BICUBIC (rounded sizes), as data/images.py."""
-    from PIL import Image
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
-    scale = size / min(image.size)
-    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                        resample=Image.Resampling.BICUBIC)
-
-
 class TrainImages(Dataset):
     """Training images in [-1, 1] (``{"image": [3,S,S], "label": int}``) with per-epoch deterministic crops/flips.
 
-    ``records`` (data/images.ImageRecord) are decoded, short side resized to S, then cropped: ``"random"``
-    (official SmallestMaxSize + RandomCrop) or ``"center"``; with ``random_flip`` a horizontal flip with p=0.5.
+    ``records`` (data/images.ImageRecord) are made as the official VA-VAE training makes them (taming's
+    ``ImagePaths``): decoded to RGB uint8, short side resized to S by ``data.images.smallest_max_size``
+    (albumentations ``SmallestMaxSize``: cv2 INTER_LINEAR), then an S x S crop: ``"random"`` (official training,
+    ``RandomCrop``: offsets uniform over every position) or ``"center"`` (official validation, ``CenterCrop``:
+    offsets rounded down). The official training does not flip; ``random_flip`` adds a horizontal flip with p=0.5.
+    The uint8 crop is scaled to [-1, 1] by ``data.images.uint8_to_normalized`` (``(u / 255 - 0.5) / 0.5`` in
+    float32; the official ``u / 127.5 - 1`` in float64 differs by at most one float32 ulp, 6e-8).
     Random choices come from a generator seeded by (seed, epoch, index), so a resumed run sees the same crops.
     ``synthetic`` (data/synthetic.SyntheticImages) replaces the files (images already at size S: flip only).
     """
@@ -125,20 +120,22 @@ class TrainImages(Dataset):
             image, label = self.synthetic[index]
             tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
         else:
-            from data.images import load_rgb, to_tensor_normalized
+            from data.images import load_rgb, smallest_max_size, uint8_to_normalized
             record = self.records[index]
             try:
-                pil = _resize_short_side(load_rgb(record.path), self.image_size)
+                pixels = smallest_max_size(np.array(load_rgb(record.path), dtype=np.uint8), self.image_size)
             except Exception as err:  # noqa: BLE001 - name the file
                 raise RuntimeError(f"data.path: cannot decode training image {record.path}: "
                                    f"{type(err).__name__}: {err}") from err
             s = self.image_size
+            height, width = pixels.shape[:2]
             if self.crop == "random":
-                left = int(rng.integers(0, pil.width - s + 1))
-                top = int(rng.integers(0, pil.height - s + 1))
+                left = int(rng.integers(0, width - s + 1))
+                top = int(rng.integers(0, height - s + 1))
             else:
-                left, top = (pil.width - s) // 2, (pil.height - s) // 2
-            tensor = to_tensor_normalized(pil.crop((left, top, left + s, top + s)))
+                left, top = (width - s) // 2, (height - s) // 2
+            crop = np.ascontiguousarray(pixels[top:top + s, left:left + s])
+            tensor = uint8_to_normalized(torch.from_numpy(crop).permute(2, 0, 1))
             label = record.label
         if self.random_flip and rng.random() < 0.5:
             tensor = torch.flip(tensor, dims=[-1])
