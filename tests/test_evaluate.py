@@ -21,7 +21,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
 
-from tools import fid
+from models.evaluation import metrics as fid
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]

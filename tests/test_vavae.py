@@ -301,7 +301,7 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
     assert len(list((out / "ref").glob("*.png"))) == 5 and len(list((out / "rec").glob("*.png"))) == 5
     # rFID by the evaluation code on the written folders: the number tools/fid.py gives for them (up to the
     # float summation order of another batch size).
-    from tools.fid import evaluate_images
+    from models.evaluation.metrics import evaluate_images
     direct = evaluate_images(str(out / "rec"), str(out / "ref"), feature_extractor="tiny-random", use_cache=False)
     assert result["rfid"] == pytest.approx(direct["fid"], rel=1e-6) and result["rfid"] > 0
     assert result["rfid_feature_extractor"] == "tiny-random"
