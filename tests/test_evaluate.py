@@ -1,7 +1,7 @@
-"""FID and friends (tools/fid.py, tools/evaluate.py) and the in-loop evaluation (DiTTask.evaluate).
+"""FID and friends (models/evaluation/metrics.py, tools/evaluate.py) and the in-loop evaluation (DiTTask.evaluate).
 
-All metric tests use the TINY RANDOMLY INITIALISED feature extractor ``tiny-random`` (tools/fid.py: two convs and
-a linear layer with weights from a fixed seed), which tools/fid.py registers with torch-fidelity. It stands in for
+All metric tests use the TINY RANDOMLY INITIALISED feature extractor ``tiny-random`` (metrics.py: two convs
+and a linear layer with weights from a fixed seed), which metrics.py registers with torch-fidelity. It stands in for
 Inception-v3 so that the tests run on a CPU in seconds without a weights file; its values say nothing about image
 quality, but every code path (torch-fidelity's extractor registry, feature extraction, its metric functions, the
 reference cache, stored statistics, the collective in-loop sampling) is the one Inception goes through.
@@ -204,10 +204,11 @@ def train_data(tmp_path_factory):
 def _eval_cfg(data: Path, run_dir: Path):
     from core.config import load_config
 
-    # No data directory and no latent normalisation: identity decoding (the latents are the images), and the
-    # worker processes skip importing MosaicML streaming (slow).
+    # No data directory and no latent normalisation: identity decoding (explicit; the latents are the images),
+    # and the worker processes skip importing MosaicML streaming (slow).
     return load_config(REPO / "configs/tiny_dit.yaml", [
-        "data.latent_norm=false", f"run_dir={run_dir}", "eval.every_epochs=1", "eval.num_samples=20",
+        "data.latent_norm=false", "sampling.tokenizer=identity", f"run_dir={run_dir}", "eval.every_epochs=1",
+        "eval.num_samples=20",
         "eval.batch_size=4", f"eval.reference={data / 'ref'}", f"eval.feature_extractor={fid.TINY}",
         f"eval.cache_dir={data / 'cache'}", "eval.metrics=[fid,is,pr]", "eval.grid_size=6",
         "eval.sampling_overrides=[num_steps=4]"])

@@ -2,7 +2,8 @@
 
 The model is the tiny config's LightningDiT with random weights (perturbed so that it is not a no-op), saved as
 an official-style ``{"ema": state_dict}`` file and loaded with ``--config`` (the official-checkpoint path);
-``data.latent_norm=false`` and no data directory give the identity tokenizer, so images are the latents.
+``data.latent_norm=false``, no data directory and ``sampling.tokenizer=identity`` (explicit: without a tokenizer
+sampling is an error) make the images the latents.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ except ImportError:  # tests/ imported as a package
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 N, BATCH = 22, 4                 # 6 chunks, the last one short
-OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4"]
+OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4", "sampling.tokenizer=identity"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_uninterrupted_run_writes_every_index_and_an_adm_npz(uninterrupted):
 
 
 def test_per_index_draws_do_not_depend_on_the_batch():
-    from tools.sample import index_noise
+    from models.evaluation.generation import index_noise
 
     z_all, y_all = index_noise(range(10), seed=7, num_classes=10, latent_shape=(3, 4, 4))
     z_one, y_one = index_noise([6], seed=7, num_classes=10, latent_shape=(3, 4, 4))

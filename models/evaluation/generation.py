@@ -64,11 +64,11 @@ import torch
 from core.distributed import barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_temporary
 
-__all__ = ["IDENTITY", "LABEL_MODES", "MANIFEST", "SCHEME", "SamplingError", "chunk_range", "decoder_from_config",
-           "check_decoding", "existing_indices", "image_grid", "index_noise", "index_seed", "latent_decoder", "load_model",
-           "png_name", "remove_stale_temporaries", "resolve_source", "sample_class_grid", "sample_indices",
-           "sample_to_folder", "save_png", "sde_generator", "to_uint8", "tokenizer_spec", "write_npz",
-           "write_png_atomic"]
+__all__ = ["IDENTITY", "LABEL_MODES", "MANIFEST", "SCHEME", "SamplingError", "check_decoding", "chunk_range",
+           "decoder_from_config", "existing_indices", "image_grid", "index_noise", "index_seed", "latent_decoder",
+           "load_model", "png_name", "remove_stale_temporaries", "resolve_source", "sample_class_grid",
+           "sample_indices", "sample_to_folder", "save_png", "sde_generator", "to_uint8", "tokenizer_spec",
+           "write_npz", "write_png_atomic"]
 
 log = logging.getLogger("llat")
 

@@ -1,8 +1,8 @@
 """Sample-quality metrics through torch-fidelity: FID, sFID, Inception Score, KID, precision/recall.
 
 Shared by ``tools/evaluate.py`` (sample folder / npz against a reference), ``tools/eval_tokenizer.py`` (rFID)
-and the in-loop evaluation (``models/evaluation/in_loop.py``). torch-fidelity supplies the feature extractors (its registry, its
-``create_feature_extractor``) and the metric arithmetic (``fid_statistics_to_metric``,
+and the in-loop evaluation (``models/evaluation/in_loop.py``). torch-fidelity supplies the feature extractors
+(its registry, its ``create_feature_extractor``) and the metric arithmetic (``fid_statistics_to_metric``,
 ``isc_features_to_metric``, ``kid_features_to_metric``, ``prc_features_to_metric``); this module adds what it
 does not do: reading ADM-style ``.npz`` files, comparing against precomputed ``mu``/``sigma`` reference
 statistics, sFID, a reference cache keyed by file identity, and strict local weights (no downloads).
