@@ -291,3 +291,19 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
     with pytest.raises(ValueError, match=r"eval\.sampling_overrides: .*num_stepz.*did you mean 'num_steps'"):
         DiTTask(cfg, dist).check()
 
+
+
+def test_in_loop_evaluate_without_a_tokenizer_fails_at_start_up(train_data, tmp_path):
+    """No manifest under data.path and no sampling.tokenizer: the start-up check and the first evaluation both
+    name the key (never a silent identity decoding)."""
+    from core.distributed import DistInfo
+    from models.tasks.dit import DiTTask
+
+    cfg = _eval_cfg(train_data, tmp_path / "run")
+    cfg.sampling.tokenizer = ""
+    dist = DistInfo(0, 1, 0, 1, torch.device("cpu"), "none")
+    with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
+        DiTTask(cfg, dist).check()
+    model = _perturbed_model(cfg).eval()
+    with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
+        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)

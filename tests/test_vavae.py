@@ -311,3 +311,10 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
         main(base + ["--fid-extractor", "tiny-random"])
     with pytest.raises(Exception, match="--fid-weights"):     # Inception: a local weights file, never a download
         main(base + ["--out-dir", str(tmp_path / "out2"), "--fid-extractor", "inception-v3-compat"])
+
+
+def test_eval_tokenizer_without_a_tokenizer_names_what_to_pass(tmp_path, capsys):
+    from tools.eval_tokenizer import main
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--no-lpips"])
+    assert "--checkpoint is required" in capsys.readouterr().err
