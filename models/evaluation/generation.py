@@ -437,7 +437,6 @@ def _check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ FID sampling
-# ------------------------------------------------------------------------------------------ FID sampling
 def sample_to_folder(cfg, model, decode, out_dir: Path, num: int, *, ckpt: Path, which: str = "ema",
                      batch_size: int = 64, seed: int = 0, labels: str = "uniform", device="cpu",
                      npz: Optional[Path] = None, progress: bool = True) -> dict[str, Any]:
