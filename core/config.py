@@ -173,6 +173,9 @@ class SamplingConfig:
     guidance_mode: Literal["official", "all"] = "official"
     atol: float = 1e-6
     rtol: float = 1e-3
+    # Decoding the samples (models/evaluation/generation.py): "" = what data.path holds (manifest.json, stats)
+    tokenizer: str = ""                      # VA-VAE checkpoint (file / run checkpoint dir), or "identity"
+    latent_stats: str = ""                   # latents_stats.pt ({'mean','std'}) when data.latent_norm is true
 
 
 @dataclass

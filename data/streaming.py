@@ -348,7 +348,7 @@ class RunningMoments:
 
 def _stats_file(path: Union[str, Path]) -> Path:
     path = Path(path)
-    return path if path.suffix == ".pt" else path / STATS_FILENAME
+    return path if path.suffix == ".pt" or path.is_file() else path / STATS_FILENAME
 
 
 def save_latent_stats(path: Union[str, Path], mean: Any, std: Any) -> Path:

@@ -37,6 +37,9 @@ __all__ = [
     "load_into_model",
     "clean_state_dict",
     "is_dcp_dir",
+    "checkpoint_engine",
+    "export_state",
+    "save_export",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -324,3 +327,50 @@ def _is_dtensor(v: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(v, DTensor)
+
+
+# ------------------------------------------------------------------------------------------ export (tools/export.py)
+def checkpoint_engine(ckpt_dir: Path) -> str:
+    """Which engine wrote checkpoint directory ``ckpt_dir``: "fsdp2" (``state/.metadata``) or "deepspeed"."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "state" / ".metadata").is_file():
+        return "fsdp2"
+    if (ckpt_dir / "deepspeed").is_dir():
+        return "deepspeed"
+    raise FileNotFoundError(f"{ckpt_dir}: not an FSDP2 (state/.metadata) or DeepSpeed (deepspeed/) checkpoint")
+
+
+def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for which in ("model", "ema"):
+        try:
+            _, sd = _load_our_checkpoint_dir(ckpt_dir / "state", f"{part}.{which}")
+        except ValueError:
+            if which == "ema":          # a part trained without EMA
+                continue
+            raise
+        sd = clean_state_dict(sd, source=str(ckpt_dir))
+        out[which] = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
+    return out
+
+
+def export_state(ckpt_dir: PathLike, part: str = "model") -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in checkpoint directory
+    ``ckpt_dir`` (a run or ``checkpoints/`` directory: its newest complete checkpoint), written by either engine:
+    fp32 CPU tensors under the model's own (official) key names. FSDP2: read with ``_load_our_checkpoint_dir``
+    (DCP's local reader, full tensors, optimizer never read); DeepSpeed: ``consolidated_state_dicts``."""
+    from core.checkpoint import resolve_checkpoint_dir
+
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    if checkpoint_engine(ckpt_dir) == "fsdp2":
+        return _fsdp2_state_dicts(ckpt_dir, part)
+    from core.engines.deepspeed import consolidated_state_dicts
+    return consolidated_state_dicts(ckpt_dir, part)
+
+
+def save_export(state: dict, out: PathLike) -> Path:
+    """``torch.save`` of an ``export_state`` result, atomically (never leaves a half-written file)."""
+    from core.fileio import atomic_torch_save
+
+    atomic_torch_save(state, out)
+    return Path(out)

@@ -73,7 +73,7 @@ Noise comes from ``generator`` (must live on z's device).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ __all__ = [
     "OFFICIAL_GUIDED_CHANNELS",
     "METHODS",
     "GUIDANCE_MODES",
+    "describe_sampling",
 ]
 
 OFFICIAL_GUIDED_CHANNELS = 3
@@ -286,3 +287,31 @@ class Sampler:
         steps = self.num_steps - 1
         return {"euler": steps, "heun": 2 * steps, "dopri5": None,
                 "euler_maruyama": steps + (1 if self.last_step_size > 0 else 0)}[self.method]
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def describe_sampling(s: Any) -> str:
+    """One line for a sampling config (dataclass or dict): e.g. ``euler 250pt shift 0.3 cfg 6.7 (t>=0.125, 3ch)``."""
+    method = _get(s, "method", "euler")
+    text = f"{method}"
+    if method == "dopri5":
+        text += f" atol {_get(s, 'atol', 1e-6):g} rtol {_get(s, 'rtol', 1e-3):g}"
+    else:
+        text += f" {_get(s, 'num_steps', 250)}pt"
+    shift = float(_get(s, "timestep_shift", 1.0))
+    if shift != 1.0 and method != "dopri5":
+        text += f" shift {shift:g}"
+    scale = float(_get(s, "cfg_scale", 1.0))
+    if scale > 1.0:
+        start = float(_get(s, "cfg_interval_start", 0.0))
+        details = ([f"t>={start:g}"] if start > 0 else []) + (
+            ["3ch"] if _get(s, "guidance_mode", "official") == "official" else ["all ch"])
+        text += f" cfg {scale:g} ({', '.join(details)})"
+    else:
+        text += " no cfg"
+    return text

@@ -1,7 +1,7 @@
-"""FID and friends (tools/fid.py, tools/evaluate.py) and the in-loop evaluation (DiTTask.evaluate).
+"""FID and friends (models/evaluation/metrics.py, tools/evaluate.py) and the in-loop evaluation (DiTTask.evaluate).
 
-All metric tests use the TINY RANDOMLY INITIALISED feature extractor ``tiny-random`` (tools/fid.py: two convs and
-a linear layer with weights from a fixed seed), which tools/fid.py registers with torch-fidelity. It stands in for
+All metric tests use the TINY RANDOMLY INITIALISED feature extractor ``tiny-random`` (metrics.py: two convs
+and a linear layer with weights from a fixed seed), which metrics.py registers with torch-fidelity. It stands in for
 Inception-v3 so that the tests run on a CPU in seconds without a weights file; its values say nothing about image
 quality, but every code path (torch-fidelity's extractor registry, feature extraction, its metric functions, the
 reference cache, stored statistics, the collective in-loop sampling) is the one Inception goes through.
@@ -21,7 +21,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
 
-from tools import fid
+from models.evaluation import metrics as fid
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -204,10 +204,11 @@ def train_data(tmp_path_factory):
 def _eval_cfg(data: Path, run_dir: Path):
     from core.config import load_config
 
-    # No data directory and no latent normalisation: identity decoding (the latents are the images), and the
-    # worker processes skip importing MosaicML streaming (slow).
+    # No data directory and no latent normalisation: identity decoding (explicit; the latents are the images),
+    # and the worker processes skip importing MosaicML streaming (slow).
     return load_config(REPO / "configs/tiny_dit.yaml", [
-        "data.latent_norm=false", f"run_dir={run_dir}", "eval.every_epochs=1", "eval.num_samples=20",
+        "data.latent_norm=false", "sampling.tokenizer=identity", f"run_dir={run_dir}", "eval.every_epochs=1",
+        "eval.num_samples=20",
         "eval.batch_size=4", f"eval.reference={data / 'ref'}", f"eval.feature_extractor={fid.TINY}",
         f"eval.cache_dir={data / 'cache'}", "eval.metrics=[fid,is,pr]", "eval.grid_size=6",
         "eval.sampling_overrides=[num_steps=4]"])
@@ -290,3 +291,19 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
     with pytest.raises(ValueError, match=r"eval\.sampling_overrides: .*num_stepz.*did you mean 'num_steps'"):
         DiTTask(cfg, dist).check()
 
+
+
+def test_in_loop_evaluate_without_a_tokenizer_fails_at_start_up(train_data, tmp_path):
+    """No manifest under data.path and no sampling.tokenizer: the start-up check and the first evaluation both
+    name the key (never a silent identity decoding)."""
+    from core.distributed import DistInfo
+    from models.tasks.dit import DiTTask
+
+    cfg = _eval_cfg(train_data, tmp_path / "run")
+    cfg.sampling.tokenizer = ""
+    dist = DistInfo(0, 1, 0, 1, torch.device("cpu"), "none")
+    with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
+        DiTTask(cfg, dist).check()
+    model = _perturbed_model(cfg).eval()
+    with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
+        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)

@@ -62,7 +62,7 @@ def checkpoints(tmp_path_factory):
 
 def test_both_engines_export_the_same_state_dicts(checkpoints, tmp_path):
     from models.loading import load_into_model
-    from tools.export import export_state, save_export
+    from models.loading import export_state, save_export
 
     keys = list(ToyModel().state_dict().keys())
     exported = {name: export_state(checkpoints / name) for name in ENGINES}     # run dirs: newest checkpoint
@@ -94,7 +94,8 @@ def test_both_engines_export_the_same_state_dicts(checkpoints, tmp_path):
 
 def test_export_main_and_errors(checkpoints, tmp_path, capsys):
     """The CLI entry point (in process; tests/test_train_deepspeed.py runs the script itself)."""
-    from tools.export import export_state, main
+    from models.loading import export_state
+    from tools.export import main
 
     step_dir = checkpoints / "zero3" / "checkpoints" / f"step_{STEPS:07d}"
     out = tmp_path / "cli.pt"

@@ -1,8 +1,9 @@
-"""tools/leaderboard.py over three real offline W&B runs written by the trainer.
+"""tools/leaderboard.py (models/evaluation/leaderboard.py, core/runlog.py) over three real offline W&B runs written
+by the trainer.
 
 Three tiny DiT trainings (train.py, 1 rank, 8 steps = 2 epochs, ``wandb.mode=offline``) with different configs run
 in parallel, each with in-loop evaluation every epoch (FID-32 against the training images, 4-point sampler). The
-feature extractor is the TINY RANDOMLY INITIALISED ``tiny-random`` one that tools/fid.py registers with
+feature extractor is the TINY RANDOMLY INITIALISED ``tiny-random`` one that models/evaluation/metrics.py registers with
 torch-fidelity (no Inception weights on a CPU test machine); the numbers only have to be real and comparable.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def runs(tmp_path_factory) -> Path:
                "wandb.mode=offline", "eval.every_epochs=1", "eval.num_samples=32", "eval.batch_size=16",
                f"eval.reference={root / 'ref'}", "eval.feature_extractor=tiny-random",
                f"eval.cache_dir={root / 'fid_cache'}", "eval.metrics=[fid,is,pr]",
-               "eval.sampling_overrides=[num_steps=4]", *extra]
+               "eval.sampling_overrides=[num_steps=4]", "sampling.tokenizer=identity", *extra]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)
         # Start the next run once this one has built its data loader (metrics.jsonl is opened right after):
@@ -81,7 +82,7 @@ def _jsonl_evals(run_dir: Path) -> dict[int, dict]:
 
 
 def test_offline_wandb_files_hold_what_the_trainer_logged(runs):
-    from tools.leaderboard import read_run_dir
+    from core.runlog import read_run_dir
 
     for name in RUNS:
         run_dir = runs / "runs" / name
@@ -132,7 +133,8 @@ def test_leaderboard_ranks_runs_and_writes_table_markdown_and_plot(runs, capsys)
 def test_plot_without_matplotlib_falls_back_to_pil(runs, tmp_path, monkeypatch):
     from PIL import Image
 
-    from tools.leaderboard import discover_runs, plot_fid, rank_rows, summarize
+    from core.runlog import discover_runs
+    from models.evaluation.leaderboard import plot_fid, rank_rows, summarize
 
     rows = rank_rows([summarize(r) for r in discover_runs([runs / "runs"])])
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` raises ImportError
@@ -142,7 +144,8 @@ def test_plot_without_matplotlib_falls_back_to_pil(runs, tmp_path, monkeypatch):
 
 
 def test_fallbacks_metrics_jsonl_and_a_truncated_wandb_file(runs, tmp_path):
-    from tools.leaderboard import read_offline_run, read_run_dir, summarize
+    from core.runlog import read_offline_run, read_run_dir
+    from models.evaluation.leaderboard import summarize
 
     src = runs / "runs" / "base"
     reference = summarize(read_run_dir(src))

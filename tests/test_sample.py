@@ -2,7 +2,8 @@
 
 The model is the tiny config's LightningDiT with random weights (perturbed so that it is not a no-op), saved as
 an official-style ``{"ema": state_dict}`` file and loaded with ``--config`` (the official-checkpoint path);
-``data.latent_norm=false`` and no data directory give the identity tokenizer, so images are the latents.
+``data.latent_norm=false``, no data directory and ``sampling.tokenizer=identity`` (explicit: without a tokenizer
+sampling is an error) make the images the latents.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ except ImportError:  # tests/ imported as a package
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 N, BATCH = 22, 4                 # 6 chunks, the last one short
-OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4"]
+OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4", "sampling.tokenizer=identity"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_uninterrupted_run_writes_every_index_and_an_adm_npz(uninterrupted):
 
 
 def test_per_index_draws_do_not_depend_on_the_batch():
-    from tools.sample import index_noise
+    from models.evaluation.generation import index_noise
 
     z_all, y_all = index_noise(range(10), seed=7, num_classes=10, latent_shape=(3, 4, 4))
     z_one, y_one = index_noise([6], seed=7, num_classes=10, latent_shape=(3, 4, 4))
@@ -136,3 +137,69 @@ def test_other_settings_are_refused_and_the_grid_still_works(checkpoint, uninter
                         "--grid", str(grid), "--per-class", "2", "--scale", "1", "--device", "cpu"]) == 0
     from PIL import Image
     assert Image.open(grid).size == (2 * 16, 10 * 16)
+
+
+# ------------------------------------------------------------------------------------ decoding settings
+def test_a_missing_tokenizer_is_an_error_naming_what_to_pass(checkpoint, tmp_path, capsys):
+    """No data directory, no manifest and no sampling.tokenizer: no silent identity decoding."""
+    from tools import sample
+
+    args = [str(checkpoint), "--config", str(REPO / "configs/tiny_dit.yaml"), "data.latent_norm=false",
+            "sampling.num_steps=4", "--grid", str(tmp_path / "g.png"), "--per-class", "1", "--device", "cpu"]
+    assert sample.main(args) == 2
+    err = capsys.readouterr().err
+    assert "sampling.tokenizer" in err and "--tokenizer" in err and "identity" in err
+    assert not (tmp_path / "g.png").exists()
+    # A data directory without manifest.json: the same error, naming the directory.
+    (tmp_path / "data").mkdir()
+    assert sample.main(args + [f"data.path={tmp_path / 'data'}"]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_released_statistics_and_tokenizer_without_a_data_directory(checkpoint, tmp_path):
+    """--tokenizer / --latent-stats (sampling.tokenizer / sampling.latent_stats): the official latents_stats.pt
+    layout ({'mean', 'std'} of shape (1, C, 1, 1)) de-normalises without data.path."""
+    from models.evaluation.generation import latent_decoder
+    from tools import sample
+
+    mean = torch.tensor([0.1, -0.2, 0.3]).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.5, 0.25, 0.75]).reshape(1, 3, 1, 1)
+    stats = tmp_path / "latents_stats.pt"
+    torch.save({"mean": mean, "std": std}, stats)
+    decode = latent_decoder(None, True, 1.0, "cpu", tokenizer="identity", latent_stats=str(stats))
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+    assert decode.tokenizer_kind == "identity"
+    torch.testing.assert_close(decode(z), (z * std + mean).clamp(-1, 1))
+    flat = tmp_path / "flat_stats.pth"                   # any file name; (C,) vectors are accepted too
+    torch.save({"mean": mean.flatten(), "std": std.flatten()}, flat)
+    torch.testing.assert_close(latent_decoder(None, True, 1.0, tokenizer="identity", latent_stats=str(flat))(z),
+                               decode(z))
+
+    grid = tmp_path / "grid.png"
+    base = [str(checkpoint), "--config", str(REPO / "configs/tiny_dit.yaml"), "sampling.num_steps=4",
+            "--grid", str(grid), "--per-class", "1", "--scale", "1", "--device", "cpu"]
+    assert sample.main(base + ["--tokenizer", "identity", "--latent-stats", str(stats)]) == 0  # latent_norm: true
+    assert grid.is_file()
+    # data.latent_norm=true and no statistics anywhere: the error names the three ways out.
+    with pytest.raises(ValueError, match=r"sampling\.latent_stats"):
+        latent_decoder(None, True, 1.0, tokenizer="identity")
+    with pytest.raises(ValueError, match="data.latent_norm is false"):
+        latent_decoder(None, False, 1.0, tokenizer="identity", latent_stats=str(stats))
+    with pytest.raises(FileNotFoundError, match=r"sampling\.latent_stats"):
+        latent_decoder(None, True, 1.0, tokenizer="identity", latent_stats=str(tmp_path / "missing.pt"))
+
+
+def test_tokenizer_spec_precedence(tmp_path):
+    from models.evaluation.generation import tokenizer_spec
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"plan": {"tokenizer": {"kind": "identity", "kwargs": {}}}}))
+    assert tokenizer_spec("", data) == {"kind": "identity", "kwargs": {}}          # the extraction's record
+    ckpt = tmp_path / "vavae.pt"
+    ckpt.write_bytes(b"")
+    assert tokenizer_spec(str(ckpt), data) == {"kind": "vavae", "kwargs": {"checkpoint": str(ckpt)}}  # explicit wins
+    with pytest.raises(FileNotFoundError, match=r"sampling\.tokenizer: tokenizer checkpoint not found"):
+        tokenizer_spec(str(tmp_path / "nope.pt"), data)
+    with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
+        tokenizer_spec("", None)

@@ -261,7 +261,7 @@ def test_bf16_autocast_matches_unsharded_reference_under_autocast():
 
 # ------------------------------------------------------------------------------------------ tools/eval_tokenizer
 def test_eval_metrics_psnr_and_ssim_definitions():
-    from tools.eval_tokenizer import gaussian_window, psnr_uint8, ssim, to_uint8
+    from models.evaluation.reconstruction import gaussian_window, psnr_uint8, ssim, to_uint8
     ref = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     rec = ref.clone()
     rec[0] += 1                                                        # MSE 1 -> 20 log10(255)
@@ -299,9 +299,9 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
     assert result["num_images"] == 5 and result["posterior"] == "sample"
     assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1 and result["lpips"] > 0
     assert len(list((out / "ref").glob("*.png"))) == 5 and len(list((out / "rec").glob("*.png"))) == 5
-    # rFID by the evaluation code on the written folders: the number tools/fid.py gives for them (up to the
-    # float summation order of another batch size).
-    from tools.fid import evaluate_images
+    # rFID by the evaluation code on the written folders: the number models/evaluation/metrics.py gives for them
+    # (up to the float summation order of another batch size).
+    from models.evaluation.metrics import evaluate_images
     direct = evaluate_images(str(out / "rec"), str(out / "ref"), feature_extractor="tiny-random", use_cache=False)
     assert result["rfid"] == pytest.approx(direct["fid"], rel=1e-6) and result["rfid"] > 0
     assert result["rfid_feature_extractor"] == "tiny-random"
@@ -311,3 +311,10 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
         main(base + ["--fid-extractor", "tiny-random"])
     with pytest.raises(Exception, match="--fid-weights"):     # Inception: a local weights file, never a download
         main(base + ["--out-dir", str(tmp_path / "out2"), "--fid-extractor", "inception-v3-compat"])
+
+
+def test_eval_tokenizer_without_a_tokenizer_names_what_to_pass(tmp_path, capsys):
+    from tools.eval_tokenizer import main
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--no-lpips"])
+    assert "--checkpoint is required" in capsys.readouterr().err

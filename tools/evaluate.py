@@ -16,7 +16,7 @@ reference images (ADM's reference batches carry 10k of them in ``arr_0``); IS us
 Reference features are cached under ``--cache-dir`` (default ``eval.cache_dir``, else ``$LLAT_FID_CACHE`` or
 ``~/.cache/lightning_latent/fid``), keyed by the reference's path, size and mtime and the extractor's weights.
 The Inception weights come from a local file only (``--weights`` or ``eval.feature_extractor_weights``).
-See tools/fid.py for the details (sFID layer, agreement with ADM's TensorFlow evaluator).
+See models/evaluation/metrics.py for the details (sFID layer, agreement with ADM's TensorFlow evaluator).
 """
 from __future__ import annotations
 
@@ -26,24 +26,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-LABELS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("is_std", "IS std"), ("kid", "KID"),
-          ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
-          ("num_samples", "samples"), ("num_reference", "reference images")]
-
-
-def format_table(result: dict) -> str:
-    rows = [(label, result[key]) for key, label in LABELS if key in result]
-    width = max([len(label) for label, _ in rows] + [len("reference")])
-    lines = []
-    for label, value in rows:
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{label.ljust(width)}  {text}")
-    if result.get("skipped"):
-        lines.append(f"{'skipped'.ljust(width)}  {', '.join(result['skipped'])} (the reference has no images)")
-    lines.append(f"{'reference'.ljust(width)}  {result.get('reference', '?')}")
-    lines.append(f"{'extractor'.ljust(width)}  {result.get('feature_extractor', '?')}")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -74,7 +56,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tools import fid
+    from models.evaluation import metrics as fid
 
     reference, metrics, extractor, weights, cache_dir = None, ["fid"], fid.INCEPTION, None, None
     weights_key = "--weights"
@@ -118,7 +100,7 @@ def main(argv=None) -> int:
     if args.json == "-":
         print(json.dumps(result, indent=2))
         return 0
-    print(format_table(result))
+    print(fid.format_result(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -8,6 +8,8 @@ state dicts carry the model's own (official) key names, fp32 CPU tensors, so the
 ``models.loading.load_into_model(model, OUT.pt, which="ema")`` — or with the official code. No process group
 and no GPU are needed.
 
+The export is ``models.loading.export_state`` / ``save_export`` (atomic write):
+
 * FSDP2 checkpoints (``<step>/state/.metadata``, DCP): ``<part>.model`` and ``<part>.ema`` are read with
   ``models.loading._load_our_checkpoint_dir`` (DCP's local reader, full tensors, optimizer never read).
 * DeepSpeed checkpoints (``<step>/deepspeed/<part>/``): weights from DeepSpeed's
@@ -17,61 +19,16 @@ and no GPU are needed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from core.checkpoint import resolve_checkpoint_dir  # noqa: E402 - after the path set-up
-
-
-def engine_of(ckpt_dir: Path) -> str:
-    if (ckpt_dir / "state" / ".metadata").is_file():
-        return "fsdp2"
-    if (ckpt_dir / "deepspeed").is_dir():
-        return "deepspeed"
-    raise FileNotFoundError(f"{ckpt_dir}: not an FSDP2 (state/.metadata) or DeepSpeed (deepspeed/) checkpoint")
-
-
-def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.Tensor]]:
-    from models.loading import _load_our_checkpoint_dir, clean_state_dict
-
-    out = {}
-    for which in ("model", "ema"):
-        try:
-            _, sd = _load_our_checkpoint_dir(ckpt_dir / "state", f"{part}.{which}")
-        except ValueError:
-            if which == "ema":          # a part trained without EMA
-                continue
-            raise
-        sd = clean_state_dict(sd, source=str(ckpt_dir))
-        out[which] = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
-    return out
-
-
-def export_state(ckpt_dir: str | os.PathLike, part: str = "model") -> dict[str, dict[str, torch.Tensor]]:
-    """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in ``ckpt_dir``."""
-    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
-    if engine_of(ckpt_dir) == "fsdp2":
-        return _fsdp2_state_dicts(ckpt_dir, part)
-    from core.engines.deepspeed import consolidated_state_dicts
-    return consolidated_state_dicts(ckpt_dir, part)
-
-
-def save_export(state: dict, out: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file, then rename (never leaves a half-written OUT)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
-    return out
+from models.loading import checkpoint_engine, export_state, save_export  # noqa: E402
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -88,8 +45,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     out = save_export(state, args.out)
     n = sum(v.numel() for v in state["model"].values())
-    print(f"exported {engine_of(ckpt_dir)} checkpoint {ckpt_dir} (part {args.part!r}: {len(state['model'])} tensors, "
-          f"{n:,} values; entries {sorted(state)}) to {out}")
+    print(f"exported {checkpoint_engine(ckpt_dir)} checkpoint {ckpt_dir} (part {args.part!r}: "
+          f"{len(state['model'])} tensors, {n:,} values; entries {sorted(state)}) to {out}")
     return 0
 
 

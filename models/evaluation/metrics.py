@@ -1,8 +1,8 @@
 """Sample-quality metrics through torch-fidelity: FID, sFID, Inception Score, KID, precision/recall.
 
-Shared by ``tools/evaluate.py`` (sample folder / npz against a reference) and the in-loop evaluation
-(``models/tasks/dit.py``). torch-fidelity supplies the feature extractors (its registry, its
-``create_feature_extractor``) and the metric arithmetic (``fid_statistics_to_metric``,
+Shared by ``tools/evaluate.py`` (sample folder / npz against a reference), ``tools/eval_tokenizer.py`` (rFID)
+and the in-loop evaluation (``models/evaluation/in_loop.py``). torch-fidelity supplies the feature extractors
+(its registry, its ``create_feature_extractor``) and the metric arithmetic (``fid_statistics_to_metric``,
 ``isc_features_to_metric``, ``kid_features_to_metric``, ``prc_features_to_metric``); this module adds what it
 does not do: reading ADM-style ``.npz`` files, comparing against precomputed ``mu``/``sigma`` reference
 statistics, sFID, a reference cache keyed by file identity, and strict local weights (no downloads).
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import os
 import zipfile
@@ -61,13 +62,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.fileio import atomic_torch_save, atomic_write_bytes
+
 __all__ = [
     "INCEPTION", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "TINY", "METRICS", "METRIC_ALIASES",
     "Extractor", "ImageSet", "Reference", "ReferenceData", "TinyRandomExtractor", "check_weights",
     "resolve_extractor",
     "compute_metrics", "default_cache_dir", "evaluate_images", "extract_features", "frechet_distance",
-    "load_image_set", "normalize_metrics", "reference_data", "statistics", "save_statistics",
-    "to_uint8",
+    "format_result", "load_image_set", "normalize_metrics", "reference_data", "statistics", "save_statistics",
 ]
 
 INCEPTION = "inception-v3-compat"
@@ -281,11 +283,6 @@ class Extractor:
 
 
 # ---------------------------------------------------------------------------------------------- images
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> uint8, exactly as the official FID sampling: clamp(127.5 x + 128)."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
-
-
 def _npz_member(path: Path, name: str = "arr_0") -> np.ndarray:
     """Array ``name`` of an npz: memory-mapped when stored uncompressed (np.savez's default), else loaded."""
     member = name + ".npy"
@@ -461,11 +458,15 @@ def save_statistics(path: Union[str, Path], features: Mapping[str, torch.Tensor]
         out["mu_s"], out["sigma_s"] = s["mu"], s["sigma"]
     if extractor.name != INCEPTION:
         out["extractor"] = np.array(extractor.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, _npz_bytes(out))
     return path
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """What ``np.savez(file, **arrays)`` writes, as bytes."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -544,13 +545,6 @@ class ReferenceData:
     cached: bool = False
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def reference_data(reference: Reference, extractor: Extractor, cache_dir: Optional[Union[str, Path]] = None,
                    batch_size: int = 100, num_workers: int = 0, progress: bool = False,
                    use_cache: bool = True) -> ReferenceData:
@@ -604,7 +598,7 @@ def reference_data(reference: Reference, extractor: Extractor, cache_dir: Option
     out.stats.update({m: stats_by_layer[layer] for m, layer in stat_layers.items()})
     out.features = {layer: feats[layer] for layer in feat_layers}
     if cache_file is not None:
-        _atomic_torch_save({"n": n, "stats": stats_by_layer, "features": out.features,
+        atomic_torch_save({"n": n, "stats": stats_by_layer, "features": out.features,
                             "source": key_src}, cache_file)
     return out
 
@@ -688,3 +682,22 @@ def evaluate_images(samples: Any, reference: Union[str, Path, Reference], metric
         result["_features"], result["_extractor"] = feats, extractor
     return result
 
+
+RESULT_LABELS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("is_std", "IS std"), ("kid", "KID"),
+                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
+                 ("num_samples", "samples"), ("num_reference", "reference images")]
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """A plain-text table of an ``evaluate_images`` result (what ``tools/evaluate.py`` prints)."""
+    rows = [(label, result[key]) for key, label in RESULT_LABELS if key in result]
+    width = max([len(label) for label, _ in rows] + [len("reference")])
+    lines = []
+    for label, value in rows:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label.ljust(width)}  {text}")
+    if result.get("skipped"):
+        lines.append(f"{'skipped'.ljust(width)}  {', '.join(result['skipped'])} (the reference has no images)")
+    lines.append(f"{'reference'.ljust(width)}  {result.get('reference', '?')}")
+    lines.append(f"{'extractor'.ljust(width)}  {result.get('feature_extractor', '?')}")
+    return "\n".join(lines)

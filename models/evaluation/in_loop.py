@@ -1,0 +1,230 @@
+"""In-loop evaluation of a class-conditional latent generator: sample, decode, featurise, score, record.
+
+``InLoopEvaluator(cfg, dist, ...)`` is what ``DiTTask.evaluate`` / ``DiTTask.check`` call. ``evaluate(part,
+step)`` samples ``eval.num_samples`` images with the part's EMA weights (raw weights when it has no EMA) and
+scores them (collective: every rank calls it).
+
+Image i's label and noise depend on (``eval.seed``, i) only (models/evaluation/generation.py), so every
+evaluation of a run scores the same noise. Chunks of ``eval.batch_size`` indices go round-robin over the ranks;
+every rank runs the same number of sampler batches of the same shape (the last round is padded), because the
+EMA module may be FSDP-sharded and its forward is then a collective. Each rank decodes its images
+(``generation.decoder_from_config``: ``sampling.tokenizer`` / ``sampling.latent_stats`` or what ``data.path``
+holds; a missing tokenizer is an error at start-up) and extracts their features; rank 0 gathers the features and
+computes the metrics against ``eval.reference`` (models/evaluation/metrics.py), writes
+``<run_dir>/eval/step_XXXXXXX.{json,png}`` (metrics, sampler settings, a sample grid) and, when a W&B run is
+active in this process, logs the grid as ``eval/samples``. Every rank returns the same dict: the metrics
+(``fid``, ...), ``num_samples`` and the sampler settings (``cfg_scale``, ``num_steps``, ``cfg_interval_start``,
+``timestep_shift``), plus ``time_s``.
+
+The sampler is ``sampling`` with ``eval.sampling_overrides`` applied. With ``dopri5`` (adaptive step counts) on
+several ranks, the model calls differ between ranks, which a sharded (collective) forward cannot do: the
+evaluator then samples with ``full_model(module)``, a plain local copy the caller provides.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("llat")
+
+__all__ = ["InLoopEvaluator", "check_eval_config"]
+
+
+def _sampling_config(cfg):
+    """``cfg.sampling`` with ``eval.sampling_overrides`` applied (ValueError naming that key)."""
+    from core.config import ConfigError, apply_overrides
+
+    sampling_cfg = copy.deepcopy(cfg)
+    try:
+        apply_overrides(sampling_cfg, [f"sampling.{o}" for o in cfg.eval.sampling_overrides])
+    except ConfigError as err:
+        raise ValueError(f"eval.sampling_overrides: {err}") from None
+    return sampling_cfg
+
+
+def check_eval_config(cfg) -> None:
+    """Cheap, local checks of the ``eval`` section (metric names, sampler overrides, decoding settings, reference
+    and weights files), so that a bad setting fails at start-up rather than at the first evaluation; a no-op when
+    in-loop evaluation is off. Raises ValueError / FileNotFoundError naming the key."""
+    ec = cfg.eval
+    if not ec.every_epochs:
+        return
+    from models.evaluation.generation import check_decoding
+    from models.evaluation.metrics import Reference, check_weights, normalize_metrics, resolve_extractor
+
+    normalize_metrics(ec.metrics, key="eval.metrics")
+    check_decoding(_sampling_config(cfg))
+    check_weights(resolve_extractor(ec.feature_extractor), ec.feature_extractor_weights or None,
+                  "eval.feature_extractor_weights")
+    Reference.open(ec.reference, key="eval.reference")
+
+
+class InLoopEvaluator:
+    """The in-loop evaluation of one run (module doc). ``num_classes`` / ``latent_shape``: what the model
+    samples; ``full_model``: module -> plain local copy in eval mode (dopri5 on several ranks only)."""
+
+    def __init__(self, cfg, dist, *, num_classes: int, latent_shape: Sequence[int],
+                 full_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
+        self.cfg = cfg
+        self.dist = dist
+        self.device = dist.device
+        self.num_classes = num_classes
+        self.latent_shape = tuple(latent_shape)
+        self.full_model = full_model
+        self._state: Optional[dict[str, Any]] = None
+
+    def check(self) -> None:
+        check_eval_config(self.cfg)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, part: Any, step: int) -> dict[str, Any]:
+        """Sample and score with ``part.ema`` (else ``part.module``); collective, every rank (module doc)."""
+        import torch.distributed as tdist
+
+        from core.distributed import broadcast_object
+        from models.evaluation.generation import chunk_range, sample_indices
+
+        ev = self._setup()
+        ec = self.cfg.eval
+        t0 = time.perf_counter()
+        model = part.ema if getattr(part, "ema", None) is not None else part.module
+        if ev["sampler"].method == "dopri5" and self.dist.world_size > 1:
+            # Adaptive steps: the number of model calls differs between ranks, which a sharded (collective)
+            # forward cannot do; sample with a full local copy instead (collective gather, then local).
+            model = self.full_model(model)
+        was_training = model.training            # the raw weights (no EMA) are in training mode: label dropout
+        model.eval()
+        rank, world = self.dist.rank, self.dist.world_size
+        n, b = ec.num_samples, ec.batch_size
+        chunks = math.ceil(n / b)
+        feats: dict[str, list[torch.Tensor]] = {}
+        grid: list[torch.Tensor] = []
+        kept = 0
+        try:
+            for k in range(math.ceil(chunks / world)):
+                c = k * world + rank
+                indices = list(chunk_range(c, b, n)) if c < chunks else []
+                images, _ = sample_indices(ev["sampler"], model, ev["decode"], indices, ec.seed, self.num_classes,
+                                           self.latent_shape, ec.labels, self.device, chunk=c, pad_to=b)
+                if not indices:
+                    continue
+                feats.setdefault("_index", []).append(torch.tensor(indices, dtype=torch.long))
+                for key, value in ev["extractor"](images).items():
+                    feats.setdefault(key, []).append(value)
+                if rank == 0 and kept < ec.grid_size:
+                    grid.append(images[: ec.grid_size - kept].cpu())
+                    kept += len(grid[-1])
+        finally:
+            model.train(was_training)
+        local = {key: torch.cat(v) for key, v in feats.items()}
+        gathered: list[Any] = [None] * world if rank == 0 else None
+        if world > 1:
+            tdist.gather_object(local, gathered, dst=0)
+        else:
+            gathered = [local]
+        outcome: tuple[Optional[dict], Optional[str]] = (None, None)
+        if rank == 0:
+            try:
+                outcome = (self._finish(ev, gathered, grid, step, time.perf_counter() - t0), None)
+            except Exception as err:  # noqa: BLE001 - every rank must learn about it
+                outcome = (None, f"{type(err).__name__}: {err}")
+        result, error = broadcast_object(outcome) if world > 1 else outcome
+        if error is not None:
+            raise RuntimeError(f"in-loop evaluation at step {step} failed: {error}")
+        return result
+
+    def _setup(self) -> dict[str, Any]:
+        """Built once, on the first evaluation: sampler, decoder, feature extractor, reference (rank 0).
+        A problem on any rank (missing weights file, tokenizer or reference, bad override) is raised on every
+        rank."""
+        if self._state is not None:
+            return self._state
+        from core.distributed import all_gather_object
+        from models.evaluation.generation import decoder_from_config
+        from models.evaluation.metrics import Extractor, Reference, normalize_metrics, reference_data
+        from models.sampling import Sampler, describe_sampling
+
+        ec = self.cfg.eval
+        state: dict[str, Any] = {}
+        error = None
+        try:
+            if ec.batch_size < 1 or ec.num_samples < 1:
+                raise ValueError("eval.num_samples and eval.batch_size must be >= 1")
+            if ec.grid_size < 0:
+                raise ValueError(f"eval.grid_size: must be >= 0, got {ec.grid_size}")
+            metrics = normalize_metrics(ec.metrics, key="eval.metrics")
+            sampling_cfg = _sampling_config(self.cfg)
+            sampling = sampling_cfg.sampling
+            state["sampling"] = sampling
+            state["sampler"] = Sampler.from_config(sampling, null_class=self.num_classes)
+            state["decode"] = decoder_from_config(sampling_cfg, str(self.device))
+            state["tokenizer"] = state["decode"].tokenizer_kind
+            state["extractor"] = Extractor(ec.feature_extractor, ec.feature_extractor_weights or None, metrics,
+                                           self.device)
+            if self.dist.rank == 0:
+                reference = Reference.open(ec.reference, key="eval.reference")
+                state["reference"] = reference
+                state["reference_data"] = reference_data(reference, state["extractor"], ec.cache_dir or None)
+            state["describe"] = describe_sampling(sampling)
+        except Exception as err:  # noqa: BLE001 - collected from every rank below
+            error = f"rank {self.dist.rank}: {type(err).__name__}: {err}"
+        errors = [e for e in (all_gather_object(error) if self.dist.world_size > 1 else [error]) if e]
+        if errors:
+            raise ValueError("in-loop evaluation cannot start: " + "; ".join(errors))
+        self._state = state
+        return state
+
+    def _finish(self, ev: dict[str, Any], gathered: list, grid: list, step: int, seconds: float) -> dict:
+        """Rank 0: metrics from the gathered features, grid + JSON under <run_dir>/eval, W&B image."""
+        import sys
+
+        from core.config import config_to_dict, resolve_run_dir
+        from core.fileio import atomic_write_json
+        from models.evaluation.generation import image_grid, save_png
+        from models.evaluation.metrics import compute_metrics
+
+        parts = [g for g in gathered if g]
+        index = torch.cat([g["_index"] for g in parts])
+        order = torch.argsort(index)             # image order: the metrics do not depend on the world size
+        feats = {k: torch.cat([g[k] for g in parts])[order] for k in parts[0] if k != "_index"}
+        metrics = compute_metrics(feats, ev["extractor"], ev["reference_data"])
+        skipped = metrics.pop("skipped", [])
+        if skipped:
+            log.warning("eval: %s need reference images; %s has none", skipped, ev["reference"].describe())
+        s = ev["sampling"]
+        result: dict[str, Any] = {**metrics, "cfg_scale": float(s.cfg_scale), "num_steps": int(s.num_steps),
+                                  "cfg_interval_start": float(s.cfg_interval_start),
+                                  "timestep_shift": float(s.timestep_shift), "time_s": round(seconds, 3)}
+        out_dir = resolve_run_dir(self.cfg) / "eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        grid_path = None
+        if grid:
+            images = torch.cat(grid)
+            h = images.shape[-2]
+            grid_path = save_png(image_grid(images, columns=8), out_dir / f"step_{step:07d}.png",
+                                 scale=max(1, 64 // max(h, 1)))
+        record = {"step": step, "metrics": result, "sampler": ev["describe"], "sampling": config_to_dict(s),
+                  "tokenizer": ev["tokenizer"], "reference": ev["reference"].describe(),
+                  "feature_extractor": ev["extractor"].name, "labels": self.cfg.eval.labels,
+                  "seed": self.cfg.eval.seed, "grid": str(grid_path) if grid_path else None}
+        atomic_write_json(out_dir / f"step_{step:07d}.json", record, indent=2)
+        wandb = sys.modules.get("wandb")            # the trainer's W&B run, when one is active in this process
+        run = getattr(wandb, "run", None) if wandb is not None else None
+        if run is not None:
+            try:
+                if grid_path is not None:
+                    run.log({"eval/samples": wandb.Image(str(grid_path), caption=ev["describe"])}, step=step)
+                run.summary.update({"eval/sampler": ev["describe"], "eval/tokenizer": ev["tokenizer"],
+                                    "eval/reference": record["reference"],
+                                    "eval/feature_extractor": record["feature_extractor"]})
+            except Exception as err:  # noqa: BLE001 - logging must never stop training
+                log.warning("eval: could not log the sample grid to W&B: %s", err)
+        log.info("eval step %d: %s (%s, %.0f s)", step,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), ev["describe"], seconds)
+        return result
+
