@@ -1,13 +1,15 @@
-"""core/schedule.py: epoch-based timestep phases, LR schedules and the phase-change logger."""
+"""core/schedule.py (epoch_of, LR schedules) and the DiT's epoch-based timestep phases and phase-change logger
+(models/transport.py)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from core.config import LRScheduleConfig, TimestepPhase
-from core.schedule import (PhaseTracker, describe_phase, describe_phases, epoch_of, lr_at, phase_switch_steps,
-                           timestep_phase_at)
+from core.config import LRScheduleConfig
+from core.schedule import epoch_of, lr_at
+from models.dit_config import TimestepPhase
+from models.transport import PhaseTracker, describe_phase, describe_phases, phase_switch_steps, timestep_phase_at
 
 TWO = [TimestepPhase("lognorm", 2.0), TimestepPhase("uniform")]
 OFFICIAL = [TimestepPhase("lognorm", 480.0), TimestepPhase("uniform")]

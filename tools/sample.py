@@ -82,7 +82,7 @@ def _latest_checkpoint(run_dir: Path) -> Path:
 def load_run(run_dir: Path, overrides=(), ckpt: Optional[Path] = None, which: str = "ema",
              device: str = "cpu"):
     """(config, model in eval mode, checkpoint path) for a run directory."""
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.lightningdit import build_model
     from models.loading import load_into_model
 
@@ -126,7 +126,7 @@ def resolve_source(source: Path, config: Optional[Path] = None,
 def load_model(source: Path, overrides: Sequence[str] = (), config: Optional[Path] = None,
                ckpt: Optional[Path] = None, which: str = "ema", device: str = "cpu"):
     """(config, model in eval mode, checkpoint path) for a run dir / config / checkpoint dir / checkpoint file."""
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.lightningdit import build_model
     from models.loading import load_into_model
 
