@@ -1,4 +1,4 @@
-"""Entry point of one training process: parse the config, build the trainer, train, clean up.
+"""Entry point of one training process: parse and validate the config, build the task and the trainer, train, clean up.
 
 Run it through a launcher, e.g. `python launchers/local.py --nproc 2 configs/tiny_dit.yaml [key=value ...]`
 (or torchrun / Slurm); a single process also works: `python train.py configs/tiny_dit.yaml`.
