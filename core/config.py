@@ -444,11 +444,8 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
 
 # --- Loading ------------------------------------------------------------------------------------------------------
 
-Problem = tuple  # (dotted key, problem) or (dotted key, problem, related keys)
-
-
 def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Optional[type] = None, *,
-                      check: Optional[Callable[[Any], Sequence[Problem]]] = None) -> Any:
+                      check: Optional[Callable[[Any], Sequence[tuple]]] = None) -> Any:
     """Read one YAML file, build the dataclass tree ``cls`` from it (types checked, unknown keys rejected with a
     suggestion), apply dotted ``overrides`` and, with ``check``, validate values.
 
