@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from core.config import (Checks, CheckpointConfig, ConfigError, EngineConfig, LRScheduleConfig, OptimizerConfig,
+from core.config import (CheckpointConfig, Checks, ConfigError, EngineConfig, LRScheduleConfig, OptimizerConfig,
                          TrainConfig, WandbConfig, build_config, check_training_config, load_typed_config)
 from data.config import DataConfig, check_data_config
 from launchers.config import LauncherConfig
