@@ -1,4 +1,4 @@
-"""Entry point of one training process: parse the config, build the trainer, train, clean up.
+"""Entry point of one training process: parse and validate the config, build the task and the trainer, train, clean up.
 
 Run it through a launcher, e.g. `python launchers/local.py --nproc 2 configs/tiny_dit.yaml [key=value ...]`
 (or torchrun / Slurm); a single process also works: `python train.py configs/tiny_dit.yaml`.
@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     args = parser.parse_args(argv)
 
-    from core.config import ConfigError, load_config
+    from core.config import ConfigError
+    from launchers.experiment import load_config, validate
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -27,13 +28,15 @@ def main(argv=None) -> int:
     from core.distributed import init_distributed, teardown
     from core.metrics import setup_console_logging
     from core.trainer import Trainer
+    from models.tasks import build_task
 
     dist = init_distributed()
     setup_console_logging(dist.rank)
     trainer = None
     try:
         try:
-            trainer = Trainer(cfg, dist)
+            validate(cfg, world_size=dist.world_size)
+            trainer = Trainer(cfg, dist, build_task(cfg, dist))
         except (ConfigError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -2,20 +2,36 @@
 
 A task builds its trainable parts, names the optimisation phases of one training step and computes
 the loss of each phase. Engines, checkpointing, data loading, logging and the loop are shared.
+The tasks themselves are registered by name in ``models.tasks`` (``TASKS``, ``build_task``); the composition
+root (train.py, tools) builds one and hands it to the trainer, so core never imports a task.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
 
-from core.config import OptimizerConfig, TimestepPhase
+from core.config import Checks, OptimizerConfig
 
 if TYPE_CHECKING:
     from core.engines.base import Engine, TrainedPart
-    from data.sources import DataSource
+
+
+class DataSource(Protocol):
+    """The training data of a task (``Task.build_data``; implementations in data/sources.py): micro-batches of
+    this rank from any position, so that a resume needs only the global step."""
+    steps_per_epoch: int
+    num_samples: int
+
+    def iterator(self, epoch: int, step_in_epoch: int) -> Iterator[dict[str, Any]]:
+        """Micro-batches of `epoch` starting at optimizer step `step_in_epoch` (accum per step)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must stay fixed across resumes of the run (never the position)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -33,14 +49,23 @@ class PartSpec:
 
 @dataclass
 class StepContext:
-    """What a task may know about the current step (all derived from the global step)."""
+    """What a task may know about the current step (all derived from the global step), e.g. to derive its own
+    step-dependent choices (the DiT's timestep-sampling phase). ``steps_per_epoch`` is None outside the trainer's
+    loop (benchmarks): the task then uses its first-step settings."""
     step: int
     epoch: float
-    timestep_phase: Optional[TimestepPhase] = None
+    steps_per_epoch: Optional[int] = None
 
 
 class Task:
-    """Base class. Subclasses override build_models, phases and loss."""
+    """Base class. Subclasses override build_models, phases and loss; the other methods have neutral defaults."""
+
+    @classmethod
+    def check_config(cls, cfg: Any, checks: Checks) -> None:
+        """Value checks of the task's own config (its sections and what it needs of the shared ones, e.g.
+        ``data.kind``), recorded with ``checks.need(ok, key, problem, related)``. The experiment's ``validate``
+        (launchers/experiment.py) runs them after the shared sections' checks, before anything is built (the Slurm
+        launcher validates before submitting)."""
 
     def build_models(self) -> dict[str, PartSpec]:
         raise NotImplementedError
@@ -49,13 +74,23 @@ class Task:
         """Names of the parts stepped, in order, during one training step."""
         raise NotImplementedError
 
-    def build_data(self, *, micro_batch_size: int, global_batch_size: int) -> "DataSource":
+    def build_data(self, *, micro_batch_size: int, global_batch_size: int) -> DataSource:
         """The training data (data/sources.py): micro-batches of this rank, resumable at any step."""
         raise NotImplementedError
 
     def check(self) -> None:
         """Cheap start-up checks of what the task will need later (e.g. the files in-loop evaluation reads), so
         a bad setting fails before training rather than hours in. Raises an error naming the config key."""
+
+    def on_step(self, ctx: StepContext) -> list[str]:
+        """Called by the trainer before each optimizer step: messages to log as run events (e.g. the DiT's
+        "timestep sampling switches ..."). The first call (at the start or resume step) sets the baseline."""
+        return []
+
+    def step_metrics(self, ctx: StepContext) -> dict[str, Any]:
+        """Values of the step ``ctx`` logged with the trainer's metrics (after ``lr`` and ``epoch``), e.g. the
+        DiT's ``timestep_phase``; not averaged over micro-batches."""
+        return {}
 
     def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:
         """In-loop evaluation (collective; every `eval.every_epochs`): metrics to log, e.g. FID of EMA samples."""
@@ -88,13 +123,3 @@ def prepare_parts(engine: "Engine", specs: dict[str, PartSpec]) -> dict[str, "Tr
                                  grad_clip=spec.grad_clip, compile_attrs=tuple(spec.compile_attrs))
             for name, spec in specs.items()}
 
-
-def build_task(cfg, dist) -> Task:
-    """The task named by `cfg.task`."""
-    if cfg.task == "dit":
-        from models.tasks.dit import DiTTask
-        return DiTTask(cfg, dist)
-    if cfg.task == "vavae":
-        from models.tasks.vavae import VAVAETask
-        return VAVAETask(cfg, dist)
-    raise ValueError(f"task: unknown task {cfg.task!r}; known: 'dit', 'vavae'")

@@ -1,9 +1,13 @@
 """The training loop, shared by every task (DiT, VA-VAE) and every engine (FSDP2, DeepSpeed).
 
 One optimizer step = for each phase of the task: `accum` micro-batches of forward/backward, then the
-part's step (clip, optimizer, EMA). Everything that decides what happens at a step (timestep phase, LR,
-epoch, data position) is a function of the global step, so a resumed run continues exactly where the
-checkpoint left it: same data order and flips, same RNG draws, same optimizer moments, same EMA.
+part's step (clip, optimizer, EMA). Everything that decides what happens at a step (LR, epoch, data position,
+and what the task derives from its StepContext, e.g. the DiT's timestep phase) is a function of the global step,
+so a resumed run continues exactly where the checkpoint left it: same data order and flips, same RNG draws, same
+optimizer moments, same EMA.
+
+The trainer gets a built Task (models.tasks.build_task at the composition root, e.g. train.py) and a validated
+config (launchers.experiment.validate); it knows nothing of a task's concepts beyond core/task.py.
 
 Preemption: SIGTERM / SIGUSR1 / SIGUSR2 set a flag; at the next step boundary all ranks agree on it,
 write a checkpoint and exit with REQUEUE_EXIT_CODE so that a launcher can requeue the job.
@@ -18,19 +22,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
 from core.checkpoint import CheckpointManager
-from core.config import ExperimentConfig, config_to_dict, derived, resolve_run_dir, save_config, validate
+from core.config import config_to_dict, derived, resolve_run_dir, save_config
 from core.distributed import DistInfo
 from core.engines.base import build_engine
 from core.metrics import MetricLogger, Throughput, peak_flops
-from core.schedule import PhaseTracker, lr_at, timestep_phase_at
-from core.task import StepContext, Task, build_task, prepare_parts
+from core.schedule import lr_at
+from core.task import StepContext, Task, prepare_parts
 
 log = logging.getLogger("llat")
 
@@ -90,8 +94,10 @@ def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, task: Optional[Task] = None):
-        validate(cfg, world_size=dist.world_size)
+    def __init__(self, cfg: Any, dist: DistInfo, task: Task):
+        """``cfg``: the experiment config (launchers/experiment.py), validated for ``dist.world_size``; ``task``:
+        built for ``cfg`` and this process (its construction must not depend on the global RNG state: the trainer
+        seeds it before ``task.build_models()``, the same on every rank)."""
         self.cfg = cfg
         self.dist = dist
         self.run_dir = resolve_run_dir(cfg)
@@ -100,7 +106,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         # The same initial weights on every rank (whatever the engine and world size), then per-rank streams.
         self._seed_everything(cfg.seed)
-        self.task = task or build_task(cfg, dist)
+        self.task = task
         self.task.check()
         specs = self.task.build_models()
         self._seed_everything(cfg.seed + dist.rank)
@@ -134,7 +140,6 @@ class Trainer:
         self.metrics = MetricLogger(self.run_dir, cfg.wandb, cfg.name, config_to_dict(cfg), dist.is_main,
                                     resume_step=self.step)
         self.throughput = Throughput(self.task.flops_per_image(), dist.world_size, peak_flops(dist.device))
-        self.phase_tracker = PhaseTracker(cfg.transport.timestep_sampling)
         self._stop_requested = False
         # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way.
         self._debug_step_sleep = float(os.environ.get("LLAT_DEBUG_STEP_SLEEP", "0") or 0)
@@ -230,9 +235,6 @@ class Trainer:
         if self.dist.is_main and cfg.train.progress_bar and sys.stderr.isatty():  # log lines when not a terminal
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
-        message = self.phase_tracker.update(self.step, self.steps_per_epoch)
-        if message:
-            self.metrics.event(message)
         exit_code = 0
         while self.step < self.total_steps:
             epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -240,10 +242,9 @@ class Trainer:
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
-                phase_index, phase = timestep_phase_at(self.step, self.steps_per_epoch,
-                                                       cfg.transport.timestep_sampling)
-                message = self.phase_tracker.update(self.step, self.steps_per_epoch)
-                if message:
+                ctx = StepContext(step=self.step, epoch=self.step / self.steps_per_epoch,
+                                  steps_per_epoch=self.steps_per_epoch)
+                for message in self.task.on_step(ctx):
                     self.metrics.event(message)
                 # Each part follows the schedule relative to its own base LR (VA-VAE: autoencoder and
                 # discriminator); the logged `lr` is the one of `optimizer.lr`.
@@ -252,7 +253,6 @@ class Trainer:
                 for name, part in self.parts.items():
                     part.set_lr(scale * self._base_lr[name])
                 batches, data_wait = self._next_micro_batches(it)
-                ctx = StepContext(step=self.step, epoch=self.step / self.steps_per_epoch, timestep_phase=phase)
                 metrics, finite = self._train_step(batches, ctx)
                 self.step += 1
                 if finite:
@@ -270,7 +270,7 @@ class Trainer:
                 self.throughput.add(cfg.train.global_batch_size, data_wait)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     record = {**metrics, "lr": lr, "epoch": self.step / self.steps_per_epoch,
-                              "timestep_phase": phase_index, "skipped_steps": self.skipped_steps,
+                              **self.task.step_metrics(ctx), "skipped_steps": self.skipped_steps,
                               **self.throughput.summary()}
                     self.metrics.log(self.step, record, console=bar is None)
                     if bar is not None:

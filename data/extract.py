@@ -66,7 +66,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from core.config import ConfigError, config_to_dict, load_typed_config
+from core.config import Checks, ConfigError, config_to_dict, load_typed_config
 from data.features import FeatureExtractor, build_feature_extractor
 from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, normalized_to_uint8,
                          read_file_list, scan_image_folder, uint8_to_normalized)
@@ -148,12 +148,8 @@ class ExtractConfig:
 
 def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
     """(dotted key, problem) for every invalid value."""
-    problems: list[tuple[str, str]] = []
-
-    def need(ok: bool, key: str, problem: str) -> None:
-        if not ok:
-            problems.append((key, problem))
-
+    checks = Checks()
+    need = checks.need
     need(bool(cfg.out_dir.strip()), "out_dir", "must not be empty")
     s = cfg.source
     need(s.image_size > 0, "source.image_size", f"must be > 0, got {s.image_size}")
@@ -190,7 +186,7 @@ def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
     need(cfg.shard_size_limit > 0, "shard_size_limit", f"must be > 0, got {cfg.shard_size_limit}")
     need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     need(cfg.throttle_s >= 0, "throttle_s", f"must be >= 0, got {cfg.throttle_s}")
-    return problems
+    return checks.pairs()
 
 
 def load_extract_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> ExtractConfig:

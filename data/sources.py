@@ -12,23 +12,12 @@ epoch from its beginning.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
-class DataSource(Protocol):
-    steps_per_epoch: int
-    num_samples: int
-
-    def iterator(self, epoch: int, step_in_epoch: int) -> Iterator[dict[str, Any]]:
-        """Micro-batches of `epoch` starting at optimizer step `step_in_epoch` (accum per step)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What must stay fixed across resumes of the run (never the position)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+from core.task import DataSource  # noqa: F401  (the protocol these sources implement: the trainer's contract)
 
 
 class StreamingSource:

@@ -49,7 +49,7 @@ class LaunchError(Exception):
         self.code = code
 
 
-from core.config import LauncherConfig  # noqa: E402  (the `launcher:` section of the schema)
+from launchers.config import LauncherConfig  # noqa: E402  (the `launcher:` section of the schema)
 
 
 # CLI flag -> LauncherConfig field
@@ -212,7 +212,8 @@ def resolve_job(kind: str, data: dict[str, Any], overrides: Sequence[str], confi
     from core.config import config_to_yaml
 
     if kind == "train":
-        from core.config import load_config, resolve_run_dir
+        from core.config import resolve_run_dir
+        from launchers.experiment import load_config
 
         cfg = _load_typed(data, config_path, load_config, list(overrides), world_size=world_size)
         run_dir = resolve_run_dir(cfg).expanduser().absolute()
@@ -228,8 +229,9 @@ def resolve_job(kind: str, data: dict[str, Any], overrides: Sequence[str], confi
         cfg.out_dir = str(out)
         return ResolvedJob(kind, out.name, out, config_to_yaml(cfg))
     # evaluate: tools/evaluate.py SAMPLES --config CONFIG [its options], one task; logs in <run_dir>/eval/slurm
+    from core.config import resolve_run_dir
+    from launchers.experiment import load_config
     from launchers.jobs import EVALUATE_ENTRY
-    from core.config import load_config, resolve_run_dir
 
     if not EVALUATE_ENTRY.exists():
         raise LaunchError(f"--job evaluate: {EVALUATE_ENTRY.relative_to(REPO)} does not exist yet; the evaluation "

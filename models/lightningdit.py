@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:  # pragma: no cover
-    from core.config import ModelConfig
+from core.config import Checks
 
 __all__ = [
+    "ModelConfig",
+    "CUSTOM_MODEL_TYPE",
+    "check_model_config",
     "LightningDiT",
     "LightningDiTBlock",
     "LightningDiT_models",
@@ -42,6 +45,31 @@ __all__ = [
     "apply_rope",
     "timestep_embedding",
 ]
+
+CUSTOM_MODEL_TYPE = "custom"                 # model.type for a free-form model (hidden_size/depth/... are used)
+
+
+@dataclass
+class ModelConfig:
+    """LightningDiT architecture (official keyword names)."""
+    type: str = "LightningDiT-XL/1"          # registry name (LightningDiT_models) or "custom"
+    input_size: int = 16                     # latent grid (image_size / tokenizer downsampling)
+    in_channels: int = 32
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    # Only for the "custom" type (tiny test / demo models); ignored for registry names.
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    patch_size: int = 1
+    mlp_ratio: float = 4.0
+    init_from: Optional[str] = None          # path of a checkpoint to initialise weights from (ours or official)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,7 +648,33 @@ def _check_type(name: str) -> None:
     raise ValueError(f"unknown model type {name!r}.{hint} Valid types: {', '.join(valid)}")
 
 
-def model_kwargs_from_config(cfg: "ModelConfig") -> tuple[str, dict]:
+def check_model_config(m: ModelConfig, checks: Checks) -> None:
+    """Value checks of the ``model`` section: a registry name (or "custom" with a consistent architecture) and
+    positive sizes."""
+    if m.type == CUSTOM_MODEL_TYPE:
+        for k in ("hidden_size", "depth", "num_heads", "patch_size"):
+            checks.positive(getattr(m, k), f"model.{k}")
+        checks.positive(m.mlp_ratio, "model.mlp_ratio")
+        if m.hidden_size > 0 and m.num_heads > 0:
+            checks.need(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+                        f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}",
+                        ("model.num_heads",))
+        if m.patch_size > 0 and m.input_size > 0:
+            checks.need(m.input_size % m.patch_size == 0, "model.input_size",
+                        f"input_size {m.input_size} is not divisible by patch_size {m.patch_size}",
+                        ("model.patch_size",))
+    elif m.type not in LightningDiT_models:
+        names = sorted(LightningDiT_models) + [CUSTOM_MODEL_TYPE]
+        close = difflib.get_close_matches(m.type, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        checks.need(False, "model.type", f"unknown model {m.type!r}{hint} (known: {', '.join(names)})")
+    checks.positive(m.input_size, "model.input_size")
+    checks.positive(m.in_channels, "model.in_channels")
+    checks.positive(m.num_classes, "model.num_classes")
+    checks.unit(m.class_dropout_prob, "model.class_dropout_prob")
+
+
+def model_kwargs_from_config(cfg: ModelConfig) -> tuple[str, dict]:
     """(type, constructor kwargs) for a ``ModelConfig``; raises ValueError on an unknown type."""
     _check_type(cfg.type)
     kwargs = {k: getattr(cfg, k) for k in _COMMON_FIELDS}
@@ -629,7 +683,7 @@ def model_kwargs_from_config(cfg: "ModelConfig") -> tuple[str, dict]:
     return cfg.type, kwargs
 
 
-def build_model(cfg: "ModelConfig", **overrides) -> LightningDiT:
+def build_model(cfg: ModelConfig, **overrides) -> LightningDiT:
     """Build a LightningDiT from ``ModelConfig``. ``type`` is a registry name (architecture from the
     registry; hidden_size/depth/num_heads/patch_size/mlp_ratio in the config are ignored) or ``"custom"``
     (architecture from the config). Weights are freshly initialised (``cfg.init_from`` is not read here).
@@ -641,7 +695,7 @@ def build_model(cfg: "ModelConfig", **overrides) -> LightningDiT:
     return LightningDiT_models[name](**kwargs)
 
 
-def flops_per_image(model_or_cfg: Union[LightningDiT, "ModelConfig"], training: bool = True) -> int:
+def flops_per_image(model_or_cfg: Union[LightningDiT, ModelConfig], training: bool = True) -> int:
     """``LightningDiT.flops_per_image`` for a model or a ``ModelConfig`` (built on the meta device)."""
     if isinstance(model_or_cfg, LightningDiT):
         return model_or_cfg.flops_per_image(training)

@@ -183,7 +183,7 @@ class Sampler:
 
     @classmethod
     def from_config(cls, cfg, null_class: int = 1000, **kwargs) -> "Sampler":
-        """From a ``core.config.SamplingConfig``; ``null_class`` is the model's num_classes."""
+        """From a ``models.dit_config.SamplingConfig``; ``null_class`` is the model's num_classes."""
         return cls(method=cfg.method, num_steps=cfg.num_steps, timestep_shift=cfg.timestep_shift,
                    cfg_scale=cfg.cfg_scale, cfg_interval_start=cfg.cfg_interval_start,
                    guidance_mode=cfg.guidance_mode, null_class=null_class, atol=cfg.atol,

@@ -21,17 +21,32 @@ global RNG) or uniform U[0, 1). Here every draw comes from an explicit ``torch.G
 that it is reproducible and checkpointable, and is made on the device of the data (pass a
 generator that lives on that device; otherwise the draw is made on the generator's device and
 copied over).
+
+Timestep-sampling phases (``transport.timestep_sampling``, models/dit_config.py) are epoch-based and a pure
+function of the global optimizer step: phase i applies while ``epoch_of(step) < until_epoch_i``. Official
+800-epoch recipe: logit-normal(0, 1) until epoch 480 (600,480 steps at 1251 steps/epoch), then uniform.
+``timestep_phase_at`` picks the phase of a step; ``PhaseTracker`` reports the switches (the DiT task logs them).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from fractions import Fraction
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from core.schedule import check_steps_per_epoch, epoch_of
+from models.dit_config import TimestepPhase
+
 __all__ = [
     "sample_timesteps",
     "sample_timesteps_for_phase",
+    "phase_switch_steps",
+    "timestep_phase_at",
+    "describe_phase",
+    "describe_phases",
+    "PhaseTracker",
     "interpolate",
     "velocity_target",
     "mse_per_sample",
@@ -74,7 +89,7 @@ def sample_timesteps(n: int, kind: str, *, mean: float = 0.0, std: float = 1.0,
 
 def sample_timesteps_for_phase(n: int, phase: Any, generator: Optional[torch.Generator] = None,
                                device=None) -> torch.Tensor:
-    """``sample_timesteps`` driven by a ``core.config.TimestepPhase``-like object
+    """``sample_timesteps`` driven by a ``models.dit_config.TimestepPhase``-like object
     (attributes ``kind`` and, for lognorm, ``mean`` / ``std``)."""
     return sample_timesteps(n, phase.kind, mean=float(getattr(phase, "mean", 0.0)),
                             std=float(getattr(phase, "std", 1.0)), generator=generator, device=device)
@@ -126,8 +141,8 @@ class Transport:
 
     @classmethod
     def from_config(cls, cfg) -> "Transport":
-        """From a ``core.config.TransportConfig`` (only ``use_cosine_loss`` is read; timestep phases
-        are chosen per step by the trainer's schedule and passed as ``phase``)."""
+        """From a ``models.dit_config.TransportConfig`` (only ``use_cosine_loss`` is read; timestep phases
+        are chosen per step by the DiT task (``timestep_phase_at``) and passed as ``phase``)."""
         return cls(use_cosine_loss=cfg.use_cosine_loss)
 
     def sample_noise(self, x1: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -177,3 +192,89 @@ class Transport:
                 cos = cosine_loss_per_sample(pred.detach(), ut)   # logged only
             loss = mse
         return {"loss": loss, "mse": mse, "cos": cos, "t": t}
+
+
+# --- Timestep-sampling phases: which sampler applies at a step -----------------------------------------------------
+
+def _switch_step(until_epoch: float, steps_per_epoch: int) -> int:
+    # First step whose epoch is >= until_epoch, in exact rational arithmetic (until_epoch as written in decimal),
+    # so the boundary does not depend on float rounding of step / steps_per_epoch.
+    return math.ceil(Fraction(repr(float(until_epoch))) * steps_per_epoch)
+
+
+def phase_switch_steps(steps_per_epoch: int, phases: Sequence[TimestepPhase]) -> list[int]:
+    """The global step at which each phase but the last ends (= the first step of the next phase)."""
+    check_steps_per_epoch(steps_per_epoch)
+    return [_switch_step(p.until_epoch, steps_per_epoch) for p in phases if p.until_epoch is not None]
+
+
+def timestep_phase_at(step: int, steps_per_epoch: int,
+                      phases: Sequence[TimestepPhase]) -> tuple[int, TimestepPhase]:
+    """(index, phase) in force at ``step``: the first phase whose ``until_epoch`` has not been reached yet.
+
+    A phase without ``until_epoch`` never ends (it should be the last one; the config validation enforces that).
+    """
+    check_steps_per_epoch(steps_per_epoch)
+    if not phases:
+        raise ValueError("no timestep-sampling phases configured")
+    for i, phase in enumerate(phases):
+        if phase.until_epoch is None or step < _switch_step(phase.until_epoch, steps_per_epoch):
+            return i, phase
+    # Every phase has an end and all of them are over: keep the last one.
+    return len(phases) - 1, phases[-1]
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def describe_phase(phase: TimestepPhase) -> str:
+    """Short name of a sampler: ``lognorm(0,1)`` or ``uniform``."""
+    if phase.kind == "lognorm":
+        return f"lognorm({_num(phase.mean)},{_num(phase.std)})"
+    return phase.kind
+
+
+def describe_phases(phases: Sequence[TimestepPhase], steps_per_epoch: int | None = None) -> str:
+    """One line for the start-of-run log, e.g.
+    ``lognorm(0,1) until epoch 480 (step 600480), then uniform``."""
+    parts = []
+    for phase in phases:
+        text = describe_phase(phase)
+        if phase.until_epoch is not None:
+            text += f" until epoch {_num(phase.until_epoch)}"
+            if steps_per_epoch:
+                text += f" (step {_switch_step(phase.until_epoch, steps_per_epoch)})"
+        parts.append(text)
+    return ", then ".join(parts)
+
+
+class PhaseTracker:
+    """Remembers the current timestep-sampling phase and says when it changes (for logging).
+
+    Its state is a function of the step alone, so a resumed run reports correctly: give the step the run starts (or
+    resumes) at, or let the first ``update`` call set the baseline silently. ``update(step)`` returns a message
+    when the phase in force at ``step`` differs from the last one seen, else None.
+    """
+
+    def __init__(self, phases: Sequence[TimestepPhase], steps_per_epoch: int | None = None,
+                 start_step: int | None = None):
+        self.phases = list(phases)
+        self.steps_per_epoch = steps_per_epoch
+        self.index: int | None = None
+        self.phase: TimestepPhase | None = None
+        if steps_per_epoch is not None and start_step is not None:
+            self.index, self.phase = timestep_phase_at(start_step, steps_per_epoch, self.phases)
+
+    def update(self, step: int, steps_per_epoch: int | None = None) -> str | None:
+        if steps_per_epoch is not None:
+            self.steps_per_epoch = steps_per_epoch
+        if self.steps_per_epoch is None:
+            raise ValueError("PhaseTracker needs steps_per_epoch (in the constructor or in update)")
+        index, phase = timestep_phase_at(step, self.steps_per_epoch, self.phases)
+        old_index, old = self.index, self.phase
+        self.index, self.phase = index, phase
+        if old is None or old_index == index:
+            return None
+        return (f"step {step} (epoch {epoch_of(step, self.steps_per_epoch):.2f}): timestep sampling switches "
+                f"{describe_phase(old)} -> {describe_phase(phase)}")

@@ -360,7 +360,7 @@ def _output(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def vavae_from_config(cfg: Any, vf_dim: Optional[int] = None) -> VAVAE:
-    """A ``VAVAE`` from a config section with the ddconfig field names (e.g. ``core.config.VAVAEModelConfig``)."""
+    """A ``VAVAE`` from a config section with the ddconfig field names (``models.vavae_config.VAVAEModelConfig``)."""
     return VAVAE(embed_dim=cfg.embed_dim, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                  attn_resolutions=tuple(cfg.attn_resolutions), z_channels=cfg.z_channels, resolution=cfg.resolution,
                  in_channels=cfg.in_channels, out_ch=cfg.out_ch, double_z=cfg.double_z, dropout=cfg.dropout,

@@ -202,7 +202,7 @@ def train_data(tmp_path_factory):
 
 
 def _eval_cfg(data: Path, run_dir: Path):
-    from core.config import load_config
+    from launchers.experiment import load_config
 
     # No data directory and no latent normalisation: identity decoding (explicit; the latents are the images),
     # and the worker processes skip importing MosaicML streaming (slow).

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
-from core.config import ConfigError, DataConfig
+from core.config import ConfigError
+from data.config import DataConfig
 from data.extract import (ExtractConfig, ExtractError, FeaturesConfig, build_features, extract,
                           load_extract_config, main, read_manifest)
 from data.streaming import build_streaming_loader, load_latent_stats

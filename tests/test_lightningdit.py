@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core.config import ModelConfig
 from models.lightningdit import (
     LightningDiT,
+    ModelConfig,
     LightningDiT_models,
     apply_rope,
     build_model,

@@ -20,7 +20,7 @@ except ImportError:  # tests/ imported as a package
 def _imports():
     """The benchmark modules, imported lazily so that the 2-rank workers (which import this file) start fast."""
     from tools import bench_extract, bench_sample
-    from core.config import SamplingConfig
+    from models.dit_config import SamplingConfig
     from models.fast_sampling import FastEulerSampler, euler_plan, forward_images
     from models.sampling import Sampler
     return bench_extract, bench_sample, SamplingConfig, FastEulerSampler, euler_plan, forward_images, Sampler
@@ -239,7 +239,7 @@ VAVAE_SMALL = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.a
 def _vavae_task(overrides=()):
     from types import SimpleNamespace
 
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
     cfg = load_config(TINY_VAVAE, VAVAE_SMALL + list(overrides))
     torch.manual_seed(cfg.seed)
@@ -313,7 +313,7 @@ def _compiled_vs_eager(dist):
 
     from torch._dynamo.utils import counters
 
-    from core.config import load_config
+    from launchers.experiment import load_config
     from core.trainer import train_step
     from tools.bench_train import LATE_STEP, build, step_context
 

@@ -32,7 +32,7 @@ OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4", "sampling.tokeniz
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.lightningdit import build_model
 
     cfg = load_config(REPO / "configs/tiny_dit.yaml", OVERRIDES)

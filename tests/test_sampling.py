@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchdiffeq import odeint
 
-from core.config import SamplingConfig
+from models.dit_config import SamplingConfig
 from models.sampling import (OFFICIAL_GUIDED_CHANNELS, Sampler, guided_velocity, score_from_velocity,
                              shift_timesteps, timestep_grid)
 

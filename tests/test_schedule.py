@@ -1,13 +1,15 @@
-"""core/schedule.py: epoch-based timestep phases, LR schedules and the phase-change logger."""
+"""core/schedule.py (epoch_of, LR schedules) and the DiT's epoch-based timestep phases and phase-change logger
+(models/transport.py)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from core.config import LRScheduleConfig, TimestepPhase
-from core.schedule import (PhaseTracker, describe_phase, describe_phases, epoch_of, lr_at, phase_switch_steps,
-                           timestep_phase_at)
+from core.config import LRScheduleConfig
+from core.schedule import epoch_of, lr_at
+from models.dit_config import TimestepPhase
+from models.transport import PhaseTracker, describe_phase, describe_phases, phase_switch_steps, timestep_phase_at
 
 TWO = [TimestepPhase("lognorm", 2.0), TimestepPhase("uniform")]
 OFFICIAL = [TimestepPhase("lognorm", 480.0), TimestepPhase("uniform")]
@@ -121,3 +123,27 @@ def test_phase_tracker_lazy_baseline():
                                              "lognorm(0,1) -> uniform")
     with pytest.raises(ValueError):
         PhaseTracker(OFFICIAL).update(0)
+
+
+def test_dit_task_derives_its_phase_from_the_step_context():
+    """The trainer only passes StepContext(step, epoch, steps_per_epoch); the DiT task picks the phase, reports the
+    switch (Task.on_step) and logs its index (Task.step_metrics)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from core.task import StepContext
+    from models.dit_config import TransportConfig
+    from models.tasks.dit import DiTTask
+
+    cfg = SimpleNamespace(transport=TransportConfig(timestep_sampling=TWO), seed=0)
+    task = DiTTask(cfg, SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1))
+    seen = {}
+    for s in range(15, 30):                                      # resumed at step 15: baseline, then the switch
+        ctx = StepContext(step=s, epoch=s / 10, steps_per_epoch=10)
+        seen[s] = (task.on_step(ctx), task.step_metrics(ctx)["timestep_phase"], task.timestep_phase(ctx)[1].kind)
+    assert {s: m for s, (m, _, _) in seen.items() if m} == {
+        20: ["step 20 (epoch 2.00): timestep sampling switches lognorm(0,1) -> uniform"]}
+    assert [seen[s][1:] for s in (15, 19, 20, 29)] == [(0, "lognorm"), (0, "lognorm"), (1, "uniform"), (1, "uniform")]
+    bench = StepContext(step=10**9, epoch=0.0)                   # no steps_per_epoch (benchmarks): the first phase
+    assert task.on_step(bench) == [] and task.timestep_phase(bench) == (0, TWO[0])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from streaming.base.util import clean_stale_shared_memory
 
-from core.config import DataConfig
+from data.config import DataConfig
 from data.streaming import (
     CorruptShardError, ImageDataset, LatentDataset, RunningMoments, build_streaming_loader, denormalize_latents,
     ensure_streaming_env, flip_decision, latent_columns, load_latent_stats, merge_shard_indexes,

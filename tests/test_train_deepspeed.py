@@ -59,7 +59,7 @@ def ds_reference(dataset, tmp_path_factory):
 
 
 def test_deepspeed_run_learns_checkpoints_and_exports(ds_reference):
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.lightningdit import build_model
     from models.loading import load_into_model
 

@@ -123,7 +123,7 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
 
 
 def test_tokenizer_and_next_stage_from_run_checkpoint(reference):
-    from core.config import load_config
+    from launchers.experiment import load_config
     from data.tokenizers import build_tokenizer
     from models.loading import load_checkpoint_state
     from models.tasks.vavae import VAVAETask
@@ -161,7 +161,7 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_tiny_vavae_psnr_rises():
     """The task's losses and two Adam optimizers on plain modules (no launcher): L1 + KL + VF (tiny random DINOv2,
     adaptive weight) + GAN from step 100, on 16 px synthetic images; PSNR on held-out images rises."""
-    from core.config import load_config
+    from launchers.experiment import load_config
     from core.engines.base import build_optimizer
     from data.synthetic import SyntheticImages
     from models.tasks.vavae import VAVAETask
@@ -204,7 +204,7 @@ def test_image_folder_training_data_random_crops_per_epoch(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from core.config import DataConfig
+    from data.config import DataConfig
     from models.tasks.vavae import EpochMapSource, build_image_dataset
 
     rng = np.random.default_rng(0)

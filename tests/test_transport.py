@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import special, stats
 
-from core.config import TimestepPhase, TransportConfig
+from models.dit_config import TimestepPhase, TransportConfig
 from models.transport import (Transport, cosine_loss_per_sample, interpolate, mse_per_sample,
                               sample_timesteps, sample_timesteps_for_phase, velocity_target)
 

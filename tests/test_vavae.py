@@ -178,7 +178,7 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
     differences seen."""
     import torch.distributed as tdist
 
-    from core.config import load_config
+    from launchers.experiment import load_config
     from core.engines.base import build_optimizer
     from core.engines.fsdp2 import FSDP2Engine
     from models.tasks.vavae import VAVAETask

@@ -24,7 +24,8 @@ except ImportError:  # run as a package module
     from tests.test_train_resume import final_state
     from tests.test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from launchers.experiment import load_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 NUM_IMAGES, TOTAL, DISC_START = 16, 8, 3

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
+from launchers.experiment import load_config
 from models.losses import (NLayerDiscriminator, adaptive_weight, build_lpips, distmat_loss, generator_loss,
                            hinge_d_loss, marginal_cosine_loss, vf_loss)
 
@@ -76,7 +77,7 @@ def test_adaptive_weight_clamps_and_detaches():
 
 # ------------------------------------------------------------------ adaptive weights vs independent gradients
 def _tiny_task(overrides=()):
-    from core.config import load_config
+    from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
     cfg = load_config(REPO / "configs/tiny_vavae.yaml", TINY16 + list(overrides))
     dist = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))

@@ -35,7 +35,9 @@ from dataclasses import replace
 
 import torch
 
-from core.config import ModelConfig, SamplingConfig, load_config
+from launchers.experiment import load_config
+from models.dit_config import SamplingConfig
+from models.lightningdit import ModelConfig
 from core.metrics import bench_threads, format_table, peak_flops
 from models.fast_sampling import FastEulerSampler, forward_images, nfe
 from models.lightningdit import build_model

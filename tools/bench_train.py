@@ -40,12 +40,15 @@ from typing import Optional
 
 import torch
 
-from core.config import ConfigError, EngineConfig, ExperimentConfig, ModelConfig, TrainConfig
+from core.config import ConfigError, EngineConfig, TrainConfig, apply_overrides
 from core.distributed import init_distributed, teardown
 from core.engines.base import build_engine
 from core.metrics import bench_threads, format_table, peak_flops
-from core.task import StepContext, build_task, prepare_parts
+from core.task import StepContext, prepare_parts
 from core.trainer import train_step
+from launchers.experiment import ExperimentConfig, load_config, validate
+from models.lightningdit import ModelConfig
+from models.tasks import build_task
 
 TINY = ModelConfig(type="custom", hidden_size=64, depth=2, num_heads=4, patch_size=2, in_channels=4,
                    input_size=16, num_classes=10)
@@ -108,7 +111,6 @@ def experiment_config(args) -> ExperimentConfig:
         name = args.model or "tiny"
         model = TINY if name == "tiny" else replace(ModelConfig(), type=name)
         return ExperimentConfig(model=model, train=TrainConfig(global_batch_size=8, epochs=1))
-    from core.config import apply_overrides, load_config
     path, *overrides = args.config
     cfg = load_config(path, overrides)
     if args.random_frozen and cfg.task == "vavae":
@@ -125,13 +127,14 @@ def row_config(cfg: ExperimentConfig, args, mode: str, precision: str, zero_stag
                      zero_stage=zero_stage)
     out = replace(cfg, engine=engine)
     if args.config is not None:
-        from core.config import validate
         validate(out, source="bench_train")          # e.g. the VA-VAE refuses engine.kind=deepspeed
     return out
 
 
 def step_context(cfg: ExperimentConfig, step: int) -> StepContext:
-    return StepContext(step=step, epoch=0.0, timestep_phase=cfg.transport.timestep_sampling[0])
+    """The timed step's context: ``step`` for the step-dependent switches (VA-VAE: disc_start); no steps_per_epoch,
+    so the DiT samples timesteps with its first phase."""
+    return StepContext(step=step, epoch=0.0)
 
 
 def build(cfg: ExperimentConfig, dist, compile_kwargs: Optional[dict] = None):

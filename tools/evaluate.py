@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     reference, metrics, extractor, weights, cache_dir = None, ["fid"], fid.INCEPTION, None, None
     weights_key = "--weights"
     if args.config:
-        from core.config import ConfigError, load_config
+        from core.config import ConfigError
+        from launchers.experiment import load_config
         try:
             ec = load_config(args.config, check=False).eval
         except ConfigError as err:

@@ -45,11 +45,25 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
-from models.evaluation.generation import (LABEL_MODES, SamplingError, decoder_from_config, load_model,
+from launchers.experiment import load_config
+from models.evaluation.generation import (LABEL_MODES, SamplingError, decoder_from_config, resolve_source,
                                           sample_class_grid, sample_to_folder, save_png)
+from models.lightningdit import build_model
+from models.loading import load_into_model
+
+
+def load_model(source: Path, overrides: Sequence[str] = (), config: Optional[Path] = None,
+               ckpt: Optional[Path] = None, which: str = "ema", device: str = "cpu"):
+    """(config, model in eval mode, checkpoint path) for a run dir / config / checkpoint dir / checkpoint file."""
+    config_path, ckpt_path = resolve_source(Path(source), config, ckpt)
+    cfg = load_config(config_path, overrides)
+    model = build_model(cfg.model)
+    load_into_model(model, ckpt_path, which=which, strict=True)
+    return cfg, model.to(device).eval(), ckpt_path
 
 
 def _setup_distributed():

@@ -220,8 +220,7 @@ class ModelSpec:
 def model_spec(name: str) -> ModelSpec:
     """Counts from the real registry model (built on the meta device: no memory, no weights)."""
     import torch
-    from core.config import ModelConfig
-    from models.lightningdit import build_model
+    from models.lightningdit import ModelConfig, build_model
     with torch.device("meta"):
         m = build_model(ModelConfig(type=name))
     total = sum(p.numel() for p in m.parameters())

@@ -66,7 +66,7 @@ from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_te
 
 __all__ = ["IDENTITY", "LABEL_MODES", "MANIFEST", "SCHEME", "SamplingError", "check_decoding", "chunk_range",
            "decoder_from_config", "existing_indices", "image_grid", "index_noise", "index_seed", "latent_decoder",
-           "load_model", "png_name", "remove_stale_temporaries", "resolve_source", "sample_class_grid",
+           "png_name", "remove_stale_temporaries", "resolve_source", "sample_class_grid",
            "sample_indices", "sample_to_folder", "save_png", "sde_generator", "to_uint8", "tokenizer_spec",
            "write_npz", "write_png_atomic"]
 
@@ -120,20 +120,6 @@ def resolve_source(source: Path, config: Optional[Path] = None,
     if ckpt is None:
         ckpt = _latest_checkpoint(run_dir)
     return Path(config), Path(ckpt)
-
-
-def load_model(source: Path, overrides: Sequence[str] = (), config: Optional[Path] = None,
-               ckpt: Optional[Path] = None, which: str = "ema", device: str = "cpu"):
-    """(config, model in eval mode, checkpoint path) for a run dir / config / checkpoint dir / checkpoint file."""
-    from core.config import load_config
-    from models.lightningdit import build_model
-    from models.loading import load_into_model
-
-    config_path, ckpt_path = resolve_source(Path(source), config, ckpt)
-    cfg = load_config(config_path, overrides)
-    model = build_model(cfg.model)
-    load_into_model(model, ckpt_path, which=which, strict=True)
-    return cfg, model.to(device).eval(), ckpt_path
 
 
 # ------------------------------------------------------------------------------------------ decoding

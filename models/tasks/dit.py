@@ -5,17 +5,25 @@ from typing import Any
 
 import torch
 
+from core.config import Checks
 from core.task import PartSpec, StepContext, Task
+from models.dit_config import TimestepPhase, check_dit_task
 from models.lightningdit import build_model
-from models.transport import Transport
+from models.transport import PhaseTracker, Transport, timestep_phase_at
 
 
 class DiTTask(Task):
+    @classmethod
+    def check_config(cls, cfg, checks: Checks) -> None:
+        check_dit_task(cfg, checks)
+
     def __init__(self, cfg, dist):
         self.cfg = cfg
         self.dist = dist
         self.device = dist.device
         self.transport = Transport(use_cosine_loss=cfg.transport.use_cosine_loss)
+        # Timestep-sampling phases: a function of the step (StepContext); the tracker reports the switches.
+        self.phase_tracker = PhaseTracker(cfg.transport.timestep_sampling)
         # Timestep and noise draws: one generator per rank, seeded so that ranks draw different
         # values, saved in every checkpoint so that a resumed run draws the same values.
         self.generator = torch.Generator(device=self.device)
@@ -43,12 +51,31 @@ class DiTTask(Task):
                                seed=self.cfg.seed, dist=self.dist,
                                expected_shape=(m.in_channels, m.input_size, m.input_size))
 
+    def timestep_phase(self, ctx: StepContext) -> tuple[int, TimestepPhase]:
+        """(index, phase) of ``transport.timestep_sampling`` in force at ``ctx.step``; the first phase without
+        ``ctx.steps_per_epoch`` (outside the trainer's loop, e.g. tools/bench_train.py)."""
+        phases = self.cfg.transport.timestep_sampling
+        steps_per_epoch = getattr(ctx, "steps_per_epoch", None)
+        if steps_per_epoch is None:
+            return 0, phases[0]
+        return timestep_phase_at(ctx.step, steps_per_epoch, phases)
+
+    def on_step(self, ctx: StepContext) -> list[str]:
+        """The switch of timestep-sampling phase, when ``ctx.step`` is the first step of a new phase."""
+        if getattr(ctx, "steps_per_epoch", None) is None:
+            return []
+        message = self.phase_tracker.update(ctx.step, ctx.steps_per_epoch)
+        return [message] if message else []
+
+    def step_metrics(self, ctx: StepContext) -> dict[str, Any]:
+        return {"timestep_phase": self.timestep_phase(ctx)[0]}
+
     def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
              ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1 = batch["latent"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
         terms = self.transport.training_losses(parts[phase].module, x1, {"y": y},
-                                               phase=ctx.timestep_phase, generator=self.generator)
+                                               phase=self.timestep_phase(ctx)[1], generator=self.generator)
         loss = terms["loss"].mean()
         metrics = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(),
                    "cos": terms["cos"].mean().detach()}

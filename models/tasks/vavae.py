@@ -65,10 +65,12 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import Dataset
 
+from core.config import Checks
 from core.task import PartSpec, StepContext, Task
 from models.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, build_lpips, generator_loss,
                            hinge_d_loss, vanilla_d_loss, vf_loss)
 from models.vavae import VAVAE, load_vavae_state, load_vavae_weights, vavae_from_config
+from models.vavae_config import check_vavae_task
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +225,10 @@ def _precomputed_features_dim(data_cfg, grid: tuple[int, int]) -> int:
 
 
 class VAVAETask(Task):
+    @classmethod
+    def check_config(cls, cfg, checks: Checks) -> None:
+        check_vavae_task(cfg, checks)
+
     def __init__(self, cfg, dist):
         self.cfg = cfg
         self.dist = dist
