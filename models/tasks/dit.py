@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import torch
 
+from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from models.lightningdit import build_model
 from models.transport import Transport
@@ -68,6 +69,10 @@ class DiTTask(Task):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+    def reseed(self, step: int, rank: int) -> None:
+        """Resumed on another world size: a fresh stream for ``rank`` from (seed, step, rank) (core/rng.py)."""
+        self.generator.manual_seed(seed_for(self.cfg.seed, step, rank, "dit/timesteps+noise"))
 
     # ------------------------------------------------------------------ in-loop evaluation
     def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as tdist
 from torch.utils.data import Dataset
 
+from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from models.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, build_lpips, generator_loss,
                            hinge_d_loss, vanilla_d_loss, vf_loss)
@@ -439,3 +440,7 @@ class VAVAETask(Task):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+    def reseed(self, step: int, rank: int) -> None:
+        """Resumed on another world size: a fresh stream for ``rank`` from (seed, step, rank) (core/rng.py)."""
+        self.generator.manual_seed(seed_for(self.cfg.seed, step, rank, "vavae/posterior"))
