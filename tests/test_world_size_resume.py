@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
+try:
+    from dist_utils import run_distributed
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -42,7 +45,7 @@ def _overrides(data: Path, run_dir: Path, max_steps: int = TOTAL) -> list[str]:
 
 def _emulate_own_node(dist):
     """This rank alone on a node of its own (see the module docstring)."""
-    import streaming.base.shared.prefix as prefix
+    from streaming.base.shared import prefix
 
     os.environ.update({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     first = 100_000 * (1 + dist.rank)
@@ -181,3 +184,35 @@ def test_resume_on_another_world_size(tmp_path):
         assert sorted(got) == list(range(CKPT_STEP, TOTAL)), run_dir.name
         assert {s: got[s] for s in got} == {s: batches[s] for s in got}, run_dir.name
     assert read_global_batches(single) == {s: batches[s] for s in range(CKPT_STEP)}
+
+
+def test_seed_for_and_the_task_contract():
+    from core.rng import seed_for
+    from core.task import Task
+
+    seeds = {seed_for(seed, step, rank, stream) for seed in (0, 1) for step in (0, 1, 600_000) for rank in range(4)
+             for stream in ("torch", "numpy")}
+    assert len(seeds) == 48 and all(0 <= s < 2**63 for s in seeds)
+    assert seed_for(0, 600_000, 3, "torch") == seed_for(0, 600_000, 3, "torch")
+
+    class Stateless(Task):
+        pass
+
+    class Stateful(Task):
+        def state_dict(self):
+            return {"generator": torch.Generator().get_state()}
+
+    # The tasks' generators: from (seed, step, rank), one stream name per task.
+    from types import SimpleNamespace
+
+    from models.tasks.dit import DiTTask
+    from models.tasks.vavae import VAVAETask
+    for cls, stream in ((DiTTask, "dit/timesteps+noise"), (VAVAETask, "vavae/posterior")):
+        task = SimpleNamespace(cfg=SimpleNamespace(seed=7), generator=torch.Generator().manual_seed(0))
+        cls.reseed(task, 5, 1)
+        expected = torch.Generator().manual_seed(seed_for(7, 5, 1, stream))
+        assert torch.equal(torch.rand(4, generator=task.generator), torch.rand(4, generator=expected)), cls
+
+    Stateless().reseed(5, 1)                       # nothing to re-seed
+    with pytest.raises(NotImplementedError, match="Task.reseed"):
+        Stateful().reseed(5, 1)                    # random state that a resume on another world size would replay

@@ -18,7 +18,7 @@ class DiTTask(Task):
         self.device = dist.device
         self.transport = Transport(use_cosine_loss=cfg.transport.use_cosine_loss)
         # Timestep and noise draws: one generator per rank, seeded so that ranks draw different
-        # values, saved in every checkpoint so that a resumed run draws the same values.
+        # values, saved in every checkpoint so that a resumed run draws the same values (another world size: reseed).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         self._flops = None

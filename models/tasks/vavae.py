@@ -237,7 +237,7 @@ class VAVAETask(Task):
         # VF target: stored DINOv2 features of the batch (no model here) or DINOv2 run online.
         self.precomputed = v.vf.enabled and v.vf.features == "precomputed"
         self.vf_dim = _precomputed_features_dim(cfg.data, grid) if self.precomputed else None
-        # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume).
+        # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume; another world size: reseed).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         # Frozen networks: identical on every rank (fixed seed for random-init test models), never checkpointed.
