@@ -116,6 +116,15 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def reseed(self, step: int, rank: int) -> None:
+        """Fresh task-owned random state for ``rank`` resuming at ``step`` when the checkpoint's cannot be used
+        (written by another world size). Seed every generator from ``core.rng.seed_for(cfg.seed, step, rank,
+        <stream name>)``, never from the start-of-run seed: a run resumed at step 600k must not draw the noise
+        of its first steps again. A task with random state in ``state_dict`` must override this."""
+        if self.state_dict():
+            raise NotImplementedError(f"{type(self).__name__} checkpoints random state but cannot re-seed it "
+                                      f"for a resume on another world size: implement Task.reseed")
+
 
 def prepare_parts(engine: "Engine", specs: dict[str, PartSpec]) -> dict[str, "TrainedPart"]:
     """Every part wrapped by ``engine`` as its spec says (the trainer and tools/bench_train.py)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -33,6 +31,8 @@ from core.config import config_to_dict, derived, resolve_run_dir, save_config
 from core.distributed import DistInfo
 from core.engines.base import build_engine
 from core.metrics import MetricLogger, Throughput, peak_flops
+from core.rng import reseed_global, rng_state, seed_everything, set_rng_state
+from core.sample_trace import SampleIdTrace
 from core.schedule import lr_at
 from core.task import StepContext, Task, prepare_parts
 
@@ -50,21 +50,6 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     step: int
     exit_code: int              # 0 finished, REQUEUE_EXIT_CODE stopped on a signal after checkpointing
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str, torch.Tensor]],
@@ -105,11 +90,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         # The same initial weights on every rank (whatever the engine and world size), then per-rank streams.
-        self._seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.task = task
         self.task.check()
         specs = self.task.build_models()
-        self._seed_everything(cfg.seed + dist.rank)
+        seed_everything(cfg.seed + dist.rank)
 
         # Data: every rank reads micro-batches of its share of the global batch.
         d = derived(cfg, dist.world_size, dataset_size=None)
@@ -143,6 +128,7 @@ class Trainer:
         self._stop_requested = False
         # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way.
         self._debug_step_sleep = float(os.environ.get("LLAT_DEBUG_STEP_SLEEP", "0") or 0)
+        self._sample_trace = SampleIdTrace.from_env(self.run_dir, dist.is_main)
         self._installed_handlers: dict[int, Any] = {}
         self.metrics.event(
             f"run {cfg.name}: {dist.world_size} rank(s), global batch {cfg.train.global_batch_size} "
@@ -150,15 +136,9 @@ class Trainer:
             f"{self.total_steps} steps total, starting at step {self.step}, run dir {self.run_dir}")
 
     # ------------------------------------------------------------------ state
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-
     def _extra_state(self) -> dict[str, Any]:
         return {"step": self.step,
-                "rng": _rng_state(),
+                "rng": rng_state(),
                 "task": self.task.state_dict(),
                 "data": self.data.state_dict(),
                 "nonfinite_streak": self.nonfinite_streak,
@@ -172,13 +152,16 @@ class Trainer:
         self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         if extra.get("world_size_changed"):
-            # Per-rank random streams cannot map onto a new world size: start fresh ones, derived
-            # from the seed and the step so that the continuation is still deterministic.
-            self._seed_everything(self.cfg.seed + self.dist.rank + 7919 * self.step)
+            # Per-rank random streams cannot map onto a new world size: fresh ones for the global generators and
+            # the task's own, derived from (seed, step, rank) (core/rng.py), so that the continuation neither
+            # replays the draws of step 0 nor depends on anything but the checkpoint and the new world size.
+            reseed_global(self.cfg.seed, self.step, self.dist.rank)
+            self.task.reseed(self.step, self.dist.rank)
             log.warning("resumed on a different world size: data order is kept, per-rank RNG streams "
-                        "are re-seeded (bitwise continuation needs the same world size)")
+                        "(global and the task's) are re-seeded from (seed, step, rank); bitwise continuation "
+                        "needs the same world size")
         else:
-            _set_rng_state(extra["rng"])
+            set_rng_state(extra["rng"])
             self.task.load_state_dict(extra["task"])
         log.info("resumed from step %d", self.step)
 
@@ -206,7 +189,10 @@ class Trainer:
     def _next_micro_batches(self, it) -> tuple[list[dict[str, torch.Tensor]], float]:
         t0 = time.perf_counter()
         batches = [next(it) for _ in range(self.accum)]
-        return batches, time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        if self._sample_trace is not None:          # LLAT_DEBUG_SAMPLE_IDS (core/sample_trace.py)
+            self._sample_trace.record(self.step, batches)
+        return batches, waited
 
     def _train_step(self, batches, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
         """One optimizer step over all phases; returns metrics and whether every update was finite."""

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from core.config import Checks
+from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from models.dit_config import TimestepPhase, check_dit_task
 from models.lightningdit import build_model
@@ -25,7 +26,7 @@ class DiTTask(Task):
         # Timestep-sampling phases: a function of the step (StepContext); the tracker reports the switches.
         self.phase_tracker = PhaseTracker(cfg.transport.timestep_sampling)
         # Timestep and noise draws: one generator per rank, seeded so that ranks draw different
-        # values, saved in every checkpoint so that a resumed run draws the same values.
+        # values, saved in every checkpoint so that a resumed run draws the same values (another world size: reseed).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         self._flops = None
@@ -96,6 +97,10 @@ class DiTTask(Task):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+    def reseed(self, step: int, rank: int) -> None:
+        """Resumed on another world size: a fresh stream for ``rank`` from (seed, step, rank) (core/rng.py)."""
+        self.generator.manual_seed(seed_for(self.cfg.seed, step, rank, "dit/timesteps+noise"))
 
     # ------------------------------------------------------------------ in-loop evaluation
     def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:

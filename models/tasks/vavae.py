@@ -66,6 +66,7 @@ import torch.distributed as tdist
 from torch.utils.data import Dataset
 
 from core.config import Checks
+from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from models.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, build_lpips, generator_loss,
                            hinge_d_loss, vanilla_d_loss, vf_loss)
@@ -239,7 +240,7 @@ class VAVAETask(Task):
         # VF target: stored DINOv2 features of the batch (no model here) or DINOv2 run online.
         self.precomputed = v.vf.enabled and v.vf.features == "precomputed"
         self.vf_dim = _precomputed_features_dim(cfg.data, grid) if self.precomputed else None
-        # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume).
+        # Posterior noise: one generator per rank, saved in checkpoints (bit-exact resume; another world size: reseed).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         # Frozen networks: identical on every rank (fixed seed for random-init test models), never checkpointed.
@@ -442,3 +443,7 @@ class VAVAETask(Task):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+
+    def reseed(self, step: int, rank: int) -> None:
+        """Resumed on another world size: a fresh stream for ``rank`` from (seed, step, rank) (core/rng.py)."""
+        self.generator.manual_seed(seed_for(self.cfg.seed, step, rank, "vavae/posterior"))
