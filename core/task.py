@@ -9,26 +9,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch import nn
 
-from core.config import OptimizerConfig, TimestepPhase
+from core.config import TimestepPhase
+from core.engines.base import PartSpec
 
 if TYPE_CHECKING:
     from core.engines.base import Engine, TrainedPart
     from data.sources import DataSource
-
-
-@dataclass
-class PartSpec:
-    """A trainable model and how to train it; the engine turns it into a TrainedPart."""
-    module: nn.Module
-    optimizer: OptimizerConfig
-    ema_decay: Optional[float] = None
-    blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
-    grad_clip: Optional[float] = None
-    # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
-    # without repeated blocks (VA-VAE: encoder, decoder); the module objects and state_dict keys do not change.
-    compile_attrs: tuple[str, ...] = ()
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.distributed as tdist
 from core.checkpoint import CheckpointManager
 from core.config import ExperimentConfig, config_to_dict, derived, resolve_run_dir, save_config, validate
 from core.distributed import DistInfo
-from core.engines.base import build_engine
+from core.engines import build_engine
 from core.metrics import MetricLogger, Throughput, peak_flops
 from core.schedule import PhaseTracker, lr_at, timestep_phase_at
 from core.task import StepContext, Task, build_task, prepare_parts

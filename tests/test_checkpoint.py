@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, retained_steps, step_dirname
+from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, load_checkpoint, retained_steps, step_dirname
 
 try:
     from dist_utils import ToyModel, run_distributed
@@ -135,9 +135,9 @@ def _save_worker(dist, run_dir):
     final_steps = [s for s, _ in mgr3.complete_checkpoints()]
 
     engine4, parts4 = _build(dist, seed=7)
-    engine4.load(Path(run_dir) / "checkpoints" / step_dirname(8), parts4)
+    load_checkpoint(engine4, Path(run_dir) / "checkpoints" / step_dirname(8), parts4)
     _assert_bit_exact(_snapshot(parts4), snaps[8], "async step 8")
-    extra = engine4.load(Path(run_dir) / "checkpoints" / step_dirname(9), parts4)
+    extra = load_checkpoint(engine4, Path(run_dir) / "checkpoints" / step_dirname(9), parts4)
     _assert_bit_exact(_snapshot(parts4), snaps[9], "async step 9 (saved, then closed)")
     assert extra["step"] == 9 and extra["rank"] == dist.rank
 

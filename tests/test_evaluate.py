@@ -21,6 +21,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
 
+from core.engines import LocalPart
 from tools import fid
 
 pytestmark = pytest.mark.timeout(300)
@@ -225,7 +226,7 @@ def _perturbed_model(cfg):
 
 
 def _evaluate_on_ranks(dist, data, run_dir):
-    from core.engines.base import build_engine
+    from core.engines import build_engine
     from models.tasks.dit import DiTTask
 
     cfg = _eval_cfg(data, run_dir)
@@ -233,8 +234,9 @@ def _evaluate_on_ranks(dist, data, run_dir):
     engine = build_engine(cfg.engine, dist)
     part = engine.prepare("model", _perturbed_model(cfg), cfg.optimizer, cfg.train.ema_decay, blocks_attr="blocks")
     result = task.evaluate({"model": part}, step=3)
-    # dopri5 (adaptive step counts) samples with an unsharded copy: it must hold the full EMA weights.
-    local = task._unsharded_copy(part.ema).state_dict()
+    # Evaluation samples with a plain full copy of the EMA (TrainedPart.full_model): it holds the full EMA weights.
+    with part.full_model("ema") as full:
+        local = full.state_dict()
     reference = _perturbed_model(cfg).state_dict()
     return result, max(float((local[k] - reference[k]).abs().max()) for k in reference)
 
@@ -256,7 +258,7 @@ def test_in_loop_evaluate_is_collective_safe_and_matches_one_process(train_data,
     dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                     backend="none")
     model = _perturbed_model(cfg).eval()
-    single = DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=3)
+    single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
     for key in ("fid", "is", "precision", "recall"):
         assert single[key] == pytest.approx(r[key], rel=1e-5, abs=1e-8), key
     # Rank 0 wrote the grid and the record the leaderboard reads.
@@ -280,11 +282,11 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
         DiTTask(cfg, dist).check()
     model = _perturbed_model(cfg).eval()
     with pytest.raises(ValueError, match=r"eval\.feature_extractor_weights"):
-        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)
+        DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=1)
     cfg.eval.feature_extractor = fid.TINY
     cfg.eval.reference = str(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"eval\.reference: reference not found"):
-        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)
+        DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=1)
     cfg.eval.reference = str(train_data / "ref")
     cfg.eval.sampling_overrides = ["num_stepz=3"]
     with pytest.raises(ValueError, match=r"eval\.sampling_overrides: .*num_stepz.*did you mean 'num_steps'"):

@@ -42,7 +42,7 @@ import torch
 
 from core.config import ConfigError, EngineConfig, ExperimentConfig, ModelConfig, TrainConfig
 from core.distributed import init_distributed, teardown
-from core.engines.base import build_engine
+from core.engines import build_engine
 from core.metrics import bench_threads, format_table, peak_flops
 from core.task import StepContext, build_task, prepare_parts
 from core.trainer import train_step

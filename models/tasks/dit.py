@@ -75,14 +75,15 @@ class DiTTask(Task):
 
         Image i's label and noise depend on (``eval.seed``, i) only (tools/sample.py), so every evaluation of a
         run scores the same noise. Chunks of ``eval.batch_size`` indices go round-robin over the ranks; every
-        rank runs the same number of sampler batches of the same shape (the last round is padded), because the
-        EMA module is FSDP-sharded and its forward is a collective. Each rank decodes its images
+        rank runs the same number of sampler batches of the same shape (the last round is padded), with a plain
+        full copy of the EMA weights (``TrainedPart.full_model``, any engine). Each rank decodes its images
         (tools/sample.latent_decoder) and extracts their features; rank 0 gathers the features and computes the
         metrics against ``eval.reference`` (tools/fid.py), writes ``<run_dir>/eval/step_XXXXXXX.{json,png}``
         (metrics, sampler settings, a sample grid) and, when a W&B run is active in this process, logs the grid
         as ``eval/samples``. Every rank returns the same dict: the metrics (``fid``, ...), ``num_samples`` and the
         sampler settings (``cfg_scale``, ``num_steps``, ``cfg_interval_start``, ``timestep_shift``), plus ``time_s``.
         """
+        import contextlib
         import math
         import time
 
@@ -95,11 +96,10 @@ class DiTTask(Task):
         ec = self.cfg.eval
         t0 = time.perf_counter()
         part = parts["model"]
-        model = part.ema if getattr(part, "ema", None) is not None else part.module
-        if ev["sampler"].method == "dopri5" and self.dist.world_size > 1:
-            # Adaptive steps: the number of model calls differs between ranks, which a sharded (collective)
-            # forward cannot do; sample with a full local copy instead (collective gather, then local).
-            model = self._unsharded_copy(model)
+        # A plain copy of the full EMA (else raw) weights on every rank, whatever the engine and its sharding
+        # (collective gather, then a local forward: adaptive samplers may call it different numbers of times).
+        full = contextlib.ExitStack()
+        model = full.enter_context(part.full_model("ema" if getattr(part, "ema", None) is not None else "model"))
         was_training = model.training            # the raw weights (no EMA) are in training mode: label dropout
         model.eval()
         rank, world = self.dist.rank, self.dist.world_size
@@ -125,6 +125,7 @@ class DiTTask(Task):
                     kept += len(grid[-1])
         finally:
             model.train(was_training)
+            full.close()
         local = {key: torch.cat(v) for key, v in feats.items()}
         gathered: list[Any] = [None] * world if rank == 0 else None
         if world > 1:
@@ -141,15 +142,6 @@ class DiTTask(Task):
         if error is not None:
             raise RuntimeError(f"in-loop evaluation at step {step} failed: {error}")
         return result
-
-    def _unsharded_copy(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A plain (unsharded) copy of an FSDP2 module's weights on this rank's device, in eval mode."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-        copy_ = build_model(self.cfg.model)
-        copy_.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in full.items()})
-        return copy_.to(self.device).eval()
 
     def check(self) -> None:
         """Cheap, local checks of the ``eval`` section (metric names, sampler overrides, reference and weights
