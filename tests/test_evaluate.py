@@ -202,7 +202,7 @@ def train_data(tmp_path_factory):
     return root
 
 
-def _eval_cfg(data: Path, run_dir: Path):
+def _eval_cfg(data: Path, run_dir: Path, extra: tuple[str, ...] = ()):
     from core.config import load_config
 
     # No data directory and no latent normalisation: identity decoding (the latents are the images), and the
@@ -211,7 +211,7 @@ def _eval_cfg(data: Path, run_dir: Path):
         "data.latent_norm=false", f"run_dir={run_dir}", "eval.every_epochs=1", "eval.num_samples=20",
         "eval.batch_size=4", f"eval.reference={data / 'ref'}", f"eval.feature_extractor={fid.TINY}",
         f"eval.cache_dir={data / 'cache'}", "eval.metrics=[fid,is,pr]", "eval.grid_size=6",
-        "eval.sampling_overrides=[num_steps=4]"])
+        "eval.sampling_overrides=[num_steps=4]", *extra])
 
 
 def _perturbed_model(cfg):
@@ -225,11 +225,11 @@ def _perturbed_model(cfg):
     return model
 
 
-def _evaluate_on_ranks(dist, data, run_dir):
+def _evaluate_on_ranks(dist, data, run_dir, extra=()):
     from core.engines import build_engine
     from models.tasks.dit import DiTTask
 
-    cfg = _eval_cfg(data, run_dir)
+    cfg = _eval_cfg(data, run_dir, tuple(extra))
     task = DiTTask(cfg, dist)
     engine = build_engine(cfg.engine, dist)
     part = engine.prepare("model", _perturbed_model(cfg), cfg.optimizer, cfg.train.ema_decay, blocks_attr="blocks")
@@ -268,6 +268,26 @@ def test_in_loop_evaluate_is_collective_safe_and_matches_one_process(train_data,
     assert record["sampler"].startswith("euler 4pt")
     from PIL import Image
     assert Image.open(tmp_path / "run2" / "eval" / "step_0000003.png").size[0] > 0
+
+
+def test_in_loop_evaluate_on_deepspeed_zero3_matches_one_process(train_data, tmp_path):
+    """engine.kind=deepspeed (ZeRO-3, 2 gloo ranks), whose EMA is partitioned like the ZeRO master weights and has no
+    forward of its own: in-loop evaluation samples with the full EMA (TrainedPart.full_model) and scores what a
+    plain single-process evaluation of the same weights scores (as FSDP2 does, test above)."""
+    from core.distributed import DistInfo
+    from models.tasks.dit import DiTTask
+
+    extra = ("engine.kind=deepspeed", "engine.zero_stage=3")
+    results = run_distributed(_evaluate_on_ranks, world_size=2, args=(train_data, tmp_path / "run2", extra))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == 0.0 and results[1][1] == 0.0            # the full EMA weights, exactly
+    cfg = _eval_cfg(train_data, tmp_path / "run1")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                    backend="none")
+    model = _perturbed_model(cfg).eval()
+    single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
+    for key in ("fid", "is", "precision", "recall"):
+        assert single[key] == pytest.approx(results[0][0][key], rel=1e-5, abs=1e-8), key
 
 
 def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
