@@ -105,6 +105,30 @@ def test_full_model_equals_unsharded_reference_on_every_engine():
                 assert res["rank0_only"] is True, (name, res)
 
 
+def _one_rank_worker(dist):
+    """FSDP2 on one rank (full_tensor of a 1-rank shard may be the local storage itself): the copy owns its tensors."""
+    from core.config import EngineConfig, OptimizerConfig
+    from core.engines import build_engine
+
+    torch.manual_seed(3)
+    init = ToyModel()
+    part = build_engine(EngineConfig(precision="fp32"), dist).prepare("model", copy.deepcopy(init), OptimizerConfig(),
+                                                                      DECAY)
+    x = torch.randn(5, 4)
+    with part.full_model("model") as model:
+        same = torch.equal(model(x), init(x))
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.zero_()
+    after = part.full_state_dict("model")
+    return same, all(torch.equal(after[k], v) for k, v in init.state_dict().items())
+
+
+def test_full_model_on_one_rank_is_a_copy():
+    [(same, untouched)] = run_distributed(_one_rank_worker, world_size=1)
+    assert same and untouched
+
+
 # ------------------------------------------------------------------------------------------------ one process
 def test_local_part_full_model_is_the_module_itself():
     from core.engines import LocalPart

@@ -154,7 +154,10 @@ class FSDP2Part(TrainedPart):
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
         if rank0_only and tdist.is_initialized() and tdist.get_rank() != 0:
             return {}
-        return {canonical_name(k): v.detach().cpu() for k, v in sd.items()}
+        # Copies, never the live tensors: on the CPU the state dict holds the module's own buffers (and, on one
+        # rank, parameter storage), which .cpu() would not copy.
+        own = self.device.type == "cpu"
+        return {canonical_name(k): v.detach().clone() if own else v.detach().cpu() for k, v in sd.items()}
 
 
 class FSDP2Engine(Engine):
