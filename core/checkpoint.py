@@ -38,7 +38,7 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from core.config import CheckpointConfig
-from core.distributed import DistInfo, barrier, broadcast_object
+from core.distributed import DistInfo, barrier, broadcast_object, raise_if_any_rank_failed
 from core.engines.base import Engine, TrainedPart
 from core.fileio import atomic_torch_save, atomic_write_json, fsync_dir
 
@@ -271,11 +271,16 @@ class CheckpointManager:
                 self._commit_on_main(step, tmp)
             except Exception as e:                    # noqa: BLE001 - reported on every rank below
                 error = e
-        # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them.
-        if not self._all_ok(error is None):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"committing checkpoint {tmp} failed on rank 0")
+        # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them (rank 0
+        # raises its own exception).
+        failure: Optional[RuntimeError] = None
+        try:
+            raise_if_any_rank_failed(None if error is None else
+                                     f"committing checkpoint {tmp} failed: {type(error).__name__}: {error}")
+        except RuntimeError as e:
+            failure = e
+        if failure is not None:
+            raise error if error is not None else failure
 
     def _commit_on_main(self, step: int, tmp: Path) -> None:
         marker = {"step": step, "time": time.time(), "world_size": self.dist.world_size, "files": _file_sizes(tmp)}
