@@ -15,6 +15,12 @@ Async saves (``CheckpointConfig.async_save``): ``save`` returns once the state i
 the commit happens when every rank's background write has finished — checked by ``maybe_finalize()``
 (the trainer calls it every step), and forced at the latest by the next ``save`` or by ``close()``.
 
+Inside a checkpoint directory the engine writes the parts' state (``Engine.save``: FSDP2 ``state/``, DeepSpeed
+``deepspeed/<part>/``); next to it every rank's ``extra`` (step, RNG states, data-loader state, ...) goes to
+``extra/rank{r:05d}.pt``, written and read here for every engine (``save_checkpoint`` / ``load_checkpoint``).
+Restored on the same number of ranks, each rank gets its own ``extra``; on another number, every rank gets rank 0's
+with ``extra["world_size_changed"] = True`` (per-rank RNG streams cannot be mapped onto other ranks).
+
 Every public method except ``complete_checkpoints`` is collective: all ranks call it, in the same order.
 """
 from __future__ import annotations
@@ -32,8 +38,9 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from core.config import CheckpointConfig
-from core.distributed import DistInfo, barrier, broadcast_object
+from core.distributed import DistInfo, barrier, broadcast_object, raise_if_any_rank_failed
 from core.engines.base import Engine, TrainedPart
+from core.fileio import atomic_torch_save, atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ TMP_PREFIX = ".tmp-"
 # file and then sleeps forever right before committing a checkpoint — i.e. after every byte of the
 # checkpoint is on disk but before COMPLETE/rename — so a test can SIGKILL a process "mid-save".
 PAUSE_BEFORE_COMMIT_ENV = "LLAT_TEST_PAUSE_BEFORE_COMMIT"
+EXTRA_DIR = "extra"
 
 
 def step_dirname(step: int) -> str:
@@ -93,17 +101,53 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
                             f"checkpoints directory with a complete step_* checkpoint")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------------------------------------- per-rank extra
+def extra_path(ckpt_dir: str | os.PathLike, rank: int) -> Path:
+    """Where rank ``rank``'s extra state lives in a checkpoint directory."""
+    return Path(ckpt_dir) / EXTRA_DIR / f"rank{rank:05d}.pt"
+
+
+def saved_world_size(ckpt_dir: str | os.PathLike) -> int:
+    """The number of ranks that wrote the checkpoint directory (its ``extra/rank*.pt`` files)."""
+    return len(list((Path(ckpt_dir) / EXTRA_DIR).glob("rank*.pt")))
+
+
+def save_extra(ckpt_dir: str | os.PathLike, extra: dict[str, Any], dist: DistInfo) -> None:
+    """Write this rank's ``extra`` (atomically) into ``ckpt_dir``. Not collective."""
+    atomic_torch_save(extra, extra_path(ckpt_dir, dist.rank))
+
+
+def load_extra(ckpt_dir: str | os.PathLike, dist: DistInfo) -> dict[str, Any]:
+    """This rank's ``extra`` when the checkpoint was written by as many ranks as now; otherwise rank 0's with
+    ``world_size_changed=True`` (a WARNING on rank 0). Not collective."""
+    ckpt_dir = Path(ckpt_dir)
+    saved_world = saved_world_size(ckpt_dir)
+    if saved_world == 0:
+        raise FileNotFoundError(f"{ckpt_dir}: no {EXTRA_DIR}/rank*.pt files")
+    own = extra_path(ckpt_dir, dist.rank)
+    if saved_world == dist.world_size and own.is_file():
+        return torch.load(own, map_location="cpu", weights_only=False)
+    if dist.is_main:
+        log.warning("checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
+                    "rank (world_size_changed=True)", ckpt_dir, saved_world, dist.world_size)
+    extra = torch.load(extra_path(ckpt_dir, 0), map_location="cpu", weights_only=False)
+    extra["world_size_changed"] = True
+    return extra
+
+
+def save_checkpoint(engine: Engine, ckpt_dir: str | os.PathLike, parts: dict[str, TrainedPart],
+                    extra: dict[str, Any]) -> None:
+    """Collective: this rank's ``extra`` and the engine's state of every part into ``ckpt_dir`` (no commit: see
+    ``CheckpointManager.save``). With an async engine the parts' files may still be in flight on return."""
+    save_extra(ckpt_dir, extra, engine.dist)
+    engine.save(Path(ckpt_dir), parts)
+
+
+def load_checkpoint(engine: Engine, ckpt_dir: str | os.PathLike, parts: dict[str, TrainedPart]) -> dict[str, Any]:
+    """Collective: restore every part from ``ckpt_dir`` (written by any number of ranks); returns the ``extra``
+    of ``load_extra``."""
+    engine.load(Path(ckpt_dir), parts)
+    return load_extra(ckpt_dir, engine.dist)
 
 
 def _file_sizes(root: Path) -> dict[str, int]:
@@ -176,7 +220,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        self.engine.save(tmp, parts, extra)
+        save_checkpoint(self.engine, tmp, parts, extra)
         self._mark_saved(step)
         if self.async_save:
             self._pending = (step, tmp)
@@ -227,26 +271,28 @@ class CheckpointManager:
                 self._commit_on_main(step, tmp)
             except Exception as e:                    # noqa: BLE001 - reported on every rank below
                 error = e
-        # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them.
-        if not self._all_ok(error is None):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"committing checkpoint {tmp} failed on rank 0")
+        # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them (rank 0
+        # raises its own exception).
+        failure: Optional[RuntimeError] = None
+        try:
+            raise_if_any_rank_failed(None if error is None else
+                                     f"committing checkpoint {tmp} failed: {type(error).__name__}: {error}")
+        except RuntimeError as e:
+            failure = e
+        if failure is not None:
+            raise error if error is not None else failure
 
     def _commit_on_main(self, step: int, tmp: Path) -> None:
         marker = {"step": step, "time": time.time(), "world_size": self.dist.world_size, "files": _file_sizes(tmp)}
-        with open(tmp / COMPLETE, "w") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_json(tmp / COMPLETE, marker)
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            _fsync_dir(d)
+            fsync_dir(d)
         final = self.root / step_dirname(step)
         if final.exists():                            # a leftover without COMPLETE (save() skips complete ones)
             log.warning("replacing incomplete checkpoint directory %s", final)
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
+        os.rename(tmp, final)                         # the commit point (a directory rename)
+        fsync_dir(self.root)
         log.info("checkpoint committed: %s", final)
         self._apply_retention()
 
@@ -295,7 +341,7 @@ class CheckpointManager:
                 error = error or RuntimeError("file check failed on another rank")
             else:
                 try:
-                    extra = self.engine.load(path, parts)
+                    extra = load_checkpoint(self.engine, path, parts)
                 except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                     error = e
                 if not self._all_ok(error is None):

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from core.fileio import atomic_write_text
+
 log = logging.getLogger("llat")
 
 # Dense bf16 tensor-core peak per GPU (vendor figures), for MFU. Overridable with LLAT_PEAK_FLOPS.
@@ -78,9 +80,7 @@ class MetricLogger:
                 continue
             if rec.get("step", 0) <= resume_step:
                 kept.append(line)
-        tmp = self.jsonl_path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.jsonl_path)
+        atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
 
     def _init_wandb(self, wandb_cfg, run_name: str, config_dict: dict):
         import wandb

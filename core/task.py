@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 import torch
-from torch import nn
 
-from core.config import Checks, OptimizerConfig
+from core.config import Checks
+from core.engines.base import PartSpec
 
 if TYPE_CHECKING:
     from core.engines.base import Engine, TrainedPart
@@ -32,19 +32,6 @@ class DataSource(Protocol):
         """What must stay fixed across resumes of the run (never the position)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class PartSpec:
-    """A trainable model and how to train it; the engine turns it into a TrainedPart."""
-    module: nn.Module
-    optimizer: OptimizerConfig
-    ema_decay: Optional[float] = None
-    blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
-    grad_clip: Optional[float] = None
-    # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
-    # without repeated blocks (VA-VAE: encoder, decoder); the module objects and state_dict keys do not change.
-    compile_attrs: tuple[str, ...] = ()
 
 
 @dataclass

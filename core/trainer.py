@@ -29,7 +29,7 @@ import torch.distributed as tdist
 from core.checkpoint import CheckpointManager
 from core.config import config_to_dict, derived, resolve_run_dir, save_config
 from core.distributed import DistInfo
-from core.engines.base import build_engine
+from core.engines import build_engine
 from core.metrics import MetricLogger, Throughput, peak_flops
 from core.rng import reseed_global, rng_state, seed_everything, set_rng_state
 from core.sample_trace import SampleIdTrace

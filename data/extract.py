@@ -67,6 +67,8 @@ import numpy as np
 import torch
 
 from core.config import Checks, ConfigError, config_to_dict, load_typed_config
+from core.distributed import all_gather_object, barrier, raise_if_any_rank_failed, rank_and_world
+from core.fileio import atomic_write_json, fsync_dir
 from data.features import FeatureExtractor, build_feature_extractor
 from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, normalized_to_uint8,
                          read_file_list, scan_image_folder, uint8_to_normalized)
@@ -267,39 +269,6 @@ def build_features(cfg: FeaturesConfig, grid: tuple[int, int]) -> FeatureExtract
 
 
 # ============================================================================================ distributed
-def _group_active() -> bool:
-    import torch.distributed as tdist
-    return tdist.is_available() and tdist.is_initialized()
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as tdist
-    if _group_active():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    import torch.distributed as tdist
-    if not _group_active() or tdist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    from core.distributed import barrier
-    barrier()
-
-
-def _raise_if_any(error: Optional[str]) -> None:
-    """Collective: every rank raises when any rank reports an error (so none waits forever)."""
-    errors = [e for e in _all_gather(error) if e]
-    if errors:
-        raise ExtractError(errors[0])
-
-
 def _resolve_device(kind: str, dist: Any) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
@@ -319,21 +288,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        _fsync_file(path)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _moments_to_json(moments: RunningMoments) -> dict[str, Any]:
@@ -407,9 +361,9 @@ class _ChunkWriter:
         for path in self.tmp.iterdir():
             if path.is_file():
                 _fsync_file(path)
-        _fsync_dir(self.tmp)
+        fsync_dir(self.tmp)
         os.rename(self.tmp, self.final)              # the commit point: the chunk is complete from here on
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         return meta
 
 
@@ -510,8 +464,8 @@ def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
                          f"seed, or choose another out_dir")
         else:
             out.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(path, plan)
-    _raise_if_any(error)
+            atomic_write_json(path, plan)
+    raise_if_any_rank_failed(error, ExtractError)
 
 
 def _chunk_seed(seed: int, rank: int, chunk: int) -> int:
@@ -525,7 +479,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     if problems:
         raise ConfigError("\n".join(f"config: {k}: {p}" for k, p in problems))
     t_start = time.time()
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     device = _resolve_device(cfg.device, dist)
     torch.manual_seed(cfg.seed + rank)
     if device.type == "cuda":
@@ -535,7 +489,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
 
     # -- what to do: the source (identical on every rank), models, schema, plan
     source = build_source(cfg.source)
-    fingerprints = _all_gather(_source_fingerprint(source))
+    fingerprints = all_gather_object(_source_fingerprint(source))
     if len(set(fingerprints)) != 1:
         raise ExtractError(f"source: ranks see different image lists (fingerprints {fingerprints}); is "
                            f"{cfg.source.path} the same on every node?")
@@ -579,7 +533,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
             error = error or (f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of "
                               f"{num_chunks}); remove it or use another out_dir")
         complete.add(chunk)
-    _raise_if_any(error)
+    raise_if_any_rank_failed(error, ExtractError)
     pending = [c for c in range(num_chunks) if c not in complete]
     batches: list[list[int]] = []
     batch_chunk: list[int] = []
@@ -600,7 +554,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
                                batch_chunk, done_items, device, world)
 
     # -- finish: per-rank index + moments, then rank 0 merges everything
-    _barrier()
+    barrier()
     metas = []
     for chunk in range(num_chunks):
         meta = _read_chunk_meta(rank_dir / _chunk_name(chunk))
@@ -611,7 +565,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     for meta in metas:
         moments.merge(_moments_from_json(meta["moments"]))
     has_data = _merge_index(rank_dir, [_chunk_name(m["chunk"]) for m in metas if m["count"] > 0])
-    summaries = _all_gather({"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas),
+    summaries = all_gather_object({"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas),
                              "written": written})
     total = moments.merge_across_ranks()
     num_samples = sum(s["count"] for s in summaries)
@@ -624,7 +578,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
         if tokenizer is not None:
             save_latent_stats(out, stats["mean"], stats["std"])
         manifest = _write_manifest(cfg, out, source, plan, world, total, columns, time.time() - t_start)
-    _barrier()
+    barrier()
     skipped = manifest["skipped"] if manifest else []
     ignored = [{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])]
     result = ExtractResult(out_dir=str(out), num_items=num_items, num_samples=num_samples,
@@ -771,7 +725,7 @@ def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "last_run_elapsed_s": round(elapsed, 3),
     }
-    _write_json_atomic(out / MANIFEST_FILENAME, manifest)
+    atomic_write_json(out / MANIFEST_FILENAME, manifest)
     return manifest
 
 

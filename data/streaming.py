@@ -65,6 +65,8 @@ import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
 
+from core.fileio import atomic_save_with, atomic_torch_save
+
 log = logging.getLogger(__name__)
 
 STATS_FILENAME = "latents_stats.pt"
@@ -361,10 +363,7 @@ def save_latent_stats(path: Union[str, Path], mean: Any, std: Any) -> Path:
     if mean_t.shape != std_t.shape:
         raise ValueError(f"save_latent_stats: mean {tuple(mean_t.shape)} and std {tuple(std_t.shape)} differ")
     file = _stats_file(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp.{os.getpid()}")
-    torch.save({"mean": mean_t, "std": std_t}, tmp)
-    os.replace(tmp, file)
+    atomic_torch_save({"mean": mean_t, "std": std_t}, file)
     return file
 
 
@@ -761,10 +760,8 @@ class LatentDataset(_ShardDataset):
         if not file.is_file() and remote is not None and file.parent == self.data_dir:
             try:
                 from streaming.base.storage.download import CloudDownloader
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f".{file.name}.download.{os.getpid()}")
-                CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
-                os.replace(tmp, file)
+                atomic_save_with(file, lambda tmp: CloudDownloader.direct_download(
+                    os.path.join(remote, STATS_FILENAME), str(tmp)))
             except Exception as e:  # noqa: BLE001 - fall through to the clear error below
                 log.warning("could not fetch %s from %s: %s", STATS_FILENAME, remote, e)
         if not file.is_file():

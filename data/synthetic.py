@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.fileio import atomic_save_with
+
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "checker", "diamond", "x")
 
 __all__ = ["PALETTE", "SHAPES", "SyntheticImages", "class_color", "render_image", "write_image_folder"]
@@ -213,7 +215,5 @@ def write_image_folder(out_dir: Union[str, Path], num_samples: int, image_size: 
     for index in range(num_samples):
         image, label = render_image(index, image_size, num_classes, seed)
         path = out_dir / f"class_{label:0{width}d}" / f"img_{index:06d}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
-        tmp.replace(path)
+        atomic_save_with(path, lambda tmp: Image.fromarray(image, mode="RGB").save(tmp, format="PNG"))
     return out_dir

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, retained_steps, step_dirname
+from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, load_checkpoint, retained_steps, step_dirname
 
 try:
     from dist_utils import ToyModel, run_distributed
@@ -135,9 +135,9 @@ def _save_worker(dist, run_dir):
     final_steps = [s for s, _ in mgr3.complete_checkpoints()]
 
     engine4, parts4 = _build(dist, seed=7)
-    engine4.load(Path(run_dir) / "checkpoints" / step_dirname(8), parts4)
+    load_checkpoint(engine4, Path(run_dir) / "checkpoints" / step_dirname(8), parts4)
     _assert_bit_exact(_snapshot(parts4), snaps[8], "async step 8")
-    extra = engine4.load(Path(run_dir) / "checkpoints" / step_dirname(9), parts4)
+    extra = load_checkpoint(engine4, Path(run_dir) / "checkpoints" / step_dirname(9), parts4)
     _assert_bit_exact(_snapshot(parts4), snaps[9], "async step 9 (saved, then closed)")
     assert extra["step"] == 9 and extra["rank"] == dist.rank
 
@@ -205,6 +205,25 @@ def _reshard_worker(dist, run_dir, snaps):
     return True
 
 
+def _failed_commit_worker(dist, run_dir):
+    """Rank 0's commit fails: every rank raises (none waits in a later collective), rank 0 its own exception."""
+    from core.checkpoint import CheckpointManager
+    from core.config import CheckpointConfig
+
+    engine, parts = _build(dist)
+    mgr = CheckpointManager(run_dir, CheckpointConfig(every_steps=1), engine, dist)
+
+    def fail(step, tmp):
+        raise OSError("disk full")
+
+    mgr._commit_on_main = fail
+    try:
+        mgr.save(1, parts, {"step": 1})
+    except Exception as err:  # noqa: BLE001 - returned to the test
+        return type(err).__name__, str(err)
+    return None
+
+
 def _killed_child_main(run_dir: str, marker: str) -> None:
     """Run in a subprocess: commit step 1, then block in the commit of step 2 (test hook) until killed."""
     from core.checkpoint import CheckpointManager
@@ -255,6 +274,13 @@ def test_roundtrip_retention_async_and_minutes_two_ranks(saved_run):
 def test_reshard_two_to_one_rank_incomplete_and_corrupt_checkpoints(saved_run):
     run_dir, (r0, _) = saved_run
     assert run_distributed(_reshard_worker, world_size=1, args=(str(run_dir), r0["snaps"])) == [True]
+
+
+def test_failed_commit_fails_every_rank(tmp_path):
+    results = run_distributed(_failed_commit_worker, world_size=2, args=(str(tmp_path / "run"),))
+    assert results[0] == ("OSError", "disk full")
+    assert results[1][0] == "RuntimeError" and "rank 0: committing checkpoint" in results[1][1], results[1]
+    assert "OSError: disk full" in results[1][1]
 
 
 def test_sigkill_before_commit_resumes_previous(tmp_path):

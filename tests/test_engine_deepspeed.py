@@ -112,7 +112,7 @@ def _equal(got, ref, what):
 # ------------------------------------------------------------------------------------------------ workers
 def _parity_worker(dist):
     from core.config import EngineConfig
-    from core.engines.base import build_engine, build_optimizer
+    from core.engines import build_engine, build_optimizer
     from core.engines.deepspeed import DeepSpeedEngine, DeepSpeedPart
 
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def _parity_worker(dist):
 
 def _variants_worker(dist):
     """Activation checkpointing, offload, bf16, clipping and the non-finite skip (4 steps each)."""
-    from core.engines.base import build_engine, build_optimizer
+    from core.engines import build_engine, build_optimizer
 
     torch.manual_seed(1)
     init = ToyModel()
@@ -282,7 +282,7 @@ def _variants_worker(dist):
 
 def _build(dist, stage=2, seed=0, precision="fp32"):
     """Two parts (as VA-VAE will have): 'model' with EMA, 'disc' without; two DeepSpeed engines."""
-    from core.engines.base import build_engine
+    from core.engines import build_engine
     torch.manual_seed(seed)
     engine = build_engine(_ds(stage, precision=precision), dist)
     parts = {"model": engine.prepare("model", ToyModel(), _ocfg(), DECAY, "blocks"),

@@ -80,7 +80,7 @@ def _ref_step(ref, opt, x, y, clip=None):
 def _equivalence_worker(dist):
     from core.config import EngineConfig, OptimizerConfig
     from core.distributed import all_reduce_mean
-    from core.engines.base import build_engine, build_optimizer
+    from core.engines import build_engine, build_optimizer
 
     torch.manual_seed(0)
     model = ToyModel()
@@ -135,7 +135,7 @@ def _equivalence_worker(dist):
 
 def _clip_nonfinite_worker(dist):
     from core.config import EngineConfig, OptimizerConfig
-    from core.engines.base import build_engine, build_optimizer
+    from core.engines import build_engine, build_optimizer
 
     torch.manual_seed(3)
     model = ToyModel()
@@ -181,7 +181,7 @@ def _wrapping_worker(dist):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from core.config import EngineConfig, OptimizerConfig
     from core.engines.fsdp2 import FSDP2Engine
-    from core.engines.base import build_optimizer
+    from core.engines import build_optimizer
 
     plain_keys = list(ToyModel().state_dict().keys())
     x, y = _data(seed=7)
@@ -269,6 +269,7 @@ def _hybrid_worker(dist, ckpt_root):
     """HSDP (2 replicas x 1 shard; 1 x 2 = the default group of LOCAL_WORLD_SIZE ranks) against full sharding, and
     checkpoints written under one mesh loaded under the other."""
     from torch.distributed.tensor import Replicate, Shard
+    from core.checkpoint import load_checkpoint, save_checkpoint
     from core.config import EngineConfig
     from core.engines.fsdp2 import FSDP2Engine
 
@@ -292,9 +293,9 @@ def _hybrid_worker(dist, ckpt_root):
     # checkpoints: hybrid -> full and full -> hybrid, fresh parts with other initial weights
     for src, dst_kw in (("hybrid_2x1", {}), ("full", dict(sharding="hybrid", shard_group_size=1))):
         engine, part = runs[src][:2]
-        engine.save(ckpt_root / src, {"model": part}, {"step": 3})
+        save_checkpoint(engine, ckpt_root / src, {"model": part}, {"step": 3})
         engine2, part2 = _build_toy(dist, seed=7, **dst_kw)
-        assert engine2.load(ckpt_root / src, {"model": part2}) == {"step": 3}
+        assert load_checkpoint(engine2, ckpt_root / src, {"model": part2}) == {"step": 3}
         _assert_equal_sd(_state(part2), runs[src][3], f"{src} checkpoint loaded under {dst_kw or 'full'}")
     with pytest.raises(ValueError, match="engine.shard_group_size: world size 2 is not divisible by shard_group_"):
         FSDP2Engine(EngineConfig(sharding="hybrid", shard_group_size=3), dist).mesh
@@ -303,9 +304,10 @@ def _hybrid_worker(dist, ckpt_root):
 
 def _hybrid_one_rank_worker(dist, ckpt_root, states):
     """The 2-rank checkpoints on 1 rank: the hybrid one under full sharding, the full one under hybrid (1 x 1)."""
+    from core.checkpoint import load_checkpoint
     for src, dst_kw in (("hybrid_2x1", {}), ("full", dict(sharding="hybrid"))):
         engine, part = _build_toy(dist, seed=7, **dst_kw)
-        extra = engine.load(Path(ckpt_root) / src, {"model": part})
+        extra = load_checkpoint(engine, Path(ckpt_root) / src, {"model": part})
         assert extra == {"step": 3, "world_size_changed": True}
         _assert_equal_sd(_state(part), states[src], f"{src} checkpoint on 1 rank")
     return True
@@ -315,6 +317,7 @@ def _autocast_worker(dist, ckpt_dir):
     """precision="bf16-autocast" on a tiny LightningDiT: forward and loss bit-identical to the plain model under
     torch.autocast(cpu, bf16) with the same weights (fp32 weights, fp32 residual stream), then 2 training steps, a
     checkpoint, 2 more; a fresh part resumes from the checkpoint and repeats the last 2 steps bit for bit."""
+    from core.checkpoint import load_checkpoint, save_checkpoint
     from core.config import EngineConfig, OptimizerConfig
     from core.engines.fsdp2 import FSDP2Engine
     from models.transport import Transport
@@ -360,11 +363,11 @@ def _autocast_worker(dist, ckpt_dir):
 
     ckpt_dir = Path(ckpt_dir)
     train(engine, part, range(2))
-    engine.save(ckpt_dir, {"model": part}, {"step": 2})
+    save_checkpoint(engine, ckpt_dir, {"model": part}, {"step": 2})
     saved = _state(part)
     live = train(engine, part, range(2, 4))
     _, engine2, part2 = build(seed=1)
-    engine2.load(ckpt_dir, {"model": part2})
+    load_checkpoint(engine2, ckpt_dir, {"model": part2})
     _assert_equal_sd(_state(part2), saved, "resumed state")
     assert torch.equal(torch.stack(train(engine2, part2, range(2, 4))), torch.stack(live))
     _assert_equal_sd(_state(part2), _state(part), "state after the resumed steps")
@@ -399,7 +402,7 @@ def test_fsdp2_activation_checkpointing_compile_keep_keys_and_bf16():
 def test_build_engine_and_optimizer_choices():
     from core.config import EngineConfig, OptimizerConfig
     from core.distributed import DistInfo
-    from core.engines.base import build_engine, build_optimizer
+    from core.engines import build_engine, build_optimizer
     import pytest
 
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")

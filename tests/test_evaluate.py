@@ -21,6 +21,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
 
+from core.engines import LocalPart
 from models.evaluation import metrics as fid
 
 pytestmark = pytest.mark.timeout(300)
@@ -201,7 +202,7 @@ def train_data(tmp_path_factory):
     return root
 
 
-def _eval_cfg(data: Path, run_dir: Path):
+def _eval_cfg(data: Path, run_dir: Path, extra: tuple[str, ...] = ()):
     from launchers.experiment import load_config
 
     # No data directory and no latent normalisation: identity decoding (explicit; the latents are the images),
@@ -211,7 +212,7 @@ def _eval_cfg(data: Path, run_dir: Path):
         "eval.num_samples=20",
         "eval.batch_size=4", f"eval.reference={data / 'ref'}", f"eval.feature_extractor={fid.TINY}",
         f"eval.cache_dir={data / 'cache'}", "eval.metrics=[fid,is,pr]", "eval.grid_size=6",
-        "eval.sampling_overrides=[num_steps=4]"])
+        "eval.sampling_overrides=[num_steps=4]", *extra])
 
 
 def _perturbed_model(cfg):
@@ -225,17 +226,18 @@ def _perturbed_model(cfg):
     return model
 
 
-def _evaluate_on_ranks(dist, data, run_dir):
-    from core.engines.base import build_engine
+def _evaluate_on_ranks(dist, data, run_dir, extra=()):
+    from core.engines import build_engine
     from models.tasks.dit import DiTTask
 
-    cfg = _eval_cfg(data, run_dir)
+    cfg = _eval_cfg(data, run_dir, tuple(extra))
     task = DiTTask(cfg, dist)
     engine = build_engine(cfg.engine, dist)
     part = engine.prepare("model", _perturbed_model(cfg), cfg.optimizer, cfg.train.ema_decay, blocks_attr="blocks")
     result = task.evaluate({"model": part}, step=3)
-    # dopri5 (adaptive step counts) samples with an unsharded copy: it must hold the full EMA weights.
-    local = task._unsharded_copy(part.ema).state_dict()
+    # Evaluation samples with a plain full copy of the EMA (TrainedPart.full_model): it holds the full EMA weights.
+    with part.full_model("ema") as full:
+        local = full.state_dict()
     reference = _perturbed_model(cfg).state_dict()
     return result, max(float((local[k] - reference[k]).abs().max()) for k in reference)
 
@@ -257,7 +259,7 @@ def test_in_loop_evaluate_is_collective_safe_and_matches_one_process(train_data,
     dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
                     backend="none")
     model = _perturbed_model(cfg).eval()
-    single = DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=3)
+    single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
     for key in ("fid", "is", "precision", "recall"):
         assert single[key] == pytest.approx(r[key], rel=1e-5, abs=1e-8), key
     # Rank 0 wrote the grid and the record the leaderboard reads.
@@ -267,6 +269,26 @@ def test_in_loop_evaluate_is_collective_safe_and_matches_one_process(train_data,
     assert record["sampler"].startswith("euler 4pt")
     from PIL import Image
     assert Image.open(tmp_path / "run2" / "eval" / "step_0000003.png").size[0] > 0
+
+
+def test_in_loop_evaluate_on_deepspeed_zero3_matches_one_process(train_data, tmp_path):
+    """engine.kind=deepspeed (ZeRO-3, 2 gloo ranks), whose EMA is partitioned like the ZeRO master weights and has no
+    forward of its own: in-loop evaluation samples with the full EMA (TrainedPart.full_model) and scores what a
+    plain single-process evaluation of the same weights scores (as FSDP2 does, test above)."""
+    from core.distributed import DistInfo
+    from models.tasks.dit import DiTTask
+
+    extra = ("engine.kind=deepspeed", "engine.zero_stage=3")
+    results = run_distributed(_evaluate_on_ranks, world_size=2, args=(train_data, tmp_path / "run2", extra))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == 0.0 and results[1][1] == 0.0            # the full EMA weights, exactly
+    cfg = _eval_cfg(train_data, tmp_path / "run1")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
+                    backend="none")
+    model = _perturbed_model(cfg).eval()
+    single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
+    for key in ("fid", "is", "precision", "recall"):
+        assert single[key] == pytest.approx(results[0][0][key], rel=1e-5, abs=1e-8), key
 
 
 def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
@@ -281,11 +303,11 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
         DiTTask(cfg, dist).check()
     model = _perturbed_model(cfg).eval()
     with pytest.raises(ValueError, match=r"eval\.feature_extractor_weights"):
-        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)
+        DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=1)
     cfg.eval.feature_extractor = fid.TINY
     cfg.eval.reference = str(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"eval\.reference: reference not found"):
-        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)
+        DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=1)
     cfg.eval.reference = str(train_data / "ref")
     cfg.eval.sampling_overrides = ["num_stepz=3"]
     with pytest.raises(ValueError, match=r"eval\.sampling_overrides: .*num_stepz.*did you mean 'num_steps'"):
@@ -306,4 +328,4 @@ def test_in_loop_evaluate_without_a_tokenizer_fails_at_start_up(train_data, tmp_
         DiTTask(cfg, dist).check()
     model = _perturbed_model(cfg).eval()
     with pytest.raises(ValueError, match=r"sampling\.tokenizer"):
-        DiTTask(cfg, dist).evaluate({"model": SimpleNamespace(ema=model, module=model)}, step=1)
+        DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=1)

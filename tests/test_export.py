@@ -29,7 +29,7 @@ ENGINES = ("fsdp2", "zero1", "zero2", "zero3")
 def _train_worker(dist, root):
     from core.checkpoint import CheckpointManager
     from core.config import CheckpointConfig, EngineConfig, OptimizerConfig
-    from core.engines.base import build_engine
+    from core.engines import build_engine
 
     ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.01)
     torch.manual_seed(0)

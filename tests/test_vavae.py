@@ -178,8 +178,8 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
     differences seen."""
     import torch.distributed as tdist
 
+    from core.engines.base import LocalPart, build_optimizer
     from launchers.experiment import load_config
-    from core.engines.base import build_optimizer
     from core.engines.fsdp2 import FSDP2Engine
     from models.tasks.vavae import VAVAETask
 
@@ -191,7 +191,7 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
     engine = FSDP2Engine(cfg.engine, dist)
     parts = {n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr,
                                grad_clip=s.grad_clip) for n, s in specs.items()}
-    ref_parts = {n: SimpleNamespace(module=m) for n, m in ref.items()}
+    ref_parts = {n: LocalPart(n, m) for n, m in ref.items()}
     ref_opt = {n: build_optimizer([p for p in m.parameters() if p.requires_grad], specs[n].optimizer, dist.device)
                for n, m in ref.items()}
     g = torch.Generator().manual_seed(100 + dist.rank)

@@ -42,7 +42,7 @@ import torch
 
 from core.config import ConfigError, EngineConfig, TrainConfig, apply_overrides
 from core.distributed import init_distributed, teardown
-from core.engines.base import build_engine
+from core.engines import build_engine
 from core.metrics import bench_threads, format_table, peak_flops
 from core.task import StepContext, prepare_parts
 from core.trainer import train_step

@@ -1,4 +1,50 @@
-"""Distributed-training engines. ``build_engine`` imports the concrete engine (FSDP2, DeepSpeed) lazily."""
-from core.engines.base import Engine, TrainedPart, build_engine, build_optimizer
+"""Distributed-training engines, by name: a registry of lazy ``"module:Class"`` entries (``engine.kind``).
 
-__all__ = ["Engine", "TrainedPart", "build_engine", "build_optimizer"]
+``build_engine(cfg, dist)`` imports only the engine that ``cfg.kind`` names (DeepSpeed is a heavy, optional import).
+The interface and the helpers every engine shares are in ``core.engines.base``; no engine imports another.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from core.engines.base import Engine, LocalPart, PartSpec, TrainedPart, build_optimizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.config import EngineConfig
+    from core.distributed import DistInfo
+
+__all__ = ["ENGINES", "Engine", "LocalPart", "PartSpec", "TrainedPart", "build_engine", "build_optimizer",
+           "engine_class", "register_engine"]
+
+# engine.kind -> "module:Class" (imported on first use)
+ENGINES: dict[str, str] = {
+    "fsdp2": "core.engines.fsdp2:FSDP2Engine",
+    "deepspeed": "core.engines.deepspeed:DeepSpeedEngine",
+}
+
+
+def register_engine(kind: str, target: str) -> None:
+    """Make ``engine.kind: <kind>`` build the class named by ``target`` (``"package.module:Class"``)."""
+    if ":" not in target:
+        raise ValueError(f"register_engine({kind!r}): target must be 'module:Class', got {target!r}")
+    ENGINES[kind] = target
+
+
+def _known() -> str:
+    names = [repr(k) for k in ENGINES]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def engine_class(kind: str) -> type[Engine]:
+    """The engine class registered for ``kind`` (imports its module)."""
+    target = ENGINES.get(kind)
+    if target is None:
+        raise ValueError(f"engine.kind: unknown engine {kind!r} (expected {_known()})")
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_engine(cfg: "EngineConfig", dist: "DistInfo", **kwargs: Any) -> Engine:
+    """The engine named by ``cfg.kind``. Extra keyword arguments go to the engine's constructor."""
+    return engine_class(cfg.kind)(cfg, dist, **kwargs)

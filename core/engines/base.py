@@ -1,15 +1,25 @@
-"""Engine / TrainedPart interfaces: the only things the trainer and the checkpoint manager call.
+"""Engine / TrainedPart interfaces and what every engine shares: the only things the trainer, the checkpoint manager
+and the tasks call.
 
 An *engine* wraps models for distributed training (FSDP2, DeepSpeed ZeRO) and owns their checkpoint state and
 their compute precision (``Engine.autocast``). A *trained part* is one trainable model + its optimizer (+ EMA) as
-wrapped by an engine. See docs/architecture.md for the contract.
+wrapped by an engine. A task describes a part with a ``PartSpec``; ``Engine.prepare`` turns it into a
+``TrainedPart``. Tasks never touch the engine's wrapped objects themselves: what they need from the wrapping
+(keep parameters unsharded between forward and backward, a full state dict, a plain callable copy of the weights
+for evaluation) is a ``TrainedPart`` method. See docs/architecture.md for the contract.
+
+This module imports no engine; the engines (``core/engines/fsdp2.py``, ``core/engines/deepspeed.py``) import it
+and never each other. ``core.engines.build_engine`` picks one by name (a registry of lazy entries).
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import copy
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -19,13 +29,130 @@ from core.config import EngineConfig, OptimizerConfig
 if TYPE_CHECKING:  # pragma: no cover
     from core.distributed import DistInfo
 
+log = logging.getLogger(__name__)
 
+__all__ = ["Engine", "LocalPart", "PartSpec", "TrainedPart", "block_container", "build_optimizer",
+           "canonical_name", "cast_to_fp32_", "check_ema_decay", "compile_forwards", "meta_skeleton",
+           "warn_skipped_block_options", "WRAPPER_PREFIXES"]
+
+
+@dataclass
+class PartSpec:
+    """A trainable model and how to train it; the engine turns it into a TrainedPart."""
+    module: nn.Module
+    optimizer: OptimizerConfig
+    ema_decay: Optional[float] = None
+    blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
+    grad_clip: Optional[float] = None
+    # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
+    # without repeated blocks (VA-VAE: encoder, decoder); the module objects and state_dict keys do not change.
+    compile_attrs: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+# Module-name components that wrappers add (activation checkpointing, torch.compile of a whole module).
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """Parameter / state-dict name without wrapper components (activation checkpointing, torch.compile)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def check_ema_decay(name: str, ema_decay: Optional[float]) -> None:
+    """``ema_decay`` is None (no EMA) or in [0, 1]."""
+    if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
+
+
+def cast_to_fp32_(model: nn.Module) -> None:
+    """Floating-point parameters to fp32, in place: master weights are always fp32 (both engines)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def block_container(model: nn.Module, blocks_attr: Optional[str]) -> Optional[nn.Module]:
+    """The ``nn.ModuleList`` / ``nn.Sequential`` of repeated blocks named by ``blocks_attr`` (None: no blocks)."""
+    if blocks_attr is None:
+        return None
+    try:
+        blocks = model.get_submodule(blocks_attr)
+    except AttributeError as e:
+        raise AttributeError(f"{type(model).__name__} has no block container {blocks_attr!r} "
+                             "(pass blocks_attr=None to shard the model as one unit)") from e
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"{type(model).__name__}.{blocks_attr} must be an nn.ModuleList or nn.Sequential, "
+                        f"got {type(blocks).__name__}")
+    return blocks
+
+
+def warn_skipped_block_options(has_blocks: bool, checkpointing: bool, compile_blocks: bool,
+                               compile_attrs: tuple[str, ...]) -> None:
+    """Warn about activation checkpointing / compile settings that have nothing to apply to (no blocks)."""
+    if has_blocks:
+        return
+    if checkpointing:
+        log.warning("activation checkpointing applies per block, but no blocks_attr was given: skipped")
+    if compile_blocks and not compile_attrs:
+        log.warning("engine.compile applies per block or to PartSpec.compile_attrs, but neither was given: skipped")
+
+
+def compile_forwards(model: nn.Module, attrs: tuple[str, ...], compile_kwargs: dict[str, Any]) -> None:
+    """``torch.compile`` the ``forward`` of each named sub-module of ``model`` in place: the module objects and the
+    state_dict keys stay the same, and whatever hooks the engine puts on its units stay outside the compiled regions.
+    The engines call it for ``PartSpec.compile_attrs`` (models without repeated blocks, e.g. the VA-VAE)."""
+    for attr in attrs:
+        try:
+            sub = model.get_submodule(attr)
+        except AttributeError as e:
+            raise AttributeError(f"{type(model).__name__} has no sub-module {attr!r} to compile "
+                                 "(PartSpec.compile_attrs)") from e
+        sub.forward = torch.compile(sub.forward, **compile_kwargs)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters live on the meta device (no memory) and whose buffers are real copies
+    (non-persistent buffers, e.g. RoPE tables, are not in state dicts). Taken by ``Engine.prepare`` before any
+    wrapping, so it has the model's own structure and names; ``TrainedPart.full_model`` loads full weights into
+    a copy of it."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _is_main_rank() -> bool:
+    import torch.distributed as tdist
+    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
+
+
+# ---------------------------------------------------------------------------------------------------- parts
 class TrainedPart(abc.ABC):
-    """One trainable model + its optimizer (+ EMA), as wrapped by an engine."""
+    """One trainable model + its optimizer (+ EMA), as wrapped by an engine.
+
+    ``module`` is called for the forward pass (the engine's wrapper); ``ema`` is the EMA, held however the engine
+    shards it (not necessarily callable: use ``full_model``); ``optimizer`` is the torch optimizer whose parameter
+    groups carry the learning rate.
+    """
 
     name: str
     module: nn.Module                 # call for forward (wrapped: FSDP2 module / DeepSpeed engine)
     ema: Optional[nn.Module]          # EMA copy, sharded like the weights; eval mode
+    optimizer: Optional[torch.optim.Optimizer]
+
+    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module],
+                 optimizer: Optional[torch.optim.Optimizer], ema_decay: Optional[float], device: torch.device,
+                 skeleton: Optional[nn.Module] = None):
+        self.name = name
+        self.module = module
+        self.ema = ema
+        self.optimizer = optimizer
+        self.ema_decay = ema_decay
+        self.device = device
+        self.skeleton = skeleton          # meta_skeleton of the model before wrapping (full_model)
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
@@ -35,11 +162,98 @@ class TrainedPart(abc.ABC):
     def step(self) -> torch.Tensor:
         """Clip (if configured), optimizer step, zero grad, EMA update; returns the grad norm (pre-clip)."""
 
-    @abc.abstractmethod
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_reshard_after_forward(self, reshard: bool) -> None:
+        """Whether the part's parameters are re-sharded right after its forward (the engine's default) or stay
+        unsharded until its backward, so that the module's parameter attributes are the very tensors the forward
+        used (VA-VAE's adaptive weights take ``autograd.grad`` w.r.t. them). Idempotent. A no-op for engines that
+        never shard parameters between forward and backward (the default here)."""
+
+    @abc.abstractmethod
+    def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """Collective: the model's full (unsharded) fp32 state dict on the CPU, with the model's own key names.
+
+        ``which``: ``"model"`` (the trained weights) or ``"ema"``. With ``rank0_only`` the other ranks get ``{}``."""
+
+    @contextlib.contextmanager
+    def full_model(self, which: str = "ema", rank0_only: bool = False) -> Iterator[Optional[nn.Module]]:
+        """Collective: a plain, callable ``nn.Module`` holding the full weights (``which="ema"`` or ``"model"``) on
+        this rank's device, in eval mode with ``requires_grad=False`` — for evaluation whatever the engine and its
+        sharding (the forward is local: ranks may call it different numbers of times). With ``rank0_only`` the
+        other ranks get ``None``. The copy is this context's own: it is dropped on exit, and changing it does not
+        change the part."""
+        if which == "ema" and self.ema is None:
+            raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
+        if self.skeleton is None:
+            raise RuntimeError(f"{self.name}: the engine kept no model skeleton for full_model")
+        state = self.full_state_dict(which, rank0_only=rank0_only)
+        if rank0_only and not _is_main_rank():
+            yield None
+            return
+        model = copy.deepcopy(self.skeleton)
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
+        model.to(self.device).requires_grad_(False).eval()
+        try:
+            yield model
+        finally:
+            del model
 
 
+class LocalPart(TrainedPart):
+    """A plain model (and EMA) that no engine wraps, e.g. a model loaded from an exported file, for evaluation code
+    that takes parts (``Task.evaluate``) and for unsharded references in tests. Every rank holds it whole; it has no
+    optimizer and does not train (``backward`` is ``loss.backward()``; ``step`` is refused)."""
+
+    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module] = None,
+                 device: Optional[torch.device] = None):
+        if device is None:
+            device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        super().__init__(name, module, ema, None, None, device)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        raise RuntimeError(f"{self.name}: a LocalPart has no optimizer (wrap the model with an engine to train it)")
+
+    def set_lr(self, lr: float) -> None:
+        raise RuntimeError(f"{self.name}: a LocalPart has no optimizer")
+
+    @torch.no_grad()
+    def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        module = self.ema if which == "ema" else self.module
+        if which not in ("model", "ema"):
+            raise ValueError(f"{self.name}: full_state_dict(which={which!r}): expected 'model' or 'ema'")
+        if module is None:
+            raise ValueError(f"{self.name}: no EMA")
+        if rank0_only and not _is_main_rank():
+            return {}
+        return {canonical_name(k): (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
+
+    @contextlib.contextmanager
+    def full_model(self, which: str = "ema", rank0_only: bool = False) -> Iterator[Optional[nn.Module]]:
+        """The module itself (no copy), in eval mode for the context (its mode is restored on exit)."""
+        module = self.ema if which == "ema" else self.module
+        if module is None:
+            raise ValueError(f"{self.name}: no EMA")
+        if rank0_only and not _is_main_rank():
+            yield None
+            return
+        was_training = module.training
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------- engines
 class Engine(abc.ABC):
     """Wraps models for distributed training and owns their checkpoint state.
 
@@ -64,12 +278,13 @@ class Engine(abc.ABC):
         (``compile_forwards``)."""
 
     @abc.abstractmethod
-    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
-        """Collective: write every part's state and this rank's ``extra`` under ``ckpt_dir``."""
+    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
+        """Collective: write every part's state (model, optimizer, EMA) under ``ckpt_dir``. The per-rank extra state
+        (step, RNG states, ...) is the checkpoint manager's (``core.checkpoint.save_checkpoint``)."""
 
     @abc.abstractmethod
-    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
-        """Collective: restore every part's state from ``ckpt_dir``; returns the saved ``extra``."""
+    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
+        """Collective: restore every part's state from ``ckpt_dir``, written by any number of ranks."""
 
     def autocast(self) -> ContextManager:
         """The context every forward through the trained parts runs in (the trainer wraps ``Task.loss`` in it):
@@ -102,27 +317,3 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
     if cfg.name == "adam":
         return torch.optim.Adam(params, **kwargs)
     raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (expected 'adamw' or 'adam')")
-
-
-def build_engine(cfg: EngineConfig, dist: "DistInfo", **kwargs: Any) -> Engine:
-    """The engine named by ``cfg.kind``. Extra keyword arguments go to the engine's constructor."""
-    if cfg.kind == "fsdp2":
-        from core.engines.fsdp2 import FSDP2Engine
-        return FSDP2Engine(cfg, dist, **kwargs)
-    if cfg.kind == "deepspeed":
-        from core.engines.deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, dist, **kwargs)
-    raise ValueError(f"engine.kind: unknown engine {cfg.kind!r} (expected 'fsdp2' or 'deepspeed')")
-
-
-def compile_forwards(model: nn.Module, attrs: tuple[str, ...], compile_kwargs: dict[str, Any]) -> None:
-    """``torch.compile`` the ``forward`` of each named sub-module of ``model`` in place: the module objects and the
-    state_dict keys stay the same, and whatever hooks the engine puts on its units stay outside the compiled regions.
-    The engines call it for ``PartSpec.compile_attrs`` (models without repeated blocks, e.g. the VA-VAE)."""
-    for attr in attrs:
-        try:
-            sub = model.get_submodule(attr)
-        except AttributeError as e:
-            raise AttributeError(f"{type(model).__name__} has no sub-module {attr!r} to compile "
-                                 "(PartSpec.compile_attrs)") from e
-        sub.forward = torch.compile(sub.forward, **compile_kwargs)

@@ -81,7 +81,7 @@ Checkpoints (collective ``save``/``load``), inside the directory the ``Checkpoin
     <ckpt_dir>/deepspeed/<part>/latest            "state" (so DeepSpeed's own tools find the tag)
     <ckpt_dir>/deepspeed/<part>/ema.pt            rank 0: {"ema": full fp32 EMA state dict, "frozen": ..., "meta": ...}
     <ckpt_dir>/deepspeed/<part>/universal/        only after a resume on another world size (see below)
-    <ckpt_dir>/extra/rank{r:05d}.pt               this rank's ``extra`` (same as FSDP2)
+    <ckpt_dir>/extra/rank{r:05d}.pt               this rank's ``extra``, written by ``core.checkpoint`` (any engine)
 
 The EMA is gathered into one full state dict (model key names) because it is then independent of the world
 size and of the ZeRO stage, and ``tools/export.py`` reads it directly. Cost at each save: one reduce per
@@ -95,7 +95,8 @@ when complete, every rank waits, and the engine loads it with DeepSpeed's ``load
 Adam moments and step, re-partitioned for the new world). The conversion can be run ahead of time with that
 command (then ``load`` just uses it); for large models that is advisable, since the other ranks wait for it in
 a collective (default timeout 10 min with NCCL).
-``extra`` follows the FSDP2 rule: rank 0's, with ``world_size_changed=True``.
+The world size a checkpoint was written with is ``meta["world_size"]`` of each part's ``ema.pt``. ``extra``
+follows the rule of ``core.checkpoint`` for every engine: rank 0's, with ``world_size_changed=True``.
 
 DeepSpeed internals this file relies on (checked by tests/test_engine_deepspeed.py against the pinned
 DeepSpeed 0.19): the ZeRO optimizers' flat fp32 partitions and parameter groups named above, ``param._hp_mapping``
@@ -118,10 +119,11 @@ import torch.distributed as tdist
 from torch import nn
 
 from core.config import EngineConfig, OptimizerConfig
-from core.distributed import DistInfo, barrier
+from core.distributed import DistInfo, barrier, raise_if_any_rank_failed
 from core.ema import ema_update_
-from core.engines.base import Engine, TrainedPart, build_optimizer, compile_forwards
-from core.engines.fsdp2 import _atomic_torch_save, canonical_name, extra_path
+from core.engines.base import (Engine, TrainedPart, block_container, build_optimizer, canonical_name, cast_to_fp32_,
+                               check_ema_decay, compile_forwards, meta_skeleton, warn_skipped_block_options)
+from core.fileio import atomic_torch_save, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +279,8 @@ class _Layout:
 class ZeroShardedEMA(nn.Module):
     """EMA of the fp32 master weights, partitioned like them (one fp32 tensor per ZeRO flat partition).
 
-    Not callable: assemble the full weights with ``DeepSpeedPart.full_state_dict("ema")`` (collective) and
-    load them into a plain model to sample.
+    Not callable: ``DeepSpeedPart.full_model("ema")`` (collective) gives a plain model holding the full EMA weights;
+    ``DeepSpeedPart.full_state_dict("ema")`` the full state dict.
     """
 
     def __init__(self, flats: Iterable[torch.Tensor]):
@@ -289,7 +291,7 @@ class ZeroShardedEMA(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("the DeepSpeed engine's EMA is partitioned like the ZeRO master weights and cannot run "
-                           "a forward pass: build a plain model and load part.full_state_dict('ema') into it")
+                           "a forward pass: use `with part.full_model('ema') as model:` (collective)")
 
 
 # ---------------------------------------------------------------------------------------------------- part
@@ -297,18 +299,16 @@ class DeepSpeedPart(TrainedPart):
     """A model wrapped in a DeepSpeed ZeRO engine + its (partitioned) EMA.
 
     ``module`` is the DeepSpeed engine (call it for the forward pass); ``engine`` is the same object;
-    ``base_optimizer`` is the torch optimizer DeepSpeed steps (its param groups carry the learning rate).
+    ``optimizer`` (alias ``base_optimizer``) is the torch optimizer DeepSpeed steps (its param groups carry the
+    learning rate).
     """
 
     def __init__(self, name: str, ds_engine, base_optimizer: torch.optim.Optimizer, ema_decay: Optional[float],
                  state_keys: list[str], frozen: dict[str, torch.Tensor], device: torch.device,
-                 stage: int, precision: str):
-        self.name = name
-        self.module = ds_engine
+                 stage: int, precision: str, skeleton: Optional[nn.Module] = None):
+        super().__init__(name, ds_engine, None, base_optimizer, ema_decay, device, skeleton)
         self.engine = ds_engine
         self.base_optimizer = base_optimizer
-        self.ema_decay = ema_decay
-        self.device = device
         self.stage = stage
         self.precision = precision
         self.state_keys = state_keys                 # the model's state_dict keys, in order (official names)
@@ -347,9 +347,12 @@ class DeepSpeedPart(TrainedPart):
             ema_update_(self.ema.flats, self.layout.flats(self.engine), self.ema_decay)
         return norm
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
+    def set_reshard_after_forward(self, reshard: bool) -> None:
+        """ZeRO-1/2 never shard the parameters (no-op). ZeRO-3 re-partitions every sub-module after its forward in
+        its own hooks, with no per-module switch: ``reshard=False`` is refused there."""
+        if not reshard and self.stage == 3:
+            raise NotImplementedError(f"{self.name}: DeepSpeed ZeRO-3 cannot keep a module's parameters unsharded "
+                                      "between its forward and its backward; use ZeRO-1/2 or engine.kind=fsdp2")
 
     # ------------------------------------------------------------------ full state (collective)
     def _partitions(self, which: str) -> list[torch.Tensor]:
@@ -475,13 +478,10 @@ class DeepSpeedEngine(Engine):
             compile_blocks = False
         if compile_blocks and compile_attrs:
             compile_forwards(model, compile_attrs, self.compile_kwargs)
-        if blocks_attr is None:
-            if self.cfg.activation_checkpointing or (compile_blocks and not compile_attrs):
-                log.warning("activation checkpointing / compile apply per block (or to PartSpec.compile_attrs), but "
-                            "no blocks_attr was given: skipped")
+        blocks = block_container(model, blocks_attr)
+        warn_skipped_block_options(blocks is not None, self.cfg.activation_checkpointing, compile_blocks, compile_attrs)
+        if blocks is None:
             return
-        from core.engines.fsdp2 import FSDP2Engine
-        blocks = FSDP2Engine._blocks(model, blocks_attr)
         for block in blocks:
             forward = block.forward
             if self.cfg.activation_checkpointing:
@@ -493,13 +493,11 @@ class DeepSpeedEngine(Engine):
     def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
                 blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
                 compile_attrs: tuple[str, ...] = ()) -> DeepSpeedPart:
-        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
+        check_ema_decay(name, ema_decay)
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(f"{name}: model is already partitioned by DeepSpeed")
-        for p in model.parameters():                                  # fp32 master weights, always
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+        cast_to_fp32_(model)                                          # fp32 master weights, always
+        skeleton = meta_skeleton(model)
         state_keys = [canonical_name(k) for k in model.state_dict().keys()]
         frozen = {canonical_name(n): p.detach().float().cpu().clone()
                   for n, p in model.named_parameters() if not p.requires_grad}
@@ -518,7 +516,7 @@ class DeepSpeedEngine(Engine):
             tdist.broadcast_object_list(box, src=0)
             frozen = box[0]
         return DeepSpeedPart(name, ds_engine, base, ema_decay, state_keys, frozen, self.dist.device,
-                             self.cfg.zero_stage, self.cfg.precision)
+                             self.cfg.zero_stage, self.cfg.precision, skeleton)
 
     # ------------------------------------------------------------------ checkpoints
     def _client_state(self, part: DeepSpeedPart) -> dict[str, Any]:
@@ -528,17 +526,16 @@ class DeepSpeedEngine(Engine):
                 "llat": {"part": part.name, "zero_stage": part.stage, "precision": part.precision,
                          "world_size": self.dist.world_size}}
 
-    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
-        """Collective, synchronous: DeepSpeed checkpoint + gathered EMA per part, this rank's ``extra``."""
+    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
+        """Collective, synchronous: DeepSpeed checkpoint + gathered EMA per part."""
         ckpt_dir = Path(ckpt_dir)
-        _atomic_torch_save(extra, extra_path(ckpt_dir, self.dist.rank))
         for name, part in parts.items():
             assert isinstance(part, DeepSpeedPart), f"{name}: not a DeepSpeed part"
             root = part_dir(ckpt_dir, name)
             part.engine.save_checkpoint(str(root), tag=TAG, client_state=self._client_state(part), save_latest=True)
             ema = part.full_state_dict("ema") if part.ema is not None else None
             if self.dist.is_main:
-                _atomic_torch_save({"ema": ema, "frozen": dict(part.frozen),
+                atomic_torch_save({"ema": ema, "frozen": dict(part.frozen),
                                     "meta": {"part": name, "zero_stage": part.stage, "precision": part.precision,
                                              "world_size": self.dist.world_size, "state_keys": part.state_keys,
                                              "ema_decay": part.ema_decay}},
@@ -569,28 +566,16 @@ class DeepSpeedEngine(Engine):
                 if target.exists():
                     shutil.rmtree(target)
                 os.rename(tmp, target)
+                fsync_dir(root)
                 # ds_to_universal names its output folder in <root>/latest_universal: point it at the final name.
                 (root / "latest_universal").write_text(UNIVERSAL_TAG)
-        flag = torch.tensor([0 if error else 1], dtype=torch.int32, device=self.dist.device)
-        if self.dist.world_size > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-        if error:
-            raise RuntimeError(f"{root}: {error}")
-        if not bool(flag.item()):
-            raise RuntimeError(f"{root}: universal checkpoint conversion failed on rank 0")
+        raise_if_any_rank_failed(f"{root}: {error}" if error else None)
         return target
 
-    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
-        """Collective. Restore weights, optimizer and EMA of every part (any world size); return ``extra``.
-
-        ``extra`` is this rank's when the checkpoint was written by the same number of ranks; otherwise every
-        rank gets rank 0's, with ``extra["world_size_changed"] = True`` (per-rank RNG streams cannot be mapped).
-        """
+    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
+        """Collective. Restore weights, optimizer and EMA of every part, written by any number of ranks (another
+        number: through DeepSpeed's universal checkpoint, see the module docstring)."""
         ckpt_dir = Path(ckpt_dir)
-        saved_world = len(list((ckpt_dir / "extra").glob("rank*.pt")))
-        if saved_world == 0:
-            raise FileNotFoundError(f"{ckpt_dir}: no extra/rank*.pt files")
-        same_world = saved_world == self.dist.world_size
         for name, part in parts.items():
             assert isinstance(part, DeepSpeedPart), f"{name}: not a DeepSpeed part"
             root = part_dir(ckpt_dir, name)
@@ -600,6 +585,8 @@ class DeepSpeedEngine(Engine):
                         f"{ckpt_dir} was written by the FSDP2 engine (DCP state/), not by DeepSpeed: resume it with "
                         "engine.kind=fsdp2, or export it (tools/export.py) and start from it with model.init_from")
                 raise FileNotFoundError(f"{root / TAG}: no DeepSpeed checkpoint for part {name!r}")
+            saved = torch.load(root / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
+            same_world = int(saved["meta"]["world_size"]) == self.dist.world_size
             ds = part.engine
             if same_world:
                 path, _ = ds.load_checkpoint(str(root), tag=TAG, load_module_strict=True, load_optimizer_states=True,
@@ -615,21 +602,11 @@ class DeepSpeedEngine(Engine):
                     ds._config.load_universal_checkpoint = previous
             if path is None:
                 raise RuntimeError(f"{root}: DeepSpeed could not load the checkpoint (see its warnings above)")
-            saved = torch.load(root / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
             part.frozen = {k: v.clone() for k, v in saved["frozen"].items()}
             if part.ema is not None:
                 if saved["ema"] is None:
                     raise ValueError(f"{root / EMA_FILE}: the checkpoint has no EMA but part {name!r} has one")
                 part.load_ema_state_dict(saved["ema"])
-        own = extra_path(ckpt_dir, self.dist.rank)
-        if same_world and own.is_file():
-            return torch.load(own, map_location="cpu", weights_only=False)
-        if self.dist.is_main:
-            log.warning("checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
-                        "rank (world_size_changed=True)", ckpt_dir, saved_world, self.dist.world_size)
-        extra = torch.load(extra_path(ckpt_dir, 0), map_location="cpu", weights_only=False)
-        extra["world_size_changed"] = True
-        return extra
 
 
 # ---------------------------------------------------------------------------------------------------- offline

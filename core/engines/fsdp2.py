@@ -32,8 +32,8 @@ Precision (``engine.precision``; master weights, gradient reduction, optimizer a
 
 Checkpoints (``save``/``load``, both collective): one DCP checkpoint under ``<ckpt_dir>/state`` holding
 ``{"<part>.model", "<part>.ema", "<part>.optim"}`` for every part as sharded (DTensor) state dicts — DCP
-reshards on load, so a checkpoint written by N ranks loads on M ranks. ``extra`` is written per rank to
-``<ckpt_dir>/extra/rank{r:05d}.pt``.
+reshards on load, so a checkpoint written by N ranks loads on M ranks. The per-rank ``extra`` state next to it
+(``<ckpt_dir>/extra/rank{r:05d}.pt``) is written and read by ``core.checkpoint`` (the same for every engine).
 
 Async save (``async_save=True``): the state is staged to CPU memory synchronously inside ``save`` (training
 may change the weights as soon as ``save`` returns); the files are written by a background thread that
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
@@ -64,50 +63,24 @@ from torch.distributed.tensor import DTensor
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo
 from core.ema import ema_update_
-from core.engines.base import Engine, TrainedPart, build_optimizer, compile_forwards
+from core.engines.base import (Engine, TrainedPart, block_container, build_optimizer, canonical_name, cast_to_fp32_,
+                               check_ema_decay, compile_forwards, meta_skeleton, warn_skipped_block_options)
 
 log = logging.getLogger(__name__)
-
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def canonical_name(name: str) -> str:
-    """Parameter name without wrapper components (activation checkpointing, torch.compile)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def extra_path(ckpt_dir: Path, rank: int) -> Path:
-    return Path(ckpt_dir) / "extra" / f"rank{rank:05d}.pt"
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class FSDP2Part(TrainedPart):
     """A model wrapped with FSDP2 + its optimizer + its (identically sharded) EMA."""
 
     def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module], optimizer: torch.optim.Optimizer,
-                 ema_decay: Optional[float], grad_clip: Optional[float], device: torch.device):
-        self.name = name
-        self.module = module
-        self.ema = ema
-        self.optimizer = optimizer
-        self.ema_decay = ema_decay
+                 ema_decay: Optional[float], grad_clip: Optional[float], device: torch.device,
+                 skeleton: Optional[nn.Module] = None):
+        super().__init__(name, module, ema, optimizer, ema_decay, device, skeleton)
         self.grad_clip = grad_clip
-        self.device = device
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self._ema_dst: list[torch.Tensor] = []
         self._ema_src: list[torch.Tensor] = []
@@ -162,9 +135,29 @@ class FSDP2Part(TrainedPart):
             ema_update_(self._ema_dst, self._ema_src, self.ema_decay)
         return norm
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def set_reshard_after_forward(self, reshard: bool) -> None:
+        """FSDP2's ``set_reshard_after_forward`` on the part's root unit (its parameters outside the blocks; the
+        whole model for ``blocks_attr=None``): with False they stay unsharded from its forward to its backward."""
+        if getattr(self, "_reshard_after_forward", None) is not reshard:
+            self.module.set_reshard_after_forward(bool(reshard), recurse=False)
+            self._reshard_after_forward = bool(reshard)
+
+    @torch.no_grad()
+    def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """Collective (all-gathers every unit): the full fp32 state dict on the CPU, the model's own key names."""
+        if which not in ("model", "ema"):
+            raise ValueError(f"{self.name}: full_state_dict(which={which!r}): expected 'model' or 'ema'")
+        module = self.module if which == "model" else self.ema
+        if module is None:
+            raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
+        # cpu_offload=True: only rank 0 gets the tensors; else every rank gets them on its device.
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
+        if rank0_only and tdist.is_initialized() and tdist.get_rank() != 0:
+            return {}
+        # Copies, never the live tensors: on the CPU the state dict holds the module's own buffers (and, on one
+        # rank, parameter storage), which .cpu() would not copy.
+        own = self.device.type == "cpu"
+        return {canonical_name(k): v.detach().clone() if own else v.detach().cpu() for k, v in sd.items()}
 
 
 class FSDP2Engine(Engine):
@@ -236,28 +229,10 @@ class FSDP2Engine(Engine):
         raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} "
                          "(expected 'bf16', 'bf16-autocast' or 'fp32')")
 
-    @staticmethod
-    def _blocks(model: nn.Module, blocks_attr: Optional[str]):
-        if blocks_attr is None:
-            return None
-        try:
-            blocks = model.get_submodule(blocks_attr)
-        except AttributeError as e:
-            raise AttributeError(f"{type(model).__name__} has no block container {blocks_attr!r} "
-                                 "(pass blocks_attr=None to shard the model as one unit)") from e
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(f"{type(model).__name__}.{blocks_attr} must be an nn.ModuleList or nn.Sequential, "
-                            f"got {type(blocks).__name__}")
-        return blocks
-
     def _shard(self, model: nn.Module, blocks_attr: Optional[str], mp: MixedPrecisionPolicy,
                checkpointing: bool, compile_blocks: bool, compile_attrs: tuple[str, ...] = ()) -> None:
-        blocks = self._blocks(model, blocks_attr)
-        if blocks is None and checkpointing:
-            log.warning("activation checkpointing applies per block, but no blocks_attr was given: skipped")
-        if blocks is None and compile_blocks and not compile_attrs:
-            log.warning("engine.compile applies per block or to PartSpec.compile_attrs, but neither was given: "
-                        "skipped")
+        blocks = block_container(model, blocks_attr)
+        warn_skipped_block_options(blocks is not None, checkpointing, compile_blocks, compile_attrs)
         if compile_blocks and compile_attrs:
             compile_forwards(model, compile_attrs, self.compile_kwargs)
         kw = dict(mesh=self.mesh, mp_policy=mp, reshard_after_forward=self.cfg.reshard_after_forward)
@@ -280,11 +255,9 @@ class FSDP2Engine(Engine):
                 compile_attrs: tuple[str, ...] = ()) -> FSDP2Part:
         if isinstance(model, FSDPModule):
             raise ValueError(f"{name}: model is already wrapped with fully_shard")
-        if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
-        for p in model.parameters():       # fp32 master weights, always
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+        check_ema_decay(name, ema_decay)
+        cast_to_fp32_(model)               # fp32 master weights, always
+        skeleton = meta_skeleton(model)
         ema = None
         if ema_decay is not None:
             ema = copy.deepcopy(model)
@@ -298,7 +271,7 @@ class FSDP2Engine(Engine):
             ema.to(device)
             self._shard(ema, blocks_attr, MixedPrecisionPolicy(), False, False)
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], optim_cfg, device)
-        return FSDP2Part(name, model, ema, optimizer, ema_decay, grad_clip, device)
+        return FSDP2Part(name, model, ema, optimizer, ema_decay, grad_clip, device, skeleton)
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
@@ -320,11 +293,10 @@ class FSDP2Engine(Engine):
             self._async_pg = tdist.new_group(backend="gloo")
         return self._async_pg
 
-    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart], extra: dict[str, Any]) -> None:
+    def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
         """Collective. Sync: returns when this rank's files are written. Async: returns after staging."""
         self.wait()
         ckpt_dir = Path(ckpt_dir)
-        _atomic_torch_save(extra, extra_path(ckpt_dir, self.dist.rank))
         # get_state_dict initialises empty optimizer state with a zero-lr step; undo that for the live run.
         fresh = [p.optimizer for p in parts.values() if isinstance(p, FSDP2Part) and not p.optimizer.state]
         state = self._state_dict(parts)
@@ -349,12 +321,8 @@ class FSDP2Engine(Engine):
         """Whether this rank has no async write in flight (non-blocking)."""
         return self._pending is None or self._pending.done()
 
-    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> dict[str, Any]:
-        """Collective. Restore model, EMA and optimizer of every part (any world size); return ``extra``.
-
-        ``extra`` is this rank's when the checkpoint was written by the same number of ranks; otherwise every
-        rank gets rank 0's, with ``extra["world_size_changed"] = True`` (per-rank RNG streams cannot be mapped).
-        """
+    def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
+        """Collective. Restore model, EMA and optimizer of every part (written by any number of ranks)."""
         self.wait()
         ckpt_dir = Path(ckpt_dir)
         state = self._state_dict(parts)
@@ -364,13 +332,3 @@ class FSDP2Engine(Engine):
                            optim_state_dict=state[f"{name}.optim"], options=StateDictOptions())
             if part.ema is not None:
                 set_model_state_dict(part.ema, state[f"{name}.ema"], options=StateDictOptions())
-        saved_world = len(list((ckpt_dir / "extra").glob("rank*.pt")))
-        own = extra_path(ckpt_dir, self.dist.rank)
-        if saved_world == self.dist.world_size and own.is_file():
-            return torch.load(own, map_location="cpu", weights_only=False)
-        if self.dist.is_main:
-            log.warning("checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
-                        "rank (world_size_changed=True)", ckpt_dir, saved_world, self.dist.world_size)
-        extra = torch.load(extra_path(ckpt_dir, 0), map_location="cpu", weights_only=False)
-        extra["world_size_changed"] = True
-        return extra

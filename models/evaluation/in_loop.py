@@ -6,9 +6,9 @@ scores them (collective: every rank calls it).
 
 Image i's label and noise depend on (``eval.seed``, i) only (models/evaluation/generation.py), so every
 evaluation of a run scores the same noise. Chunks of ``eval.batch_size`` indices go round-robin over the ranks;
-every rank runs the same number of sampler batches of the same shape (the last round is padded), because the
-EMA module may be FSDP-sharded and its forward is then a collective. Each rank decodes its images
-(``generation.decoder_from_config``: ``sampling.tokenizer`` / ``sampling.latent_stats`` or what ``data.path``
+every rank runs the same number of sampler batches of the same shape (the last round is padded), with a plain
+full copy of the EMA (else raw) weights (``TrainedPart.full_model``: any engine, any sharding). Each rank
+decodes its images (``generation.decoder_from_config``: ``sampling.tokenizer`` / ``sampling.latent_stats`` or what ``data.path``
 holds; a missing tokenizer is an error at start-up) and extracts their features; rank 0 gathers the features and
 computes the metrics against ``eval.reference`` (models/evaluation/metrics.py), writes
 ``<run_dir>/eval/step_XXXXXXX.{json,png}`` (metrics, sampler settings, a sample grid) and, when a W&B run is
@@ -16,17 +16,17 @@ active in this process, logs the grid as ``eval/samples``. Every rank returns th
 (``fid``, ...), ``num_samples`` and the sampler settings (``cfg_scale``, ``num_steps``, ``cfg_interval_start``,
 ``timestep_shift``), plus ``time_s``.
 
-The sampler is ``sampling`` with ``eval.sampling_overrides`` applied. With ``dopri5`` (adaptive step counts) on
-several ranks, the model calls differ between ranks, which a sharded (collective) forward cannot do: the
-evaluator then samples with ``full_model(module)``, a plain local copy the caller provides.
+The sampler is ``sampling`` with ``eval.sampling_overrides`` applied. The copy is local, so adaptive samplers
+(``dopri5``) may call it a different number of times on each rank.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -66,16 +66,14 @@ def check_eval_config(cfg) -> None:
 
 class InLoopEvaluator:
     """The in-loop evaluation of one run (module doc). ``num_classes`` / ``latent_shape``: what the model
-    samples; ``full_model``: module -> plain local copy in eval mode (dopri5 on several ranks only)."""
+    samples."""
 
-    def __init__(self, cfg, dist, *, num_classes: int, latent_shape: Sequence[int],
-                 full_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
+    def __init__(self, cfg, dist, *, num_classes: int, latent_shape: Sequence[int]):
         self.cfg = cfg
         self.dist = dist
         self.device = dist.device
         self.num_classes = num_classes
         self.latent_shape = tuple(latent_shape)
-        self.full_model = full_model
         self._state: Optional[dict[str, Any]] = None
 
     def check(self) -> None:
@@ -92,11 +90,10 @@ class InLoopEvaluator:
         ev = self._setup()
         ec = self.cfg.eval
         t0 = time.perf_counter()
-        model = part.ema if getattr(part, "ema", None) is not None else part.module
-        if ev["sampler"].method == "dopri5" and self.dist.world_size > 1:
-            # Adaptive steps: the number of model calls differs between ranks, which a sharded (collective)
-            # forward cannot do; sample with a full local copy instead (collective gather, then local).
-            model = self.full_model(model)
+        # A plain copy of the full EMA (else raw) weights on every rank, whatever the engine and its sharding
+        # (a collective gather, then local forwards: adaptive samplers may call it different numbers of times).
+        full = contextlib.ExitStack()
+        model = full.enter_context(part.full_model("ema" if getattr(part, "ema", None) is not None else "model"))
         was_training = model.training            # the raw weights (no EMA) are in training mode: label dropout
         model.eval()
         rank, world = self.dist.rank, self.dist.world_size
@@ -121,6 +118,7 @@ class InLoopEvaluator:
                     kept += len(grid[-1])
         finally:
             model.train(was_training)
+            full.close()
         local = {key: torch.cat(v) for key, v in feats.items()}
         gathered: list[Any] = [None] * world if rank == 0 else None
         if world > 1:

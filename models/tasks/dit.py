@@ -120,15 +120,5 @@ class DiTTask(Task):
 
             m = self.cfg.model
             self._eval = InLoopEvaluator(self.cfg, self.dist, num_classes=m.num_classes,
-                                         latent_shape=(m.in_channels, m.input_size, m.input_size),
-                                         full_model=self._unsharded_copy)
+                                         latent_shape=(m.in_channels, m.input_size, m.input_size))
         return self._eval
-
-    def _unsharded_copy(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A plain (unsharded) copy of an FSDP2 module's weights on this rank's device, in eval mode."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-        copy_ = build_model(self.cfg.model)
-        copy_.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in full.items()})
-        return copy_.to(self.device).eval()

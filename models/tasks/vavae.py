@@ -31,13 +31,14 @@ officially, so Adam's step count matches.
 
 Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autograd, on the live graph):
 
-* The autoencoder and discriminator are sharded as ONE FSDP unit each (``blocks_attr=None``), and the task sets
-  the autoencoder unit to stay unsharded after its forward (``FSDPModule.set_reshard_after_forward(False)``, a
-  public FSDP2 call, once). So after ``ae(x)`` the module attributes ``decoder.conv_out.weight`` /
-  ``encoder.conv_out.weight`` are the *unsharded* parameters that the forward graph used; they are read right
-  after the forward (before any backward can reshard) and ``torch.autograd.grad`` is taken w.r.t. them. This is
-  each rank's local gradient of its local loss — exactly what the official DDP code computes per GPU (no
-  reduction). The parameters are ~70M for f16d32, so one unit costs nothing in memory (activations dominate).
+* The autoencoder and discriminator are sharded as ONE FSDP unit each (``blocks_attr=None``), and the task asks
+  the engine to keep the autoencoder unit unsharded after its forward (``TrainedPart.set_reshard_after_forward(
+  False)``; FSDP2's public ``set_reshard_after_forward`` underneath). So after ``ae(x)`` the module attributes
+  ``decoder.conv_out.weight`` / ``encoder.conv_out.weight`` are the *unsharded* parameters that the forward graph
+  used; they are read right after the forward (before any backward can reshard) and ``torch.autograd.grad`` is
+  taken w.r.t. them. This is each rank's local gradient of its local loss — exactly what the official DDP code
+  computes per GPU (no reduction). The parameters are ~70M for f16d32, so one unit costs nothing in memory
+  (activations dominate).
 * Each ``autograd.grad`` through the autoencoder's outputs fires FSDP2's pre-backward hook and, at its end, the
   post-backward callback, which reshards the unit; autograd.grad never accumulates ``.grad``, so nothing is
   reduce-scattered, and the real backward (the trainer's) unshards again. Cost: one extra all-gather of the
@@ -183,23 +184,14 @@ def EpochMapSource(dataset: TrainImages, **kwargs):  # noqa: N802 - a class fact
 
 
 # ================================================================================================= task
-def _keep_unsharded_after_forward(module) -> None:
-    """FSDP2: keep this (single-unit) module's parameters unsharded from its forward to its backward, so that the
-    module attributes hold the exact tensors the forward graph used (public ``FSDPModule`` API; idempotent).
-    The engine shards with an explicit ``reshard_after_forward``, which FSDP2 applies to the root unit too."""
-    from torch.distributed.fsdp import FSDPModule
-    if isinstance(module, FSDPModule) and not getattr(module, "_vavae_keep_unsharded", False):
-        module.set_reshard_after_forward(False, recurse=False)
-        module._vavae_keep_unsharded = True
-
-
 def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
     if isinstance(weight, DTensor):
         raise RuntimeError(
             f"VA-VAE adaptive weights: {name} is a sharded DTensor after the forward. The gradient norms are taken "
             f"w.r.t. the unsharded weight that the forward used, which needs the autoencoder to be ONE FSDP unit "
-            f"(PartSpec blocks_attr=None) kept unsharded between forward and backward (set_reshard_after_forward)")
+            f"(PartSpec blocks_attr=None) kept unsharded between forward and backward "
+            f"(part.set_reshard_after_forward(False))")
     return weight
 
 
@@ -348,6 +340,8 @@ class VAVAETask(Task):
         x = batch["image"].to(self.device, non_blocking=True).float()
         if phase == "autoencoder":
             features = batch["features"].to(self.device, non_blocking=True).float() if self.precomputed else None
+            # The adaptive weights need the unsharded weights of this forward's graph (module doc; idempotent).
+            parts["autoencoder"].set_reshard_after_forward(False)
             loss, metrics, recon = self.autoencoder_loss(x, parts["autoencoder"].module,
                                                          parts["discriminator"].module, ctx.step, features=features)
             self._pending.append((id(batch), recon))
@@ -370,7 +364,6 @@ class VAVAETask(Task):
                              "'streaming' over a dataset with a features column provides them)")
         v = self.cfg.vavae
         lo, vfc = v.loss, v.vf
-        _keep_unsharded_after_forward(ae)
         out = VAVAE.output(ae(x, sample_posterior=lo.sample_posterior, generator=self.generator))
         # The unsharded weights of this forward's graph (read before any backward reshards the unit).
         w_dec = _unsharded(ae.decoder.conv_out.weight, "decoder.conv_out.weight")
