@@ -205,6 +205,8 @@ def _child(step_json: str) -> int:
 
 
 def _fork_target(step: Step, log_path: str) -> None:                  # the forked child
+    import atexit
+    atexit._clear()          # the parent's exit handlers are not ours (e.g. removing its temporary directories)
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
@@ -212,6 +214,8 @@ def _fork_target(step: Step, log_path: str) -> None:                  # the fork
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)      # also where the parent had replaced them (pytest)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     code = 1
     try:
         code = int(_step_entry(step)(step.argv) or 0)
@@ -222,12 +226,11 @@ def _fork_target(step: Step, log_path: str) -> None:                  # the fork
         traceback.print_exc()
         code = 1
     finally:
-        try:                                    # what a normal exit runs (e.g. streaming frees its shared memory)
-            import atexit
-            atexit._run_exitfuncs()
-        finally:
+        try:
             sys.stdout.flush()
             sys.stderr.flush()
+            atexit._run_exitfuncs()             # this process's own, as at a normal exit (streaming's shared memory)
+        finally:
             os._exit(code)
 
 
