@@ -33,7 +33,7 @@ imported the tools, so that it takes seconds); on a GPU the children are fresh i
 what the GPU machine has -- mosaicml-streaming and the modules it imports, deepspeed (built here with ``pip wheel
 --no-deps``) and its requirements -- for the GPU machine's Python (``--python-version``, default 3.12, manylinux
 x86-64), and writes ``DIR/install.sh``. ``--wheels DIR`` installs them (``pip install --no-index --no-deps
---target``) into ``<out>/site`` before the sections run and puts that on the children's path.
+--target``) into ``$TMPDIR/gpu_report_site`` before the sections run and puts that on the children's path.
 """
 from __future__ import annotations
 
@@ -424,8 +424,11 @@ def prepare(wheel_dir: Path, python_version: str) -> int:
                "--implementation", "cp", *[a for p in platforms for a in ("--platform", p)], "-d", str(wheel_dir),
                spec]
         print("+", " ".join(cmd[3:]), flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            failed.append(spec)
+        if subprocess.run(cmd).returncode != 0 and version is not None:
+            print(f"no {python_version} wheel of {spec}: the newest one of {name} instead", flush=True)
+            cmd[-1] = name                      # e.g. zstd 1.5.7.2 has no cp312 manylinux wheel
+            if subprocess.run(cmd).returncode != 0:
+                failed.append(spec)
     ds = f"deepspeed=={_constraint('deepspeed') or md.version('deepspeed')}"
     cmd = [*pip, "wheel", "--no-deps", "-w", str(wheel_dir), ds]
     print("+", " ".join(cmd[3:]), flush=True)
@@ -486,6 +489,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args._step is not None:
@@ -509,7 +513,7 @@ def main(argv=None) -> int:
     log.write_text("")
     wheel_problem = None
     if args.wheels:
-        site = out / "site"
+        site = Path(tempfile.gettempdir()) / "gpu_report_site"      # not under --out: it comes back as files
         wheel_problem = install_wheels(Path(args.wheels), site)
         if wheel_problem is None:
             sys.path.insert(0, str(site))
@@ -536,7 +540,7 @@ def main(argv=None) -> int:
             importlib.import_module(mod)
     entries = [report.add(s) for s in chosen]
     report.write()
-    deadline = time.monotonic() + budget
+    deadline = started + budget                 # the wheels' installation counts too
     with tempfile.TemporaryDirectory(prefix="gpu_report_") as tmp:
         for section, entry in zip(chosen, entries):
             if section.name in args.skip:
@@ -572,7 +576,8 @@ def main(argv=None) -> int:
                 text = step_log.read_text(errors="replace") if step_log.exists() else ""
                 with open(log, "a") as f:
                     f.write(f"\n===== {section.name} / {step.label or step.tool}: {record['command']}\n"
-                            f"===== {status} (exit {code}) in {seconds:.1f} s\n{text}")
+                            f"===== {status} (exit {code}) in {seconds:.1f} s\n"
+                            + (text if len(text) <= 200_000 else "[...]\n" + text[-200_000:]))
                 tables, notes = parse_tables(text)
                 if step.tool == "env":
                     env_line = next((n for n in notes if n.startswith("ENV ")), None)
