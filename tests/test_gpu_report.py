@@ -1,6 +1,7 @@
 """tools/gpu_report.py: the --smoke report (every section, CPU, tiny sizes) is written with every section present, a
 step that runs over its cap is killed and reported while the report goes on, and --prepare asks pip for wheels of the
 GPU machine's Python."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ def test_smoke_report_has_every_section(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # DeepSpeed's CPU path JIT-builds a communication op (a minute): its section is skipped here (its engine has
     # tests of its own); it must still be listed, with the reason.
-    proc = subprocess.run([sys.executable, "tools/gpu_report.py", "--smoke", "--out", str(out), "--skip",
-                           "train_deepspeed"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "tools/gpu_report.py", "--smoke", "--out", str(out), "--skip", "train_deepspeed"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
@@ -63,8 +70,9 @@ def _crasher(argv):
 def test_a_step_over_its_cap_or_crashing_is_reported(tmp_path, monkeypatch, entry, status):
     monkeypatch.setattr(gpu_report, "_step_entry", lambda step: entry)
     t0 = time.monotonic()
-    got, code, seconds = gpu_report.run_step(gpu_report.Step("x", [], 1), 1.0, "fork", tmp_path / "log",
-                                             dict(os.environ))
+    got, code, seconds = gpu_report.run_step(
+        gpu_report.Step("x", [], 1), 1.0, "fork", tmp_path / "log", dict(os.environ)
+    )
     assert got == status and time.monotonic() - t0 < 30
     if status == "failed":
         text = (tmp_path / "log").read_text()
@@ -73,8 +81,12 @@ def test_a_step_over_its_cap_or_crashing_is_reported(tmp_path, monkeypatch, entr
 
 def test_parse_tables_reads_format_table():
     from core.metrics import format_table
-    text = "header line\n" + format_table([{"a": 1, "b": 2.5, "c": "x y"}, {"a": 2, "b": float("nan"), "c": "z"}]) \
+
+    text = (
+        "header line\n"
+        + format_table([{"a": 1, "b": 2.5, "c": "x y"}, {"a": 2, "b": float("nan"), "c": "z"}])
         + "\nfooter"
+    )
     tables, notes = gpu_report.parse_tables(text)
     assert tables == [[{"a": 1, "b": 2.5, "c": "x y"}, {"a": 2, "b": tables[0][1]["b"], "c": "z"}]]
     assert notes == ["header line", "footer"]

@@ -11,6 +11,7 @@ returns once the sharded model, EMA and optimizer state are staged in host memor
 creates the writer's process group: the figure is the second and later saves. ``state GiB`` = bytes of the
 weights, EMA and optimizer state this rank stages.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,16 @@ from tools import bench_train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--model", default="tiny", help="'tiny' or a DiT registry name such as LightningDiT-XL/1")
-    p.add_argument("--precision", default=None, choices=["bf16", "bf16-autocast", "fp32"],
-                   help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["bf16", "bf16-autocast", "fp32"],
+        help="default: bf16 on a GPU, fp32 on a CPU",
+    )
     p.add_argument("--batch", type=int, default=4, help="batch of the optimizer steps before the saves")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps before the first save")
     p.add_argument("--saves", type=int, default=3)
@@ -47,10 +53,10 @@ def _state_bytes(parts: dict) -> int:
         modules = [part.module] + ([part.ema] if getattr(part, "ema", None) is not None else [])
         for module in modules:
             for t in list(module.parameters()) + list(module.buffers()):
-                local = getattr(t, "_local_tensor", t)          # DTensor: this rank's shard
+                local = getattr(t, "_local_tensor", t)  # DTensor: this rank's shard
                 total += local.numel() * local.element_size()
         optimizer = getattr(part, "optimizer", None)
-        for state in (optimizer.state.values() if optimizer is not None else []):
+        for state in optimizer.state.values() if optimizer is not None else []:
             for v in state.values():
                 if isinstance(v, torch.Tensor):
                     local = getattr(v, "_local_tensor", v)
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
         engine.async_save = True
         data = task.example_batch(args.batch, torch.Generator(device=dist.device).manual_seed(0))
         ctx = bench_train.step_context(cfg, bench_train.LATE_STEP)
-        for _ in range(args.steps):                 # the optimizer moments exist from the first step on
+        for _ in range(args.steps):  # the optimizer moments exist from the first step on
             train_step(task, engine, parts, [data], ctx)
         state_gib = _state_bytes(parts) / 2**30
         rows = []
@@ -82,16 +88,25 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.synchronize(dist.device)
             t0 = time.perf_counter()
-            engine.save(out / f"step{i}", parts, {"step": i})         # returns after staging to host memory
+            engine.save(out / f"step{i}", parts, {"step": i})  # returns after staging to host memory
             t1 = time.perf_counter()
-            engine.wait()                                             # the background write
+            engine.wait()  # the background write
             t2 = time.perf_counter()
-            rows.append({"save": i, "blocking s": t1 - t0, "background s": t2 - t1, "state GiB": state_gib,
-                         "note": "incl. writer group creation" if i == 0 else ""})
+            rows.append(
+                {
+                    "save": i,
+                    "blocking s": t1 - t0,
+                    "background s": t2 - t1,
+                    "state GiB": state_gib,
+                    "note": "incl. writer group creation" if i == 0 else "",
+                }
+            )
         if dist.is_main:
-            print(f"model {args.model}, engine {cfg.engine.kind}, precision {precision}, device "
-                  f"{torch.cuda.get_device_name(dist.device) if cuda else 'cpu'}, torch {torch.__version__}; "
-                  f"{args.steps} optimizer step(s) at batch {args.batch} first")
+            print(
+                f"model {args.model}, engine {cfg.engine.kind}, precision {precision}, device "
+                f"{torch.cuda.get_device_name(dist.device) if cuda else 'cpu'}, torch {torch.__version__}; "
+                f"{args.steps} optimizer step(s) at batch {args.batch} first"
+            )
             print(format_table(rows))
     finally:
         teardown()

@@ -30,6 +30,7 @@ row reports both rates (median) and their ratio; the batches both produce (with 
 the image schema also with flips and no features) are hashed, and ``identical`` says whether the bytes and
 order agree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path and __name__ == "__main__" and "--child" not in sys.argv:
@@ -56,8 +57,9 @@ PATHS = ("local", "remote")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--schema", nargs="+", default=list(SCHEMAS), choices=SCHEMAS)
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker processes per row")
@@ -98,19 +100,21 @@ def write_shards(schema: str, out: Path, args) -> Path:
         n = args.latent_samples
     else:
         s = args.image_size
-        columns = latent_columns(with_latents=False, with_features=True, features_shape=tuple(args.features_shape),
-                                 image_size=s)
+        columns = latent_columns(
+            with_latents=False, with_features=True, features_shape=tuple(args.features_shape), image_size=s
+        )
         n = args.image_samples
     with open_writer(out, columns, limit) as writer:
         for i in range(n):
-            sample = {"label": int(rng.integers(0, 1000)), "sample_id": 10 * i + 7}     # ids != stream index
+            sample = {"label": int(rng.integers(0, 1000)), "sample_id": 10 * i + 7}  # ids != stream index
             if schema == "latent":
                 sample["latent"] = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
                 sample["latent_flip"] = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
             else:
                 sample["image"] = rng.integers(0, 256, (3, s, s), dtype=np.uint8)
-                sample["features"] = rng.standard_normal(tuple(args.features_shape), dtype=np.float32) \
-                    .astype(np.float16)
+                sample["features"] = rng.standard_normal(tuple(args.features_shape), dtype=np.float32).astype(
+                    np.float16
+                )
             writer.write(sample)
     if schema == "latent":
         c = shape[0]
@@ -123,13 +127,27 @@ def _loader(spec: dict):
     from data.streaming import ImageDataset, build_streaming_loader
 
     image = spec["schema"] == "image"
-    cfg = SimpleNamespace(path=spec["local"], remote=spec.get("remote"), shuffle=True, predownload=None,
-                          num_workers=spec["workers"], latent_norm=True, latent_multiplier=0.75,
-                          random_flip=spec.get("flip", not image), use_features=spec.get("features", image),
-                          image_size=spec.get("image_size"))
+    cfg = SimpleNamespace(
+        path=spec["local"],
+        remote=spec.get("remote"),
+        shuffle=True,
+        predownload=None,
+        num_workers=spec["workers"],
+        latent_norm=True,
+        latent_multiplier=0.75,
+        random_flip=spec.get("flip", not image),
+        use_features=spec.get("features", image),
+        image_size=spec.get("image_size"),
+    )
     kwargs = {"dataset_cls": ImageDataset, "use_features": cfg.use_features} if image else {}
-    return build_streaming_loader(cfg, batch_size=spec["batch"], seed=spec.get("seed", 0), pin_memory=False,
-                                  persistent_workers=spec["workers"] > 0, **kwargs)
+    return build_streaming_loader(
+        cfg,
+        batch_size=spec["batch"],
+        seed=spec.get("seed", 0),
+        pin_memory=False,
+        persistent_workers=spec["workers"] > 0,
+        **kwargs,
+    )
 
 
 def measure(spec: dict) -> dict:
@@ -173,12 +191,16 @@ def measure(spec: dict) -> dict:
     finally:
         del loader, dataset
         gc.collect()
-    total = n + len(first[key])        # the workers' and (without workers) the main process's CPU: whole epoch
+    total = n + len(first[key])  # the workers' and (without workers) the main process's CPU: whole epoch
     nan = float("nan")
-    out = {"samples": n, "seconds": elapsed, "samples/s": n / elapsed if elapsed > 0 else nan,
-           "data wait": waited / elapsed if elapsed > 0 else nan,
-           "main cpu ms/sample": 1000 * main_cpu / (n if pids else total) if n else nan,
-           "worker cpu ms/sample": 1000 * workers_cpu / total if pids else nan}
+    out = {
+        "samples": n,
+        "seconds": elapsed,
+        "samples/s": n / elapsed if elapsed > 0 else nan,
+        "data wait": waited / elapsed if elapsed > 0 else nan,
+        "main cpu ms/sample": 1000 * main_cpu / (n if pids else total) if n else nan,
+        "worker cpu ms/sample": 1000 * workers_cpu / total if pids else nan,
+    }
     if digest is not None:
         out["digest"] = digest.hexdigest()
     return out
@@ -204,12 +226,12 @@ def _cpu_seconds(pids: list[int]) -> float:
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])          # utime, stime (fields 14 and 15 of stat)
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def _busy(seconds: float) -> None:
-    time.sleep(seconds)     # the GPU step: the main process waits on the device (the workers keep the cores)
+    time.sleep(seconds)  # the GPU step: the main process waits on the device (the workers keep the cores)
 
 
 def _update_digest(digest, batch: dict) -> None:
@@ -225,8 +247,14 @@ class Reader:
     def __init__(self, tree: Path, threads: int):
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
         self.tree = tree
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child"], cwd=str(tree),
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child"],
+            cwd=str(tree),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def measure(self, spec: dict) -> dict:
         self.proc.stdin.write(json.dumps(spec) + "\n")
@@ -276,14 +304,19 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         try:
             if args.compare:
-                readers = {"old": Reader(_checkout(args.compare, tmp / "old"), args.threads),
-                           "new": Reader(REPO, args.threads)}
+                readers = {
+                    "old": Reader(_checkout(args.compare, tmp / "old"), args.threads),
+                    "new": Reader(REPO, args.threads),
+                }
             datasets = {}
             for schema in args.schema:
                 t = time.perf_counter()
                 datasets[schema] = write_shards(schema, tmp / f"{schema}_data", args)
-                print(f"wrote {len(list(datasets[schema].glob('*.zstd')))} {schema} shards in "
-                      f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+                print(
+                    f"wrote {len(list(datasets[schema].glob('*.zstd')))} {schema} shards in "
+                    f"{time.perf_counter() - t:.1f} s",
+                    file=sys.stderr,
+                )
             counter = iter(range(1 << 30))
             rows = []
             for schema in args.schema:
@@ -296,32 +329,49 @@ def main(argv=None) -> int:
             for reader in readers.values():
                 reader.close()
 
-    print(f"reader {'at ' + args.compare + ' (old) vs this tree (new)' if args.compare else 'of this tree'}; "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} intra-op thread(s) per process, "
-          f"{args.repeats} epoch(s) per row; target {args.target:g} img/s per GPU x {args.gpus} GPUs = "
-          f"{args.target * args.gpus:g} samples/s per node"
-          + (f"; consumer step {args.step_ms:g} ms per batch" if args.step_ms else ""))
+    print(
+        f"reader {'at ' + args.compare + ' (old) vs this tree (new)' if args.compare else 'of this tree'}; "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} intra-op thread(s) per process, "
+        f"{args.repeats} epoch(s) per row; target {args.target:g} img/s per GPU x {args.gpus} GPUs = "
+        f"{args.target * args.gpus:g} samples/s per node"
+        + (f"; consumer step {args.step_ms:g} ms per batch" if args.step_ms else "")
+    )
     print(format_table(rows))
     for schema, same in identical.items():
-        print(f"{schema}: batches of the old and new reader {'identical' if same else 'DIFFER'} "
-              f"(bytes and order, hashed)")
+        print(
+            f"{schema}: batches of the old and new reader {'identical' if same else 'DIFFER'} (bytes and order, hashed)"
+        )
     for schema in args.schema:
-        best = max((r["per worker"] for r in rows if r["schema"] == schema and r["workers"] > 0
-                    and math.isfinite(r["per worker"])), default=float("nan"))
+        best = max(
+            (
+                r["per worker"]
+                for r in rows
+                if r["schema"] == schema and r["workers"] > 0 and math.isfinite(r["per worker"])
+            ),
+            default=float("nan"),
+        )
         if math.isfinite(best):
             need = workers_needed(best, args.target)
-            print(f"{schema}: {best:.0f} samples/s per worker (per CPU-second of a worker) at best -> {need} "
-                  f"worker(s) per GPU for {args.target:g} img/s, {need * args.gpus} per node of {args.gpus} GPUs")
+            print(
+                f"{schema}: {best:.0f} samples/s per worker (per CPU-second of a worker) at best -> {need} "
+                f"worker(s) per GPU for {args.target:g} img/s, {need * args.gpus} per node of {args.gpus} GPUs"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "identical": identical, "args": vars(args)}, indent=1))
     return 1 if identical and not all(identical.values()) else 0
 
 
 def _spec(schema, path, workers, data, tmp, counter, args) -> dict:
-    spec = {"schema": schema, "workers": workers, "threads": args.threads, "seed": args.seed,
-            "batch": args.latent_batch if schema == "latent" else args.image_batch, "step_ms": args.step_ms,
-            "image_size": args.image_size if schema == "image" else None}
-    if path == "remote":        # a fresh cache: the epoch downloads and decompresses every shard
+    spec = {
+        "schema": schema,
+        "workers": workers,
+        "threads": args.threads,
+        "seed": args.seed,
+        "batch": args.latent_batch if schema == "latent" else args.image_batch,
+        "step_ms": args.step_ms,
+        "image_size": args.image_size if schema == "image" else None,
+    }
+    if path == "remote":  # a fresh cache: the epoch downloads and decompresses every shard
         spec.update(remote=str(data), local=str(tmp / f"cache_{next(counter)}"))
     else:
         spec["local"] = str(data)
@@ -336,32 +386,50 @@ def _cpu_ms(result: dict) -> float:
 
 def _row(schema, path, workers, data, tmp, counter, args, readers) -> dict:
     run = {name: reader.measure for name, reader in readers.items()} or {"new": measure}
-    if path == "local":   # streaming decompresses each shard next to the dataset once: not in the timed epoch
+    if path == "local":  # streaming decompresses each shard next to the dataset once: not in the timed epoch
         run["new"]({**_spec(schema, path, 0, data, tmp, counter, args), "step_ms": 0})
     names = list(run)
     results: dict[str, list] = {name: [] for name in names}
     for r in range(args.repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):           # interleaved, alternating order
+        for name in names if r % 2 == 0 else names[::-1]:  # interleaved, alternating order
             results[name].append(run[name](_spec(schema, path, workers, data, tmp, counter, args)))
-    med = {name: {k: statistics.median(x[k] for x in res) for k in ("samples/s", "data wait", "main cpu ms/sample")}
-           for name, res in results.items()}
+    med = {
+        name: {k: statistics.median(x[k] for x in res) for k in ("samples/s", "data wait", "main cpu ms/sample")}
+        for name, res in results.items()
+    }
     for name, res in results.items():
         med[name]["cpu"] = statistics.median(_cpu_ms(x) for x in res)
     new = med["new"]
-    row = {"schema": schema, "path": path, "workers": workers,
-           "batch": args.latent_batch if schema == "latent" else args.image_batch}
+    row = {
+        "schema": schema,
+        "path": path,
+        "workers": workers,
+        "batch": args.latent_batch if schema == "latent" else args.image_batch,
+    }
     if "old" in med:
         old = med["old"]
-        row.update({"old samples/s": old["samples/s"], "new samples/s": new["samples/s"],
-                    "wall new/old": new["samples/s"] / old["samples/s"], "old cpu ms/smp": old["cpu"],
-                    "new cpu ms/smp": new["cpu"], "cpu old/new": old["cpu"] / new["cpu"]})
+        row.update(
+            {
+                "old samples/s": old["samples/s"],
+                "new samples/s": new["samples/s"],
+                "wall new/old": new["samples/s"] / old["samples/s"],
+                "old cpu ms/smp": old["cpu"],
+                "new cpu ms/smp": new["cpu"],
+                "cpu old/new": old["cpu"] / new["cpu"],
+            }
+        )
     else:
         row.update({"samples/s": new["samples/s"], "cpu ms/smp": new["cpu"]})
     if workers:
         row["main cpu ms/smp"] = new["main cpu ms/sample"]
     per_worker = 1000 / new["cpu"]
-    row.update({"per worker": per_worker, "workers/GPU": workers_needed(per_worker, args.target),
-                "per node": workers_needed(per_worker, args.target) * args.gpus})
+    row.update(
+        {
+            "per worker": per_worker,
+            "workers/GPU": workers_needed(per_worker, args.target),
+            "per node": workers_needed(per_worker, args.target) * args.gpus,
+        }
+    )
     if args.step_ms:
         row["data wait"] = new["data wait"]
     return row
@@ -376,8 +444,12 @@ def _identity(args, datasets, tmp, counter, readers) -> dict:
         variants += [("image", {}), ("image-flip", {"flip": True, "features": False})]
     for name, extra in variants:
         schema = name.split("-")[0]
-        spec = {**_spec(schema, "local", 0, datasets[schema], tmp, counter, args), "step_ms": 0, "digest": True,
-                **extra}
+        spec = {
+            **_spec(schema, "local", 0, datasets[schema], tmp, counter, args),
+            "step_ms": 0,
+            "digest": True,
+            **extra,
+        }
         out[name] = readers["old"].measure(spec)["digest"] == readers["new"].measure(spec)["digest"]
     return out
 
