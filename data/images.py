@@ -97,7 +97,7 @@ def to_tensor_normalized(image: Image.Image) -> torch.Tensor:
 
 def uint8_to_normalized(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (any layout) -> float32 in [-1, 1], the float operations of ``to_tensor_normalized``."""
-    return images.to(torch.float32).div(255).sub_(0.5).div_(0.5)
+    return images.to(torch.float32, copy=True).div_(255).sub_(0.5).div_(0.5)
 
 
 def normalized_to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,10 @@ Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
   ``shard.N.mds.zstd`` once into ``shard.N.mds`` *inside the dataset directory* and keeps both, so
   the directory must be writable and grows by the raw size. To keep a dataset read-only, point
   ``data.remote`` at it (a local path works) and ``data.path`` at a scratch cache directory.
+* Speed: the readers install, on each MDS shard, a sample reader that keeps this process's recently used shard
+  files open (``pread``; a deleted or replaced file is opened again by name) and decoders built once per column,
+  and skip streaming's per-sample ``prepare_shard`` for shards this process has seen prepared when there is no
+  cache limit; the values are those of streaming's own reader (tests/test_bench_data.py, tools/bench_data.py).
 * Shared memory: streaming coordinates the ranks/workers of a node through shared memory keyed by
   the local directory. After a crash call ``streaming.base.util.clean_stale_shared_memory()`` once,
   on every rank (it is a collective when torch.distributed is initialised), before any dataset is
@@ -57,6 +61,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -519,6 +526,140 @@ def _common_hash(shards: Sequence[Mapping[str, Any]]) -> Optional[str]:
     return "xxh64" if "xxh64" in common else sorted(common)[0]
 
 
+# ------------------------------------------------------------------------------------ sample access
+# Streaming's MDSReader opens the shard file for every sample and parses every column's encoding string again for
+# every sample; at thousands of samples per second per loader worker that is most of the reader's time. The readers
+# below install faster equivalents on each MDS shard (same bytes, same decoded values and types), picklable for
+# spawned DataLoader workers.
+_MAX_OPEN_SHARDS = 16           # open shard files kept per process
+
+
+class _OpenShards:
+    """Shard files this process has open (least recently used closed first), read with ``pread``.
+
+    A file that was deleted since it was opened (a shard evicted by streaming's cache limit, or replaced) is opened
+    again by name, so a missing shard raises ``FileNotFoundError`` as streaming's own reader does (streaming then
+    fetches it again)."""
+
+    def __init__(self) -> None:
+        self._pid: Optional[int] = None
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():                    # a forked worker: the parent's descriptors are not ours
+            for fd in self._files.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._files, self._pid = OrderedDict(), os.getpid()
+        fd = self._files.get(path)
+        if fd is not None:
+            if os.fstat(fd).st_nlink > 0:
+                self._files.move_to_end(path)
+                return fd
+            del self._files[path]
+            os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        self._files[path] = fd
+        while len(self._files) > _MAX_OPEN_SHARDS:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
+    def read_sample(self, path: str, idx: int, basename: str) -> bytearray:
+        """The bytes of sample ``idx`` of the MDS file ``path`` (a writable buffer: the arrays decoded from it need
+        no copy before they become tensors)."""
+        with self._lock:
+            fd = self._fd(path)
+            pair = os.pread(fd, 8, (1 + idx) * 4)
+            if len(pair) != 8:
+                raise IndexError(f"Relative sample index {idx} is not present in the {basename} file.")
+            begin, end = struct.unpack("<II", pair)
+            data = bytearray(max(end - begin, 0))
+            got = os.preadv(fd, [data], begin) if data else 0
+        if not data or got != len(data):
+            raise IndexError(f"Relative sample index {idx} is not present in the {basename} file.")
+        return data
+
+
+_OPEN_SHARDS = _OpenShards()
+
+
+class _SampleBytes:
+    """``MDSReader.get_sample_data`` through ``_OPEN_SHARDS``."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def __call__(self, idx: int) -> bytearray:
+        r = self.reader
+        return _OPEN_SHARDS.read_sample(os.path.join(r.dirname, r.split, r.raw_data.basename), idx,
+                                        r.raw_data.basename)
+
+
+class _SampleDecoder:
+    """``MDSReader.decode_sample`` with each column's decoder built once: fixed-shape arrays and scalars are read
+    straight from the buffer (``np.frombuffer`` at the column's offset, as streaming's decoders do on a slice);
+    other encodings go to streaming's decoder."""
+
+    def __init__(self, reader: Any) -> None:
+        from streaming.base.format.mds.encodings import NDArray, Scalar, _get_coder
+
+        self.columns = []
+        for name, encoding, size in zip(reader.column_names, reader.column_encodings, reader.column_sizes):
+            coder = _get_coder(encoding)
+            if coder is None:
+                raise ValueError(f"Unsupported encoding: {encoding}.")
+            if isinstance(coder, NDArray) and coder.dtype is not None and coder.shape is not None:
+                fast = (np.dtype(coder.dtype), int(np.prod(coder.shape)), tuple(coder.shape))
+            elif isinstance(coder, Scalar):
+                fast = (np.dtype(coder.dtype), 1, None)
+            else:
+                fast = None
+            self.columns.append((name, size, coder, fast))
+
+    def __call__(self, data: Union[bytes, bytearray]) -> dict[str, Any]:
+        sizes, idx = [], 0
+        for _, size, _, _ in self.columns:
+            if not size:
+                size, = struct.unpack_from("<I", data, idx)
+                idx += 4
+            sizes.append(size)
+        sample = {}
+        for (name, _, coder, fast), size in zip(self.columns, sizes):
+            if fast is None:
+                sample[name] = coder.decode(data[idx:idx + size])
+            else:
+                dtype, count, shape = fast
+                if count * dtype.itemsize != size:
+                    raise ValueError(f"column {name!r}: {size} bytes, expected {count * dtype.itemsize}")
+                array = np.frombuffer(data, dtype, count, idx)
+                sample[name] = array[0] if shape is None else array.reshape(shape)
+            idx += size
+        return sample
+
+
+def _speed_up_reader(reader: Any) -> None:
+    from streaming.base.format.mds.reader import MDSReader
+
+    if type(reader) is MDSReader:
+        reader.get_sample_data = _SampleBytes(reader)
+        reader.decode_sample = _SampleDecoder(reader)
+
+
+def _scalar(value: Any, dtype: type) -> torch.Tensor:
+    """A 0-d tensor of ``value`` (``torch.tensor(value, dtype=...)``, at a third of its cost)."""
+    return torch.from_numpy(np.array(value, dtype=dtype))
+
+
+def _writable_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor of a decoded array without a copy where it may be shared (writable and aligned), else a copy."""
+    if array.flags.writeable and array.flags.aligned:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array))
+
+
 # ----------------------------------------------------------------------------------------- readers
 class _ShardDataset(StreamingDataset):
     """StreamingDataset with our checks and failure handling; the base of ``LatentDataset`` and ``ImageDataset``.
@@ -541,6 +682,7 @@ class _ShardDataset(StreamingDataset):
         self.flip_seed = int(flip_seed)
         self._iter_epoch: Optional[int] = None
         self._shard_error: Optional[CorruptShardError] = None
+        self._local_shards: set[int] = set()    # shards this process has seen prepared (raw file present)
 
         auto_hash = validate_hash == "auto"
         if remote is None:
@@ -564,6 +706,8 @@ class _ShardDataset(StreamingDataset):
             for stream in self.streams:
                 stream.validate_hash = algo
         self._check_schema()
+        for reader in self.shards:
+            _speed_up_reader(reader)
 
     # ---- what subclasses define
     def _prepare(self, remote: Optional[str]) -> None:
@@ -637,8 +781,15 @@ class _ShardDataset(StreamingDataset):
         return CorruptShardError(f"{what} failed: {detail}: {type(error).__name__}: {error}")
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        # Streaming's download thread calls this for every sample, and each call takes the cache's file lock and
+        # looks for the shard file. Without a cache limit nothing removes a prepared shard, so once this process
+        # has seen it prepared (decompressed) the call has nothing to do.
+        if shard_id in self._local_shards and not self.cache_limit:
+            return
         try:
             super().prepare_shard(shard_id, blocking)
+            if self._shard_states[shard_id] == _shard_state_local():
+                self._local_shards.add(shard_id)
         except Exception as e:  # noqa: BLE001
             error = self._describe(shard_id, e, f"preparing shard {shard_id} of {self.data_dir}")
             # Do not leave the shard in PREPARING: other workers would wait for it forever.
@@ -808,13 +959,18 @@ class LatentDataset(_ShardDataset):
         if array.ndim != 3 or (self.mean is not None and array.shape[0] != self.mean.shape[0]) or \
                 (self.expected_shape is not None and tuple(array.shape) != self.expected_shape):
             self._check_latent_shape(array.shape, where=f"sample_id {sid}")
-        z = torch.from_numpy(np.array(array, dtype=np.float32))
-        z = normalize_latents(z, self.mean, self.std, self.latent_multiplier)
-        item = {"latent": z, "label": torch.tensor(int(raw["label"]), dtype=torch.int64),
-                "sample_id": torch.tensor(sid, dtype=torch.int64),
-                "flipped": torch.tensor(bool(flipped))}
+        # normalize_latents' float32 operations, in place on the one new tensor: (z - mean) / std * multiplier
+        # (float16 -> float32 is exact, so subtracting the float32 mean from the stored latent is the same)
+        z = _writable_tensor(array)
+        if self.mean is not None:
+            z = torch.sub(z, self.mean).div_(self.std)
+        else:
+            z = z.to(torch.float32, copy=True)
+        z = z.mul_(self.latent_multiplier)
+        item = {"latent": z, "label": _scalar(raw["label"], np.int64), "sample_id": _scalar(sid, np.int64),
+                "flipped": _scalar(flipped, np.bool_)}
         if self.use_features:
-            item["features"] = torch.from_numpy(np.array(raw["features"]))
+            item["features"] = _writable_tensor(raw["features"])
         return item
 
 
@@ -877,14 +1033,19 @@ class ImageDataset(_ShardDataset):
         if array.ndim != 3 or array.shape[0] != 3 or \
                 (self.image_shape is not None and tuple(array.shape) != self.image_shape):
             self._check_image_shape(array.shape, where=f"sample_id {sid}")
-        image = uint8_to_normalized(torch.from_numpy(np.array(array, dtype=np.uint8)))
-        if self._flipped(sid):
+        image = _writable_tensor(array)
+        if self._flipped(sid):                  # flipping the bytes first: the same values, a quarter of the copy
             image = torch.flip(image, dims=[-1])
-        item = {"image": image, "label": torch.tensor(int(raw["label"]), dtype=torch.int64),
-                "sample_id": torch.tensor(sid, dtype=torch.int64)}
+        item = {"image": uint8_to_normalized(image), "label": _scalar(raw["label"], np.int64),
+                "sample_id": _scalar(sid, np.int64)}
         if self.use_features:
-            item["features"] = torch.from_numpy(np.array(raw["features"]))
+            item["features"] = _writable_tensor(raw["features"])
         return item
+
+
+def _shard_state_local() -> Any:
+    from streaming.base.dataset import _ShardState
+    return _ShardState.LOCAL
 
 
 def _file_info_dict(info: Any) -> Optional[dict[str, Any]]:

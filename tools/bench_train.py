@@ -36,6 +36,7 @@ import gc
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -78,6 +79,10 @@ def parse_args(argv=None):
                    help="engine.precision values to measure; default: the config's, without --config bf16 on GPU "
                         "and fp32 on CPU")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--sync-check", action="store_true",
+                   help="after the timed steps, one more step under torch.cuda.set_sync_debug_mode('error'): the "
+                        "'host syncs' column says 'none' or 'present' (with the count and first place, from a step "
+                        "in 'warn' mode); 'n/a (cpu)' without CUDA (the step still runs)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--step", type=int, default=LATE_STEP,
@@ -209,6 +214,7 @@ def bench_one(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
         torch.cuda.synchronize(dist.device)
     elapsed = time.perf_counter() - t0
     peak_mem = (torch.cuda.max_memory_allocated(dist.device) / 2**30) if cuda else float("nan")
+    syncs = {"host syncs": host_sync_check(step, dist.device)} if args.sync_check else {}
     flops = task.flops_per_image()
     del engine, task, parts, data
     if cuda:
@@ -224,7 +230,40 @@ def bench_one(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
     peak = peak_flops(dist.device)
     return {**row_identity(cfg, batch), "img/s": img_s, "step ms": 1000 * elapsed / args.steps,
             "GFLOP/img": flops / 1e9, "MFU": (img_s * flops / peak) if peak else float("nan"),
-            "peak mem GiB": peak_mem}
+            "peak mem GiB": peak_mem, **syncs}
+
+
+def host_sync_check(step, device: torch.device) -> str:
+    """Run ``step`` once under ``torch.cuda.set_sync_debug_mode("error")``: "none" when it completes, else "present"
+    with the number of synchronising operations per step and the first one's place (from one more step in "warn"
+    mode, whose warnings name the Python line). Without CUDA the step runs plainly: "n/a (cpu)"."""
+    if device.type != "cuda":
+        step()
+        return "n/a (cpu)"
+    import warnings
+    torch.cuda.synchronize(device)
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step()
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(device)
+        return "none"
+    except RuntimeError:
+        pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(device)
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    where = f", first at {Path(found[0].filename).name}:{found[0].lineno}" if found else ""
+    return f"present ({len(found)}/step{where})"
 
 
 def row_identity(cfg: ExperimentConfig, batch: int) -> dict:
@@ -244,7 +283,8 @@ def bench_row(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
     torch.cuda.empty_cache()
     nan = float("nan")
     return {**row_identity(cfg, batch), "img/s": nan, "step ms": nan,
-            "GFLOP/img": (flops_cache.get("counted") or nan) / 1e9, "MFU": nan, "peak mem GiB": nan, "note": "OOM"}
+            "GFLOP/img": (flops_cache.get("counted") or nan) / 1e9, "MFU": nan, "peak mem GiB": nan,
+            **({"host syncs": "-"} if args.sync_check else {}), "note": "OOM"}
 
 
 def describe(cfg: ExperimentConfig, args) -> str:
