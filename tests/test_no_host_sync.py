@@ -280,3 +280,19 @@ def test_trainer_signal_one_rank_stops_at_once(dataset, tmp_path):
     assert calls == [] and skipped == 0
     assert outcome == (3, 75)
     assert _checkpoint_steps(run_dir) == [3]
+
+
+def test_check_host_sync_tool(tmp_path):
+    """tools/check_host_sync.py (what the GPU report runs under CUDA's sync-debug mode "error"): clean with the fused
+    optimizer; it does catch the host reads of the foreach optimizer's path (norm check, host-side step count)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, str(REPO / "tools/check_host_sync.py"), "--out", str(tmp_path), "--steps", "3"]
+    ok = subprocess.run(cmd + ["train.grad_clip=1.0"], env=env, capture_output=True, text=True, timeout=240)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    result = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert result["ok"] and result["trained_steps"] == 3 and result["host_reads"] == []
+    bad = subprocess.run(cmd + ["optimizer.fused=false"], env=env, capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert ["_local_scalar_dense", "cpu"] in json.loads(bad.stdout[bad.stdout.index("{"):])["host_reads"]
