@@ -34,7 +34,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
 
