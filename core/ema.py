@@ -7,10 +7,16 @@ does it for a whole list at once (no Python loop over parameters). PyTorch evalu
 FSDP2 parameters are DTensors; both lists may hold DTensors (they are replaced by their local shards,
 which must then be laid out identically — true when the EMA module is sharded like the model) or plain
 tensors (e.g. already ``.to_local()`` shards).
+
+``apply`` (a 0-dim bool tensor on the device, e.g. "this step's gradients were finite") decides on the device
+whether the update happens, with no host read: the weight becomes ``apply * (1 - decay)``, a tensor, and a weight
+of 0 leaves every EMA element as it was (``ema + 0 * (src - ema)``; ``src`` is finite). Same bits as the float
+weight when ``apply`` is True (both kernels evaluate the same lerp with the same fp32 weight); the cost is one
+lerp kernel per tensor (torch has no multi-tensor lerp with a tensor weight) instead of one multi-tensor kernel.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -25,8 +31,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], decay: float) -> None:
-    """In place: ``ema = decay * ema + (1 - decay) * src`` for every pair of the two lists."""
+def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], decay: float,
+                apply: Optional[torch.Tensor] = None) -> None:
+    """In place: ``ema = decay * ema + (1 - decay) * src`` for every pair of the two lists; with ``apply`` (0-dim
+    bool tensor) only where it is True, decided on the device (see the module docstring)."""
     if len(ema_tensors) != len(tensors):
         raise ValueError(f"EMA update: {len(ema_tensors)} EMA tensors but {len(tensors)} source tensors")
     if not 0.0 <= decay <= 1.0:
@@ -41,4 +49,13 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
                              "(is the EMA sharded like the model?)")
     if any(s.dtype != e.dtype for e, s in zip(ema_local, src_local)):
         src_local = [s.to(e.dtype) for e, s in zip(ema_local, src_local)]
-    torch._foreach_lerp_(ema_local, src_local, 1.0 - float(decay))
+    if apply is None:
+        torch._foreach_lerp_(ema_local, src_local, 1.0 - float(decay))
+        return
+    weights: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    for e in ema_local:
+        key = (e.dtype, e.device)
+        if key not in weights:
+            # fp32(1 - decay) exactly as the float path rounds it (opmath of a float tensor), times 0 or 1.
+            weights[key] = apply.to(device=e.device, dtype=e.dtype) * (1.0 - float(decay))
+    torch._foreach_lerp_(ema_local, src_local, [weights[(e.dtype, e.device)] for e in ema_local])

@@ -9,11 +9,18 @@ optimizer moments, same EMA.
 The trainer gets a built Task (models.tasks.build_task at the composition root, e.g. train.py) and a validated
 config (launchers.experiment.validate); it knows nothing of a task's concepts beyond core/task.py.
 
-Preemption: SIGTERM / SIGUSR1 / SIGUSR2 set a flag; at the next step boundary all ranks agree on it,
-write a checkpoint and exit with REQUEUE_EXIT_CODE so that a launcher can requeue the job.
+Preemption: SIGTERM / SIGUSR1 / SIGUSR2 set a flag; all ranks agree on it at a step boundary (at most one step
+later, core.hostsync.StopAgreement), write a checkpoint and exit with REQUEUE_EXIT_CODE so that a launcher can
+requeue the job.
+
+No host syncs between log steps (core/hostsync.py): a non-finite update is skipped on the device by the engine, the
+skipped-step counters live on the device and are read on log steps, before checkpoints and evaluation, and at the
+end (the consecutive non-finite limit is enforced at most ``train.log_every - 1`` steps late, for the step at which
+it was reached); the stop agreement is a CPU all-reduce started at one step and read at the next.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,15 +28,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
-import torch.distributed as tdist
 
 from core.checkpoint import CheckpointManager
 from core.config import config_to_dict, derived, resolve_run_dir, save_config
 from core.distributed import DistInfo
 from core.engines import build_engine
+from core.hostsync import NonFiniteCounter, StopAgreement
 from core.metrics import MetricLogger, Throughput, peak_flops
 from core.rng import reseed_global, rng_state, seed_everything, set_rng_state
 from core.sample_trace import SampleIdTrace
@@ -53,14 +60,15 @@ class TrainResult:
 
 
 def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str, torch.Tensor]],
-               ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
+               ctx: StepContext) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step over all phases of ``task`` on ``batches`` (the micro-batches of this rank): for each
     phase, forward (``Task.loss`` under ``engine.autocast()``) and backward per micro-batch (gradients reduced on
     the last), then the part's step. Returns the metrics (averaged over the micro-batches, per phase) and whether
-    every grad norm was finite. Also timed by tools/bench_train.py."""
+    every grad norm was finite, as a 0-dim bool tensor on the device (nothing is read on the host here). Also timed
+    by tools/bench_train.py."""
     accum = len(batches)
     metrics: dict[str, torch.Tensor] = {}
-    finite = True
+    finite = None
     for phase in task.phases():
         part = parts[phase]
         sums: dict[str, torch.Tensor] = {}
@@ -74,7 +82,8 @@ def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str
         prefix = "" if len(task.phases()) == 1 else f"{phase}/"
         metrics.update({prefix + k: v for k, v in sums.items()})
         metrics[prefix + "grad_norm"] = grad_norm
-        finite = finite and bool(torch.isfinite(grad_norm).item())
+        ok = torch.isfinite(grad_norm)
+        finite = ok if finite is None else torch.logical_and(finite, ok)
     return metrics, finite
 
 
@@ -121,6 +130,10 @@ class Trainer:
             extra = self.checkpoints.load_latest(self.parts)
             if extra is not None:
                 self._restore(extra)
+        # Device-side copies of the two counters above (read back by _sync_nonfinite) and the stop agreement.
+        self.nonfinite = NonFiniteCounter(dist.device, cfg.train.max_consecutive_nonfinite,
+                                          self.nonfinite_streak, self.skipped_steps)
+        self._stop_agreement = StopAgreement(dist.world_size)
 
         self.metrics = MetricLogger(self.run_dir, cfg.wandb, cfg.name, config_to_dict(cfg), dist.is_main,
                                     resume_step=self.step)
@@ -130,6 +143,10 @@ class Trainer:
         self._debug_step_sleep = float(os.environ.get("LLAT_DEBUG_STEP_SLEEP", "0") or 0)
         self._sample_trace = SampleIdTrace.from_env(self.run_dir, dist.is_main)
         self._installed_handlers: dict[int, Any] = {}
+        # Opened around the parts of every step that must not read the device on the host (the step itself and the
+        # stop agreement; not the log / evaluation / checkpoint blocks): a check hook, e.g.
+        # core.hostsync.HostSyncCounter or cuda_sync_debug("error") (tools/check_host_sync.py, the tests).
+        self.step_guard: Callable[[], ContextManager] = contextlib.nullcontext
         self.metrics.event(
             f"run {cfg.name}: {dist.world_size} rank(s), global batch {cfg.train.global_batch_size} "
             f"(micro {self.micro_batch} x accum {self.accum}), {self.steps_per_epoch} steps/epoch, "
@@ -181,9 +198,24 @@ class Trainer:
         self._installed_handlers.clear()
 
     def _any_rank_stopping(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.dist.device)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        """Non-blocking poll of the stop agreement (no device sync): True on every rank at the same step."""
+        return self._stop_agreement.poll(self._stop_requested)
+
+    def _sync_nonfinite(self) -> None:
+        """Read the device's skipped-step counters (a host sync: log steps, checkpoints, evaluation, the end), log the
+        steps skipped since the last read, and raise if the consecutive limit was reached at some step."""
+        state = self.nonfinite.read()
+        new = state.skipped - self.skipped_steps
+        self.nonfinite_streak, self.skipped_steps = state.streak, state.skipped
+        if new > 0:
+            log.warning("%d step(s) up to step %d had a non-finite gradient norm: update skipped (%d in a row now, "
+                        "%d in all)", new, self.step, state.streak, state.skipped)
+        if state.tripped_step is not None:
+            limit = self.cfg.train.max_consecutive_nonfinite
+            raise NonFiniteLossError(
+                f"{limit} consecutive steps with a non-finite loss/gradient at step {state.tripped_step} "
+                f"(train.max_consecutive_nonfinite={limit}); "
+                f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true")
 
     # ------------------------------------------------------------------ loop
     def _next_micro_batches(self, it) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -194,8 +226,8 @@ class Trainer:
             self._sample_trace.record(self.step, batches)
         return batches, waited
 
-    def _train_step(self, batches, ctx: StepContext) -> tuple[dict[str, torch.Tensor], bool]:
-        """One optimizer step over all phases; returns metrics and whether every update was finite."""
+    def _train_step(self, batches, ctx: StepContext) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over all phases; returns metrics and whether every update was finite (on the device)."""
         return train_step(self.task, self.engine, self.parts, batches, ctx)
 
     def _eval_due(self) -> bool:
@@ -206,6 +238,7 @@ class Trainer:
         return self.step % interval == 0 or self.step == self.total_steps
 
     def _save(self) -> None:
+        self._sync_nonfinite()             # current counters in the checkpoint; never save past the limit
         self.checkpoints.save(self.step, self.parts, self._extra_state())
 
     def train(self) -> TrainResult:
@@ -239,22 +272,13 @@ class Trainer:
                 for name, part in self.parts.items():
                     part.set_lr(scale * self._base_lr[name])
                 batches, data_wait = self._next_micro_batches(it)
-                metrics, finite = self._train_step(batches, ctx)
+                with self.step_guard():
+                    metrics, finite = self._train_step(batches, ctx)
+                    self.nonfinite.update(finite, self.step + 1)
                 self.step += 1
-                if finite:
-                    self.nonfinite_streak = 0
-                else:
-                    self.nonfinite_streak += 1
-                    self.skipped_steps += 1
-                    log.warning("step %d: non-finite gradient norm, update skipped (%d in a row)",
-                                self.step, self.nonfinite_streak)
-                    if self.nonfinite_streak >= cfg.train.max_consecutive_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.nonfinite_streak} consecutive steps with a non-finite loss/gradient at step "
-                            f"{self.step} (train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); "
-                            f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true")
                 self.throughput.add(cfg.train.global_batch_size, data_wait)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self._sync_nonfinite()
                     record = {**metrics, "lr": lr, "epoch": self.step / self.steps_per_epoch,
                               **self.task.step_metrics(ctx), "skipped_steps": self.skipped_steps,
                               **self.throughput.summary()}
@@ -266,11 +290,13 @@ class Trainer:
                 if self._debug_step_sleep:
                     time.sleep(self._debug_step_sleep)
                 if self._eval_due():
+                    self._sync_nonfinite()
                     results = self.task.evaluate(self.parts, self.step)
                     if results:
                         self.metrics.log(self.step, {f"eval/{k}": v for k, v in results.items()})
-                self.checkpoints.maybe_finalize()
-                stopping = self._any_rank_stopping()
+                with self.step_guard():
+                    self.checkpoints.maybe_finalize()
+                    stopping = self._any_rank_stopping()
                 is_last = self.step == self.total_steps
                 if stopping or self.checkpoints.should_save(self.step, is_last):
                     self._save()
@@ -283,6 +309,8 @@ class Trainer:
             del it
             if exit_code:
                 break
+        self._sync_nonfinite()
+        self._stop_agreement.close()
         if bar is not None:
             bar.close()
         return TrainResult(step=self.step, exit_code=exit_code)

@@ -333,16 +333,24 @@ class DeepSpeedPart(TrainedPart):
 
         Returns the pre-clip global gradient norm as a 0-dim fp32 tensor on this rank's device (``+inf`` for a
         skipped step). Must follow a ``backward(..., sync=True)``.
+
+        Host syncs: DeepSpeed's ZeRO optimizers decide the skip on the host (their overflow check reads an
+        all-reduced flag with ``.item()``, once per step, inside ``engine.step()``); DeepSpeed's API offers no
+        device-side skip. This method adds no read of its own: the norm stays on the device (DeepSpeed keeps it as
+        a tensor, or as a float for a skipped step) and ``was_step_applied()`` is DeepSpeed's host-side flag.
         """
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"{self.name}: step() without a preceding backward(sync=True)")
         self.engine.step()
         raw = self.engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if raw is None else float(raw), dtype=torch.float32,
-                               device=self.device)
+        if isinstance(raw, torch.Tensor):
+            norm = raw.detach().to(device=self.device, dtype=torch.float32).reshape(()).clone()
+        else:
+            norm = torch.full((), float("nan") if raw is None else float(raw), dtype=torch.float32,
+                              device=self.device)
         applied = self.engine.was_step_applied()
-        if bool(torch.isfinite(norm)) and not applied:        # cannot happen with fp32/bf16; be explicit
-            norm = torch.full((), float("inf"), device=self.device)
+        if not applied:                    # a finite norm cannot be skipped with fp32/bf16; be explicit (on device)
+            norm = torch.where(torch.isfinite(norm), float("inf"), norm)
         if applied and self.ema is not None:
             ema_update_(self.ema.flats, self.layout.flats(self.engine), self.ema_decay)
         return norm

@@ -112,16 +112,34 @@ class FSDP2Part(TrainedPart):
             total = total.full_tensor()
         return total
 
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped on the device (no host read): the optimizer is a fused one (the
+        default on CUDA), whose kernel takes a ``found_inf`` flag as ``torch.amp.GradScaler`` uses it."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and all(
+            g.get("fused") for g in self.optimizer.param_groups)
+
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Clip, optimizer step, zero grad, EMA update; returns the pre-clip global grad norm.
 
-        If the norm is not finite (NaN/inf gradients), *nothing* is updated — weights, optimizer moments
-        and EMA stay as they were — the gradients are dropped, and the non-finite norm is returned so the
-        caller can count the skipped step. The norm is all-reduced, so every rank takes the same branch.
+        If the norm is not finite (NaN/inf gradients), *nothing* is updated — weights, optimizer moments and step
+        count, EMA stay as they were — the gradients are dropped, and the non-finite norm is returned so the caller
+        can count the skipped step. The norm is all-reduced, so every rank takes the same decision.
+
+        With a fused optimizer (``skips_on_device``) the decision is made on the device, with no host read: the
+        flag ``found_inf = ~isfinite(norm)`` goes to the fused kernel (which leaves parameters, moments and step
+        untouched when it is set, exactly as under ``GradScaler``) and gates the EMA (``ema_update_(apply=)``); the
+        clipping multiply runs either way (on a skipped step it only scales gradients that are then dropped). On a
+        finite step the kernels and their inputs are those of the unconditional update, so the weights are the same
+        bits. Other optimizers (foreach: the default on the CPU) cannot skip on the device (their step count lives
+        on the host): the norm is read on the host, as before.
         """
         norm = self.grad_norm()
-        if not bool(torch.isfinite(norm)):
+        finite = None
+        if self.skips_on_device:
+            finite = torch.isfinite(norm)
+        elif not bool(torch.isfinite(norm)):                   # host read (non-fused optimizers only)
             self.optimizer.zero_grad(set_to_none=True)
             return norm
         if self.grad_clip is not None:
@@ -129,10 +147,18 @@ class FSDP2Part(TrainedPart):
             local = [_local(p.grad) for p in self.trainable if p.grad is not None]
             if local:
                 torch._foreach_mul_(local, coef.to(local[0].device))
-        self.optimizer.step()
+        if finite is None:
+            self.optimizer.step()
+        else:
+            # Read by torch's fused Adam/AdamW step (getattr(self, "found_inf")); removed right after.
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None and self.ema_decay is not None:
-            ema_update_(self._ema_dst, self._ema_src, self.ema_decay)
+            ema_update_(self._ema_dst, self._ema_src, self.ema_decay, apply=finite)
         return norm
 
     def set_reshard_after_forward(self, reshard: bool) -> None:
