@@ -52,9 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
+
+from core.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -93,6 +95,7 @@ def sections(smoke: bool) -> list[Section]:
                 [
                     Step("bench_train", [*tiny_train, "--modes", "eager", "--sync-check"], 60, "eager"),
                     Step("bench_train", [*tiny_train, "--modes", "compiled"], 60, "compiled"),
+                    Step("check_host_sync", ["--out", "{scratch}", "--steps", "4"], 60, "trainer loop host syncs"),
                 ],
             ),
             Section(
@@ -260,6 +263,7 @@ def sections(smoke: bool) -> list[Section]:
                     65,
                     "compiled bf16-autocast",
                 ),
+                Step("check_host_sync", ["--out", "{scratch}", "--steps", "8"], 40, "trainer loop host syncs"),
             ],
         ),
         Section(
@@ -644,12 +648,8 @@ class Report:
 
     def write(self) -> None:
         self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        tmp = self.out / ".report.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.out / "report.json")
-        tmp = self.out / ".report.md.tmp"
-        tmp.write_text(self.markdown())
-        os.replace(tmp, self.out / "report.md")
+        atomic_write_text(self.out / "report.json", json.dumps(self.data, indent=1, default=str), durable=False)
+        atomic_write_text(self.out / "report.md", self.markdown(), durable=False)
 
     def markdown(self) -> str:
         d, env = self.data, self.data["env"]
@@ -970,6 +970,8 @@ def main(argv=None) -> int:
                 step_log = Path(tmp) / f"{section.name}.{i}.log"
                 record["status"] = "running"
                 report.write()
+                scratch = str(Path(tmp) / f"{section.name}.{i}")  # "{scratch}" in argv: a fresh folder per step
+                step = replace(step, argv=[a.replace("{scratch}", scratch) for a in step.argv])
                 status, code, seconds = run_step(step, timeout, launch, step_log, env)
                 text = step_log.read_text(errors="replace") if step_log.exists() else ""
                 with open(log, "a") as f:
