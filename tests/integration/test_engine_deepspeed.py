@@ -29,7 +29,7 @@ try:
     from test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import ToyModel, run_distributed
-    from tests.test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
+    from tests.integration.test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
 
 STEPS = 20
 ACCUM_FROM = 10          # steps >= this run as 2 micro-batches of 4 per rank
@@ -408,25 +408,6 @@ def _section(two_ranks, name):
             raise r[name]
     print(f"{name}: {results[0][name + '_s']:.1f} s")
     return results[0][name]
-
-
-def test_ds_config_from_engine_config():
-    from core.engines.deepspeed import ds_config
-    cfg = ds_config(_ds(3, precision="bf16", offload_optimizer=True, overlap_comm=False, bucket_size=1001), 4, 0.5)
-    z = cfg["zero_optimization"]
-    assert z["stage"] == 3 and z["overlap_comm"] is False and z["reduce_bucket_size"] == 1000
-    assert z["offload_optimizer"]["device"] == "cpu"
-    assert cfg["bf16"]["enabled"] and cfg["bf16"]["check_grad_overflow"] and cfg["gradient_clipping"] == 0.5
-    assert cfg["gradient_accumulation_steps"] == 1 and cfg["train_batch_size"] == 4
-    assert cfg["data_types"]["grad_accum_dtype"] == "fp32" and cfg["communication_data_type"] == "fp32"
-    assert "offload_optimizer" not in ds_config(_ds(2), 1)["zero_optimization"]
-    assert ds_config(_ds(1), 1)["gradient_clipping"] == 0.0 and not ds_config(_ds(1), 1)["bf16"]["enabled"]
-    assert "torch_autocast" not in ds_config(_ds(2, precision="bf16"), 1)
-    autocast = ds_config(_ds(2, precision="bf16-autocast"), 1)
-    assert not autocast["bf16"]["enabled"] and autocast["communication_data_type"] == "fp32"
-    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
-    with pytest.raises(ValueError, match="zero_stage"):
-        ds_config(_ds(0), 1)
 
 
 def test_zero123_match_reference_and_fsdp2_with_accumulation_and_ema(two_ranks):

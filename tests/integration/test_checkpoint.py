@@ -1,5 +1,6 @@
 """Checkpoints on REAL gloo process groups: bit-exact round trip, async save, 2 -> 1 rank resharding,
-incomplete / corrupt checkpoints, retention, and a SIGKILL between writing the data and the commit."""
+incomplete / corrupt checkpoints, retention, and a SIGKILL between writing the data and the commit (the retention
+rule alone: tests/unit/test_checkpoint_retention.py)."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, retained_steps, step_dirname
+from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, step_dirname
 
 try:
     from dist_utils import ToyModel, run_distributed
@@ -263,9 +264,9 @@ def test_sigkill_before_commit_resumes_previous(tmp_path):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
     env["OMP_NUM_THREADS"] = "1"
-    code = (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_checkpoint as t; "
+    code = (f"import sys; sys.path[:0] = [{str(TESTS_DIR)!r}, {str(TESTS_DIR.parent)!r}]; import test_checkpoint as t; "
             f"t._killed_child_main({str(run_dir)!r}, {str(marker)!r})")
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(TESTS_DIR.parent))
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(TESTS_DIR.parents[1]))
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -282,11 +283,3 @@ def test_sigkill_before_commit_resumes_previous(tmp_path):
     assert res == {"had_tmp_with_data": True, "tmp_removed": True, "complete": [1], "resumed_step": 1}
 
 
-@pytest.mark.parametrize("steps,keep_last,keep_every,expected", [
-    ([1, 2, 3, 4, 5, 6], 2, 4, {4, 5, 6}),
-    ([100, 200, 300], 1, None, {300}),
-    ([5, 10, 15, 20, 25], 2, 10, {10, 20, 25}),
-    ([3], 5, 2, {3}),
-])
-def test_retained_steps(steps, keep_last, keep_every, expected):
-    assert retained_steps(steps, keep_last, keep_every) == expected

@@ -24,7 +24,7 @@ except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
 
 pytestmark = pytest.mark.timeout(300)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N, BATCH = 22, 4                 # 6 chunks, the last one short
 OVERRIDES = ["data.latent_norm=false", "sampling.num_steps=4"]
 

@@ -22,7 +22,7 @@ from models.lightningdit import (
 )
 
 # Keys, shapes and kinds of the released checkpoints (a copy in the repository: the test never skips).
-TSV = Path(__file__).resolve().parent / "data" / "lightningdit_xl1_state_dict.tsv"
+TSV = Path(__file__).resolve().parents[1] / "data" / "lightningdit_xl1_state_dict.tsv"
 RELEASED = dict(input_size=16, in_channels=32, use_swiglu=True, use_rope=True, use_rmsnorm=True)
 TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 

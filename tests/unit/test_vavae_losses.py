@@ -18,7 +18,7 @@ from core.config import ConfigError, load_config
 from models.losses import (NLayerDiscriminator, adaptive_weight, build_lpips, distmat_loss, generator_loss,
                            hinge_d_loss, marginal_cosine_loss, vf_loss)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
           "vavae.disc.n_layers=2"]
 R2 = 1 / math.sqrt(2)

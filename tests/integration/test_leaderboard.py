@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.timeout(400)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 RUNS = {   # name -> overrides that make the runs differ (model, optimiser, sampler)
     "base": [],

@@ -1,16 +1,11 @@
-"""core.ema: the fused lerp EMA equals the textbook formula, on plain tensors and on FSDP2 DTensor shards."""
+"""core.ema: the fused lerp EMA equals the textbook formula on plain tensors (DTensor shards:
+tests/integration/test_ema_dtensor.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from core.ema import ema_update_
-
-try:
-    from dist_utils import run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-
 
 def _tensors(seed, shapes=((3, 5), (7,), (1,), (0, 4), (2, 2, 2))):
     g = torch.Generator().manual_seed(seed)
@@ -55,26 +50,3 @@ def test_no_grad_dtype_and_errors():
         ema_update_([ema], [torch.ones(3)], 1.5)
 
 
-def _dtensor_worker(dist):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (dist.world_size,))
-    full_ema, full_src = _tensors(0, ((5, 3), (4,))), _tensors(1, ((5, 3), (4,)))
-    ema = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full_ema]
-    src = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full_src]
-    ema_update_(ema, src, 0.75)                                        # DTensor lists
-    ema_update_([e.to_local() for e in ema], [s.to_local() for s in src], 0.75)   # local shards
-    out = []
-    for e, fe, fs in zip(ema, full_ema, full_src):
-        hand = fe
-        for _ in range(2):
-            hand = 0.75 * hand + 0.25 * fs
-        torch.testing.assert_close(e.full_tensor(), hand, atol=1e-6, rtol=1e-6)
-        out.append(e.full_tensor())
-    return out
-
-
-def test_dtensor_shards_two_ranks():
-    r0, r1 = run_distributed(_dtensor_worker, world_size=2)
-    assert all(torch.equal(a, b) for a, b in zip(r0, r1))

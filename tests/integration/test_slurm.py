@@ -36,9 +36,9 @@ import yaml
 try:
     from test_train_resume import complete_steps, final_state, write_toy_latents
 except ImportError:  # run as a package module
-    from tests.test_train_resume import complete_steps, final_state, write_toy_latents
+    from tests.integration.test_train_resume import complete_steps, final_state, write_toy_latents
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = [sys.executable, str(REPO / "launchers" / "slurm.py")]
 CONFIG = "configs/tiny_dit.yaml"
 TOTAL_STEPS = 16

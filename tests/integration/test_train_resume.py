@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"
 TOTAL_STEPS = 16
 REQUEUE = 75

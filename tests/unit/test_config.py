@@ -11,7 +11,7 @@ from core.config import (ConfigError, ExperimentConfig, TimestepPhase, apply_ove
                          config_to_dict, derived, epochs_to_steps, load_config, resolve_run_dir, save_config,
                          validate)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("extract_"))
 XL = ROOT / "configs" / "lightningdit_xl.yaml"
 XL64 = ROOT / "configs" / "lightningdit_xl_64ep.yaml"

@@ -21,8 +21,8 @@ try:
     from test_train_resume import final_state
     from test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa: F401
 except ImportError:  # run as a package module
-    from tests.test_train_resume import final_state
-    from tests.test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa
+    from tests.integration.test_train_resume import final_state
+    from tests.integration.test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa
 
 from core.config import ConfigError, load_config
 

@@ -16,8 +16,8 @@ try:
     from test_train_resume import (REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree, losses,  # noqa: F401
                                    run, start, wait_for)
 except ImportError:  # tests/ imported as a package
-    from tests.test_train_resume import (REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree,  # noqa: F401
-                                         losses, run, start, wait_for)
+    from tests.integration.test_train_resume import (REPO, TOTAL_STEPS, complete_steps, dataset,  # noqa: F401
+                                                     kill_tree, losses, run, start, wait_for)
 
 pytestmark = pytest.mark.timeout(600)
 
