@@ -17,6 +17,7 @@ under ``CI=true``, where they fail: CI must run them.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -39,6 +40,14 @@ for _path in (TESTS / "integration", TESTS / "unit", TESTS, REPO):       # REPO 
     sys.path.insert(0, str(_path))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_finish(session):
+    """Move everything the imports and the collection created into gc's permanent generation: the later
+    ``gc.collect()`` calls (the streaming tests run one after each test to release shared memory) then only walk the
+    objects created since, instead of torch's whole object graph (0.7 s each, 20 s over the unit tier)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture
