@@ -50,6 +50,13 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the shared ranks of tests/dist_utils.py (also done at exit)."""
+    for name in ("dist_utils", "tests.dist_utils"):
+        if name in sys.modules:
+            sys.modules[name].close_gangs()
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
