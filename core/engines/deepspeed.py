@@ -97,7 +97,7 @@ command (then ``load`` just uses it); for large models that is advisable, since 
 a collective (default timeout 10 min with NCCL).
 ``extra`` follows the FSDP2 rule: rank 0's, with ``world_size_changed=True``.
 
-DeepSpeed internals this file relies on (checked by tests/test_engine_deepspeed.py against the pinned
+DeepSpeed internals this file relies on (checked by tests/integration/test_engine_deepspeed.py against the pinned
 DeepSpeed 0.19): the ZeRO optimizers' flat fp32 partitions and parameter groups named above, ``param._hp_mapping``
 (stages 1/2: fragment addresses), ``grad_position``/``get_param_id``/``_get_param_partition_rank`` (stage 3),
 the inner torch optimizer's ``state`` keyed by the flat partitions, and ``engine._config.load_universal_checkpoint``
