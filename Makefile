@@ -1,10 +1,11 @@
 # Two commands for a new user: `make demo` and `make test`. Both build .venv from scratch when missing.
+# `make test` (the CI entry) runs both test tiers; `make test-fast` only tests/unit (in process, under a minute).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-fast demo clean
 
 venv: $(STAMP)
 
@@ -16,6 +17,9 @@ $(STAMP): setup.py constraints.txt
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q tests/unit
 
 demo: $(STAMP)
 	$(VPY) tools/demo.py

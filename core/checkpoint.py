@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-# Test hook (tests/test_checkpoint.py): when this environment variable names a file, rank 0 creates that
+# Test hook (tests/integration/test_checkpoint.py): when this environment variable names a file, rank 0 creates that
 # file and then sleeps forever right before committing a checkpoint — i.e. after every byte of the
 # checkpoint is on disk but before COMPLETE/rename — so a test can SIGKILL a process "mid-save".
 PAUSE_BEFORE_COMMIT_ENV = "LLAT_TEST_PAUSE_BEFORE_COMMIT"

@@ -20,7 +20,7 @@ steps, checkpoints, evaluation and the end of the run. Three pieces make that po
 * ``HostSyncCounter``: a ``TorchDispatchMode`` that records every op through which a host read goes
   (``aten._local_scalar_dense``: ``.item()``, ``bool()``, ``float()``, ``int()``; ``nonzero`` and friends, whose
   output size the host must know; copies from a non-CPU device to the CPU), for tests on any device, including
-  the CPU (tests/test_no_host_sync.py). On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth
+  the CPU (tests/integration/test_no_host_sync.py). On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth
   (``tools/check_host_sync.py``).
 """
 from __future__ import annotations

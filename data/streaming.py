@@ -50,7 +50,7 @@ Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
 * Speed: the readers install, on each MDS shard, a sample reader that keeps this process's recently used shard
   files open (``pread``; a deleted or replaced file is opened again by name) and decoders built once per column,
   and skip streaming's per-sample ``prepare_shard`` for shards this process has seen prepared when there is no
-  cache limit; the values are those of streaming's own reader (tests/test_bench_data.py, tools/bench_data.py).
+  cache limit; the values are those of streaming's own reader (tests/integration/test_bench_data.py, tools/bench_data.py).
 * Shared memory: streaming coordinates the ranks/workers of a node through shared memory keyed by
   the local directory. After a crash call ``streaming.base.util.clean_stale_shared_memory()`` once,
   on every rank (it is a collective when torch.distributed is initialised), before any dataset is

@@ -2,7 +2,7 @@
 
 State-dict compatible with the official hustvl/LightningDiT checkpoints (same module names, shapes,
 persistent buffers and frozen ``pos_embed`` parameter) and numerically equivalent to the official
-forward pass. Written from the facts in ``shared/reference/lightningdit-facts.md`` §1 and §3.
+forward pass. Written from the official code (hustvl/LightningDiT @ 2725fed4) and the paper.
 
 Design points that differ from the official file (behaviour is the same):
 

@@ -5,15 +5,28 @@
 
 ``fn`` must be picklable (a module-level function). Each worker gets the torchrun environment (RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free MASTER_PORT, OMP_NUM_THREADS=1),
-calls ``core.distributed.init_distributed()`` — the code path used in production — runs ``fn`` and tears
-the group down. An exception in any worker fails the call with that worker's traceback; the other
-workers are terminated.
+calls ``core.distributed.init_distributed()`` — the code path used in production — and runs ``fn``. An exception
+in any worker fails the call with that worker's traceback; the other workers are terminated.
+
+Shared ranks: the workers of one world size are started once per test session (a "gang": spawning 2 ranks that
+import torch costs seconds each time) and run every call of that world size, one after the other, in the same
+process group. Before each call a worker puts back what a fresh process would have: the environment (plus ``env``),
+the working directory, torch's default seed, grad mode, default dtype and thread count, logging handlers and levels,
+and torch.compile's caches and counters. A call whose ``fn`` destroys the default group (a tool's ``main()`` that
+tears down) retires its gang; a failed call kills it; the next call starts a new one. ``fresh=True`` (or
+``LLAT_TEST_FRESH_RANKS=1`` for every call) runs ``fn`` in new processes that tear the group down afterwards.
 """
 from __future__ import annotations
 
+import atexit
+import io
+import logging
 import os
+import sys
 import tempfile
+import traceback
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,14 +61,174 @@ def _worker(local_rank: int, fn: Callable, world_size: int, port: int, args: Seq
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
-                    env: Optional[dict[str, str]] = None, timeout_s: float = 120.0) -> list[Any]:
-    """Run ``fn(dist, *args)`` on ``world_size`` gloo ranks; return the per-rank results (rank order)."""
+                    env: Optional[dict[str, str]] = None, timeout_s: float = 120.0, fresh: bool = False) -> list[Any]:
+    """Run ``fn(dist, *args)`` on ``world_size`` gloo ranks; return the per-rank results (rank order).
+
+    ``timeout_s``: the process group's timeout (a collective that waits longer fails). The shared ranks' group has
+    ``GANG_TIMEOUT_S``; a call that asks for more, or ``fresh=True``, gets new processes."""
     from core.distributed import free_port
     with tempfile.TemporaryDirectory(prefix="dist_results_") as result_dir:
-        mp.start_processes(_worker, args=(fn, world_size, free_port(), tuple(args), result_dir, dict(env or {}),
-                                          timeout_s),
-                           nprocs=world_size, join=True, start_method="spawn")
+        if fresh or timeout_s > GANG_TIMEOUT_S or os.environ.get("LLAT_TEST_FRESH_RANKS", "") not in ("", "0"):
+            mp.start_processes(_worker, args=(fn, world_size, free_port(), tuple(args), result_dir,
+                                              dict(env or {}), timeout_s),
+                               nprocs=world_size, join=True, start_method="spawn")
+        else:
+            gang = _GANGS.get(world_size)
+            if gang is None:
+                gang = _GANGS[world_size] = _Gang(world_size)
+            gang.call(fn, tuple(args), dict(env or {}), result_dir)
         return [torch.load(Path(result_dir) / f"result{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# ------------------------------------------------------------------------------------------- shared ranks
+GANG_TIMEOUT_S = 300.0          # the process group timeout of the shared ranks (the longest any test asks for)
+_GANGS: dict[int, "_Gang"] = {}
+
+
+class _Gang:
+    """``world_size`` spawned ranks in one process group, running the calls sent to them one at a time."""
+
+    def __init__(self, world_size: int):
+        from core.distributed import free_port
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.conns, self.procs = [], []
+        port = free_port()
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_gang_worker, args=(rank, world_size, port, child, GANG_TIMEOUT_S),
+                               name=f"test-rank{rank}of{world_size}")
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def call(self, fn: Callable, args: tuple, env: dict[str, str], result_dir: str) -> None:
+        buf = io.BytesIO()
+        torch.save({"fn": fn, "args": args, "env": env, "result_dir": result_dir}, buf)
+        replies: dict[int, tuple] = {}
+        try:
+            for conn in self.conns:
+                conn.send_bytes(buf.getvalue())
+            while len(replies) < self.world_size:
+                pending = [r for r in range(self.world_size) if r not in replies]
+                wait([self.conns[r] for r in pending] + [self.procs[r].sentinel for r in pending], timeout=1.0)
+                for r in pending:
+                    if self.conns[r].poll():
+                        try:
+                            replies[r] = self.conns[r].recv()
+                        except EOFError:
+                            replies[r] = ("error", f"rank {r} exited (code {self.procs[r].exitcode})")
+                    elif not self.procs[r].is_alive():
+                        replies[r] = ("error", f"rank {r} exited (code {self.procs[r].exitcode}) during the call")
+                    if replies.get(r, ("ok",))[0] == "error":
+                        raise mp.ProcessRaisedException(
+                            f"\n\n-- Process {r} terminated with the following error:\n{replies[r][1]}", r,
+                            self.procs[r].pid)
+        except BaseException:
+            self.kill()
+            raise
+        if not all(alive for _, alive in replies.values()):      # fn destroyed the default group
+            self.close()
+
+    def _forget(self) -> None:
+        if _GANGS.get(self.world_size) is self:
+            del _GANGS[self.world_size]
+
+    def close(self) -> None:
+        self._forget()
+        for conn in self.conns:
+            try:
+                conn.send_bytes(b"stop")
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+        self.kill()
+
+    def kill(self) -> None:
+        self._forget()
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=30)
+        for conn in self.conns:
+            conn.close()
+
+
+def close_gangs() -> None:
+    """Stop the shared ranks (end of the test session; also at exit)."""
+    for gang in list(_GANGS.values()):
+        gang.close()
+
+
+atexit.register(close_gangs)
+
+
+def _fresh_state(seed: int, env: dict[str, str], cwd: str) -> None:
+    """What a newly spawned rank would have: its environment, working directory, default seed and torch state."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    torch.manual_seed(seed)
+    torch.set_grad_enabled(True)
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+        sys.modules["torch._dynamo.utils"].counters.clear()
+
+
+def _logging_state() -> list[tuple]:
+    loggers = [logging.root] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                if isinstance(lg, logging.Logger)]
+    return [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+
+
+def _restore_logging(state: list[tuple]) -> None:
+    for lg, handlers, level, propagate, disabled in state:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+
+
+def _gang_worker(rank: int, world_size: int, port: int, conn, timeout_s: float) -> None:
+    for key in _SCRUB:
+        os.environ.pop(key, None)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    import torch.distributed as tdist
+
+    from core.distributed import init_distributed
+    init_distributed(timeout=timedelta(seconds=timeout_s))
+    seed, env, cwd, logs = torch.initial_seed(), dict(os.environ), os.getcwd(), _logging_state()
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if message == b"stop":
+            from core.distributed import teardown
+            teardown()
+            break
+        try:
+            call = torch.load(io.BytesIO(message), weights_only=False)
+            _fresh_state(seed, {**env, **call["env"]}, cwd)
+            result = call["fn"](init_distributed(), *call["args"])
+            torch.save(result, os.path.join(call["result_dir"], f"result{rank}.pt"))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which ends this gang
+            conn.send(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+            break
+        finally:
+            _restore_logging(logs)
+        alive = tdist.is_initialized()
+        conn.send(("ok", alive))
+        if not alive:
+            break
+    conn.close()
 
 
 # ---------------------------------------------------------------------------------------------- toy model

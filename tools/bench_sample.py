@@ -19,7 +19,7 @@ Method: ``--warmup`` untimed sample calls first (compilation and graph capture h
 ``--repeats`` timed calls between ``torch.cuda.synchronize()``; img/s = batch * repeats / time.
 NFE/img = model calls per image (249); fwd/img = forward passes per image (a guided step runs the doubled
 batch: 81 + 2 * 168 = 417 for the paper settings); GFLOP/img = ``flops_per_image(training=False)`` * fwd/img
-(matmul + attention FLOPs, 2 per MAC, checked against ``FlopCounterMode`` in tests/test_perf_tools.py);
+(matmul + attention FLOPs, 2 per MAC, checked against ``FlopCounterMode`` in tests/unit/test_perf_tools.py);
 MFU = img/s * FLOP/img / ``core.metrics.peak_flops`` (vendor dense bf16 peak; fp32 rows use the same
 denominator). ``max diff`` / ``rel diff`` = max-abs and relative-L2 difference of the samples to the eager samples
 of the same precision; ``ok`` compares ``rel diff`` with the precision's tolerance (fp32 1e-4, bf16 1e-2; a bf16

@@ -7,7 +7,7 @@ log / evaluation / checkpoint blocks, which read on purpose) under
 * ``torch.cuda.set_sync_debug_mode("error")`` on CUDA: any synchronizing CUDA call (a device->host copy, ``.item()``,
   a blocking ``cudaMemcpy``, ``nonzero``...) raises; that is the ground truth;
 * ``core.hostsync.HostSyncCounter``: records every op a host read goes through (on CUDA: of device tensors only),
-  also on the CPU, where it is what the test suite checks (tests/test_no_host_sync.py).
+  also on the CPU, where it is what the test suite checks (tests/integration/test_no_host_sync.py).
 
 The optimizer is fused (``optimizer.fused=true``: the device-side skip of a non-finite step needs it; the default
 on CUDA anyway). One rank, FSDP2 by default; pass overrides for other settings, e.g. ``engine.precision=bf16``,

@@ -12,8 +12,8 @@ ASSUMPTIONS (documented in docs/scaling.md): 446 img/s at batch 64 (the compiled
 48 GiB peak memory at batch 64 (about 0.48 GiB of activations per image; the official step OOMs at 128).
 Everything else is computed: parameter counts and FLOPs from the model registry, the bytes of every collective
 from the strategy's sharding (the FSDP2 formulas are checked against a real 2-rank gloo step in
-tests/test_perf_tools.py), and their time from an alpha-beta ring/tree model of NCCL. See docs/scaling.md
-for every assumption and the recommendation.
+tests/integration/test_perf_tools_distributed.py), and their time from an alpha-beta ring/tree model of NCCL. See
+docs/scaling.md for every assumption and the recommendation.
 
 Library use (tests): ``fsdp_units(model)``, ``fsdp_step_collectives(...)``, ``ddp_step_collectives(...)``
 return the exact collectives (op, elements, bytes per element, group) of one training step.

@@ -98,7 +98,7 @@ a collective (default timeout 10 min with NCCL).
 The world size a checkpoint was written with is ``meta["world_size"]`` of each part's ``ema.pt``. ``extra``
 follows the rule of ``core.checkpoint`` for every engine: rank 0's, with ``world_size_changed=True``.
 
-DeepSpeed internals this file relies on (checked by tests/test_engine_deepspeed.py against the pinned
+DeepSpeed internals this file relies on (checked by tests/integration/test_engine_deepspeed.py against the pinned
 DeepSpeed 0.19): the ZeRO optimizers' flat fp32 partitions and parameter groups named above, ``param._hp_mapping``
 (stages 1/2: fragment addresses), ``grad_position``/``get_param_id``/``_get_param_partition_rank`` (stage 3),
 the inner torch optimizer's ``state`` keyed by the flat partitions, and ``engine._config.load_universal_checkpoint``

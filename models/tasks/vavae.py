@@ -43,7 +43,7 @@ Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autogr
   post-backward callback, which reshards the unit; autograd.grad never accumulates ``.grad``, so nothing is
   reduce-scattered, and the real backward (the trainer's) unshards again. Cost: one extra all-gather of the
   autoencoder per partial pass (up to 3 per micro-batch: nll w.r.t. both weights, g and vf; 70M parameters);
-  verified against an unsharded reference in tests/test_vavae.py (2 gloo ranks, gradient accumulation).
+  verified against an unsharded reference in tests/integration/test_vavae_fsdp2.py (2 gloo ranks, accumulation).
 * The generator term goes through the *discriminator's* FSDP unit. To keep the discriminator's gradients out
   of the autoencoder's backward (they would be reduce-scattered into the discriminator's gradient and leak into
   its step), ``g`` is evaluated on a detached copy of ``x_hat``: ``G = dg/dx_hat`` comes from
@@ -266,7 +266,8 @@ class VAVAETask(Task):
             ae.linear_proj.requires_grad_(False)
         clip = cfg.train.grad_clip
         # engine.compile: the encoder, decoder and discriminator trunk are compiled inside their single FSDP units
-        # (the adaptive weights' autograd.grad passes run through the compiled graphs; tests/test_perf_tools.py).
+        # (the adaptive weights' autograd.grad passes run through the compiled graphs;
+        # tests/integration/test_perf_tools_distributed.py).
         return {"autoencoder": PartSpec(module=ae, optimizer=cfg.optimizer, ema_decay=v.ema_decay, blocks_attr=None,
                                         grad_clip=clip, compile_attrs=("encoder", "decoder")),
                 "discriminator": PartSpec(module=disc, optimizer=v.disc_optimizer, ema_decay=None, blocks_attr=None,
