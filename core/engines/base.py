@@ -173,6 +173,14 @@ class TrainedPart(abc.ABC):
         used (VA-VAE's adaptive weights take ``autograd.grad`` w.r.t. them). Idempotent. A no-op for engines that
         never shard parameters between forward and backward (the default here)."""
 
+    def set_partial_grads(self, enabled: bool) -> None:
+        """Whether the task takes ``torch.autograd.grad`` through this part's forward outputs (w.r.t. the part's
+        parameters or its inputs) before the part's ``backward`` — VA-VAE's adaptive weights. Such partial passes
+        must not start the engine's gradient machinery (reduction, partition bookkeeping); only ``backward`` does.
+        Idempotent. A no-op for engines whose forward does not hook its outputs (the default here; FSDP2's
+        per-unit hooks handle partial passes). Combine with ``set_reshard_after_forward(False)`` for gradients
+        w.r.t. the parameters."""
+
     @abc.abstractmethod
     def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
         """Collective: the model's full (unsharded) fp32 state dict on the CPU, with the model's own key names.

@@ -295,6 +295,40 @@ class ZeroShardedEMA(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- part
+class _DirectForward:
+    """The forward of a DeepSpeed part whose outputs the task differentiates with ``autograd.grad`` before its
+    backward (``TrainedPart.set_partial_grads``). Calls the wrapped model itself, with what DeepSpeed's
+    ``engine.forward`` adds around it except its output hooks (DeepSpeed 0.19.8 ``DeepSpeedEngine.forward``):
+
+    * ``optimizer.clear_backward_seen_flag()`` (ZeRO's deferred per-backward bookkeeping);
+    * ``autocast_if_enabled(engine)`` (the engine's ``torch_autocast`` section, precision ``bf16-autocast``);
+    * the engine's forward pre/post hooks (timers; ZeRO-3's external-parameter discovery) and every ZeRO-3
+      sub-module hook (parameter gathering and release, in forward and in backward) are module hooks: they run
+      either way.
+
+    Not added: ``register_output_backward_hooks`` on the outputs, whose hook runs DeepSpeed's backward prologue
+    (``_backward_prologue``: ``enter_backward`` + a queued post-backward callback that runs the reduction
+    epilogue) in whatever backward pass first reaches an output. ``DeepSpeedPart.backward`` registers that same
+    hook on the loss. DeepCompile (not used by this engine) would need the engine's forward.
+    Attribute access goes to the wrapped model (``part.module.decoder.conv_out.weight``)."""
+
+    def __init__(self, ds_engine):
+        self._engine = ds_engine
+
+    def __call__(self, *args, **kwargs):
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+        engine = self._engine
+        if isinstance(engine.optimizer, ZeROOptimizer):
+            engine.optimizer.clear_backward_seen_flag()
+        with autocast_if_enabled(engine):
+            return engine.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine.module, name)
+
+
 class DeepSpeedPart(TrainedPart):
     """A model wrapped in a DeepSpeed ZeRO engine + its (partitioned) EMA.
 
@@ -308,6 +342,7 @@ class DeepSpeedPart(TrainedPart):
                  stage: int, precision: str, skeleton: Optional[nn.Module] = None):
         super().__init__(name, ds_engine, None, base_optimizer, ema_decay, device, skeleton)
         self.engine = ds_engine
+        self._partial_grads = False                  # set_partial_grads
         self.base_optimizer = base_optimizer
         self.stage = stage
         self.precision = precision
@@ -325,6 +360,13 @@ class DeepSpeedPart(TrainedPart):
     # ------------------------------------------------------------------ training
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         self.engine.set_gradient_accumulation_boundary(bool(sync))
+        if self._partial_grads:
+            # The forward ran without DeepSpeed's output hooks (_DirectForward): start DeepSpeed's backward
+            # machinery where the real backward starts, at the loss — before any gradient reaches the module, as
+            # the output hooks would. Partial autograd.grad passes never reach this tensor.
+            from deepspeed.runtime.utils import register_output_backward_hooks
+            register_output_backward_hooks(loss, preprocess_once_fn=self.engine._backward_prologue,
+                                           preprocess_per_tensor_fn=self.engine._backward_prologue_per_tensor)
         self.engine.backward(loss)
 
     @torch.no_grad()
@@ -361,6 +403,15 @@ class DeepSpeedPart(TrainedPart):
         if not reshard and self.stage == 3:
             raise NotImplementedError(f"{self.name}: DeepSpeed ZeRO-3 cannot keep a module's parameters unsharded "
                                       "between its forward and its backward; use ZeRO-1/2 or engine.kind=fsdp2")
+
+    def set_partial_grads(self, enabled: bool) -> None:
+        """On: ``module`` becomes a ``_DirectForward`` that calls the wrapped model without DeepSpeed's engine
+        forward, whose output hooks would run DeepSpeed's backward prologue — and queue its reduction epilogue — on
+        every ``autograd.grad`` through the outputs; ``backward`` registers the same prologue on the loss instead.
+        See ``_DirectForward``."""
+        if self._partial_grads is not bool(enabled):
+            self._partial_grads = bool(enabled)
+            self.module = _DirectForward(self.engine) if enabled else self.engine
 
     # ------------------------------------------------------------------ full state (collective)
     def _partitions(self, which: str) -> list[torch.Tensor]:

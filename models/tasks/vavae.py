@@ -341,8 +341,11 @@ class VAVAETask(Task):
         x = batch["image"].to(self.device, non_blocking=True).float()
         if phase == "autoencoder":
             features = batch["features"].to(self.device, non_blocking=True).float() if self.precomputed else None
-            # The adaptive weights need the unsharded weights of this forward's graph (module doc; idempotent).
+            # The adaptive weights need the unsharded weights of this forward's graph and autograd.grad passes
+            # through both parts before their backward (module doc; idempotent).
             parts["autoencoder"].set_reshard_after_forward(False)
+            parts["autoencoder"].set_partial_grads(True)
+            parts["discriminator"].set_partial_grads(True)
             loss, metrics, recon = self.autoencoder_loss(x, parts["autoencoder"].module,
                                                          parts["discriminator"].module, ctx.step, features=features)
             self._pending.append((id(batch), recon))

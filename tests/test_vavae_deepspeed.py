@@ -1,0 +1,203 @@
+"""VA-VAE on the DeepSpeed engine: ZeRO-1/2 train the full objective (L1 + LPIPS + KL + VF with its adaptive weight
++ PatchGAN with its adaptive weight and ``disc_start``, two optimizers) on the shared trainer step and agree with the
+FSDP2 engine on 2 gloo ranks; ZeRO-3 is refused at config validation; bit-exact resume after SIGKILL, resume on
+one rank through DeepSpeed's universal checkpoint and tools/export.py through the real launcher.
+
+configs/tiny_vavae.yaml at 16 px: its DINOv2 ViT and LPIPS VGG16 are RANDOMLY INITIALISED (``random_init: true``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+try:
+    from dist_utils import run_distributed
+    from test_train_resume import complete_steps, kill_tree
+    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import run_distributed
+    from tests.test_train_resume import complete_steps, kill_tree
+    from tests.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
+          "vavae.disc.n_layers=2", "vavae.loss.disc_start=1"]
+# Adam's eps raised from 1e-8 for the parity runs only. Several parameters of the autoencoder have a gradient that
+# is zero in exact arithmetic (a conv bias followed by GroupNorm, the attention key bias: softmax is shift-
+# invariant); in fp32 it is rounding noise (~1e-9) that depends on the order of the gradient reduction (FSDP2's
+# reduce-scatter vs DeepSpeed's bucketed reduction), up to ~1e-6 with this loss scale (the nll is a per-image sum),
+# and Adam with eps 1e-8 turns it into +-lr updates of arbitrary sign. With eps 1e-2 such noise moves a weight by
+# < 1e-7; both engines run the same (changed) update rule, which is what this test compares.
+PARITY_EPS = ["optimizer.eps=1e-2", "vavae.disc_optimizer.eps=1e-2"]
+STEPS = 3                        # step 0 before disc_start (GAN terms off), steps 1-2 with them
+
+
+def _train(dist, kind: str, stage: int):
+    """STEPS training steps (2 micro-batches of 2 images per rank each) of the real task through the trainer's
+    ``train_step`` on ``kind`` (ZeRO ``stage``); returns every step's metrics and both parts' full weights."""
+    from core.engines import build_engine
+    from core.trainer import train_step
+    from launchers.experiment import load_config
+    from models.tasks.vavae import VAVAETask
+
+    cfg = load_config(REPO / CONFIG, TINY16 + PARITY_EPS + [f"engine.kind={kind}", f"engine.zero_stage={stage}"])
+    task = VAVAETask(cfg, dist)
+    engine = build_engine(cfg.engine, dist)
+    parts = {n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr,
+                               grad_clip=s.grad_clip) for n, s in task.build_models().items()}
+    g = torch.Generator().manual_seed(100 + dist.rank)
+    log = []
+    for step in range(STEPS):
+        batches = [{"image": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1} for _ in range(2)]
+        metrics, finite = train_step(task, engine, parts, batches, SimpleNamespace(step=step))
+        assert finite
+        log.append({k: float(v) for k, v in metrics.items()})
+    return log, {n: p.full_state_dict("model") for n, p in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run():
+    return run_distributed(_train, world_size=2, args=("fsdp2", 2), timeout_s=240)[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_matches_fsdp2_across_disc_start(fsdp2_run, stage):
+    """Losses (every logged metric, the adaptive weights included) and weights after 3 steps equal the FSDP2 run's
+    within fp32 tolerance: relative 1e-5 for the metrics and 1e-5 (relative to max(1, |w|)) for the weights. The
+    engines compute the same sums in another order (gradient reduction, grad-norm partial sums), so they differ by
+    fp32 rounding (~1e-7 relative per operation); the tolerances leave two orders of magnitude for its growth over
+    3 Adam steps. Measured here: ZeRO-1 equal to FSDP2 bit for bit, ZeRO-2 within 3e-7 (metrics)."""
+    log, weights = run_distributed(_train, world_size=2, args=("deepspeed", stage), timeout_s=240)[0]
+    ref_log, ref_weights = fsdp2_run
+    assert [m["autoencoder/disc_factor"] for m in log] == [0.0, 1.0, 1.0]
+    assert all(m["autoencoder/d_weight"] > 0 and m["discriminator/loss"] > 0 for m in log[1:])
+    assert all(m["autoencoder/vf_weight"] > 0 for m in log)
+    for step, (got, ref) in enumerate(zip(log, ref_log)):
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (step, key)
+    assert weights.keys() == ref_weights.keys()
+    for part in ref_weights:
+        assert weights[part].keys() == ref_weights[part].keys()
+        for key, ref in ref_weights[part].items():
+            got = weights[part][key]
+            scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+            assert float((got - ref).abs().max()) <= 1e-5 * scale, (part, key)
+
+
+def test_zero3_is_refused_with_the_reason():
+    from core.config import ConfigError
+    from launchers.experiment import load_config
+    with pytest.raises(ConfigError, match="engine.zero_stage: the VA-VAE task runs on DeepSpeed ZeRO stage 1 or 2"):
+        load_config(REPO / CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=3"])
+    load_config(REPO / CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=1"])
+
+
+# ------------------------------------------------------------------------------------ end to end (launcher)
+DS = ["engine.kind=deepspeed", "engine.zero_stage=2"]
+
+
+def _run(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = _cmd(run_dir, [*DS, *overrides])
+    cmd[cmd.index("--nproc") + 1] = str(nproc)
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400, check=False)
+
+
+def _ds_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """Both parts' model states, every rank's ZeRO optimizer partition and ema.pt, by file and key."""
+    try:
+        from test_train_deepspeed import _tensors
+    except ImportError:
+        from tests.test_train_deepspeed import _tensors
+    flat = {}
+    for part in ("autoencoder", "discriminator"):
+        root = run_dir / "checkpoints" / f"step_{step:07d}" / "deepspeed" / part
+        for f in sorted((root / "state").glob("*.pt")) + [root / "ema.pt"]:
+            for k, v in _tensors(torch.load(f, map_location="cpu", weights_only=False)).items():
+                flat[f"{part}/{f.name}:{k}"] = v
+    return flat
+
+
+@pytest.fixture(scope="module")
+def ds_reference(tmp_path_factory) -> Path:
+    """An uninterrupted 12-step ZeRO-2 run, checkpoints every 4 steps."""
+    run_dir = tmp_path_factory.mktemp("ds_vavae_ref") / "run"
+    res = _run(run_dir, "checkpoint.every_steps=4")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return run_dir
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_vavae_bit_exact_resume_after_sigkill(ds_reference, tmp_path):
+    """SIGKILL every process after the step-4 checkpoint; the resumed run crosses disc_start (step 6) and the epoch
+    boundary (step 8) and ends bit-identical: every logged value, both parts' weights, ZeRO optimizer partitions
+    and the discriminator's BatchNorm statistics."""
+    log = records(ds_reference)
+    assert sorted(log) == list(range(1, TOTAL + 1))
+    assert [log[s]["autoencoder/disc_factor"] for s in range(1, TOTAL + 1)] == [0.0] * 6 + [1.0] * 6
+    assert all(log[s]["autoencoder/d_weight"] > 0 for s in range(7, TOTAL + 1))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run_dir, [*DS, "checkpoint.every_steps=4"]), cwd=REPO,
+                            env=_env(LLAT_DEBUG_STEP_SLEEP=0.5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while 4 not in complete_steps(run_dir):
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            assert time.time() < deadline, "timed out waiting for the step-4 checkpoint"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)
+    assert 4 <= max(records(run_dir)) < 8
+    res = _run(run_dir, "checkpoint.every_steps=4")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "resumed from step 4" in res.stdout + res.stderr
+    assert records(run_dir) == records(ds_reference)
+    got, ref = _ds_state(run_dir, TOTAL), _ds_state(ds_reference, TOTAL)
+    assert got.keys() == ref.keys() and any("optim_states" in k for k in got)
+    assert any("running_mean" in k for k in got)
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, tmp_path):
+    """The step-8 checkpoint of the 2-rank run resumed on 1 rank (DeepSpeed universal checkpoint, both parts), and
+    tools/export.py (--part autoencoder / discriminator) on the DeepSpeed run: files the VA-VAE loaders read."""
+    import shutil
+
+    from models.vavae import load_vavae_state
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ds_reference / "checkpoints" / "step_0000008", run_dir / "checkpoints" / "step_0000008")
+    shutil.copy(ds_reference / "metrics.jsonl", run_dir / "metrics.jsonl")
+    res = _run(run_dir, "checkpoint.every_steps=100", nproc=1)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert "resumed from step 8" in text and "universal checkpoint" in text
+    for part in ("autoencoder", "discriminator"):
+        assert (run_dir / "checkpoints" / "step_0000008" / "deepspeed" / part / "universal" / "zero").is_dir()
+    log = records(run_dir)
+    assert all(torch.isfinite(torch.tensor(log[s]["autoencoder/loss"])) for s in range(9, TOTAL + 1))
+
+    # tools/export.py --part autoencoder / discriminator: the files the VA-VAE loaders read
+    from models.losses import NLayerDiscriminator
+
+    for part in ("autoencoder", "discriminator"):
+        out = tmp_path / f"{part}.pt"
+        res = subprocess.run([sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", part],
+                             cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"step_{TOTAL:07d}" in res.stdout
+    assert load_vavae_state(tmp_path / "autoencoder.pt").autoencoder
+    disc = torch.load(tmp_path / "discriminator.pt", weights_only=False)["model"]
+    NLayerDiscriminator(3, 16, 2).load_state_dict(disc, strict=True)
