@@ -22,8 +22,8 @@ try:
     from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
-    from tests.test_train_resume import complete_steps, kill_tree
-    from tests.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
+    from tests.integration.test_train_resume import complete_steps, kill_tree
+    from tests.integration.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
