@@ -1,11 +1,12 @@
 # Two commands for a new user: `make demo` and `make test`. Both build .venv from scratch when missing.
-# `make test` (the CI entry) runs both test tiers; `make test-fast` only tests/unit (in process, under a minute).
+# `make test` (the CI entry) runs the lint (ruff + import contracts) and both test tiers; `make test-fast` only
+# tests/unit (in process, under a minute); `make lint` only the lint.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv lint test test-fast demo clean
 
 venv: $(STAMP)
 
@@ -15,7 +16,12 @@ $(STAMP): setup.py constraints.txt
 	DS_BUILD_OPS=0 $(VPY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: lint
 	$(VPY) -m pytest -q tests
 
 test-fast: $(STAMP)

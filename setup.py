@@ -31,5 +31,6 @@ setup(
         "opencv-python-headless>=4.9",      # cv2.resize: the official VA-VAE training resize (data/images.py)
     ],
     # albumentations: the official VA-VAE transform, checked against ours (tests/unit/test_vavae_preprocessing.py)
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4", "ruff>=0.15",
+                              "import-linter>=2.1"]},
 )

@@ -316,7 +316,7 @@ class CheckpointManager:
             if not f.is_file():
                 raise FileNotFoundError(f"{f} listed in {COMPLETE} is missing")
             if f.stat().st_size != size:
-                raise IOError(f"{f} has {f.stat().st_size} bytes, {COMPLETE} recorded {size} (truncated?)")
+                raise OSError(f"{f} has {f.stat().st_size} bytes, {COMPLETE} recorded {size} (truncated?)")
 
     def load_latest(self, parts: dict[str, TrainedPart]) -> Optional[dict[str, Any]]:
         """Collective. Restore the newest loadable complete checkpoint; return its ``extra`` (None if none).

@@ -16,7 +16,8 @@ lerp kernel per tensor (torch has no multi-tensor lerp with a tensor weight) ins
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

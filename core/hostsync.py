@@ -26,8 +26,9 @@ steps, checkpoints, evaluation and the end of the run. Three pieces make that po
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as tdist

@@ -6,7 +6,8 @@ in a low layer can list names that higher layers implement (``models.tasks.TASKS
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 __all__ = ["Registry"]
 

@@ -22,9 +22,10 @@ import json
 import struct
 import sys
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 __all__ = ["RunData", "discover_runs", "read_offline_run", "read_online_project", "read_run_dir",
            "read_wandb_records"]

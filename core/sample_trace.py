@@ -30,7 +30,7 @@ class SampleIdTrace:
         self.is_main = is_main
 
     @classmethod
-    def from_env(cls, run_dir: Path, is_main: bool) -> Optional["SampleIdTrace"]:
+    def from_env(cls, run_dir: Path, is_main: bool) -> Optional[SampleIdTrace]:
         """A trace when ``LLAT_DEBUG_SAMPLE_IDS`` is set to a true value (same on every rank), else None."""
         if os.environ.get(ENV_VAR, "").strip().lower() in ("", "0", "false", "no", "off"):
             return None

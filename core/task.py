@@ -7,8 +7,9 @@ root (train.py, tools) builds one and hands it to the trainer, so core never imp
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import torch
 
@@ -113,7 +114,7 @@ class Task:
                                       f"for a resume on another world size: implement Task.reseed")
 
 
-def prepare_parts(engine: "Engine", specs: dict[str, PartSpec]) -> dict[str, "TrainedPart"]:
+def prepare_parts(engine: Engine, specs: dict[str, PartSpec]) -> dict[str, TrainedPart]:
     """Every part wrapped by ``engine`` as its spec says (the trainer and tools/bench_train.py)."""
     return {name: engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay, blocks_attr=spec.blocks_attr,
                                  grad_clip=spec.grad_clip, compile_attrs=tuple(spec.compile_attrs))

@@ -26,9 +26,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 
@@ -146,7 +147,7 @@ class Trainer:
         # Opened around the parts of every step that must not read the device on the host (the step itself and the
         # stop agreement; not the log / evaluation / checkpoint blocks): a check hook, e.g.
         # core.hostsync.HostSyncCounter or cuda_sync_debug("error") (tools/check_host_sync.py, the tests).
-        self.step_guard: Callable[[], ContextManager] = contextlib.nullcontext
+        self.step_guard: Callable[[], AbstractContextManager] = contextlib.nullcontext
         self.metrics.event(
             f"run {cfg.name}: {dist.world_size} rank(s), global batch {cfg.train.global_batch_size} "
             f"(micro {self.micro_batch} x accum {self.accum}), {self.steps_per_epoch} steps/epoch, "

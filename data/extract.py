@@ -59,9 +59,10 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -70,8 +71,17 @@ from core.config import Checks, ConfigError, config_to_dict, load_typed_config
 from core.distributed import all_gather_object, barrier, raise_if_any_rank_failed, rank_and_world
 from core.fileio import atomic_write_json, fsync_dir
 from data.features import FeatureExtractor, build_feature_extractor
-from data.images import (IMG_EXTENSIONS, BadItem, IgnoredFile, ImageFileDataset, collate_items, normalized_to_uint8,
-                         read_file_list, scan_image_folder, uint8_to_normalized)
+from data.images import (
+    IMG_EXTENSIONS,
+    BadItem,
+    IgnoredFile,
+    ImageFileDataset,
+    collate_items,
+    normalized_to_uint8,
+    read_file_list,
+    scan_image_folder,
+    uint8_to_normalized,
+)
 from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
 

@@ -12,7 +12,8 @@ epoch from its beginning.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset

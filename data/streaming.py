@@ -64,9 +64,10 @@ import os
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -281,7 +282,7 @@ class RunningMoments:
     def num_channels(self) -> Optional[int]:
         return None if self.mean is None else int(self.mean.numel())
 
-    def update(self, batch: Union[torch.Tensor, np.ndarray]) -> "RunningMoments":
+    def update(self, batch: Union[torch.Tensor, np.ndarray]) -> RunningMoments:
         x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
         x = x.detach().to("cpu", torch.float64)
         if x.dim() < 2:
@@ -295,7 +296,7 @@ class RunningMoments:
         self._combine(n, mean, m2)
         return self
 
-    def merge(self, other: "RunningMoments") -> "RunningMoments":
+    def merge(self, other: RunningMoments) -> RunningMoments:
         """Add the moments of ``other`` (in place); returns self."""
         if other.count:
             self._combine(other.count, other.mean.clone(), other.m2.clone())
@@ -340,7 +341,7 @@ class RunningMoments:
         self.mean = None if state["mean"] is None else torch.as_tensor(state["mean"], dtype=torch.float64)
         self.m2 = None if state["m2"] is None else torch.as_tensor(state["m2"], dtype=torch.float64)
 
-    def merge_across_ranks(self, group: Any = None) -> "RunningMoments":
+    def merge_across_ranks(self, group: Any = None) -> RunningMoments:
         """Merged moments of every rank (collective; identical result on all ranks, rank order)."""
         import torch.distributed as tdist
         if not (tdist.is_available() and tdist.is_initialized()):

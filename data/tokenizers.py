@@ -18,7 +18,8 @@ config passes through as ``tokenizer.kwargs``).
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import nn

@@ -9,16 +9,34 @@ checks of the task named by ``task`` (``models.tasks.TASKS``: ``Task.check_confi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
-from core.config import (CheckpointConfig, Checks, ConfigError, EngineConfig, LRScheduleConfig, OptimizerConfig,
-                         TrainConfig, WandbConfig, build_config, check_training_config, load_typed_config)
+from core.config import (
+    CheckpointConfig,
+    Checks,
+    ConfigError,
+    EngineConfig,
+    LRScheduleConfig,
+    OptimizerConfig,
+    TrainConfig,
+    WandbConfig,
+    build_config,
+    check_training_config,
+    load_typed_config,
+)
 from data.config import DataConfig, check_data_config
 from launchers.config import LauncherConfig
-from models.dit_config import (EvalConfig, SamplingConfig, TransportConfig, check_eval_config,
-                               check_sampling_config, check_transport_config)
+from models.dit_config import (
+    EvalConfig,
+    SamplingConfig,
+    TransportConfig,
+    check_eval_config,
+    check_sampling_config,
+    check_transport_config,
+)
 from models.lightningdit import ModelConfig, check_model_config
 from models.tasks import TASKS
 from models.vavae_config import VAVAEConfig

@@ -67,8 +67,9 @@ import tempfile
 import threading
 import traceback
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import submitit
 
@@ -242,7 +243,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             if not EVALUATE_ENTRY.exists():
                 raise JobFailed(f"{EVALUATE_ENTRY} does not exist: the evaluation job arrives with the evaluation "
                                 f"issue")
-            from tools.evaluate import main   # type: ignore[import-not-found]
+            from tools.evaluate import main  # type: ignore[import-not-found]
             return int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
         with tempfile.TemporaryDirectory(prefix="llat-job-") as tmp:
             path = Path(tmp) / f"{self.kind}_config.yaml"

@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:       # `python launchers/slurm.py` puts launchers/, not the repository, on sys.path
@@ -50,7 +51,6 @@ class LaunchError(Exception):
 
 
 from launchers.config import LauncherConfig  # noqa: E402  (the `launcher:` section of the schema)
-
 
 # CLI flag -> LauncherConfig field
 CLI_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
@@ -127,6 +127,7 @@ def split_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _load_typed(data: dict[str, Any], source: str, loader, *args, **kwargs):
     """Run a path-based config loader on ``data`` (written to a temporary YAML file), reporting ``source``."""
     import yaml
+
     from core.config import ConfigError
 
     with tempfile.TemporaryDirectory(prefix="llat-launch-") as tmp:

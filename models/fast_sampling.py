@@ -40,8 +40,9 @@ forward_images``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn

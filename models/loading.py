@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn

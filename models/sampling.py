@@ -73,7 +73,8 @@ Noise comes from ``generator`` (must live on z's device).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ class Sampler:
         self._start_f32 = _f32(self.cfg_interval_start)
 
     @classmethod
-    def from_config(cls, cfg, null_class: int = 1000, **kwargs) -> "Sampler":
+    def from_config(cls, cfg, null_class: int = 1000, **kwargs) -> Sampler:
         """From a ``models.dit_config.SamplingConfig``; ``null_class`` is the model's num_classes."""
         return cls(method=cfg.method, num_steps=cfg.num_steps, timestep_shift=cfg.timestep_shift,
                    cfg_scale=cfg.cfg_scale, cfg_interval_start=cfg.cfg_interval_start,

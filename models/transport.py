@@ -30,8 +30,9 @@ function of the global optimizer step: phase i applies while ``epoch_of(step) < 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,7 @@ class Transport:
         self.use_cosine_loss = bool(use_cosine_loss)
 
     @classmethod
-    def from_config(cls, cfg) -> "Transport":
+    def from_config(cls, cfg) -> Transport:
         """From a ``models.dit_config.TransportConfig`` (only ``use_cosine_loss`` is read; timestep phases
         are chosen per step by the DiT task (``timestep_phase_at``) and passed as ``phase``)."""
         return cls(use_cosine_loss=cfg.use_cosine_loss)

@@ -25,10 +25,11 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -82,7 +83,7 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
 
 # ------------------------------------------------------------------------------------------- shared ranks
 GANG_TIMEOUT_S = 300.0          # the process group timeout of the shared ranks (the longest any test asks for)
-_GANGS: dict[int, "_Gang"] = {}
+_GANGS: dict[int, _Gang] = {}
 
 
 class _Gang:

@@ -33,8 +33,7 @@ import time
 import torch
 
 from core.metrics import bench_threads, format_table, peak_flops
-from data.extract import (ExtractConfig, FeaturesConfig, SourceConfig, TokenizerConfig, build_features,
-                          extract)
+from data.extract import ExtractConfig, FeaturesConfig, SourceConfig, TokenizerConfig, build_features, extract
 from data.tokenizers import available_tokenizers, build_tokenizer
 
 TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -35,12 +35,11 @@ from dataclasses import replace
 
 import torch
 
+from core.metrics import bench_threads, format_table, peak_flops
 from launchers.experiment import load_config
 from models.dit_config import SamplingConfig
-from models.lightningdit import ModelConfig
-from core.metrics import bench_threads, format_table, peak_flops
 from models.fast_sampling import FastEulerSampler, forward_images, nfe
-from models.lightningdit import build_model
+from models.lightningdit import ModelConfig, build_model
 from models.sampling import Sampler
 
 TINY = ModelConfig(type="custom", hidden_size=64, depth=2, num_heads=4, patch_size=2, in_channels=4,

@@ -32,6 +32,7 @@ counted (as in the DiT's analytic count). MFU = img/s x FLOP/img / the device's 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -195,10 +196,7 @@ def bench_one(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
     backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
     engine, task, parts = build(cfg, dist, {"backend": backend})
     data = task.example_batch(batch, torch.Generator(device=dist.device).manual_seed(0))
-    ctx = step_context(cfg, args.step)
-
-    def step():
-        train_step(task, engine, parts, [data], ctx)
+    step = functools.partial(train_step, task, engine, parts, [data], step_context(cfg, args.step))
 
     if cuda:
         torch.cuda.synchronize(dist.device)
@@ -216,7 +214,7 @@ def bench_one(dist, cfg: ExperimentConfig, batch: int, args, flops_cache: dict) 
     peak_mem = (torch.cuda.max_memory_allocated(dist.device) / 2**30) if cuda else float("nan")
     syncs = {"host syncs": host_sync_check(step, dist.device)} if args.sync_check else {}
     flops = task.flops_per_image()
-    del engine, task, parts, data
+    del step, engine, task, parts, data
     if cuda:
         torch.cuda.empty_cache()
     if flops is None:

@@ -26,8 +26,9 @@ import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -60,12 +61,13 @@ def check_host_sync(out_dir: str | Path, steps: int = 8, log_every: Optional[int
     """Train ``steps`` steps with the step guard on from step ``warmup`` (0-based; the first steps initialise
     lazily: FSDP2's lazy init, compilation); see the module docstring. ``log_every`` defaults to ``steps`` (one log
     step, at the end). ``count_ops=False``: sync-debug mode only (no dispatch mode, e.g. under ``engine.compile``)."""
+    import torch.distributed as tdist
+
     from core.distributed import init_distributed, teardown
     from core.hostsync import HostSyncCounter, cuda_sync_debug
     from core.trainer import Trainer
     from launchers.experiment import load_config, validate
     from models.tasks import build_task
-    import torch.distributed as tdist
 
     out_dir = Path(out_dir)
     data = write_toy_latents(out_dir / "data")

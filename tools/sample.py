@@ -44,14 +44,22 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from launchers.experiment import load_config
-from models.evaluation.generation import (LABEL_MODES, SamplingError, decoder_from_config, resolve_source,
-                                          sample_class_grid, sample_to_folder, save_png)
+from models.evaluation.generation import (
+    LABEL_MODES,
+    SamplingError,
+    decoder_from_config,
+    resolve_source,
+    sample_class_grid,
+    sample_to_folder,
+    save_png,
+)
 from models.lightningdit import build_model
 from models.loading import load_into_model
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 GiB = 2 ** 30
 IMAGENET_TRAIN = 1_281_167            # ImageNet-1k train images
@@ -220,6 +221,7 @@ class ModelSpec:
 def model_spec(name: str) -> ModelSpec:
     """Counts from the real registry model (built on the meta device: no memory, no weights)."""
     import torch
+
     from models.lightningdit import ModelConfig, build_model
     with torch.device("meta"):
         m = build_model(ModelConfig(type=name))

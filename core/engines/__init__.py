@@ -45,6 +45,6 @@ def engine_class(kind: str) -> type[Engine]:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_engine(cfg: "EngineConfig", dist: "DistInfo", **kwargs: Any) -> Engine:
+def build_engine(cfg: EngineConfig, dist: DistInfo, **kwargs: Any) -> Engine:
     """The engine named by ``cfg.kind``. Extra keyword arguments go to the engine's constructor."""
     return engine_class(cfg.kind)(cfg, dist, **kwargs)

@@ -17,9 +17,11 @@ import abc
 import contextlib
 import copy
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -272,7 +274,7 @@ class Engine(abc.ABC):
 
     supports_async_save: bool = False
 
-    def __init__(self, cfg: EngineConfig, dist: "DistInfo"):
+    def __init__(self, cfg: EngineConfig, dist: DistInfo):
         self.cfg = cfg
         self.dist = dist
         self.async_save = False
@@ -294,7 +296,7 @@ class Engine(abc.ABC):
     def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
         """Collective: restore every part's state from ``ckpt_dir``, written by any number of ranks."""
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """The context every forward through the trained parts runs in (the trainer wraps ``Task.loss`` in it):
         ``torch.autocast(bf16)`` for ``precision="bf16-autocast"`` (fp32 parameters, per-op bf16 compute: the
         official LightningDiT numerics), a no-op for "bf16" (the engine casts the parameters instead) and "fp32"."""

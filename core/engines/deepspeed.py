@@ -111,8 +111,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
@@ -121,8 +122,18 @@ from torch import nn
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo, barrier, raise_if_any_rank_failed
 from core.ema import ema_update_
-from core.engines.base import (Engine, TrainedPart, block_container, build_optimizer, canonical_name, cast_to_fp32_,
-                               check_ema_decay, compile_forwards, meta_skeleton, warn_skipped_block_options)
+from core.engines.base import (
+    Engine,
+    TrainedPart,
+    block_container,
+    build_optimizer,
+    canonical_name,
+    cast_to_fp32_,
+    check_ema_decay,
+    compile_forwards,
+    meta_skeleton,
+    warn_skipped_block_options,
+)
 from core.fileio import atomic_torch_save, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -580,7 +591,10 @@ class DeepSpeedEngine(Engine):
     # ------------------------------------------------------------------ checkpoints
     def _client_state(self, part: DeepSpeedPart) -> dict[str, Any]:
         from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
         return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
                 "llat": {"part": part.name, "zero_stage": part.stage, "precision": part.precision,
                          "world_size": self.dist.world_size}}

@@ -55,7 +55,12 @@ import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict)
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -63,8 +68,18 @@ from torch.distributed.tensor import DTensor
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo
 from core.ema import ema_update_
-from core.engines.base import (Engine, TrainedPart, block_container, build_optimizer, canonical_name, cast_to_fp32_,
-                               check_ema_decay, compile_forwards, meta_skeleton, warn_skipped_block_options)
+from core.engines.base import (
+    Engine,
+    TrainedPart,
+    block_container,
+    build_optimizer,
+    canonical_name,
+    cast_to_fp32_,
+    check_ema_decay,
+    compile_forwards,
+    meta_skeleton,
+    warn_skipped_block_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +281,9 @@ class FSDP2Engine(Engine):
             block = blocks[i]
             if checkpointing:
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                    CheckpointImpl, checkpoint_wrapper)
+                    CheckpointImpl,
+                    checkpoint_wrapper,
+                )
                 block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 blocks[i] = block
             if compile_blocks:

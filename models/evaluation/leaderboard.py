@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from core.runlog import RunData, discover_runs, read_online_project
 from models.sampling import describe_sampling

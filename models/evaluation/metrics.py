@@ -53,9 +53,10 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -485,12 +486,12 @@ class Reference:
     images: Any = None                      # in-memory reference images (array / ImageSet): never cached
 
     @classmethod
-    def from_images(cls, images: Any) -> "Reference":
+    def from_images(cls, images: Any) -> Reference:
         return cls(Path("<in-memory images>"), True, images=load_image_set(images))
 
     @classmethod
     def open(cls, path: Union[str, Path], center_crop: Optional[int] = None,
-             key: str = "eval.reference") -> "Reference":
+             key: str = "eval.reference") -> Reference:
         if not str(path):
             raise ValueError(f"{key}: no reference given (an image folder, an .npz of images, or an ADM "
                              f"statistics .npz with mu/sigma)")

@@ -26,8 +26,9 @@ random heads (so that the distance stays >= 0 and cannot be exploited by the aut
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -107,7 +108,7 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)          # always eval: the heads' dropout stays off
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:

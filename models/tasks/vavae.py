@@ -69,8 +69,16 @@ from torch.utils.data import Dataset
 from core.config import Checks
 from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
-from models.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, build_lpips, generator_loss,
-                           hinge_d_loss, vanilla_d_loss, vf_loss)
+from models.losses import (
+    NLayerDiscriminator,
+    adaptive_weight,
+    adopt_weight,
+    build_lpips,
+    generator_loss,
+    hinge_d_loss,
+    vanilla_d_loss,
+    vf_loss,
+)
 from models.vavae import VAVAE, load_vavae_state, load_vavae_weights, vavae_from_config
 from models.vavae_config import check_vavae_task
 

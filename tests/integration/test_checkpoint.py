@@ -47,8 +47,7 @@ def _train_step(parts, dist, step):
 
 def _snapshot(parts):
     """Full (unsharded) model, EMA and optimizer state as plain CPU tensors."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     part = parts["model"]
     full = StateDictOptions(full_state_dict=True)
     out = {f"model.{k}": v.detach().clone() for k, v in get_model_state_dict(part.module, options=full).items()}

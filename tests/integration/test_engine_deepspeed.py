@@ -205,8 +205,9 @@ def _variants_worker(dist):
         assert list(part.module.module.state_dict().keys()) == plain_keys
         _close(_ds_state(part), base_state, 1e-6, f"AC ZeRO-{stage}")
     # torch.compile of every block's forward (under checkpointing), ZeRO-2: same numbers
-    from core.engines.deepspeed import DeepSpeedEngine
     from torch._dynamo.utils import counters
+
+    from core.engines.deepspeed import DeepSpeedEngine
     engine = DeepSpeedEngine(_ds(2, activation_checkpointing=True, compile=True), dist,
                              compile_kwargs={"backend": "aot_eager"})
     part = engine.prepare("model", copy.deepcopy(init), _ocfg(), DECAY)

@@ -109,7 +109,7 @@ def _equivalence_worker(dist):
         torch.testing.assert_close(all_reduce_mean(loss.detach().clone()), ref_loss, atol=ATOL, rtol=0)
         torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)
     # 2) gradient accumulation: 2 micro-batches (sync=False, then sync=True) == one batch
-    for step in range(2):
+    for _step in range(2):
         for k in range(2):
             mb = slice(mine.start + 4 * k, mine.start + 4 * (k + 1))
             part.backward(F.mse_loss(part.module(x[mb]), y[mb]) / 2, sync=(k == 1))
@@ -179,9 +179,10 @@ def _clip_nonfinite_worker(dist):
 def _wrapping_worker(dist):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     from core.config import EngineConfig, OptimizerConfig
-    from core.engines.fsdp2 import FSDP2Engine
     from core.engines import build_optimizer
+    from core.engines.fsdp2 import FSDP2Engine
 
     plain_keys = list(ToyModel().state_dict().keys())
     x, y = _data(seed=7)
@@ -269,6 +270,7 @@ def _hybrid_worker(dist, ckpt_root):
     """HSDP (2 replicas x 1 shard; 1 x 2 = the default group of LOCAL_WORLD_SIZE ranks) against full sharding, and
     checkpoints written under one mesh loaded under the other."""
     from torch.distributed.tensor import Replicate, Shard
+
     from core.checkpoint import load_checkpoint, save_checkpoint
     from core.config import EngineConfig
     from core.engines.fsdp2 import FSDP2Engine
@@ -298,7 +300,7 @@ def _hybrid_worker(dist, ckpt_root):
         assert load_checkpoint(engine2, ckpt_root / src, {"model": part2}) == {"step": 3}
         _assert_equal_sd(_state(part2), runs[src][3], f"{src} checkpoint loaded under {dst_kw or 'full'}")
     with pytest.raises(ValueError, match="engine.shard_group_size: world size 2 is not divisible by shard_group_"):
-        FSDP2Engine(EngineConfig(sharding="hybrid", shard_group_size=3), dist).mesh
+        _ = FSDP2Engine(EngineConfig(sharding="hybrid", shard_group_size=3), dist).mesh
     return {name: runs[name][3] for name in ("full", "hybrid_2x1")}
 
 

@@ -61,8 +61,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_both_engines_export_the_same_state_dicts(checkpoints, tmp_path):
-    from models.loading import load_into_model
-    from models.loading import export_state, save_export
+    from models.loading import export_state, load_into_model, save_export
 
     keys = list(ToyModel().state_dict().keys())
     exported = {name: export_state(checkpoints / name) for name in ENGINES}     # run dirs: newest checkpoint

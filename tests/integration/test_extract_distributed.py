@@ -23,11 +23,9 @@ from data.streaming import build_streaming_loader, load_latent_stats
 from data.synthetic import SyntheticImages
 
 try:
-    from test_extract import (CLASSES, COMMON, CONFIG, N, REPO, SIZE, _clean_shared_memory,  # noqa: F401
-                              read_raw)
+    from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.unit.test_extract import (CLASSES, COMMON, CONFIG, N, REPO, SIZE, _clean_shared_memory,  # noqa: F401
-                                         read_raw)
+    from tests.unit.test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
 
 
 def reference_images() -> torch.Tensor:

@@ -53,8 +53,7 @@ def test_host_sync_counter_sees_host_reads():
 
 
 def test_nonfinite_counter():
-    from core.hostsync import NonFiniteCounter
-    from core.hostsync import HostSyncCounter
+    from core.hostsync import HostSyncCounter, NonFiniteCounter
     counter = NonFiniteCounter(torch.device("cpu"), limit=3, streak=1, skipped=4)
     pattern = [True, False, False, True, False, False, False, False, True]
     with HostSyncCounter() as syncs:

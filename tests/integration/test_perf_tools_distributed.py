@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import scaling_model      # light: the spawned ranks of the collective test import this file too
+from tools import scaling_model  # light: the spawned ranks of the collective test import this file too
 
 try:
     from dist_utils import ToyModel, run_distributed
@@ -176,8 +176,8 @@ def _compiled_vs_eager(dist):
 
     from torch._dynamo.utils import counters
 
-    from launchers.experiment import load_config
     from core.trainer import train_step
+    from launchers.experiment import load_config
     from tools.bench_train import LATE_STEP, build, step_context
 
     cfg = load_config(TINY_VAVAE, VAVAE_SMALL)

@@ -337,7 +337,7 @@ def test_two_tasks_on_one_node_train_and_log_into_the_run_dir(jobs):
     slurm = run_dir / "slurm"
     assert {p.name for p in slurm.glob("*_log.out")} == {f"{job_id}_0_log.out", f"{job_id}_1_log.out"}
     log0 = (slurm / f"{job_id}_0_log.out").read_text()
-    assert f"rank 0/2 on n" in log0 and "master n" in log0
+    assert "rank 0/2 on n" in log0 and "master n" in log0
     assert (slurm / f"{job_id}_submission.sh").exists() and (slurm / "train_config.yaml").exists()
     assert result(run_dir, job_id)[0] == "success" and result(run_dir, job_id, 1)[0] == "success"
     run_id = (run_dir / "wandb_run_id").read_text().strip()

@@ -8,15 +8,29 @@ import json
 import numpy as np
 import pytest
 
-from data.streaming import (CorruptShardError, LatentDataset, build_streaming_loader, latent_columns, open_writer,
-                            verify_dataset)
+from data.streaming import (
+    CorruptShardError,
+    LatentDataset,
+    build_streaming_loader,
+    latent_columns,
+    open_writer,
+    verify_dataset,
+)
 
 try:
-    from test_streaming import (C, H, ID0, _clean_shared_memory, _shard_files, collect, data_cfg,  # noqa: F401
-                                make_samples, write)
+    from test_streaming import ID0, C, H, _clean_shared_memory, _shard_files, collect, data_cfg, make_samples, write  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.unit.test_streaming import (C, H, ID0, _clean_shared_memory, _shard_files, collect,  # noqa: F401
-                                           data_cfg, make_samples, write)
+    from tests.unit.test_streaming import (  # noqa: F401
+        ID0,
+        C,
+        H,
+        _clean_shared_memory,
+        _shard_files,
+        collect,
+        data_cfg,
+        make_samples,
+        write,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

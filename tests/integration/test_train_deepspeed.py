@@ -13,11 +13,19 @@ import pytest
 import torch
 
 try:
-    from test_train_resume import (REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree, losses,  # noqa: F401
-                                   run, start, wait_for)
+    from test_train_resume import REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree, losses, run, start, wait_for  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.integration.test_train_resume import (REPO, TOTAL_STEPS, complete_steps, dataset,  # noqa: F401
-                                                     kill_tree, losses, run, start, wait_for)
+    from tests.integration.test_train_resume import (  # noqa: F401
+        REPO,
+        TOTAL_STEPS,
+        complete_steps,
+        dataset,
+        kill_tree,
+        losses,
+        run,
+        start,
+        wait_for,
+    )
 
 pytestmark = pytest.mark.timeout(600)
 

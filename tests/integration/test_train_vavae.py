@@ -123,8 +123,8 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
 
 
 def test_tokenizer_and_next_stage_from_run_checkpoint(reference):
-    from launchers.experiment import load_config
     from data.tokenizers import build_tokenizer
+    from launchers.experiment import load_config
     from models.loading import load_checkpoint_state
     from models.tasks.vavae import VAVAETask
 
@@ -161,9 +161,9 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_tiny_vavae_psnr_rises():
     """The task's losses and two Adam optimizers on plain modules (no launcher): L1 + KL + VF (tiny random DINOv2,
     adaptive weight) + GAN from step 100, on 16 px synthetic images; PSNR on held-out images rises."""
-    from launchers.experiment import load_config
     from core.engines.base import build_optimizer
     from data.synthetic import SyntheticImages
+    from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
 
     torch.manual_seed(0)

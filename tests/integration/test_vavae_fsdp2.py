@@ -41,9 +41,9 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
     differences seen."""
     import torch.distributed as tdist
 
-    from launchers.experiment import load_config
     from core.engines.base import LocalPart, build_optimizer
     from core.engines.fsdp2 import FSDP2Engine
+    from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
 
     cfg = load_config(REPO / "configs/tiny_vavae.yaml", overrides)

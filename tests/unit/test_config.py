@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (ConfigError, apply_overrides, config_to_dict, derived, epochs_to_steps, resolve_run_dir,
-                         save_config)
+from core.config import (
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    derived,
+    epochs_to_steps,
+    resolve_run_dir,
+    save_config,
+)
 from launchers.experiment import ExperimentConfig, config_from_dict, load_config, validate
 from models.dit_config import TimestepPhase
 

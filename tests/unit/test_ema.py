@@ -7,6 +7,7 @@ import torch
 
 from core.ema import ema_update_
 
+
 def _tensors(seed, shapes=((3, 5), (7,), (1,), (0, 4), (2, 2, 2))):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g) for s in shapes]

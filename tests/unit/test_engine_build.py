@@ -6,10 +6,11 @@ import torch
 
 
 def test_build_engine_and_optimizer_choices():
+    import pytest
+
     from core.config import EngineConfig, OptimizerConfig
     from core.distributed import DistInfo
     from core.engines import build_engine, build_optimizer
-    import pytest
 
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
     with pytest.raises(RuntimeError, match="process group"):   # DeepSpeed needs init_distributed()'s group
@@ -24,6 +25,7 @@ def test_build_engine_and_optimizer_choices():
 
 def test_distributed_env_resolution():
     import pytest
+
     from core.distributed import _parse_tasks_per_node, _resolve_env
 
     assert _parse_tasks_per_node("4(x2),3") == [4, 4, 3] and _parse_tasks_per_node("8") == [8]

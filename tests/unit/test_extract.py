@@ -19,9 +19,16 @@ from streaming import StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from core.config import ConfigError
-
-from data.extract import (ExtractConfig, ExtractError, FeaturesConfig, build_features, extract,
-                          load_extract_config, main, read_manifest)
+from data.extract import (
+    ExtractConfig,
+    ExtractError,
+    FeaturesConfig,
+    build_features,
+    extract,
+    load_extract_config,
+    main,
+    read_manifest,
+)
 from data.synthetic import SyntheticImages, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]

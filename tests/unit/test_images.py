@@ -6,8 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import (BadItem, ImageFileDataset, ImageRecord, center_crop_arr, collate_items, load_rgb,
-                         read_file_list, scan_image_folder, to_tensor_normalized)
+from data.images import (
+    BadItem,
+    ImageFileDataset,
+    ImageRecord,
+    center_crop_arr,
+    collate_items,
+    load_rgb,
+    read_file_list,
+    scan_image_folder,
+    to_tensor_normalized,
+)
 from data.tokenizers import IdentityTokenizer, Tokenizer, available_tokenizers, build_tokenizer, register_tokenizer
 
 

@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from models.lightningdit import (
     LightningDiT,
-    ModelConfig,
     LightningDiT_models,
+    ModelConfig,
     apply_rope,
     build_model,
     flops_per_image,

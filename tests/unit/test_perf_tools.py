@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import scaling_model      # light: the spawned ranks of the collective test import this file too
+from tools import scaling_model  # light: the spawned ranks of the collective test import this file too
 
 
 def _imports():
     """The benchmark modules, imported lazily so that the 2-rank workers (which import this file) start fast."""
-    from tools import bench_extract, bench_sample
     from models.dit_config import SamplingConfig
     from models.fast_sampling import FastEulerSampler, euler_plan, forward_images
     from models.sampling import Sampler
+    from tools import bench_extract, bench_sample
     return bench_extract, bench_sample, SamplingConfig, FastEulerSampler, euler_plan, forward_images, Sampler
 
 

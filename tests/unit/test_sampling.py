@@ -12,8 +12,14 @@ import torch
 from torchdiffeq import odeint
 
 from models.dit_config import SamplingConfig
-from models.sampling import (OFFICIAL_GUIDED_CHANNELS, Sampler, guided_velocity, score_from_velocity,
-                             shift_timesteps, timestep_grid)
+from models.sampling import (
+    OFFICIAL_GUIDED_CHANNELS,
+    Sampler,
+    guided_velocity,
+    score_from_velocity,
+    shift_timesteps,
+    timestep_grid,
+)
 
 C = 4
 MU = torch.tensor([[1.0, -0.5, 0.3, 2.0],

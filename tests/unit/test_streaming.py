@@ -15,10 +15,25 @@ from streaming.base.util import clean_stale_shared_memory
 
 from data.config import DataConfig
 from data.streaming import (
-    CorruptShardError, ImageDataset, LatentDataset, RunningMoments, build_streaming_loader, denormalize_latents,
-    ensure_streaming_env, flip_decision, latent_columns, load_latent_stats, merge_shard_indexes,
-    normalize_latents, open_writer, read_columns, save_latent_stats, steps_per_epoch, verify_dataset,
-    write_latent_dataset)
+    CorruptShardError,
+    ImageDataset,
+    LatentDataset,
+    RunningMoments,
+    build_streaming_loader,
+    denormalize_latents,
+    ensure_streaming_env,
+    flip_decision,
+    latent_columns,
+    load_latent_stats,
+    merge_shard_indexes,
+    normalize_latents,
+    open_writer,
+    read_columns,
+    save_latent_stats,
+    steps_per_epoch,
+    verify_dataset,
+    write_latent_dataset,
+)
 
 C, H = 4, 4
 ID0 = 1000          # stored sample_id = ID0 + position, so it differs from streaming's index

@@ -7,8 +7,15 @@ import torch
 from scipy import special, stats
 
 from models.dit_config import TimestepPhase, TransportConfig
-from models.transport import (Transport, cosine_loss_per_sample, interpolate, mse_per_sample,
-                              sample_timesteps, sample_timesteps_for_phase, velocity_target)
+from models.transport import (
+    Transport,
+    cosine_loss_per_sample,
+    interpolate,
+    mse_per_sample,
+    sample_timesteps,
+    sample_timesteps_for_phase,
+    velocity_target,
+)
 
 
 def _gen(seed):

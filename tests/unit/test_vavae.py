@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.vavae import (AutoencoderKL, DiagonalGaussianDistribution, VAVAE, f16d32_config, load_vavae_state,
-                          load_vavae_weights, split_vavae_state_dict)
+from models.vavae import (
+    VAVAE,
+    AutoencoderKL,
+    DiagonalGaussianDistribution,
+    f16d32_config,
+    load_vavae_state,
+    load_vavae_weights,
+    split_vavae_state_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Keys and shapes of the released f16d32 model (a copy in the repository: the test never skips).

@@ -16,8 +16,16 @@ import torch
 
 from core.config import ConfigError
 from launchers.experiment import load_config
-from models.losses import (NLayerDiscriminator, adaptive_weight, build_lpips, distmat_loss, generator_loss,
-                           hinge_d_loss, marginal_cosine_loss, vf_loss)
+from models.losses import (
+    NLayerDiscriminator,
+    adaptive_weight,
+    build_lpips,
+    distmat_loss,
+    generator_loss,
+    hinge_d_loss,
+    marginal_cosine_loss,
+    vf_loss,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
