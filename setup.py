@@ -2,6 +2,7 @@
 
 Compatible ranges live here; the exact tested set is pinned in constraints.txt.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -9,8 +10,20 @@ setup(
     version="0.1.0",
     description="Training system for VA-VAE and LightningDiT (arXiv 2501.01423) at scale",
     python_requires=">=3.10",
-    packages=find_packages(include=["core", "core.*", "models", "models.*", "data", "data.*",
-                                    "launchers", "launchers.*", "tools", "tools.*"]),
+    packages=find_packages(
+        include=[
+            "core",
+            "core.*",
+            "models",
+            "models.*",
+            "data",
+            "data.*",
+            "launchers",
+            "launchers.*",
+            "tools",
+            "tools.*",
+        ]
+    ),
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",
@@ -28,9 +41,10 @@ setup(
         "torch-fidelity>=0.3",
         "deepspeed>=0.16",
         "psutil>=5.9",
-        "opencv-python-headless>=4.9",      # cv2.resize: the official VA-VAE training resize (data/images.py)
+        "opencv-python-headless>=4.9",  # cv2.resize: the official VA-VAE training resize (data/images.py)
     ],
     # albumentations: the official VA-VAE transform, checked against ours (tests/unit/test_vavae_preprocessing.py)
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4", "ruff>=0.15",
-                              "import-linter>=2.1"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4", "ruff>=0.15", "import-linter>=2.1"]
+    },
 )

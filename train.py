@@ -5,6 +5,7 @@ Run it through a launcher, e.g. `python launchers/local.py --nproc 2 configs/tin
 Exit codes: 0 finished, 75 stopped on SIGTERM/SIGUSR1 after writing a checkpoint (requeue me),
 2 bad configuration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ def main(argv=None) -> int:
 
     from core.config import ConfigError
     from launchers.experiment import load_config, validate
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -23,6 +23,7 @@ with ``extra["world_size_changed"] = True`` (per-rank RNG streams cannot be mapp
 
 Every public method except ``complete_checkpoints`` is collective: all ranks call it, in the same order.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def complete_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, 
         if not (p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / COMPLETE).is_file()):
             continue
         try:
-            out.append((int(p.name[len(STEP_PREFIX):]), p))
+            out.append((int(p.name[len(STEP_PREFIX) :]), p))
         except ValueError:
             continue
     return sorted(out)
@@ -97,8 +98,10 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         found = complete_checkpoints(root)
         if found:
             return found[-1][1]
-    raise FileNotFoundError(f"{path} is neither a checkpoint directory (with state/ or deepspeed/) nor a run or "
-                            f"checkpoints directory with a complete step_* checkpoint")
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint directory (with state/ or deepspeed/) nor a run or "
+        f"checkpoints directory with a complete step_* checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- per-rank extra
@@ -128,15 +131,21 @@ def load_extra(ckpt_dir: str | os.PathLike, dist: DistInfo) -> dict[str, Any]:
     if saved_world == dist.world_size and own.is_file():
         return torch.load(own, map_location="cpu", weights_only=False)
     if dist.is_main:
-        log.warning("checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
-                    "rank (world_size_changed=True)", ckpt_dir, saved_world, dist.world_size)
+        log.warning(
+            "checkpoint %s was written by %d rank(s), now %d: restoring rank 0's extra state on every "
+            "rank (world_size_changed=True)",
+            ckpt_dir,
+            saved_world,
+            dist.world_size,
+        )
     extra = torch.load(extra_path(ckpt_dir, 0), map_location="cpu", weights_only=False)
     extra["world_size_changed"] = True
     return extra
 
 
-def save_checkpoint(engine: Engine, ckpt_dir: str | os.PathLike, parts: dict[str, TrainedPart],
-                    extra: dict[str, Any]) -> None:
+def save_checkpoint(
+    engine: Engine, ckpt_dir: str | os.PathLike, parts: dict[str, TrainedPart], extra: dict[str, Any]
+) -> None:
     """Collective: this rank's ``extra`` and the engine's state of every part into ``ckpt_dir`` (no commit: see
     ``CheckpointManager.save``). With an async engine the parts' files may still be in flight on return."""
     save_extra(ckpt_dir, extra, engine.dist)
@@ -151,8 +160,11 @@ def load_checkpoint(engine: Engine, ckpt_dir: str | os.PathLike, parts: dict[str
 
 
 def _file_sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
 
 
 class CheckpointManager:
@@ -171,10 +183,12 @@ class CheckpointManager:
             if getattr(engine, "supports_async_save", False):
                 engine.async_save = True
             else:
-                log.warning("checkpoint.async_save is not supported by the %s engine: saving synchronously",
-                            type(engine).__name__)
+                log.warning(
+                    "checkpoint.async_save is not supported by the %s engine: saving synchronously",
+                    type(engine).__name__,
+                )
         self.async_save = bool(getattr(engine, "async_save", False))
-        self._pending: Optional[tuple[int, Path]] = None      # (step, tmp dir) of an uncommitted async save
+        self._pending: Optional[tuple[int, Path]] = None  # (step, tmp dir) of an uncommitted async save
         self._last_save_time = time.monotonic()
         self._last_saved_step: Optional[int] = None
         if dist.is_main:
@@ -259,24 +273,25 @@ class CheckpointManager:
         self._commit(step, tmp)
 
     def _commit(self, step: int, tmp: Path) -> None:
-        barrier()                                     # every rank's files are written
+        barrier()  # every rank's files are written
         error: Optional[BaseException] = None
         if self.dist.is_main:
             pause = os.environ.get(PAUSE_BEFORE_COMMIT_ENV)
-            if pause:                                 # test hook, see PAUSE_BEFORE_COMMIT_ENV
+            if pause:  # test hook, see PAUSE_BEFORE_COMMIT_ENV
                 Path(pause).write_text(str(step))
                 while True:
                     time.sleep(3600)
             try:
                 self._commit_on_main(step, tmp)
-            except Exception as e:                    # noqa: BLE001 - reported on every rank below
+            except Exception as e:  # noqa: BLE001 - reported on every rank below
                 error = e
         # Doubles as the closing barrier; a failed commit on rank 0 fails every rank instead of hanging them (rank 0
         # raises its own exception).
         failure: Optional[RuntimeError] = None
         try:
-            raise_if_any_rank_failed(None if error is None else
-                                     f"committing checkpoint {tmp} failed: {type(error).__name__}: {error}")
+            raise_if_any_rank_failed(
+                None if error is None else f"committing checkpoint {tmp} failed: {type(error).__name__}: {error}"
+            )
         except RuntimeError as e:
             failure = e
         if failure is not None:
@@ -288,10 +303,10 @@ class CheckpointManager:
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             fsync_dir(d)
         final = self.root / step_dirname(step)
-        if final.exists():                            # a leftover without COMPLETE (save() skips complete ones)
+        if final.exists():  # a leftover without COMPLETE (save() skips complete ones)
             log.warning("replacing incomplete checkpoint directory %s", final)
             shutil.rmtree(final)
-        os.rename(tmp, final)                         # the commit point (a directory rename)
+        os.rename(tmp, final)  # the commit point (a directory rename)
         fsync_dir(self.root)
         log.info("checkpoint committed: %s", final)
         self._apply_retention()
@@ -334,7 +349,7 @@ class CheckpointManager:
             extra: Optional[dict[str, Any]] = None
             try:
                 self._verify_files(path)
-            except (Exception, CheckpointException) as e:   # noqa: BLE001 - any failure: try the previous one
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure: try the previous one
                 error = e
             # Agree on the verification result before entering the engine's collectives.
             if not self._all_ok(error is None):
@@ -352,10 +367,10 @@ class CheckpointManager:
                 self._mark_saved(step)
                 return extra
             tried.append(f"{path}: {type(error).__name__}: {error}")
-            log.warning("could not load checkpoint %s (%s: %s); trying the previous one",
-                        path, type(error).__name__, error)
-        raise RuntimeError("no checkpoint could be loaded from " + str(self.root) + "; tried:\n  "
-                           + "\n  ".join(tried))
+            log.warning(
+                "could not load checkpoint %s (%s: %s); trying the previous one", path, type(error).__name__, error
+            )
+        raise RuntimeError("no checkpoint could be loaded from " + str(self.root) + "; tried:\n  " + "\n  ".join(tried))
 
     def _all_ok(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.dist.device)

@@ -13,6 +13,7 @@ module holds what every config tree shares:
 * the sections of the shared trainer (optimizer, lr_schedule, train, engine, checkpoint, wandb), their checks
   (``check_training_config``) and the sizes derived from them (``derived``, ``epochs_to_steps``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,17 +33,35 @@ import yaml
 
 __all__ = [
     # sections of the shared trainer
-    "OptimizerConfig", "LRScheduleConfig", "TrainConfig", "EngineConfig", "CheckpointConfig", "WandbConfig",
-    "check_training_config", "world_errors",
+    "OptimizerConfig",
+    "LRScheduleConfig",
+    "TrainConfig",
+    "EngineConfig",
+    "CheckpointConfig",
+    "WandbConfig",
+    "check_training_config",
+    "world_errors",
     # machinery
-    "ConfigError", "COMMAND_LINE", "Checks", "load_typed_config", "build_config", "apply_overrides",
-    "config_to_dict", "config_to_yaml", "save_config", "resolve_run_dir", "Derived", "derived", "epochs_to_steps",
+    "ConfigError",
+    "COMMAND_LINE",
+    "Checks",
+    "load_typed_config",
+    "build_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_to_yaml",
+    "save_config",
+    "resolve_run_dir",
+    "Derived",
+    "derived",
+    "epochs_to_steps",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sections of the shared trainer (their owner: core/)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class OptimizerConfig:
@@ -51,25 +70,25 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    fused: Optional[bool] = None             # None: fused on CUDA, foreach elsewhere
+    fused: Optional[bool] = None  # None: fused on CUDA, foreach elsewhere
 
 
 @dataclass
 class LRScheduleConfig:
     kind: Literal["constant", "warmup_constant", "cosine"] = "constant"
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0                # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 1024
-    micro_batch_size: Optional[int] = None   # per rank; None = global / world (no accumulation)
-    epochs: Optional[float] = 800.0          # stop after this many epochs ...
-    max_steps: Optional[int] = None          # ... or this many optimizer steps (whichever comes first)
+    micro_batch_size: Optional[int] = None  # per rank; None = global / world (no accumulation)
+    epochs: Optional[float] = 800.0  # stop after this many epochs ...
+    max_steps: Optional[int] = None  # ... or this many optimizer steps (whichever comes first)
     ema_decay: float = 0.9999
-    grad_clip: Optional[float] = None        # max grad norm; None = off (official)
-    max_consecutive_nonfinite: int = 10      # NaN/inf guard: skip bad steps, stop after this many in a row
+    grad_clip: Optional[float] = None  # max grad norm; None = off (official)
+    max_consecutive_nonfinite: int = 10  # NaN/inf guard: skip bad steps, stop after this many in a row
     log_every: int = 100
     progress_bar: bool = True
 
@@ -82,12 +101,12 @@ class EngineConfig:
     # bf16-autocast: fp32 parameters, forward under torch.autocast(bf16) (the official LightningDiT numerics).
     precision: Literal["bf16", "bf16-autocast", "fp32"] = "bf16"
     activation_checkpointing: bool = False
-    compile: bool = False                    # torch.compile per block
+    compile: bool = False  # torch.compile per block
     reshard_after_forward: bool = True
     # FSDP2 only: "full" shards over all ranks; "hybrid" (HSDP) shards within groups of `shard_group_size` ranks
     # and replicates across the groups (device mesh ("replicate", "shard")).
     sharding: Literal["full", "hybrid"] = "full"
-    shard_group_size: Optional[int] = None   # hybrid: ranks per shard group; None = ranks per node (LOCAL_WORLD_SIZE)
+    shard_group_size: Optional[int] = None  # hybrid: ranks per shard group; None = ranks per node (LOCAL_WORLD_SIZE)
     # DeepSpeed only
     zero_stage: int = 2
     offload_optimizer: bool = False
@@ -99,10 +118,10 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: Optional[int] = 20000
     every_minutes: Optional[float] = None
-    keep_last: int = 2                       # keep the newest K ...
-    keep_every: Optional[int] = None         # ... plus every checkpoint whose step is a multiple of N
+    keep_last: int = 2  # keep the newest K ...
+    keep_every: Optional[int] = None  # ... plus every checkpoint whose step is a multiple of N
     async_save: bool = False
-    resume: bool = True                      # auto-resume from the newest complete checkpoint in run_dir
+    resume: bool = True  # auto-resume from the newest complete checkpoint in run_dir
 
 
 @dataclass
@@ -117,7 +136,7 @@ class WandbConfig:
 # Loading, conversion, overrides, checks, dumping
 # ----------------------------------------------------------------------------------------------------------------
 
-COMMAND_LINE = "command line"                # the error source named for overrides
+COMMAND_LINE = "command line"  # the error source named for overrides
 
 
 class ConfigError(ValueError):
@@ -126,6 +145,7 @@ class ConfigError(ValueError):
 
 
 # --- YAML dialect -------------------------------------------------------------------------------------------------
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that (a) reads ``1e-4`` as a float (YAML 1.2 rule; PyYAML's 1.1 rule needs a dot and would give
@@ -139,18 +159,19 @@ class _Loader(yaml.SafeLoader):
                     continue
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
+                        "while constructing a mapping",
+                        node.start_mark,
                         f"duplicate key {key_node.value!r} (first on line {seen[key_node.value].line + 1})",
-                        key_node.start_mark)
+                        key_node.start_mark,
+                    )
                 seen[key_node.value] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _yaml_error_text(err: yaml.YAMLError) -> str:
@@ -236,6 +257,7 @@ def _join(key: str, part: str) -> str:
 
 
 # --- Conversion (raw YAML values -> typed values) ------------------------------------------------------------------
+
 
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     """Convert a raw YAML value to ``tp``, or raise ConfigError naming ``source`` and ``key``.
@@ -367,7 +389,7 @@ def _assign(cfg: Any, key: str, raw: str | None, value: Any = _UNSET) -> list[st
         raise _fail(COMMAND_LINE, key, "malformed key (empty component)")
     obj: Any = cfg
     tp: Any = type(cfg)
-    walked = ""                      # canonical form, e.g. transport.timestep_sampling[0]
+    walked = ""  # canonical form, e.g. transport.timestep_sampling[0]
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -396,8 +418,12 @@ def _assign(cfg: Any, key: str, raw: str | None, value: Any = _UNSET) -> list[st
                 raise _fail(COMMAND_LINE, here, f"{walked} is a list; address its items by index, e.g. {walked}.0")
             index = int(part)
             if index >= len(obj):
-                raise _fail(COMMAND_LINE, here, f"index {index} out of range: {walked} has {len(obj)} items "
-                                                f"(replace the whole list with {walked}=[...])")
+                raise _fail(
+                    COMMAND_LINE,
+                    here,
+                    f"index {index} out of range: {walked} has {len(obj)} items "
+                    f"(replace the whole list with {walked}=[...])",
+                )
             elem_tp = (typing.get_args(_split_optional(tp)[0]) or (Any,))[0]
             if last:
                 if value is _UNSET:
@@ -411,8 +437,11 @@ def _assign(cfg: Any, key: str, raw: str | None, value: Any = _UNSET) -> list[st
                 return [here]
             obj, tp = obj[index], elem_tp
         else:
-            raise _fail(COMMAND_LINE, _join(walked, part),
-                        f"{walked} is {_describe_value(obj)}, not a section; set it as a whole with {walked}=...")
+            raise _fail(
+                COMMAND_LINE,
+                _join(walked, part),
+                f"{walked} is {_describe_value(obj)}, not a section; set it as a whole with {walked}=...",
+            )
         walked = here
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -423,8 +452,10 @@ def _apply(cfg: Any, overrides: Sequence[str]) -> list[str]:
     touched: list[str] = []
     for item in overrides:
         if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"{COMMAND_LINE}: {item!r}: malformed override, no '='; expected KEY=VALUE "
-                              f"(e.g. train.global_batch_size=256)")
+            raise ConfigError(
+                f"{COMMAND_LINE}: {item!r}: malformed override, no '='; expected KEY=VALUE "
+                f"(e.g. train.global_batch_size=256)"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(c.isspace() for c in key):
@@ -445,8 +476,14 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
 
 # --- Loading ------------------------------------------------------------------------------------------------------
 
-def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Optional[type] = None, *,
-                      check: Optional[Callable[[Any], Sequence[tuple]]] = None) -> Any:
+
+def load_typed_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    cls: Optional[type] = None,
+    *,
+    check: Optional[Callable[[Any], Sequence[tuple]]] = None,
+) -> Any:
     """Read one YAML file, build the dataclass tree ``cls`` from it (types checked, unknown keys rejected with a
     suggestion), apply dotted ``overrides`` and, with ``check``, validate values.
 
@@ -465,8 +502,9 @@ def load_typed_config(path: str | Path | None, overrides: Sequence[str] = (), cl
     if check is not None:
         problems = [(p[0], p[1], tuple(p[2]) if len(p) > 2 else ()) for p in check(cfg)]
         if problems:
-            raise ConfigError("\n".join(f"{_origin((k, *rel), touched, source)}: {k}: {problem}"
-                                         for k, problem, rel in problems))
+            raise ConfigError(
+                "\n".join(f"{_origin((k, *rel), touched, source)}: {k}: {problem}" for k, problem, rel in problems)
+            )
     return cfg
 
 
@@ -495,6 +533,7 @@ def _origin(keys: Sequence[str], touched: Sequence[str], source: str) -> str:
 
 
 # --- Value checks -------------------------------------------------------------------------------------------------
+
 
 class Checks:
     """Collects the value problems of a config tree, to report them all in one ConfigError.
@@ -528,6 +567,7 @@ class Checks:
         """``(dotted.key, problem)`` of every problem."""
         return [(key, problem) for key, problem, _ in self.errors]
 
+
 def world_errors(cfg: Any, world_size: int) -> list[tuple[str, str, tuple[str, ...]]]:
     """Batch-split problems of ``cfg.train`` on ``world_size`` ranks (``(key, problem, related)``)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -536,12 +576,16 @@ def world_errors(cfg: Any, world_size: int) -> list[tuple[str, str, tuple[str, .
     if gbs <= 0 or (mbs is not None and mbs <= 0):
         return []  # reported by the positivity checks
     if gbs % world_size:
-        return [("train.global_batch_size",
-                 f"global batch size {gbs} is not divisible by world size {world_size}", ())]
+        return [("train.global_batch_size", f"global batch size {gbs} is not divisible by world size {world_size}", ())]
     if mbs is not None and gbs % (world_size * mbs):
-        return [("train.micro_batch_size",
-                 f"global batch size {gbs} is not divisible by world size {world_size} x micro batch size {mbs} "
-                 f"= {world_size * mbs}", ("train.global_batch_size",))]
+        return [
+            (
+                "train.micro_batch_size",
+                f"global batch size {gbs} is not divisible by world size {world_size} x micro batch size {mbs} "
+                f"= {world_size * mbs}",
+                ("train.global_batch_size",),
+            )
+        ]
     return []
 
 
@@ -564,11 +608,18 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
     checks.positive(t.global_batch_size, "train.global_batch_size")
     checks.positive(t.micro_batch_size, "train.micro_batch_size", allow_none=True)
     if t.micro_batch_size is not None and 0 < t.global_batch_size < t.micro_batch_size:
-        checks.need(False, "train.micro_batch_size",
-                    f"micro batch size {t.micro_batch_size} exceeds global batch size {t.global_batch_size}",
-                    ("train.global_batch_size",))
-    checks.need(t.epochs is not None or t.max_steps is not None, "train.epochs",
-                "set at least one of train.epochs and train.max_steps", ("train.max_steps",))
+        checks.need(
+            False,
+            "train.micro_batch_size",
+            f"micro batch size {t.micro_batch_size} exceeds global batch size {t.global_batch_size}",
+            ("train.global_batch_size",),
+        )
+    checks.need(
+        t.epochs is not None or t.max_steps is not None,
+        "train.epochs",
+        "set at least one of train.epochs and train.max_steps",
+        ("train.max_steps",),
+    )
     checks.positive(t.epochs, "train.epochs", allow_none=True)
     checks.positive(t.max_steps, "train.max_steps", allow_none=True)
     checks.unit(t.ema_decay, "train.ema_decay")
@@ -581,21 +632,37 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
     # engine (a task may add its own engine needs: Task.check_config)
     e = cfg.engine
     if e.kind == "deepspeed":
-        checks.need(e.zero_stage in (1, 2, 3), "engine.zero_stage",
-                    f"must be 1, 2 or 3 with engine.kind=deepspeed, got {e.zero_stage}")
+        checks.need(
+            e.zero_stage in (1, 2, 3),
+            "engine.zero_stage",
+            f"must be 1, 2 or 3 with engine.kind=deepspeed, got {e.zero_stage}",
+        )
     checks.positive(e.bucket_size, "engine.bucket_size")
     checks.positive(e.shard_group_size, "engine.shard_group_size", allow_none=True)
     if e.sharding == "hybrid":
-        checks.need(e.kind == "fsdp2", "engine.sharding", f"hybrid sharding (HSDP) needs engine.kind=fsdp2, got "
-                    f"{e.kind!r} (DeepSpeed partitions over all ranks: use engine.zero_stage)", ("engine.kind",))
+        checks.need(
+            e.kind == "fsdp2",
+            "engine.sharding",
+            f"hybrid sharding (HSDP) needs engine.kind=fsdp2, got "
+            f"{e.kind!r} (DeepSpeed partitions over all ranks: use engine.zero_stage)",
+            ("engine.kind",),
+        )
         size = e.shard_group_size
         if isinstance(world_size, int) and world_size > 0 and size is not None and size > 0 and world_size % size:
-            checks.need(False, "engine.shard_group_size", f"world size {world_size} is not divisible by "
-                        f"shard_group_size {size} (hybrid sharding replicates whole shard groups)")
+            checks.need(
+                False,
+                "engine.shard_group_size",
+                f"world size {world_size} is not divisible by "
+                f"shard_group_size {size} (hybrid sharding replicates whole shard groups)",
+            )
     elif e.shard_group_size is not None:
-        checks.need(False, "engine.shard_group_size", f"is only used with engine.sharding=hybrid (sharding is "
-                    f"{e.sharding!r}): set engine.sharding=hybrid or leave shard_group_size null",
-                    ("engine.sharding",))
+        checks.need(
+            False,
+            "engine.shard_group_size",
+            f"is only used with engine.sharding=hybrid (sharding is "
+            f"{e.sharding!r}): set engine.sharding=hybrid or leave shard_group_size null",
+            ("engine.sharding",),
+        )
 
     # checkpoint
     c = cfg.checkpoint
@@ -606,6 +673,7 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
 
 
 # --- Dumping ------------------------------------------------------------------------------------------------------
+
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -645,16 +713,18 @@ def resolve_run_dir(cfg: Any) -> Path:
 
 # --- Derived quantities -------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Derived:
     """Numbers that follow from the config, the world size and (when known) the dataset size."""
+
     world_size: int
     dataset_size: Optional[int]
     global_batch_size: int
-    micro_batch_size: int                # samples per rank per forward/backward
-    grad_accum_steps: int                # micro-batches per optimizer step on each rank
-    steps_per_epoch: Optional[int]       # dataset_size // global_batch_size (the last partial batch is dropped)
-    total_steps: Optional[int]           # min(floor(epochs * steps_per_epoch), max_steps)
+    micro_batch_size: int  # samples per rank per forward/backward
+    grad_accum_steps: int  # micro-batches per optimizer step on each rank
+    steps_per_epoch: Optional[int]  # dataset_size // global_batch_size (the last partial batch is dropped)
+    total_steps: Optional[int]  # min(floor(epochs * steps_per_epoch), max_steps)
 
     @property
     def total_epochs(self) -> Optional[float]:
@@ -679,12 +749,21 @@ def derived(cfg: Any, world_size: int, dataset_size: Optional[int]) -> Derived:
     mbs = cfg.train.micro_batch_size or gbs // world_size
     accum = gbs // (world_size * mbs)
     if dataset_size is None:
-        return Derived(world_size=world_size, dataset_size=None, global_batch_size=gbs, micro_batch_size=mbs,
-                       grad_accum_steps=accum, steps_per_epoch=None, total_steps=None)
+        return Derived(
+            world_size=world_size,
+            dataset_size=None,
+            global_batch_size=gbs,
+            micro_batch_size=mbs,
+            grad_accum_steps=accum,
+            steps_per_epoch=None,
+            total_steps=None,
+        )
     steps_per_epoch = dataset_size // gbs
     if steps_per_epoch < 1:
-        raise ConfigError(f"config: train.global_batch_size: the dataset has {dataset_size} samples, fewer than one "
-                          f"global batch of {gbs} (incomplete batches are dropped)")
+        raise ConfigError(
+            f"config: train.global_batch_size: the dataset has {dataset_size} samples, fewer than one "
+            f"global batch of {gbs} (incomplete batches are dropped)"
+        )
     candidates = []
     if cfg.train.epochs is not None:
         candidates.append(epochs_to_steps(cfg.train.epochs, steps_per_epoch))
@@ -692,5 +771,12 @@ def derived(cfg: Any, world_size: int, dataset_size: Optional[int]) -> Derived:
         candidates.append(cfg.train.max_steps)
     if not candidates:
         raise ConfigError("config: train.epochs: set at least one of train.epochs and train.max_steps")
-    return Derived(world_size=world_size, dataset_size=dataset_size, global_batch_size=gbs, micro_batch_size=mbs,
-                   grad_accum_steps=accum, steps_per_epoch=steps_per_epoch, total_steps=min(candidates))
+    return Derived(
+        world_size=world_size,
+        dataset_size=dataset_size,
+        global_batch_size=gbs,
+        micro_batch_size=mbs,
+        grad_accum_steps=accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=min(candidates),
+    )

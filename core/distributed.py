@@ -15,6 +15,7 @@ FSDP2 and torch.distributed.checkpoint need one. Environments, in order of prece
 
 Backend: NCCL with ``torch.cuda.set_device(local_rank)`` when CUDA is available, gloo otherwise.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,11 +83,19 @@ def _slurm_env(env: dict[str, str]) -> dict[str, str]:
         local_world = max(1, world // max(1, int(env.get("SLURM_NNODES", "1"))))
     addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR")
     if not addr:
-        raise RuntimeError("Slurm environment without MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR: export MASTER_ADDR "
-                           "(e.g. the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`)")
+        raise RuntimeError(
+            "Slurm environment without MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR: export MASTER_ADDR "
+            "(e.g. the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`)"
+        )
     port = env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-            "LOCAL_WORLD_SIZE": str(local_world), "MASTER_ADDR": addr, "MASTER_PORT": port}
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": port,
+    }
 
 
 def _resolve_env(env: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -94,17 +103,28 @@ def _resolve_env(env: dict[str, str]) -> tuple[str, dict[str, str]]:
     if "RANK" in env and "WORLD_SIZE" in env:
         world = env["WORLD_SIZE"]
         if int(world) > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-            raise RuntimeError(f"RANK/WORLD_SIZE={world} are set but MASTER_ADDR/MASTER_PORT are not: "
-                               "launch with torchrun (or export both)")
-        return "torchrun", {"RANK": env["RANK"], "WORLD_SIZE": world,
-                            "LOCAL_RANK": env.get("LOCAL_RANK", env["RANK"]),
-                            "LOCAL_WORLD_SIZE": env.get("LOCAL_WORLD_SIZE", world),
-                            "MASTER_ADDR": env.get("MASTER_ADDR") or "127.0.0.1",
-                            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
+            raise RuntimeError(
+                f"RANK/WORLD_SIZE={world} are set but MASTER_ADDR/MASTER_PORT are not: "
+                "launch with torchrun (or export both)"
+            )
+        return "torchrun", {
+            "RANK": env["RANK"],
+            "WORLD_SIZE": world,
+            "LOCAL_RANK": env.get("LOCAL_RANK", env["RANK"]),
+            "LOCAL_WORLD_SIZE": env.get("LOCAL_WORLD_SIZE", world),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port()),
+        }
     if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
         return "slurm", _slurm_env(env)
-    return "single", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return "single", {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
 
 
 def _info_from_group() -> DistInfo:

@@ -14,6 +14,7 @@ of 0 leaves every EMA element as it was (``ema + 0 * (src - ema)``; ``src`` is f
 weight when ``apply`` is True (both kernels evaluate the same lerp with the same fp32 weight); the cost is one
 lerp kernel per tensor (torch has no multi-tensor lerp with a tensor weight) instead of one multi-tensor kernel.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,8 +33,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], decay: float,
-                apply: Optional[torch.Tensor] = None) -> None:
+def ema_update_(
+    ema_tensors: Sequence[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    decay: float,
+    apply: Optional[torch.Tensor] = None,
+) -> None:
     """In place: ``ema = decay * ema + (1 - decay) * src`` for every pair of the two lists; with ``apply`` (0-dim
     bool tensor) only where it is True, decided on the device (see the module docstring)."""
     if len(ema_tensors) != len(tensors):
@@ -46,8 +51,9 @@ def ema_update_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Ten
     src_local = [_local(t) for t in tensors]
     for e, s in zip(ema_local, src_local):
         if e.shape != s.shape:
-            raise ValueError(f"EMA update: shape mismatch {tuple(e.shape)} vs {tuple(s.shape)} "
-                             "(is the EMA sharded like the model?)")
+            raise ValueError(
+                f"EMA update: shape mismatch {tuple(e.shape)} vs {tuple(s.shape)} (is the EMA sharded like the model?)"
+            )
     if any(s.dtype != e.dtype for e, s in zip(ema_local, src_local)):
         src_local = [s.to(e.dtype) for e, s in zip(ema_local, src_local)]
     if apply is None:

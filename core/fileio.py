@@ -4,6 +4,7 @@ A reader (or a job killed mid-write and restarted) sees either the old file or t
 partial file. The temporary name starts with a dot and carries the writer's pid, so concurrent writers on one
 shared filesystem never collide and a leftover of a killed writer is recognisable (``is_temporary``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "atomic_save_with", "fsync_dir", "temporary_name", "is_temporary"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "atomic_save_with",
+    "fsync_dir",
+    "temporary_name",
+    "is_temporary",
+]
 
 _TMP_MARK = ".tmp-"
 
@@ -99,4 +109,3 @@ def atomic_save_with(path: str | Path, save: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-

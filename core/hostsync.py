@@ -23,6 +23,7 @@ steps, checkpoints, evaluation and the end of the run. Three pieces make that po
   the CPU (tests/integration/test_no_host_sync.py). On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` is the ground truth
   (``tools/check_host_sync.py``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,9 @@ def cuda_sync_debug(mode: str = "error") -> Iterator[None]:
 @dataclass
 class NonFiniteState:
     """The counters as read on the host."""
-    streak: int                  # consecutive non-finite steps, up to the last step
-    skipped: int                 # all skipped steps of the run (resumed runs included)
+
+    streak: int  # consecutive non-finite steps, up to the last step
+    skipped: int  # all skipped steps of the run (resumed runs included)
     tripped_step: Optional[int]  # the first step at which the streak reached the limit (None: not reached)
 
 
@@ -75,7 +77,7 @@ class NonFiniteCounter:
         0-dim bool tensor, True when every update of the step was applied."""
         bad = torch.logical_not(finite).to(torch.int64)
         streak, skipped, tripped = self._state.unbind()
-        streak.add_(1).mul_(bad)                                    # +1 on a skipped step, back to 0 otherwise
+        streak.add_(1).mul_(bad)  # +1 on a skipped step, back to 0 otherwise
         skipped.add_(bad)
         hit = torch.logical_and(streak >= self.limit, tripped < 0)
         tripped.copy_(torch.where(hit, step, tripped))
@@ -93,8 +95,8 @@ class StopAgreement:
     def __init__(self, world_size: int):
         self._group = None
         self._work = None
-        self._flag = torch.zeros(1, dtype=torch.int32)         # CPU: gloo reduces it in its own thread
-        self._view = self._flag.numpy()                         # host access without any tensor op
+        self._flag = torch.zeros(1, dtype=torch.int32)  # CPU: gloo reduces it in its own thread
+        self._view = self._flag.numpy()  # host access without any tensor op
         if world_size > 1 and tdist.is_available() and tdist.is_initialized():
             self._group = tdist.new_group(backend="gloo")
 
@@ -110,10 +112,10 @@ class StopAgreement:
             return bool(requested)
         agreed = False
         if self._work is not None:
-            self._work.wait()                                   # host-side only (gloo); normally already done
+            self._work.wait()  # host-side only (gloo); normally already done
             self._work = None
             agreed = bool(self._view[0] > 0)
-        if not agreed:                                          # every rank decides alike: none starts another
+        if not agreed:  # every rank decides alike: none starts another
             self._view[0] = 1 if requested else 0
             self._work = tdist.all_reduce(self._flag, op=tdist.ReduceOp.MAX, group=self._group, async_op=True)
         return agreed
@@ -125,8 +127,17 @@ class StopAgreement:
             work.wait()
 
 
-_SIZE_FROM_DATA = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-                   "unique_dim", "repeat_interleave", "_assert_async"}
+_SIZE_FROM_DATA = {
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "repeat_interleave",
+    "_assert_async",
+}
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -154,8 +165,12 @@ class HostSyncCounter(TorchDispatchMode):
         elif name in ("_to_copy", "copy_") and first is not None:
             src = args[1] if name == "copy_" else first
             dst = first.device if name == "copy_" else kwargs.get("device", first.device)
-            if isinstance(src, torch.Tensor) and dst is not None and torch.device(dst).type == "cpu" \
-                    and src.device.type != "cpu":
+            if (
+                isinstance(src, torch.Tensor)
+                and dst is not None
+                and torch.device(dst).type == "cpu"
+                and src.device.type != "cpu"
+            ):
                 self._record(name, src.device)
         return func(*args, **kwargs)
 

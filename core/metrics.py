@@ -4,6 +4,7 @@ Only rank 0 writes. The W&B run id lives in `<run_dir>/wandb_run_id` so that a r
 preemption or a requeue) continues the same W&B run; `metrics.jsonl` is cut back to the resumed step so
 that it always describes one uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,15 @@ from core.fileio import atomic_write_text
 log = logging.getLogger("llat")
 
 # Dense bf16 tensor-core peak per GPU (vendor figures), for MFU. Overridable with LLAT_PEAK_FLOPS.
-_PEAK_BF16 = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12,
-              "L40S": 362e12, "B200": 2250e12}
+_PEAK_BF16 = {
+    "H100": 989e12,
+    "H800": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
@@ -42,8 +50,7 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 def setup_console_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     # Streaming explains its defaults at INFO on every start; keep its warnings only.
     logging.getLogger("streaming").setLevel(logging.WARNING)
 
@@ -57,8 +64,7 @@ def _scalar(v: Any) -> Any:
 class MetricLogger:
     """Rank-0 sink for scalar metrics: console line, metrics.jsonl and (optionally) W&B."""
 
-    def __init__(self, run_dir: Path, wandb_cfg, run_name: str, config_dict: dict, is_main: bool,
-                 resume_step: int = 0):
+    def __init__(self, run_dir: Path, wandb_cfg, run_name: str, config_dict: dict, is_main: bool, resume_step: int = 0):
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
@@ -90,11 +96,19 @@ class MetricLogger:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = uuid.uuid4().hex[:8]   # W&B run ids: short [a-z0-9] strings
+            run_id = uuid.uuid4().hex[:8]  # W&B run ids: short [a-z0-9] strings
             id_file.write_text(run_id)
-        return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_name, id=run_id,
-                          resume="allow", dir=str(self.run_dir), mode=wandb_cfg.mode,
-                          config=config_dict, tags=list(wandb_cfg.tags))
+        return wandb.init(
+            project=wandb_cfg.project,
+            entity=wandb_cfg.entity,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=wandb_cfg.mode,
+            config=config_dict,
+            tags=list(wandb_cfg.tags),
+        )
 
     @property
     def wandb_run(self):
@@ -156,9 +170,11 @@ class Throughput:
 
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        out = {"img_per_s": self._images / elapsed,
-               "step_time_s": elapsed / max(self._steps, 1),
-               "data_wait_frac": self._data_wait / elapsed}
+        out = {
+            "img_per_s": self._images / elapsed,
+            "step_time_s": elapsed / max(self._steps, 1),
+            "data_wait_frac": self._data_wait / elapsed,
+        }
         if self.flops_per_image and self.peak:
             out["mfu"] = self._images * self.flops_per_image / elapsed / (self.peak * self.world_size)
         self.reset()
@@ -170,8 +186,7 @@ def format_table(rows: list[dict]) -> str:
     headers = list(rows[0].keys())
     cells = [[f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "-+-".join("-" * w for w in widths)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 

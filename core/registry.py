@@ -3,6 +3,7 @@
 An entry is the thing itself or a lazy ``"package.module:attr"`` string, imported on first ``get``: a registry
 in a low layer can list names that higher layers implement (``models.tasks.TASKS``) without importing them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,9 +26,11 @@ class Registry:
         """Add ``name`` -> ``target`` (an object or a lazy ``"module:attr"`` string); without ``target``, a
         decorator registering the decorated object. A name is registered once."""
         if target is None:
+
             def decorator(obj: Any) -> Any:
                 self.register(name, obj)
                 return obj
+
             return decorator
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")

@@ -10,6 +10,7 @@ fresh streams.
   step 0 (or of an earlier resume at another step), ranks and streams draw independent values, and the same
   resume done twice is the same run.
 """
+
 from __future__ import annotations
 
 import hashlib

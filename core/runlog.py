@@ -16,6 +16,7 @@ Sources, for a run directory (``read_run_dir``):
    know): ``<run_dir>/metrics.jsonl`` and ``<run_dir>/config.yaml``, written by the trainer next to ``wandb/``.
 3. Always, when present: ``<run_dir>/eval/step_*.json``, the records of the in-loop evaluation (``RunData.evals``).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["RunData", "discover_runs", "read_offline_run", "read_online_project", "read_run_dir",
-           "read_wandb_records"]
+__all__ = ["RunData", "discover_runs", "read_offline_run", "read_online_project", "read_run_dir", "read_wandb_records"]
 
 LEVELDB_HEADER = struct.Struct("<4sHB")
 RECORD_HEADER = struct.Struct("<IHB")
@@ -51,7 +51,7 @@ def read_wandb_records(path: Path) -> Iterator[bytes]:
     pending: Optional[bytearray] = None
     while True:
         left = BLOCK - pos % BLOCK
-        if left < RECORD_HEADER.size:           # block trailer: zero padding
+        if left < RECORD_HEADER.size:  # block trailer: zero padding
             pos += left
         if pos + RECORD_HEADER.size > len(data):
             return
@@ -98,13 +98,14 @@ def _json(value_json: str) -> Any:
 @dataclass
 class RunData:
     """Everything the leaderboard needs of one run."""
+
     run_id: str
     name: str
-    source: str                                                   # where it was read from
+    source: str  # where it was read from
     config: dict[str, Any] = field(default_factory=dict)
-    history: dict[int, dict[str, Any]] = field(default_factory=dict)   # step -> metrics logged at that step
+    history: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> metrics logged at that step
     summary: dict[str, Any] = field(default_factory=dict)
-    evals: dict[int, dict[str, Any]] = field(default_factory=dict)      # step -> eval/step_*.json record
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> eval/step_*.json record
     run_dir: Optional[str] = None
 
 
@@ -138,8 +139,7 @@ def read_offline_run(wandb_file: Path, into: Optional[RunData] = None) -> RunDat
             step = row.get("_step", rec.history.step.num if rec.history.HasField("step") else None)
             if step is None:
                 continue
-            run.history.setdefault(int(step), {}).update(
-                {k: v for k, v in row.items() if not k.startswith("_")})
+            run.history.setdefault(int(step), {}).update({k: v for k, v in row.items() if not k.startswith("_")})
         elif kind == "summary":
             for item in rec.summary.update:
                 _set_path(run.summary, _item_path(item), _json(item.value_json))
@@ -159,10 +159,10 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
     files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb")) + list(run_dir.glob("wandb/run-*/run-*.wandb"))
     groups: dict[str, list[Path]] = {}
     for f in files:
-        groups.setdefault(f.stem[len("run-"):], []).append(f)
+        groups.setdefault(f.stem[len("run-") :], []).append(f)
     id_file = run_dir / "wandb_run_id"
     wanted = id_file.read_text().strip() if id_file.is_file() else None
-    if wanted not in groups:          # no id file: the run id whose newest start is the most recent
+    if wanted not in groups:  # no id file: the run id whose newest start is the most recent
         wanted = max(groups, key=lambda k: max(_start_stamp(f) for f in groups[k]), default=None)
     run: Optional[RunData] = None
     for f in sorted(groups.get(wanted, []), key=_start_stamp):
@@ -174,13 +174,18 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
         run.source = str(run_dir / "wandb")
         run.run_id = run.run_id or wanted
     if run is not None and not run.history:
-        run = None                                    # nothing logged: fall back to the trainer's own files
+        run = None  # nothing logged: fall back to the trainer's own files
     if run is None:
         metrics = run_dir / "metrics.jsonl"
         if not metrics.is_file():
             return None
-        run = RunData(run_id=(run_dir / "wandb_run_id").read_text().strip() if (run_dir / "wandb_run_id").exists()
-                      else run_dir.name, name=run_dir.name, source=str(metrics))
+        run = RunData(
+            run_id=(run_dir / "wandb_run_id").read_text().strip()
+            if (run_dir / "wandb_run_id").exists()
+            else run_dir.name,
+            name=run_dir.name,
+            source=str(metrics),
+        )
         for line in metrics.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -192,6 +197,7 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
         cfg_file = run_dir / "config.yaml"
         if cfg_file.is_file():
             import yaml
+
             run.config = yaml.safe_load(cfg_file.read_text()) or {}
             run.name = run.config.get("name") or run.name
     run.run_dir = str(run_dir)
@@ -235,8 +241,9 @@ def read_online_project(path: str, keys: Sequence[str], max_runs: int = 500) -> 
     for i, r in enumerate(api.runs(path)):
         if i >= max_runs:
             break
-        run = RunData(run_id=r.id, name=r.name, source=f"wandb:{path}/{r.id}",
-                      config=dict(r.config), summary=dict(r.summary))
+        run = RunData(
+            run_id=r.id, name=r.name, source=f"wandb:{path}/{r.id}", config=dict(r.config), summary=dict(r.summary)
+        )
         for key in keys:
             for row in r.scan_history(keys=["_step", key]):
                 run.history.setdefault(int(row["_step"]), {})[key] = row[key]

@@ -11,6 +11,7 @@ numbers the same step ``step + 1``, after the update). The sorted union of ``ran
 A resumed run appends to the same file, so a step redone after a kill appears twice: the last line is the one
 that counts. It is a collective per step (an all-gather of a few integers): keep it for tests and debugging.
 """
+
 from __future__ import annotations
 
 import json

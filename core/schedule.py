@@ -8,6 +8,7 @@ the step, so a resumed run computes exactly what an uninterrupted run would.
   timestep-sampling phases in models/transport.py).
 * LR schedules: ``constant`` (official), ``warmup_constant`` and ``cosine``.
 """
+
 from __future__ import annotations
 
 import math

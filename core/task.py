@@ -5,6 +5,7 @@ the loss of each phase. Engines, checkpointing, data loading, logging and the lo
 The tasks themselves are registered by name in ``models.tasks`` (``TASKS``, ``build_task``); the composition
 root (train.py, tools) builds one and hands it to the trainer, so core never imports a task.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 class DataSource(Protocol):
     """The training data of a task (``Task.build_data``; implementations in data/sources.py): micro-batches of
     this rank from any position, so that a resume needs only the global step."""
+
     steps_per_epoch: int
     num_samples: int
 
@@ -40,6 +42,7 @@ class StepContext:
     """What a task may know about the current step (all derived from the global step), e.g. to derive its own
     step-dependent choices (the DiT's timestep-sampling phase). ``steps_per_epoch`` is None outside the trainer's
     loop (benchmarks): the task then uses its first-step settings."""
+
     step: int
     epoch: float
     steps_per_epoch: Optional[int] = None
@@ -84,8 +87,9 @@ class Task:
         """In-loop evaluation (collective; every `eval.every_epochs`): metrics to log, e.g. FID of EMA samples."""
         return {}
 
-    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
-             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss to back-propagate for `phase`, and detached metrics to log."""
         raise NotImplementedError
 
@@ -110,13 +114,23 @@ class Task:
         <stream name>)``, never from the start-of-run seed: a run resumed at step 600k must not draw the noise
         of its first steps again. A task with random state in ``state_dict`` must override this."""
         if self.state_dict():
-            raise NotImplementedError(f"{type(self).__name__} checkpoints random state but cannot re-seed it "
-                                      f"for a resume on another world size: implement Task.reseed")
+            raise NotImplementedError(
+                f"{type(self).__name__} checkpoints random state but cannot re-seed it "
+                f"for a resume on another world size: implement Task.reseed"
+            )
 
 
 def prepare_parts(engine: Engine, specs: dict[str, PartSpec]) -> dict[str, TrainedPart]:
     """Every part wrapped by ``engine`` as its spec says (the trainer and tools/bench_train.py)."""
-    return {name: engine.prepare(name, spec.module, spec.optimizer, spec.ema_decay, blocks_attr=spec.blocks_attr,
-                                 grad_clip=spec.grad_clip, compile_attrs=tuple(spec.compile_attrs))
-            for name, spec in specs.items()}
-
+    return {
+        name: engine.prepare(
+            name,
+            spec.module,
+            spec.optimizer,
+            spec.ema_decay,
+            blocks_attr=spec.blocks_attr,
+            grad_clip=spec.grad_clip,
+            compile_attrs=tuple(spec.compile_attrs),
+        )
+        for name, spec in specs.items()
+    }

@@ -18,6 +18,7 @@ skipped-step counters live on the device and are read on log steps, before check
 end (the consecutive non-finite limit is enforced at most ``train.log_every - 1`` steps late, for the step at which
 it was reached); the stop agreement is a CPU all-reduce started at one step and read at the next.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,7 @@ from core.task import StepContext, Task, prepare_parts
 
 log = logging.getLogger("llat")
 
-REQUEUE_EXIT_CODE = 75          # EX_TEMPFAIL: "checkpointed on a signal, run me again"
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed on a signal, run me again"
 REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -57,11 +58,12 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     step: int
-    exit_code: int              # 0 finished, REQUEUE_EXIT_CODE stopped on a signal after checkpointing
+    exit_code: int  # 0 finished, REQUEUE_EXIT_CODE stopped on a signal after checkpointing
 
 
-def train_step(task: Task, engine, parts: dict[str, Any], batches: list[dict[str, torch.Tensor]],
-               ctx: StepContext) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def train_step(
+    task: Task, engine, parts: dict[str, Any], batches: list[dict[str, torch.Tensor]], ctx: StepContext
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step over all phases of ``task`` on ``batches`` (the micro-batches of this rank): for each
     phase, forward (``Task.loss`` under ``engine.autocast()``) and backward per micro-batch (gradients reduced on
     the last), then the part's step. Returns the metrics (averaged over the micro-batches, per phase) and whether
@@ -110,14 +112,18 @@ class Trainer:
         d = derived(cfg, dist.world_size, dataset_size=None)
         self.micro_batch = d.micro_batch_size
         self.accum = d.grad_accum_steps
-        self.data = self.task.build_data(micro_batch_size=self.micro_batch,
-                                         global_batch_size=cfg.train.global_batch_size)
+        self.data = self.task.build_data(
+            micro_batch_size=self.micro_batch, global_batch_size=cfg.train.global_batch_size
+        )
         self.steps_per_epoch = self.data.steps_per_epoch
         if self.steps_per_epoch < 1:
-            raise ValueError(f"data.path: the dataset at {cfg.data.path!r} has {self.data.num_samples} samples, "
-                             f"fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
-        self.total_steps = derived(cfg, dist.world_size, dataset_size=self.steps_per_epoch
-                                   * cfg.train.global_batch_size).total_steps
+            raise ValueError(
+                f"data.path: the dataset at {cfg.data.path!r} has {self.data.num_samples} samples, "
+                f"fewer than one global batch (train.global_batch_size={cfg.train.global_batch_size})"
+            )
+        self.total_steps = derived(
+            cfg, dist.world_size, dataset_size=self.steps_per_epoch * cfg.train.global_batch_size
+        ).total_steps
 
         self.engine = build_engine(cfg.engine, dist)
         self._base_lr = {name: spec.optimizer.lr for name, spec in specs.items()}
@@ -132,12 +138,14 @@ class Trainer:
             if extra is not None:
                 self._restore(extra)
         # Device-side copies of the two counters above (read back by _sync_nonfinite) and the stop agreement.
-        self.nonfinite = NonFiniteCounter(dist.device, cfg.train.max_consecutive_nonfinite,
-                                          self.nonfinite_streak, self.skipped_steps)
+        self.nonfinite = NonFiniteCounter(
+            dist.device, cfg.train.max_consecutive_nonfinite, self.nonfinite_streak, self.skipped_steps
+        )
         self._stop_agreement = StopAgreement(dist.world_size)
 
-        self.metrics = MetricLogger(self.run_dir, cfg.wandb, cfg.name, config_to_dict(cfg), dist.is_main,
-                                    resume_step=self.step)
+        self.metrics = MetricLogger(
+            self.run_dir, cfg.wandb, cfg.name, config_to_dict(cfg), dist.is_main, resume_step=self.step
+        )
         self.throughput = Throughput(self.task.flops_per_image(), dist.world_size, peak_flops(dist.device))
         self._stop_requested = False
         # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way.
@@ -151,18 +159,21 @@ class Trainer:
         self.metrics.event(
             f"run {cfg.name}: {dist.world_size} rank(s), global batch {cfg.train.global_batch_size} "
             f"(micro {self.micro_batch} x accum {self.accum}), {self.steps_per_epoch} steps/epoch, "
-            f"{self.total_steps} steps total, starting at step {self.step}, run dir {self.run_dir}")
+            f"{self.total_steps} steps total, starting at step {self.step}, run dir {self.run_dir}"
+        )
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
-        return {"step": self.step,
-                "rng": rng_state(),
-                "task": self.task.state_dict(),
-                "data": self.data.state_dict(),
-                "nonfinite_streak": self.nonfinite_streak,
-                "skipped_steps": self.skipped_steps,
-                "config": config_to_dict(self.cfg),
-                "world_size": self.dist.world_size}
+        return {
+            "step": self.step,
+            "rng": rng_state(),
+            "task": self.task.state_dict(),
+            "data": self.data.state_dict(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "skipped_steps": self.skipped_steps,
+            "config": config_to_dict(self.cfg),
+            "world_size": self.dist.world_size,
+        }
 
     def _restore(self, extra: dict[str, Any]) -> None:
         self.step = int(extra["step"])
@@ -175,9 +186,11 @@ class Trainer:
             # replays the draws of step 0 nor depends on anything but the checkpoint and the new world size.
             reseed_global(self.cfg.seed, self.step, self.dist.rank)
             self.task.reseed(self.step, self.dist.rank)
-            log.warning("resumed on a different world size: data order is kept, per-rank RNG streams "
-                        "(global and the task's) are re-seeded from (seed, step, rank); bitwise continuation "
-                        "needs the same world size")
+            log.warning(
+                "resumed on a different world size: data order is kept, per-rank RNG streams "
+                "(global and the task's) are re-seeded from (seed, step, rank); bitwise continuation "
+                "needs the same world size"
+            )
         else:
             set_rng_state(extra["rng"])
             self.task.load_state_dict(extra["task"])
@@ -186,8 +199,9 @@ class Trainer:
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
         self._stop_requested = True
-        log.warning("received signal %d: will checkpoint at the next step boundary and exit %d",
-                    signum, REQUEUE_EXIT_CODE)
+        log.warning(
+            "received signal %d: will checkpoint at the next step boundary and exit %d", signum, REQUEUE_EXIT_CODE
+        )
 
     def _install_signal_handlers(self) -> None:
         for sig in REQUEUE_SIGNALS:
@@ -209,21 +223,27 @@ class Trainer:
         new = state.skipped - self.skipped_steps
         self.nonfinite_streak, self.skipped_steps = state.streak, state.skipped
         if new > 0:
-            log.warning("%d step(s) up to step %d had a non-finite gradient norm: update skipped (%d in a row now, "
-                        "%d in all)", new, self.step, state.streak, state.skipped)
+            log.warning(
+                "%d step(s) up to step %d had a non-finite gradient norm: update skipped (%d in a row now, %d in all)",
+                new,
+                self.step,
+                state.streak,
+                state.skipped,
+            )
         if state.tripped_step is not None:
             limit = self.cfg.train.max_consecutive_nonfinite
             raise NonFiniteLossError(
                 f"{limit} consecutive steps with a non-finite loss/gradient at step {state.tripped_step} "
                 f"(train.max_consecutive_nonfinite={limit}); "
-                f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true")
+                f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true"
+            )
 
     # ------------------------------------------------------------------ loop
     def _next_micro_batches(self, it) -> tuple[list[dict[str, torch.Tensor]], float]:
         t0 = time.perf_counter()
         batches = [next(it) for _ in range(self.accum)]
         waited = time.perf_counter() - t0
-        if self._sample_trace is not None:          # LLAT_DEBUG_SAMPLE_IDS (core/sample_trace.py)
+        if self._sample_trace is not None:  # LLAT_DEBUG_SAMPLE_IDS (core/sample_trace.py)
             self._sample_trace.record(self.step, batches)
         return batches, waited
 
@@ -239,7 +259,7 @@ class Trainer:
         return self.step % interval == 0 or self.step == self.total_steps
 
     def _save(self) -> None:
-        self._sync_nonfinite()             # current counters in the checkpoint; never save past the limit
+        self._sync_nonfinite()  # current counters in the checkpoint; never save past the limit
         self.checkpoints.save(self.step, self.parts, self._extra_state())
 
     def train(self) -> TrainResult:
@@ -254,6 +274,7 @@ class Trainer:
         bar = None
         if self.dist.is_main and cfg.train.progress_bar and sys.stderr.isatty():  # log lines when not a terminal
             from tqdm import tqdm
+
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         exit_code = 0
         while self.step < self.total_steps:
@@ -262,8 +283,9 @@ class Trainer:
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
-                ctx = StepContext(step=self.step, epoch=self.step / self.steps_per_epoch,
-                                  steps_per_epoch=self.steps_per_epoch)
+                ctx = StepContext(
+                    step=self.step, epoch=self.step / self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch
+                )
                 for message in self.task.on_step(ctx):
                     self.metrics.event(message)
                 # Each part follows the schedule relative to its own base LR (VA-VAE: autoencoder and
@@ -280,9 +302,14 @@ class Trainer:
                 self.throughput.add(cfg.train.global_batch_size, data_wait)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self._sync_nonfinite()
-                    record = {**metrics, "lr": lr, "epoch": self.step / self.steps_per_epoch,
-                              **self.task.step_metrics(ctx), "skipped_steps": self.skipped_steps,
-                              **self.throughput.summary()}
+                    record = {
+                        **metrics,
+                        "lr": lr,
+                        "epoch": self.step / self.steps_per_epoch,
+                        **self.task.step_metrics(ctx),
+                        "skipped_steps": self.skipped_steps,
+                        **self.throughput.summary(),
+                    }
                     self.metrics.log(self.step, record, console=bar is None)
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(metrics.get('loss', float('nan'))):.4f}")
@@ -303,8 +330,10 @@ class Trainer:
                     self._save()
                 if stopping:
                     self.checkpoints.close()
-                    self.metrics.event(f"stopped on a signal at step {self.step}: checkpoint written, "
-                                       f"exit code {REQUEUE_EXIT_CODE} (requeue)")
+                    self.metrics.event(
+                        f"stopped on a signal at step {self.step}: checkpoint written, "
+                        f"exit code {REQUEUE_EXIT_CODE} (requeue)"
+                    )
                     exit_code = REQUEUE_EXIT_CODE
                     break
             del it

@@ -1,4 +1,5 @@
 """The ``data:`` section of an experiment config (the training data of every task) and its value checks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,20 +16,21 @@ class DataConfig:
     ("images": an ImageNet-style folder or a "<path> <label>" file list at `path`; "synthetic": the embedded
     procedural images of data/synthetic.py; "streaming": MDS shards with the `image` column and, for
     vavae.vf.features=precomputed, their DINOv2 `features`, written by data/extract.py)."""
+
     kind: Literal["streaming", "images", "synthetic"] = "streaming"
-    path: str = ""                           # local MDS directory (or the local cache of `remote`)
-    remote: Optional[str] = None             # optional remote for streaming (s3://..., gs://...)
-    latent_norm: bool = True                 # per-channel (z - mean) / std with the stats stored with the dataset
+    path: str = ""  # local MDS directory (or the local cache of `remote`)
+    remote: Optional[str] = None  # optional remote for streaming (s3://..., gs://...)
+    latent_norm: bool = True  # per-channel (z - mean) / std with the stats stored with the dataset
     latent_multiplier: float = 1.0
-    random_flip: bool = True                 # pick latent_flip (VA-VAE streaming: flip the image) with p = 0.5
-    use_features: bool = False               # DiT: also read the DINOv2 `features` column (VA-VAE: vavae.vf.features)
+    random_flip: bool = True  # pick latent_flip (VA-VAE streaming: flip the image) with p = 0.5
+    use_features: bool = False  # DiT: also read the DINOv2 `features` column (VA-VAE: vavae.vf.features)
     num_workers: int = 2
     shuffle: bool = True
     predownload: Optional[int] = None
     # image kinds ("images", "synthetic"; VA-VAE training)
-    image_size: int = 256                    # training crop size ("streaming": the stored image size)
-    image_crop: Literal["random", "center"] = "random"   # official: SmallestMaxSize + RandomCrop (val: center)
-    synthetic_num_samples: int = 1024        # "synthetic": dataset size
+    image_size: int = 256  # training crop size ("streaming": the stored image size)
+    image_crop: Literal["random", "center"] = "random"  # official: SmallestMaxSize + RandomCrop (val: center)
+    synthetic_num_samples: int = 1024  # "synthetic": dataset size
     synthetic_num_classes: int = 10
 
 

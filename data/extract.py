@@ -36,6 +36,7 @@ so a redone chunk draws the same noise.
 Bad files (corrupt images, non-images with an image extension) are skipped and reported with their paths;
 files without an image extension are listed as ignored. Neither stops the job.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,6 +49,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
     sys.path.insert(0, os.path.dirname(_HERE))
     from data.extract import main as _main
+
     sys.exit(_main())
 
 import argparse
@@ -87,19 +89,29 @@ from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-NO_TOKENIZER = "none"                       # tokenizer.kind that stores no latents
-FEATURES_KIND = "dinov2"                    # the data.features extractor the `features` section configures
+NO_TOKENIZER = "none"  # tokenizer.kind that stores no latents
+FEATURES_KIND = "dinov2"  # the data.features extractor the `features` section configures
 PLAN_FILENAME = "extract_plan.json"
 MANIFEST_FILENAME = "manifest.json"
 CHUNK_META = "chunk.json"
-INDEX_FILENAME = "index.json"               # MDS index (streaming's name)
-DEFAULT_SIZE_LIMIT = 1 << 26                # bytes of uncompressed samples per shard (streaming's default)
+INDEX_FILENAME = "index.json"  # MDS index (streaming's name)
+DEFAULT_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (streaming's default)
 FORMAT_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk(\d{6})$")
 
 __all__ = [
-    "ExtractConfig", "ExtractError", "ExtractResult", "FeaturesConfig", "SourceConfig", "TokenizerConfig",
-    "build_features", "build_source", "check_extract_config", "extract", "load_extract_config", "main",
+    "ExtractConfig",
+    "ExtractError",
+    "ExtractResult",
+    "FeaturesConfig",
+    "SourceConfig",
+    "TokenizerConfig",
+    "build_features",
+    "build_source",
+    "check_extract_config",
+    "extract",
+    "load_extract_config",
+    "main",
     "read_manifest",
 ]
 
@@ -108,34 +120,34 @@ __all__ = [
 @dataclass
 class SourceConfig:
     kind: Literal["synthetic", "folder", "filelist"] = "synthetic"
-    image_size: int = 256                    # output image size (ADM center crop for files)
+    image_size: int = 256  # output image size (ADM center crop for files)
     # synthetic (data/synthetic.py)
     num_samples: int = 1000
     num_classes: int = 10
     seed: int = 0
     # folder: path = root of class folders; filelist: path = text file of "<path> <label>" lines
     path: str = ""
-    root: str = ""                           # filelist: base of relative paths ("" = the list file's directory)
+    root: str = ""  # filelist: base of relative paths ("" = the list file's directory)
     extensions: list[str] = field(default_factory=lambda: list(IMG_EXTENSIONS))
-    limit: Optional[int] = None              # only the first N images (quick trials)
+    limit: Optional[int] = None  # only the first N images (quick trials)
 
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "identity"                   # data.tokenizers registry ("identity", "vavae"), or "none": no latents
-    sample: bool = True                      # posterior sample (official) rather than the mean
-    kwargs: dict[str, Any] = field(default_factory=dict)     # passed to build_tokenizer (e.g. checkpoint path)
+    kind: str = "identity"  # data.tokenizers registry ("identity", "vavae"), or "none": no latents
+    sample: bool = True  # posterior sample (official) rather than the mean
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to build_tokenizer (e.g. checkpoint path)
 
 
 @dataclass
 class FeaturesConfig:
     enabled: bool = False
-    model: str = "vit_large_patch14_dinov2.lvd142m"          # timm name (official VA-VAE foundation model)
-    weights: Optional[str] = None            # LOCAL checkpoint file (timm or original DINOv2 keys); no downloads
-    random_init: bool = False                # random weights instead of `weights` (tests / demos only)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)   # extra timm.create_model kwargs (tiny test ViTs)
-    imagenet_norm: bool = False              # official: [-1, 1] input without ImageNet mean/std
-    grid: Optional[int] = None               # token grid side (input resized to patch * grid); None = latent grid.
+    model: str = "vit_large_patch14_dinov2.lvd142m"  # timm name (official VA-VAE foundation model)
+    weights: Optional[str] = None  # LOCAL checkpoint file (timm or original DINOv2 keys); no downloads
+    random_init: bool = False  # random weights instead of `weights` (tests / demos only)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (tiny test ViTs)
+    imagenet_norm: bool = False  # official: [-1, 1] input without ImageNet mean/std
+    grid: Optional[int] = None  # token grid side (input resized to patch * grid); None = latent grid.
     #                                          VA-VAE features: the trained autoencoder's grid (256 px / 16 = 16)
 
 
@@ -145,17 +157,17 @@ class ExtractConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    images: bool = False                     # also store each image (column `image`, uint8 [3, S, S])
+    images: bool = False  # also store each image (column `image`, uint8 [3, S, S])
     latent_dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = 32                     # images per forward (each also encoded flipped)
-    num_workers: int = 4                     # DataLoader decode workers per rank
-    chunk_size: int = 1000                   # images per resumable chunk per rank
+    batch_size: int = 32  # images per forward (each also encoded flipped)
+    num_workers: int = 4  # DataLoader decode workers per rank
+    chunk_size: int = 1000  # images per resumable chunk per rank
     shard_size_limit: int = DEFAULT_SIZE_LIMIT
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 42                           # global RNG seed + rank (official) and base of the per-chunk seeds
-    tf32: bool = True                        # official extraction runs with TF32 on
+    seed: int = 42  # global RNG seed + rank (official) and base of the per-chunk seeds
+    tf32: bool = True  # official extraction runs with TF32 on
     progress_bar: bool = True
-    throttle_s: float = 0.0                  # sleep after each batch (testing kill/resume); 0 = off
+    throttle_s: float = 0.0  # sleep after each batch (testing kill/resume); 0 = off
 
 
 def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
@@ -171,27 +183,45 @@ def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
         need(s.image_size >= 8, "source.image_size", f"synthetic images need image_size >= 8, got {s.image_size}")
         need(s.seed >= 0, "source.seed", f"must be >= 0, got {s.seed}")
     else:
-        need(bool(s.path.strip()), "source.path",
-             "must name the image folder" if s.kind == "folder" else "must name the file list")
+        need(
+            bool(s.path.strip()),
+            "source.path",
+            "must name the image folder" if s.kind == "folder" else "must name the file list",
+        )
         need(bool(s.extensions), "source.extensions", "must list at least one extension")
     need(s.limit is None or s.limit > 0, "source.limit", f"must be > 0 or null, got {s.limit}")
-    need(cfg.tokenizer.kind in available_tokenizers() + [NO_TOKENIZER], "tokenizer.kind",
-         f"unknown tokenizer {cfg.tokenizer.kind!r}; available: {', '.join(available_tokenizers())}, or "
-         f"{NO_TOKENIZER!r} (no latents)")
+    need(
+        cfg.tokenizer.kind in available_tokenizers() + [NO_TOKENIZER],
+        "tokenizer.kind",
+        f"unknown tokenizer {cfg.tokenizer.kind!r}; available: {', '.join(available_tokenizers())}, or "
+        f"{NO_TOKENIZER!r} (no latents)",
+    )
     f = cfg.features
     if cfg.tokenizer.kind == NO_TOKENIZER:
-        need(cfg.images or f.enabled, "tokenizer.kind",
-             "is 'none' (no latents): store the images (images: true) and/or DINOv2 features (features.enabled: "
-             "true), or choose a tokenizer")
-        need(not f.enabled or f.grid is not None, "features.grid",
-             "must be set when tokenizer.kind is 'none' (there is no latent grid to default to)")
+        need(
+            cfg.images or f.enabled,
+            "tokenizer.kind",
+            "is 'none' (no latents): store the images (images: true) and/or DINOv2 features (features.enabled: "
+            "true), or choose a tokenizer",
+        )
+        need(
+            not f.enabled or f.grid is not None,
+            "features.grid",
+            "must be set when tokenizer.kind is 'none' (there is no latent grid to default to)",
+        )
     need(f.grid is None or f.grid > 0, "features.grid", f"must be > 0 or null, got {f.grid}")
     if f.enabled:
-        need(not (f.random_init and f.weights), "features.random_init",
-             "set either features.weights (a local checkpoint) or features.random_init=true, not both")
-        need(f.random_init or bool(f.weights), "features.weights",
-             "not set: give the path of a local DINOv2 checkpoint file (no downloads), or set "
-             "features.random_init=true for a randomly initialised model (tests only)")
+        need(
+            not (f.random_init and f.weights),
+            "features.random_init",
+            "set either features.weights (a local checkpoint) or features.random_init=true, not both",
+        )
+        need(
+            f.random_init or bool(f.weights),
+            "features.weights",
+            "not set: give the path of a local DINOv2 checkpoint file (no downloads), or set "
+            "features.random_init=true for a randomly initialised model (tests only)",
+        )
     need(cfg.batch_size > 0, "batch_size", f"must be > 0, got {cfg.batch_size}")
     need(cfg.num_workers >= 0, "num_workers", f"must be >= 0, got {cfg.num_workers}")
     need(cfg.chunk_size > 0, "chunk_size", f"must be > 0, got {cfg.chunk_size}")
@@ -216,6 +246,7 @@ class SyntheticSource(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int, image_size: int, num_classes: int, seed: int) -> None:
         from data.synthetic import SyntheticImages
+
         self.images = SyntheticImages(num_samples, image_size=image_size, num_classes=num_classes, seed=seed)
         self.ignored: list[IgnoredFile] = []
         self._fingerprint = f"synthetic:n={num_samples}:size={image_size}:classes={num_classes}:seed={seed}"
@@ -250,7 +281,7 @@ def build_source(cfg: SourceConfig) -> torch.utils.data.Dataset:
     else:  # pragma: no cover - the config loader only admits the kinds above
         raise ValueError(f"source.kind: unknown source {cfg.kind!r}")
     if cfg.limit is not None:
-        records = records[:cfg.limit]
+        records = records[: cfg.limit]
     if not records:
         raise FileNotFoundError(f"source.path: no images found under {cfg.path}")
     dataset = ImageFileDataset(records, cfg.image_size, ignored=ignored, classes=classes)
@@ -273,9 +304,16 @@ def build_features(cfg: FeaturesConfig, grid: tuple[int, int]) -> FeatureExtract
     align_corners=False) to ``patch * grid`` so the token grid equals the latent grid (224 px for patch 14 and a
     16x16 latent), optionally ImageNet-normalised, then ``forward_features`` minus the prefix tokens (CLS,
     registers) reshaped to [D, h, w]."""
-    return build_feature_extractor(FEATURES_KIND, model=cfg.model, weights=cfg.weights, random_init=cfg.random_init,
-                                   grid=grid, imagenet_norm=cfg.imagenet_norm, model_kwargs=cfg.model_kwargs,
-                                   config_key="features")
+    return build_feature_extractor(
+        FEATURES_KIND,
+        model=cfg.model,
+        weights=cfg.weights,
+        random_init=cfg.random_init,
+        grid=grid,
+        imagenet_norm=cfg.imagenet_norm,
+        model_kwargs=cfg.model_kwargs,
+        config_key="features",
+    )
 
 
 # ============================================================================================ distributed
@@ -301,9 +339,11 @@ def _fsync_file(path: Path) -> None:
 
 
 def _moments_to_json(moments: RunningMoments) -> dict[str, Any]:
-    return {"count": moments.count,
-            "mean": None if moments.mean is None else moments.mean.tolist(),   # float64 -> exact JSON floats
-            "m2": None if moments.m2 is None else moments.m2.tolist()}
+    return {
+        "count": moments.count,
+        "mean": None if moments.mean is None else moments.mean.tolist(),  # float64 -> exact JSON floats
+        "m2": None if moments.m2 is None else moments.m2.tolist(),
+    }
 
 
 def _moments_from_json(state: dict[str, Any]) -> RunningMoments:
@@ -331,8 +371,16 @@ def _sample_digest(sample_id: int, label: int, arrays: Sequence[np.ndarray]) -> 
 class _ChunkWriter:
     """One chunk: MDS shards in ``.tmp-chunkNNNNNN`` and its metadata; ``commit`` renames it into place."""
 
-    def __init__(self, rank_dir: Path, rank: int, chunk: int, positions: tuple[int, int], sample_ids: list[int],
-                 columns: dict[str, str], size_limit: int) -> None:
+    def __init__(
+        self,
+        rank_dir: Path,
+        rank: int,
+        chunk: int,
+        positions: tuple[int, int],
+        sample_ids: list[int],
+        columns: dict[str, str],
+        size_limit: int,
+    ) -> None:
         self.rank, self.chunk = rank, chunk
         self.final = rank_dir / _chunk_name(chunk)
         self.tmp = rank_dir / f".tmp-{_chunk_name(chunk)}"
@@ -358,12 +406,23 @@ class _ChunkWriter:
         self.writer.finish()
         seen = set(self.ids) | {s["sample_id"] for s in self.skipped}
         if seen != self.expected or len(self.ids) + len(self.skipped) != len(self.expected):
-            raise RuntimeError(f"chunk {self.final}: wrote {len(self.ids)} + skipped {len(self.skipped)} items, "
-                               f"expected exactly the {len(self.expected)} assigned sample ids")
-        meta = {"format": FORMAT_VERSION, "rank": self.rank, "chunk": self.chunk,
-                "positions": list(self.positions), "num_items": len(self.expected), "count": len(self.ids),
-                "sample_ids": self.ids, "digests": self.digests, "skipped": self.skipped,
-                "moments": _moments_to_json(self.moments), "time": time.time()}
+            raise RuntimeError(
+                f"chunk {self.final}: wrote {len(self.ids)} + skipped {len(self.skipped)} items, "
+                f"expected exactly the {len(self.expected)} assigned sample ids"
+            )
+        meta = {
+            "format": FORMAT_VERSION,
+            "rank": self.rank,
+            "chunk": self.chunk,
+            "positions": list(self.positions),
+            "num_items": len(self.expected),
+            "count": len(self.ids),
+            "sample_ids": self.ids,
+            "digests": self.digests,
+            "skipped": self.skipped,
+            "moments": _moments_to_json(self.moments),
+            "time": time.time(),
+        }
         with open(self.tmp / CHUNK_META, "w", encoding="utf-8") as f:
             json.dump(meta, f)
             f.flush()
@@ -372,7 +431,7 @@ class _ChunkWriter:
             if path.is_file():
                 _fsync_file(path)
         fsync_dir(self.tmp)
-        os.rename(self.tmp, self.final)              # the commit point: the chunk is complete from here on
+        os.rename(self.tmp, self.final)  # the commit point: the chunk is complete from here on
         fsync_dir(self.final.parent)
         return meta
 
@@ -388,6 +447,7 @@ def _read_chunk_meta(chunk_dir: Path) -> Optional[dict[str, Any]]:
 @contextlib.contextmanager
 def _quiet_streaming_merge() -> Iterator[None]:
     """merge_index logs a warning per call ("temporary folder", "directory exists"): keep the console clean."""
+
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return "temporary folder" not in record.getMessage()
@@ -407,7 +467,7 @@ def _quiet_streaming_merge() -> Iterator[None]:
 def _merge_index(directory: Path, subdirs: list[str]) -> bool:
     """(Re)write ``directory/index.json`` over ``subdirs``; remove a stale one when there is nothing to merge."""
     index = directory / INDEX_FILENAME
-    index.unlink(missing_ok=True)                    # merge_index refuses to overwrite
+    index.unlink(missing_ok=True)  # merge_index refuses to overwrite
     if not subdirs:
         return False
     with _quiet_streaming_merge():
@@ -419,15 +479,15 @@ def _merge_index(directory: Path, subdirs: list[str]) -> bool:
 @dataclass
 class ExtractResult:
     out_dir: str
-    num_items: int                           # images in the source
-    num_samples: int                         # written to the dataset (all runs)
-    written_this_run: int                    # written by this invocation (all ranks)
-    skipped: list[dict[str, Any]]            # {sample_id, path, error} of every rank (rank 0; empty elsewhere)
-    ignored: list[dict[str, Any]]            # {path, reason}
-    mean: Optional[torch.Tensor]             # (1, C, 1, 1)
+    num_items: int  # images in the source
+    num_samples: int  # written to the dataset (all runs)
+    written_this_run: int  # written by this invocation (all ranks)
+    skipped: list[dict[str, Any]]  # {sample_id, path, error} of every rank (rank 0; empty elsewhere)
+    ignored: list[dict[str, Any]]  # {path, reason}
+    mean: Optional[torch.Tensor]  # (1, C, 1, 1)
     std: Optional[torch.Tensor]
     elapsed_s: float
-    manifest: Optional[dict[str, Any]]       # rank 0 only
+    manifest: Optional[dict[str, Any]]  # rank 0 only
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -436,24 +496,36 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 
 
 # ===================================================================================================== job
-def _plan(cfg: ExtractConfig, source: Any, world: int, latent_shape: Sequence[int],
-          features_shape: Optional[Sequence[int]]) -> dict[str, Any]:
+def _plan(
+    cfg: ExtractConfig, source: Any, world: int, latent_shape: Sequence[int], features_shape: Optional[Sequence[int]]
+) -> dict[str, Any]:
     f = cfg.features
-    return json.loads(json.dumps({
-        "format": FORMAT_VERSION,
-        "num_items": len(source),
-        "source_fingerprint": _source_fingerprint(source),
-        "world_size": world,
-        "chunk_size": cfg.chunk_size,
-        "tokenizer": config_to_dict(cfg.tokenizer),
-        "latent_shape": list(latent_shape) if latent_shape is not None else None,
-        "latent_dtype": cfg.latent_dtype,
-        "features": None if not f.enabled else {
-            "model": f.model, "random_init": f.random_init, "model_kwargs": f.model_kwargs,
-            "imagenet_norm": f.imagenet_norm, "shape": list(features_shape or [])},
-        "image_shape": [3, cfg.source.image_size, cfg.source.image_size] if cfg.images else None,
-        "seed": cfg.seed,
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "num_items": len(source),
+                "source_fingerprint": _source_fingerprint(source),
+                "world_size": world,
+                "chunk_size": cfg.chunk_size,
+                "tokenizer": config_to_dict(cfg.tokenizer),
+                "latent_shape": list(latent_shape) if latent_shape is not None else None,
+                "latent_dtype": cfg.latent_dtype,
+                "features": None
+                if not f.enabled
+                else {
+                    "model": f.model,
+                    "random_init": f.random_init,
+                    "model_kwargs": f.model_kwargs,
+                    "imagenet_norm": f.imagenet_norm,
+                    "shape": list(features_shape or []),
+                },
+                "image_shape": [3, cfg.source.image_size, cfg.source.image_size] if cfg.images else None,
+                "seed": cfg.seed,
+            },
+            default=str,
+        )
+    )
 
 
 def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
@@ -467,11 +539,16 @@ def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
             except ValueError as err:
                 old, error = None, f"out_dir: {path} is unreadable ({err}); remove it or use another out_dir"
             if old is not None and old != plan:
-                diffs = [f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan))
-                         if old.get(k) != plan.get(k)]
-                error = (f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with "
-                         f"the same source, world size, chunk_size, tokenizer, features, images, latent_dtype and "
-                         f"seed, or choose another out_dir")
+                diffs = [
+                    f"{k}: {old.get(k)!r} -> {plan.get(k)!r}"
+                    for k in sorted(set(old) | set(plan))
+                    if old.get(k) != plan.get(k)
+                ]
+                error = (
+                    f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with "
+                    f"the same source, world size, chunk_size, tokenizer, features, images, latent_dtype and "
+                    f"seed, or choose another out_dir"
+                )
         else:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, plan)
@@ -501,8 +578,10 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     source = build_source(cfg.source)
     fingerprints = all_gather_object(_source_fingerprint(source))
     if len(set(fingerprints)) != 1:
-        raise ExtractError(f"source: ranks see different image lists (fingerprints {fingerprints}); is "
-                           f"{cfg.source.path} the same on every node?")
+        raise ExtractError(
+            f"source: ranks see different image lists (fingerprints {fingerprints}); is "
+            f"{cfg.source.path} the same on every node?"
+        )
     tokenizer: Optional[Tokenizer] = None
     latent_shape = None
     if cfg.tokenizer.kind != NO_TOKENIZER:
@@ -511,9 +590,14 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     grid = (cfg.features.grid, cfg.features.grid) if cfg.features.grid else latent_shape[1:]
     features = build_features(cfg.features, grid).to(device) if cfg.features.enabled else None
     features_shape = features.output_shape if features is not None else None
-    columns = latent_columns(cfg.latent_dtype, with_features=features is not None, latent_shape=latent_shape,
-                             features_shape=features_shape, with_latents=tokenizer is not None,
-                             image_size=cfg.source.image_size if cfg.images else None)
+    columns = latent_columns(
+        cfg.latent_dtype,
+        with_features=features is not None,
+        latent_shape=latent_shape,
+        features_shape=features_shape,
+        with_latents=tokenizer is not None,
+        image_size=cfg.source.image_size if cfg.images else None,
+    )
     plan = _plan(cfg, source, world, latent_shape, features_shape)
     _check_plan(out, plan, rank)
 
@@ -538,30 +622,55 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
             continue
         chunk = int(match.group(1))
         meta = _read_chunk_meta(entry)
-        if chunk >= num_chunks or meta is None or meta.get("num_items") != len(
-                mine[chunk * cfg.chunk_size:(chunk + 1) * cfg.chunk_size]):
-            error = error or (f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of "
-                              f"{num_chunks}); remove it or use another out_dir")
+        if (
+            chunk >= num_chunks
+            or meta is None
+            or meta.get("num_items") != len(mine[chunk * cfg.chunk_size : (chunk + 1) * cfg.chunk_size])
+        ):
+            error = error or (
+                f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of "
+                f"{num_chunks}); remove it or use another out_dir"
+            )
         complete.add(chunk)
     raise_if_any_rank_failed(error, ExtractError)
     pending = [c for c in range(num_chunks) if c not in complete]
     batches: list[list[int]] = []
     batch_chunk: list[int] = []
     for chunk in pending:
-        ids = list(mine[chunk * cfg.chunk_size:(chunk + 1) * cfg.chunk_size])
+        ids = list(mine[chunk * cfg.chunk_size : (chunk + 1) * cfg.chunk_size])
         for i in range(0, len(ids), cfg.batch_size):
-            batches.append(ids[i:i + cfg.batch_size])
+            batches.append(ids[i : i + cfg.batch_size])
             batch_chunk.append(chunk)
     done_items = len(mine) - sum(len(b) for b in batches)
     if rank == 0:
-        log.info("extract: %d images, %d rank(s), %d chunk(s) of <= %d per rank; rank 0: %d chunk(s) done, %d to "
-                 "do", num_items, world, num_chunks, cfg.chunk_size, len(complete), len(pending))
+        log.info(
+            "extract: %d images, %d rank(s), %d chunk(s) of <= %d per rank; rank 0: %d chunk(s) done, %d to do",
+            num_items,
+            world,
+            num_chunks,
+            cfg.chunk_size,
+            len(complete),
+            len(pending),
+        )
 
     # -- the loop
     written = 0
     if batches:
-        written = _run_batches(cfg, source, tokenizer, features, columns, rank, rank_dir, mine, batches,
-                               batch_chunk, done_items, device, world)
+        written = _run_batches(
+            cfg,
+            source,
+            tokenizer,
+            features,
+            columns,
+            rank,
+            rank_dir,
+            mine,
+            batches,
+            batch_chunk,
+            done_items,
+            device,
+            world,
+        )
 
     # -- finish: per-rank index + moments, then rank 0 merges everything
     barrier()
@@ -575,8 +684,9 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     for meta in metas:
         moments.merge(_moments_from_json(meta["moments"]))
     has_data = _merge_index(rank_dir, [_chunk_name(m["chunk"]) for m in metas if m["count"] > 0])
-    summaries = all_gather_object({"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas),
-                             "written": written})
+    summaries = all_gather_object(
+        {"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas), "written": written}
+    )
     total = moments.merge_across_ranks()
     num_samples = sum(s["count"] for s in summaries)
     if num_samples == 0:
@@ -591,29 +701,63 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
     barrier()
     skipped = manifest["skipped"] if manifest else []
     ignored = [{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])]
-    result = ExtractResult(out_dir=str(out), num_items=num_items, num_samples=num_samples,
-                           written_this_run=sum(s["written"] for s in summaries), skipped=skipped, ignored=ignored,
-                           mean=stats["mean"], std=stats["std"], elapsed_s=time.time() - t_start, manifest=manifest)
+    result = ExtractResult(
+        out_dir=str(out),
+        num_items=num_items,
+        num_samples=num_samples,
+        written_this_run=sum(s["written"] for s in summaries),
+        skipped=skipped,
+        ignored=ignored,
+        mean=stats["mean"],
+        std=stats["std"],
+        elapsed_s=time.time() - t_start,
+        manifest=manifest,
+    )
     if rank == 0:
         _print_summary(result)
     return result
 
 
-def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Optional[Tokenizer], features: Optional[FeatureExtractor],
-                 columns: dict[str, str], rank: int, rank_dir: Path, mine: range, batches: list[list[int]],
-                 batch_chunk: list[int], done_items: int, device: torch.device, world: int) -> int:
+def _run_batches(
+    cfg: ExtractConfig,
+    source: Any,
+    tokenizer: Optional[Tokenizer],
+    features: Optional[FeatureExtractor],
+    columns: dict[str, str],
+    rank: int,
+    rank_dir: Path,
+    mine: range,
+    batches: list[list[int]],
+    batch_chunk: list[int],
+    done_items: int,
+    device: torch.device,
+    world: int,
+) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     loader_kwargs: dict[str, Any] = {}
     if cfg.num_workers > 0:
         loader_kwargs["prefetch_factor"] = 4
-    loader = DataLoader(source, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_items,
-                        pin_memory=device.type == "cuda", **loader_kwargs)
+    loader = DataLoader(
+        source,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_items,
+        pin_memory=device.type == "cuda",
+        **loader_kwargs,
+    )
     last_of_chunk = {chunk: i for i, chunk in enumerate(batch_chunk)}
     dtype = np.dtype(cfg.latent_dtype)
-    progress = tqdm(total=len(mine), initial=done_items, unit="img", dynamic_ncols=True, smoothing=0.1,
-                    desc=f"extract (rank 0 of {world})", disable=rank != 0 or not cfg.progress_bar)
+    progress = tqdm(
+        total=len(mine),
+        initial=done_items,
+        unit="img",
+        dynamic_ncols=True,
+        smoothing=0.1,
+        desc=f"extract (rank 0 of {world})",
+        disable=rank != 0 or not cfg.progress_bar,
+    )
     writer: Optional[_ChunkWriter] = None
     generator: Optional[torch.Generator] = None
     written = skipped = 0
@@ -622,11 +766,10 @@ def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Optional[Tokenizer]
             chunk = batch_chunk[i]
             if writer is None:
                 lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(mine))
-                writer = _ChunkWriter(rank_dir, rank, chunk, (lo, hi), list(mine[lo:hi]), columns,
-                                      cfg.shard_size_limit)
+                writer = _ChunkWriter(rank_dir, rank, chunk, (lo, hi), list(mine[lo:hi]), columns, cfg.shard_size_limit)
                 generator = torch.Generator(device=device).manual_seed(_chunk_seed(cfg.seed, rank, chunk))
             if cfg.throttle_s:
-                time.sleep(cfg.throttle_s)           # with the chunk's .tmp directory open, for kill tests
+                time.sleep(cfg.throttle_s)  # with the chunk's .tmp directory open, for kill tests
             for bad in batch["bad"]:
                 log.warning("skipping sample %d (%s): %s", bad.sample_id, bad.path, bad.error)
                 writer.skip(bad)
@@ -645,20 +788,30 @@ def _run_batches(cfg: ExtractConfig, source: Any, tokenizer: Optional[Tokenizer]
     return written
 
 
-def _encode_and_write(cfg: ExtractConfig, batch: dict[str, Any], tokenizer: Optional[Tokenizer],
-                      features: Optional[FeatureExtractor], writer: _ChunkWriter, generator: torch.Generator,
-                      device: torch.device, dtype: np.dtype) -> int:
+def _encode_and_write(
+    cfg: ExtractConfig,
+    batch: dict[str, Any],
+    tokenizer: Optional[Tokenizer],
+    features: Optional[FeatureExtractor],
+    writer: _ChunkWriter,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: np.dtype,
+) -> int:
     x = batch["image"].to(device, non_blocking=True)
     n = x.shape[0]
     with torch.inference_mode():
-        z = tokenizer.encode(torch.cat([x, torch.flip(x, dims=[-1])]), sample=cfg.tokenizer.sample,
-                             generator=generator) if tokenizer is not None else None
+        z = (
+            tokenizer.encode(torch.cat([x, torch.flip(x, dims=[-1])]), sample=cfg.tokenizer.sample, generator=generator)
+            if tokenizer is not None
+            else None
+        )
         feats = features(x) if features is not None else None
     columns: dict[str, np.ndarray] = {}
     if z is not None:
         z = z.to(torch.float32).cpu().numpy().astype(dtype)
         columns["latent"], columns["latent_flip"] = z[:n], z[n:]
-        writer.moments.update(z[:n])           # exact stats of the stored (non-flipped) values
+        writer.moments.update(z[:n])  # exact stats of the stored (non-flipped) values
     if feats is not None:
         columns["features"] = feats.to(torch.float32).cpu().numpy().astype(np.float16)
     if cfg.images:
@@ -676,13 +829,23 @@ def _to_uint8_exact(images: torch.Tensor) -> torch.Tensor:
     (the stored image must be exactly what the tokenizer and DINOv2 saw)."""
     pixels = normalized_to_uint8(images)
     if not torch.equal(uint8_to_normalized(pixels), images.to(torch.float32)):
-        raise ExtractError("images: the source images are not 8-bit (x != (u / 255 - 0.5) / 0.5 for uint8 u), so "
-                           "the stored uint8 image would differ from what the tokenizer and DINOv2 saw")
+        raise ExtractError(
+            "images: the source images are not 8-bit (x != (u / 255 - 0.5) / 0.5 for uint8 u), so "
+            "the stored uint8 image would differ from what the tokenizer and DINOv2 saw"
+        )
     return pixels
 
 
-def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, Any], world: int,
-                    total: RunningMoments, columns: dict[str, str], elapsed: float) -> dict[str, Any]:
+def _write_manifest(
+    cfg: ExtractConfig,
+    out: Path,
+    source: Any,
+    plan: dict[str, Any],
+    world: int,
+    total: RunningMoments,
+    columns: dict[str, str],
+    elapsed: float,
+) -> dict[str, Any]:
     ids: list[int] = []
     digests: list[str] = []
     skipped: list[dict[str, Any]] = []
@@ -725,8 +888,14 @@ def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, 
         "features_shape": (plan["features"] or {}).get("shape"),
         "image_shape": plan["image_shape"],
         "columns": columns,
-        "stats": None if not total.count else {"count_per_channel": int(total.count), "mean": total.mean.tolist(),
-                                               "std": total.std().tolist(), "file": "latents_stats.pt"},
+        "stats": None
+        if not total.count
+        else {
+            "count_per_channel": int(total.count),
+            "mean": total.mean.tolist(),
+            "std": total.std().tolist(),
+            "file": "latents_stats.pt",
+        },
         "world_size": world,
         "chunk_size": cfg.chunk_size,
         "num_chunks": chunks,
@@ -741,18 +910,22 @@ def _write_manifest(cfg: ExtractConfig, out: Path, source: Any, plan: dict[str, 
 
 def _print_summary(result: ExtractResult) -> None:
     rate = result.written_this_run / result.elapsed_s if result.elapsed_s > 0 else 0.0
-    lines = [f"extract: {result.num_samples} of {result.num_items} images in {result.out_dir} "
-             f"({result.written_this_run} written by this run in {result.elapsed_s:.1f} s, {rate:.1f} img/s)",
-             f"extract: {len(result.skipped)} skipped (unreadable)" + (":" if result.skipped else "")]
+    lines = [
+        f"extract: {result.num_samples} of {result.num_items} images in {result.out_dir} "
+        f"({result.written_this_run} written by this run in {result.elapsed_s:.1f} s, {rate:.1f} img/s)",
+        f"extract: {len(result.skipped)} skipped (unreadable)" + (":" if result.skipped else ""),
+    ]
     lines += [f"  skipped sample {s['sample_id']}: {s['path']}: {s['error']}" for s in result.skipped]
     if result.ignored:
         lines.append(f"extract: {len(result.ignored)} ignored (not images):")
         lines += [f"  ignored {i['path']}: {i['reason']}" for i in result.ignored]
     if result.mean is not None:
-        lines.append(f"extract: latent mean {[round(v, 4) for v in result.mean.flatten().tolist()[:8]]}"
-                     f"{' ...' if result.mean.numel() > 8 else ''}, std "
-                     f"{[round(v, 4) for v in result.std.flatten().tolist()[:8]]}"
-                     f"{' ...' if result.std.numel() > 8 else ''}")
+        lines.append(
+            f"extract: latent mean {[round(v, 4) for v in result.mean.flatten().tolist()[:8]]}"
+            f"{' ...' if result.mean.numel() > 8 else ''}, std "
+            f"{[round(v, 4) for v in result.std.flatten().tolist()[:8]]}"
+            f"{' ...' if result.std.numel() > 8 else ''}"
+        )
     print("\n".join(lines), flush=True)
 
 
@@ -769,9 +942,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from core.distributed import init_distributed, teardown
+
     dist = init_distributed()
-    logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s r{dist.rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if dist.rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s r{dist.rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     try:
         extract(cfg, dist)
     except (ConfigError, ExtractError, FileNotFoundError) as err:

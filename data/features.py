@@ -14,6 +14,7 @@ path) so that ``build_feature_extractor("name", ...)`` imports it on first use. 
 (a higher layer), so data/ names them here by module path and never imports them at module level:
 ``"dinov2"`` is ``models.dinov2.DINOv2Features``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,7 +46,7 @@ class FeatureExtractor(nn.Module):
         return (int(self.dim), int(self.grid[0]), int(self.grid[1]))
 
     def train(self, mode: bool = True) -> FeatureExtractor:
-        return super().train(False)          # always frozen, always eval
+        return super().train(False)  # always frozen, always eval
 
     def forward(self, images: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -56,19 +57,22 @@ _REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
 
 # name -> module that registers it when imported (see the module docstring).
 LAZY_FEATURE_MODULES: dict[str, str] = {
-    "dinov2": "models.dinov2",   # DINOv2Features(model, weights, random_init=, grid=, imagenet_norm=, model_kwargs=)
+    "dinov2": "models.dinov2",  # DINOv2Features(model, weights, random_init=, grid=, imagenet_norm=, model_kwargs=)
 }
 
 
-def register_feature_extractor(name: str) -> Callable[[Callable[..., FeatureExtractor]],
-                                                      Callable[..., FeatureExtractor]]:
+def register_feature_extractor(
+    name: str,
+) -> Callable[[Callable[..., FeatureExtractor]], Callable[..., FeatureExtractor]]:
     """Decorator registering a factory (a FeatureExtractor subclass or a function returning one) under ``name``."""
+
     def wrap(factory: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
         existing = _REGISTRY.get(name)
         if existing is not None and existing is not factory:
             raise ValueError(f"feature extractor {name!r} is already registered ({existing!r})")
         _REGISTRY[name] = factory
         return factory
+
     return wrap
 
 
@@ -86,6 +90,7 @@ def build_feature_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
         raise ValueError(f"unknown feature extractor {name!r}; available: {', '.join(available_feature_extractors())}")
     extractor = factory(**kwargs)
     if not isinstance(extractor, FeatureExtractor):
-        raise TypeError(f"feature extractor factory for {name!r} returned {type(extractor).__name__}, "
-                        f"not a FeatureExtractor")
+        raise TypeError(
+            f"feature extractor factory for {name!r} returned {type(extractor).__name__}, not a FeatureExtractor"
+        )
     return extractor.eval()

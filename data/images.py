@@ -27,6 +27,7 @@ extension, ...) does not raise: the item is a ``BadItem`` with the path and the 
 ``collate_items`` drops it from the batch and hands it on in ``batch["bad"]``, so a long job reports the
 file and keeps going.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,20 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 __all__ = [
-    "IMG_EXTENSIONS", "BadItem", "IgnoredFile", "ImageFileDataset", "ImageRecord", "center_crop_arr",
-    "collate_items", "load_rgb", "normalized_to_uint8", "read_file_list", "scan_image_folder", "smallest_max_size",
-    "to_tensor_normalized", "uint8_to_normalized",
+    "IMG_EXTENSIONS",
+    "BadItem",
+    "IgnoredFile",
+    "ImageFileDataset",
+    "ImageRecord",
+    "center_crop_arr",
+    "collate_items",
+    "load_rgb",
+    "normalized_to_uint8",
+    "read_file_list",
+    "scan_image_folder",
+    "smallest_max_size",
+    "to_tensor_normalized",
+    "uint8_to_normalized",
 ]
 
 
@@ -62,8 +74,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.Resampling.BOX)
     scale = image_size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)),
-                         resample=Image.Resampling.BICUBIC)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.Resampling.BICUBIC)
     left = (image.width - image_size) // 2
     top = (image.height - image_size) // 2
     return image.crop((left, top, left + image_size, top + image_size))
@@ -84,6 +95,7 @@ def smallest_max_size(pixels: np.ndarray, size: int) -> np.ndarray:
     if (new_height, new_width) == (height, width):
         return pixels
     import cv2
+
     return cv2.resize(pixels, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -92,7 +104,7 @@ def to_tensor_normalized(image: Image.Image) -> torch.Tensor:
     as torchvision's ToTensor + Normalize(0.5, 0.5), so the values are bitwise identical)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    array = np.array(image, dtype=np.uint8, copy=True)                 # H, W, 3
+    array = np.array(image, dtype=np.uint8, copy=True)  # H, W, 3
     return uint8_to_normalized(torch.from_numpy(array).permute(2, 0, 1))
 
 
@@ -124,6 +136,7 @@ class ImageRecord:
 @dataclass(frozen=True)
 class IgnoredFile:
     """A file found under the image root that is not a sample (reported, never decoded)."""
+
     path: str
     reason: str
 
@@ -132,8 +145,9 @@ def _has_extension(name: str, extensions: Sequence[str]) -> bool:
     return name.lower().endswith(tuple(e.lower() for e in extensions))
 
 
-def scan_image_folder(root: Union[str, Path], extensions: Sequence[str] = IMG_EXTENSIONS
-                      ) -> tuple[list[ImageRecord], list[str], list[IgnoredFile]]:
+def scan_image_folder(
+    root: Union[str, Path], extensions: Sequence[str] = IMG_EXTENSIONS
+) -> tuple[list[ImageRecord], list[str], list[IgnoredFile]]:
     """(records, class names, ignored files) of an ImageNet-style folder, in ImageFolder's order."""
     root = Path(root)
     if not root.is_dir():
@@ -141,8 +155,11 @@ def scan_image_folder(root: Union[str, Path], extensions: Sequence[str] = IMG_EX
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise FileNotFoundError(f"image folder {root} has no class subfolders (expected root/<class>/<image>)")
-    ignored = [IgnoredFile(str(root / entry.name), "not inside a class folder")
-               for entry in sorted(os.scandir(root), key=lambda e: e.name) if not entry.is_dir()]
+    ignored = [
+        IgnoredFile(str(root / entry.name), "not inside a class folder")
+        for entry in sorted(os.scandir(root), key=lambda e: e.name)
+        if not entry.is_dir()
+    ]
     records: list[ImageRecord] = []
     for label, name in enumerate(classes):
         before = len(records)
@@ -191,6 +208,7 @@ def read_file_list(list_file: Union[str, Path], root: Optional[Union[str, Path]]
 @dataclass(frozen=True)
 class BadItem:
     """An item whose file could not be read or decoded."""
+
     sample_id: int
     path: str
     error: str
@@ -200,8 +218,13 @@ class ImageFileDataset(Dataset):
     """Decoded, center-cropped images of ``records``; item ``i`` is
     ``{"image": float32 [3,S,S] in [-1,1], "label": int, "sample_id": i}`` or a ``BadItem``."""
 
-    def __init__(self, records: Sequence[ImageRecord], image_size: int,
-                 ignored: Iterable[IgnoredFile] = (), classes: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        ignored: Iterable[IgnoredFile] = (),
+        classes: Optional[Sequence[str]] = None,
+    ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.records = list(records)

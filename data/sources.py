@@ -10,6 +10,7 @@ epoch from its beginning.
 * `MapSource`        any map-style torch Dataset (e.g. image files for VA-VAE training), with a seeded per-epoch
                      permutation split across ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,8 +26,17 @@ class StreamingSource:
     """MDS shards (data/streaming.py) read through a StreamingDataLoader: a `dataset_cls` reader (default
     `LatentDataset`) built from the `data` config section and `dataset_kwargs` (e.g. expected_shape)."""
 
-    def __init__(self, cfg, *, micro_batch_size: int, global_batch_size: int, seed: int, dist,
-                 dataset_cls: Optional[type] = None, **dataset_kwargs: Any):
+    def __init__(
+        self,
+        cfg,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        seed: int,
+        dist,
+        dataset_cls: Optional[type] = None,
+        **dataset_kwargs: Any,
+    ):
         from streaming.base.util import clean_stale_shared_memory
 
         from data.streaming import LatentDataset, build_streaming_loader, steps_per_epoch
@@ -40,9 +50,14 @@ class StreamingSource:
             clean_stale_shared_memory()
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self.loader, self.dataset = build_streaming_loader(cfg, batch_size=micro_batch_size, seed=seed, dist=dist,
-                                                           dataset_cls=dataset_cls or LatentDataset,
-                                                           **dataset_kwargs)
+        self.loader, self.dataset = build_streaming_loader(
+            cfg,
+            batch_size=micro_batch_size,
+            seed=seed,
+            dist=dist,
+            dataset_cls=dataset_cls or LatentDataset,
+            **dataset_kwargs,
+        )
         self.num_samples = self.dataset.num_samples
         self.steps_per_epoch = steps_per_epoch(self.dataset, global_batch_size)
         # Streaming's shuffle depends on its number of canonical nodes: fixed at the first start of a run
@@ -50,9 +65,15 @@ class StreamingSource:
         self.num_canonical_nodes = (self.loader.state_dict() or {}).get("num_canonical_nodes")
 
     def iterator(self, epoch: int, step_in_epoch: int) -> Iterator[dict[str, Any]]:
-        self.loader.load_state_dict({"epoch": epoch, "sample_in_epoch": step_in_epoch * self.global_batch_size,
-                                     "shuffle_seed": self.seed, "num_canonical_nodes": self.num_canonical_nodes,
-                                     "initial_physical_nodes": None})
+        self.loader.load_state_dict(
+            {
+                "epoch": epoch,
+                "sample_in_epoch": step_in_epoch * self.global_batch_size,
+                "shuffle_seed": self.seed,
+                "num_canonical_nodes": self.num_canonical_nodes,
+                "initial_physical_nodes": None,
+            }
+        )
         return iter(self.loader)
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,8 +98,18 @@ class MapSource:
     """A map-style Dataset split across ranks: epoch e uses the permutation seeded by (seed, e); rank r takes
     positions r, r + world, ... of it (drop_last over global batches), in micro-batches."""
 
-    def __init__(self, dataset: Dataset, *, micro_batch_size: int, global_batch_size: int, seed: int, dist,
-                 num_workers: int = 0, shuffle: bool = True, collate_fn=None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        seed: int,
+        dist,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        collate_fn=None,
+    ):
         self.dataset = dataset
         self.micro = micro_batch_size
         self.accum = global_batch_size // (micro_batch_size * dist.world_size)
@@ -97,15 +128,20 @@ class MapSource:
         else:
             order = torch.arange(self.num_samples)
         used = order[: self.steps_per_epoch * self.global_batch_size]
-        return used[self.rank::self.world].tolist()
+        return used[self.rank :: self.world].tolist()
 
     def iterator(self, epoch: int, step_in_epoch: int) -> Iterator[dict[str, Any]]:
         idx = self._rank_indices(epoch)
-        batches = [idx[i:i + self.micro] for i in range(0, len(idx), self.micro)]
-        batches = batches[step_in_epoch * self.accum:]
-        loader = DataLoader(self.dataset, batch_sampler=_Batches(batches), num_workers=self.num_workers,
-                            collate_fn=self.collate_fn, generator=torch.Generator().manual_seed(self.seed),
-                            pin_memory=torch.cuda.is_available())
+        batches = [idx[i : i + self.micro] for i in range(0, len(idx), self.micro)]
+        batches = batches[step_in_epoch * self.accum :]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_Batches(batches),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            generator=torch.Generator().manual_seed(self.seed),
+            pin_memory=torch.cuda.is_available(),
+        )
         return iter(loader)
 
     def state_dict(self) -> dict[str, Any]:

@@ -56,6 +56,7 @@ Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
   on every rank (it is a collective when torch.distributed is initialised), before any dataset is
   built -- never while a dataset is alive.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,15 +80,32 @@ log = logging.getLogger(__name__)
 
 STATS_FILENAME = "latents_stats.pt"
 INDEX_FILENAME = "index.json"
-DEFAULT_SIZE_LIMIT = 1 << 26          # bytes of uncompressed samples per shard (streaming's default)
+DEFAULT_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (streaming's default)
 DEFAULT_HASHES = ("xxh64",)
 LATENT_DTYPES = ("float16", "float32")
 
 __all__ = [
-    "STATS_FILENAME", "CorruptShardError", "ImageDataset", "LatentDataset", "RunningMoments", "WrittenDataset",
-    "build_streaming_loader", "denormalize_latents", "ensure_streaming_env", "flip_decision", "latent_columns",
-    "load_latent_stats", "merge_shard_indexes", "normalize_latents", "open_writer", "parse_ndarray_encoding",
-    "read_columns", "save_latent_stats", "steps_per_epoch", "verify_dataset", "write_latent_dataset",
+    "STATS_FILENAME",
+    "CorruptShardError",
+    "ImageDataset",
+    "LatentDataset",
+    "RunningMoments",
+    "WrittenDataset",
+    "build_streaming_loader",
+    "denormalize_latents",
+    "ensure_streaming_env",
+    "flip_decision",
+    "latent_columns",
+    "load_latent_stats",
+    "merge_shard_indexes",
+    "normalize_latents",
+    "open_writer",
+    "parse_ndarray_encoding",
+    "read_columns",
+    "save_latent_stats",
+    "steps_per_epoch",
+    "verify_dataset",
+    "write_latent_dataset",
 ]
 
 
@@ -109,11 +127,16 @@ def _ndarray_encoding(dtype: str, shape: Optional[Sequence[int]]) -> str:
     return f"ndarray:{dtype}:" + ",".join(str(int(d)) for d in shape)
 
 
-def latent_columns(latent_dtype: str = "float16", with_features: bool = False, *,
-                   latent_shape: Optional[Sequence[int]] = None,
-                   features_shape: Optional[Sequence[int]] = None,
-                   features_dtype: str = "float16", with_latents: bool = True,
-                   image_size: Optional[int] = None) -> dict[str, str]:
+def latent_columns(
+    latent_dtype: str = "float16",
+    with_features: bool = False,
+    *,
+    latent_shape: Optional[Sequence[int]] = None,
+    features_shape: Optional[Sequence[int]] = None,
+    features_dtype: str = "float16",
+    with_latents: bool = True,
+    image_size: Optional[int] = None,
+) -> dict[str, str]:
     """MDS column spec of the dataset (see the schema above).
 
     The dtype is always part of the encoding. With ``latent_shape`` (C, H, W) / ``features_shape``
@@ -148,17 +171,28 @@ def parse_ndarray_encoding(encoding: str) -> tuple[Optional[str], Optional[tuple
     return dtype, shape
 
 
-def open_writer(out_dir: Union[str, Path], columns: Mapping[str, str],
-                size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT, *,
-                compression: Optional[str] = "zstd", hashes: Sequence[str] = DEFAULT_HASHES,
-                exist_ok: bool = False) -> MDSWriter:
+def open_writer(
+    out_dir: Union[str, Path],
+    columns: Mapping[str, str],
+    size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT,
+    *,
+    compression: Optional[str] = "zstd",
+    hashes: Sequence[str] = DEFAULT_HASHES,
+    exist_ok: bool = False,
+) -> MDSWriter:
     """A plain ``MDSWriter`` with our defaults (zstd, xxh64 hashes). Use it as a context manager.
 
     ``out_dir`` may also be a remote URL or a (local, remote) tuple, as MDSWriter allows.
     """
     out = str(out_dir) if isinstance(out_dir, Path) else out_dir
-    return MDSWriter(out=out, columns=dict(columns), compression=compression,
-                     hashes=sorted(hashes), size_limit=size_limit, exist_ok=exist_ok)
+    return MDSWriter(
+        out=out,
+        columns=dict(columns),
+        compression=compression,
+        hashes=sorted(hashes),
+        size_limit=size_limit,
+        exist_ok=exist_ok,
+    )
 
 
 def _as_numpy(value: Any, dtype: Optional[str] = None) -> np.ndarray:
@@ -176,18 +210,25 @@ def _as_numpy(value: Any, dtype: Optional[str] = None) -> np.ndarray:
 @dataclass
 class WrittenDataset:
     """What ``write_latent_dataset`` wrote."""
+
     path: str
     num_samples: int
     latent_shape: tuple[int, ...]
-    mean: Optional[torch.Tensor]   # (1, C, 1, 1); None when statistics were not computed
+    mean: Optional[torch.Tensor]  # (1, C, 1, 1); None when statistics were not computed
     std: Optional[torch.Tensor]
 
 
-def write_latent_dataset(out_dir: Union[str, Path], samples: Iterable[Mapping[str, Any]], *,
-                         latent_dtype: str = "float16", with_features: bool = False,
-                         size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT,
-                         compute_stats: bool = True, fixed_shape: bool = True,
-                         exist_ok: bool = False) -> WrittenDataset:
+def write_latent_dataset(
+    out_dir: Union[str, Path],
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    latent_dtype: str = "float16",
+    with_features: bool = False,
+    size_limit: Union[int, str, None] = DEFAULT_SIZE_LIMIT,
+    compute_stats: bool = True,
+    fixed_shape: bool = True,
+    exist_ok: bool = False,
+) -> WrittenDataset:
     """Write samples (dicts with latent, latent_flip, label, sample_id[, features]) as MDS shards.
 
     Arrays may be numpy or torch, any float dtype; they are stored as ``latent_dtype``. With
@@ -203,9 +244,12 @@ def write_latent_dataset(out_dir: Union[str, Path], samples: Iterable[Mapping[st
         raise ValueError(f"write_latent_dataset({str(out_dir)!r}): no samples to write") from None
     latent_shape = tuple(_as_numpy(first["latent"]).shape)
     features_shape = tuple(_as_numpy(first["features"]).shape) if with_features else None
-    columns = latent_columns(latent_dtype, with_features,
-                             latent_shape=latent_shape if fixed_shape else None,
-                             features_shape=features_shape if fixed_shape else None)
+    columns = latent_columns(
+        latent_dtype,
+        with_features,
+        latent_shape=latent_shape if fixed_shape else None,
+        features_shape=features_shape if fixed_shape else None,
+    )
     moments = RunningMoments() if compute_stats else None
     count = 0
     with open_writer(out_dir, columns, size_limit, exist_ok=exist_ok) as writer:
@@ -218,10 +262,16 @@ def write_latent_dataset(out_dir: Union[str, Path], samples: Iterable[Mapping[st
             latent = _as_numpy(sample["latent"], latent_dtype)
             latent_flip = _as_numpy(sample["latent_flip"], latent_dtype)
             if latent.shape != latent_shape or latent_flip.shape != latent_shape:
-                raise ValueError(f"write_latent_dataset: sample #{count} has latent shapes "
-                                 f"{latent.shape}/{latent_flip.shape}, expected {latent_shape}")
-            record = {"latent": latent, "latent_flip": latent_flip,
-                      "label": int(sample["label"]), "sample_id": int(sample["sample_id"])}
+                raise ValueError(
+                    f"write_latent_dataset: sample #{count} has latent shapes "
+                    f"{latent.shape}/{latent_flip.shape}, expected {latent_shape}"
+                )
+            record = {
+                "latent": latent,
+                "latent_flip": latent_flip,
+                "label": int(sample["label"]),
+                "sample_id": int(sample["sample_id"]),
+            }
             if with_features:
                 record["features"] = _as_numpy(sample["features"], "float16")
             writer.write(record)
@@ -255,8 +305,9 @@ def merge_shard_indexes(out_dir: Union[str, Path], subdirs: Sequence[str]) -> Pa
     index_files = []
     for sub in subdirs:
         if not sub or "/" in sub.strip("/") or os.sep in sub.strip(os.sep) or sub in (".", ".."):
-            raise ValueError(f"merge_shard_indexes: {sub!r} must be the name of a direct subdirectory "
-                             f"of {str(out_dir)!r}")
+            raise ValueError(
+                f"merge_shard_indexes: {sub!r} must be the name of a direct subdirectory of {str(out_dir)!r}"
+            )
         index = out_dir / sub / INDEX_FILENAME
         if not index.is_file():
             raise FileNotFoundError(f"merge_shard_indexes: {index} does not exist")
@@ -274,7 +325,7 @@ class RunningMoments:
     """
 
     def __init__(self) -> None:
-        self.count = 0                       # elements per channel seen so far
+        self.count = 0  # elements per channel seen so far
         self.mean: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
 
@@ -311,7 +362,7 @@ class RunningMoments:
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
         self.count = total
 
     def var(self, unbiased: bool = True) -> torch.Tensor:
@@ -330,8 +381,10 @@ class RunningMoments:
         if self.count == 0:
             raise ValueError("RunningMoments: no data")
         c = self.mean.numel()
-        return {"mean": self.mean.to(torch.float32).reshape(1, c, 1, 1),
-                "std": self.std(unbiased).to(torch.float32).reshape(1, c, 1, 1)}
+        return {
+            "mean": self.mean.to(torch.float32).reshape(1, c, 1, 1),
+            "std": self.std(unbiased).to(torch.float32).reshape(1, c, 1, 1),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
@@ -344,6 +397,7 @@ class RunningMoments:
     def merge_across_ranks(self, group: Any = None) -> RunningMoments:
         """Merged moments of every rank (collective; identical result on all ranks, rank order)."""
         import torch.distributed as tdist
+
         if not (tdist.is_available() and tdist.is_initialized()):
             return self
         states: list[Any] = [None] * tdist.get_world_size(group)
@@ -389,24 +443,28 @@ def load_latent_stats(path: Union[str, Path]) -> tuple[torch.Tensor, torch.Tenso
     mean = torch.as_tensor(obj["mean"]).to(torch.float32)
     std = torch.as_tensor(obj["std"]).to(torch.float32)
     if mean.numel() != std.numel() or mean.numel() == 0:
-        raise ValueError(f"latent statistics file {file}: mean {tuple(mean.shape)} and std {tuple(std.shape)} "
-                         f"do not describe the same channels")
+        raise ValueError(
+            f"latent statistics file {file}: mean {tuple(mean.shape)} and std {tuple(std.shape)} "
+            f"do not describe the same channels"
+        )
     mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
     if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
         raise ValueError(f"latent statistics file {file}: non-finite values or non-positive std")
     return mean, std
 
 
-def normalize_latents(z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-                      multiplier: float = 1.0) -> torch.Tensor:
+def normalize_latents(
+    z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor], multiplier: float = 1.0
+) -> torch.Tensor:
     """Official normalisation: ``(z - mean) / std`` when stats are given, then ``* multiplier``."""
     if mean is not None:
         z = (z - mean.to(z)) / std.to(z)
     return z * multiplier
 
 
-def denormalize_latents(z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-                        multiplier: float = 1.0) -> torch.Tensor:
+def denormalize_latents(
+    z: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor], multiplier: float = 1.0
+) -> torch.Tensor:
     """Inverse of ``normalize_latents``: ``z / multiplier * std + mean`` (before decoding)."""
     z = z / multiplier
     if mean is not None:
@@ -437,8 +495,10 @@ def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any
     if not directory.is_dir():
         raise FileNotFoundError(f"{config_key}: dataset directory {directory} does not exist")
     if not index.is_file():
-        raise FileNotFoundError(f"{config_key}: {directory} is not an MDS dataset: {index} does not exist "
-                                f"(per-rank directories need merge_shard_indexes first)")
+        raise FileNotFoundError(
+            f"{config_key}: {directory} is not an MDS dataset: {index} does not exist "
+            f"(per-rank directories need merge_shard_indexes first)"
+        )
     try:
         with open(index) as f:
             obj = json.load(f)
@@ -446,8 +506,9 @@ def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any
         raise ValueError(f"{config_key}: index file {index} is unreadable or not valid JSON: {e}") from e
     shards = obj.get("shards") if isinstance(obj, dict) else None
     if not isinstance(shards, list) or obj.get("version") != 2:
-        raise ValueError(f"{config_key}: index file {index} is not a streaming v2 index "
-                         f"(needs 'version': 2 and a 'shards' list)")
+        raise ValueError(
+            f"{config_key}: index file {index} is not a streaming v2 index (needs 'version': 2 and a 'shards' list)"
+        )
     if not shards:
         raise ValueError(f"{config_key}: index file {index} lists no shards")
     for i, shard in enumerate(shards):
@@ -456,8 +517,9 @@ def _read_index(directory: Path, config_key: str = "data.path") -> dict[str, Any
     return obj
 
 
-def read_columns(local: Union[str, Path], remote: Optional[str] = None,
-                 config_key: str = "data.path") -> dict[str, str]:
+def read_columns(
+    local: Union[str, Path], remote: Optional[str] = None, config_key: str = "data.path"
+) -> dict[str, str]:
     """Column name -> MDS encoding of a dataset, from its ``index.json`` (without building a reader): the local
     one, or with ``remote`` and no local index yet, the remote's (fetched to a temporary file)."""
     index_file = Path(local) / INDEX_FILENAME
@@ -465,13 +527,14 @@ def read_columns(local: Union[str, Path], remote: Optional[str] = None,
         import tempfile
 
         from streaming.base.storage.download import CloudDownloader
+
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                CloudDownloader.direct_download(os.path.join(remote, INDEX_FILENAME),
-                                                os.path.join(tmp, INDEX_FILENAME))
+                CloudDownloader.direct_download(os.path.join(remote, INDEX_FILENAME), os.path.join(tmp, INDEX_FILENAME))
             except Exception as e:  # noqa: BLE001 - name the key and the remote
-                raise FileNotFoundError(f"data.remote: cannot fetch {INDEX_FILENAME} from {remote}: "
-                                        f"{type(e).__name__}: {e}") from e
+                raise FileNotFoundError(
+                    f"data.remote: cannot fetch {INDEX_FILENAME} from {remote}: {type(e).__name__}: {e}"
+                ) from e
             index = _read_index(Path(tmp), config_key)
     else:
         index = _read_index(Path(local), config_key)
@@ -494,6 +557,7 @@ def _check_shard_files(directory: Path, shard: Mapping[str, Any], check_hashes: 
             return f"shard file {path} has {size} bytes, index.json says {info['bytes']} (truncated or overwritten)"
         if check_hashes and info.get("hashes"):
             from streaming.base.hashing import get_hash
+
             algo = sorted(info["hashes"])[0]
             if get_hash(algo, path.read_bytes()) != info["hashes"][algo]:
                 return f"shard file {path} fails its {algo} checksum (corrupt)"
@@ -532,7 +596,7 @@ def _common_hash(shards: Sequence[Mapping[str, Any]]) -> Optional[str]:
 # every sample; at thousands of samples per second per loader worker that is most of the reader's time. The readers
 # below install faster equivalents on each MDS shard (same bytes, same decoded values and types), picklable for
 # spawned DataLoader workers.
-_MAX_OPEN_SHARDS = 16           # open shard files kept per process
+_MAX_OPEN_SHARDS = 16  # open shard files kept per process
 
 
 class _OpenShards:
@@ -548,7 +612,7 @@ class _OpenShards:
         self._lock = threading.Lock()
 
     def _fd(self, path: str) -> int:
-        if self._pid != os.getpid():                    # a forked worker: the parent's descriptors are not ours
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not ours
             for fd in self._files.values():
                 try:
                     os.close(fd)
@@ -595,8 +659,7 @@ class _SampleBytes:
 
     def __call__(self, idx: int) -> bytearray:
         r = self.reader
-        return _OPEN_SHARDS.read_sample(os.path.join(r.dirname, r.split, r.raw_data.basename), idx,
-                                        r.raw_data.basename)
+        return _OPEN_SHARDS.read_sample(os.path.join(r.dirname, r.split, r.raw_data.basename), idx, r.raw_data.basename)
 
 
 class _SampleDecoder:
@@ -624,13 +687,13 @@ class _SampleDecoder:
         sizes, idx = [], 0
         for _, size, _, _ in self.columns:
             if not size:
-                size, = struct.unpack_from("<I", data, idx)
+                (size,) = struct.unpack_from("<I", data, idx)
                 idx += 4
             sizes.append(size)
         sample = {}
         for (name, _, coder, fast), size in zip(self.columns, sizes):
             if fast is None:
-                sample[name] = coder.decode(data[idx:idx + size])
+                sample[name] = coder.decode(data[idx : idx + size])
             else:
                 dtype, count, shape = fast
                 if count * dtype.itemsize != size:
@@ -674,8 +737,16 @@ class _ShardDataset(StreamingDataset):
     (``_to_training_sample``).
     """
 
-    def __init__(self, *, local: str, remote: Optional[str] = None, random_flip: bool = False, flip_seed: int = 0,
-                 validate_hash: Optional[str] = "auto", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        local: str,
+        remote: Optional[str] = None,
+        random_flip: bool = False,
+        flip_seed: int = 0,
+        validate_hash: Optional[str] = "auto",
+        **kwargs: Any,
+    ) -> None:
         if not local:
             raise ValueError("data.path: the dataset directory is not set")
         self.data_dir = Path(local)
@@ -683,7 +754,7 @@ class _ShardDataset(StreamingDataset):
         self.flip_seed = int(flip_seed)
         self._iter_epoch: Optional[int] = None
         self._shard_error: Optional[CorruptShardError] = None
-        self._local_shards: set[int] = set()    # shards this process has seen prepared (raw file present)
+        self._local_shards: set[int] = set()  # shards this process has seen prepared (raw file present)
 
         auto_hash = validate_hash == "auto"
         if remote is None:
@@ -695,14 +766,16 @@ class _ShardDataset(StreamingDataset):
             if auto_hash:
                 validate_hash = _common_hash(index["shards"])
         elif auto_hash:
-            validate_hash = None   # decided below, once the index is local
-        self._prepare(remote)      # config errors before touching streaming's shared state
+            validate_hash = None  # decided below, once the index is local
+        self._prepare(remote)  # config errors before touching streaming's shared state
 
         super().__init__(local=str(local), remote=remote, validate_hash=validate_hash, **kwargs)
 
         if remote is not None and auto_hash:
-            infos = [{"zip_data": _file_info_dict(s.file_pairs[0][1]),
-                      "raw_data": _file_info_dict(s.file_pairs[0][0])} for s in self.shards]
+            infos = [
+                {"zip_data": _file_info_dict(s.file_pairs[0][1]), "raw_data": _file_info_dict(s.file_pairs[0][0])}
+                for s in self.shards
+            ]
             algo = _common_hash(infos)
             for stream in self.streams:
                 stream.validate_hash = algo
@@ -733,13 +806,18 @@ class _ShardDataset(StreamingDataset):
         encodings = dict(zip(reader.column_names, reader.column_encodings))
         missing = [c for c in self._required_columns() if c not in encodings]
         if missing:
-            raise ValueError(f"data.path: the dataset at {self.data_dir} lacks column(s) {missing}; it has "
-                             f"{sorted(encodings)}{self._missing_hint(missing)}")
+            raise ValueError(
+                f"data.path: the dataset at {self.data_dir} lacks column(s) {missing}; it has "
+                f"{sorted(encodings)}{self._missing_hint(missing)}"
+            )
         for shard in self.shards[1:]:
-            if list(shard.column_names) != list(reader.column_names) or \
-                    list(shard.column_encodings) != list(reader.column_encodings):
-                raise ValueError(f"data.path: shards of {self.data_dir} disagree on their columns "
-                                 f"({shard.raw_data.basename} vs {reader.raw_data.basename})")
+            if list(shard.column_names) != list(reader.column_names) or list(shard.column_encodings) != list(
+                reader.column_encodings
+            ):
+                raise ValueError(
+                    f"data.path: shards of {self.data_dir} disagree on their columns "
+                    f"({shard.raw_data.basename} vs {reader.raw_data.basename})"
+                )
         self._check_encodings(encodings)
 
     # ---- epoch tracking and flips
@@ -771,9 +849,12 @@ class _ShardDataset(StreamingDataset):
         reader = self.shards[shard_id]
         base = Path(self.streams[self.stream_per_shard[shard_id]].local)
         raw, zipped = reader.file_pairs[0]
-        info = {"raw_data": {"basename": raw.basename, "bytes": raw.bytes, "hashes": raw.hashes},
-                "zip_data": ({"basename": zipped.basename, "bytes": zipped.bytes, "hashes": zipped.hashes}
-                             if zipped else None)}
+        info = {
+            "raw_data": {"basename": raw.basename, "bytes": raw.bytes, "hashes": raw.hashes},
+            "zip_data": (
+                {"basename": zipped.basename, "bytes": zipped.bytes, "hashes": zipped.hashes} if zipped else None
+            ),
+        }
         try:
             problem = _check_shard_files(base, info, check_hashes=True)
         except Exception:  # noqa: BLE001
@@ -796,6 +877,7 @@ class _ShardDataset(StreamingDataset):
             # Do not leave the shard in PREPARING: other workers would wait for it forever.
             try:
                 from streaming.base.dataset import _ShardState
+
                 if self._shard_states[shard_id] == _ShardState.PREPARING:
                     self._shard_states[shard_id] = _ShardState.REMOTE
             except Exception:  # noqa: BLE001
@@ -838,8 +920,10 @@ class _ShardDataset(StreamingDataset):
             raise self._shard_error
         event = getattr(self, "_event", None)
         if event is not None and event.is_set():
-            raise RuntimeError(f"{self.data_dir}: a streaming background thread failed; the epoch ended early "
-                               f"(see the traceback logged above)")
+            raise RuntimeError(
+                f"{self.data_dir}: a streaming background thread failed; the epoch ended early "
+                f"(see the traceback logged above)"
+            )
 
     # ---- items
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
@@ -860,7 +944,7 @@ class _ShardDataset(StreamingDataset):
             return self._to_training_sample(raw)
         except (ValueError, KeyError, TypeError) as e:
             self._abort_iteration()
-            if isinstance(e, ValueError) and str(e).startswith("data."):    # a config error (shapes), not corruption
+            if isinstance(e, ValueError) and str(e).startswith("data."):  # a config error (shapes), not corruption
                 raise
             shard_id, _ = self.spanner[sample_id]
             self._shard_error = self._describe(shard_id, e, f"decoding sample {sample_id} of {self.data_dir}")
@@ -882,10 +966,20 @@ class LatentDataset(_ShardDataset):
         expected_shape: (C, H, W) the model expects; checked against the data.
     """
 
-    def __init__(self, *, local: str, remote: Optional[str] = None, latent_norm: bool = True,
-                 latent_multiplier: float = 1.0, random_flip: bool = True, use_features: bool = False,
-                 flip_seed: int = 0, stats_path: Optional[Union[str, Path]] = None,
-                 expected_shape: Optional[Sequence[int]] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        local: str,
+        remote: Optional[str] = None,
+        latent_norm: bool = True,
+        latent_multiplier: float = 1.0,
+        random_flip: bool = True,
+        use_features: bool = False,
+        flip_seed: int = 0,
+        stats_path: Optional[Union[str, Path]] = None,
+        expected_shape: Optional[Sequence[int]] = None,
+        **kwargs: Any,
+    ) -> None:
         self.latent_norm = bool(latent_norm)
         self.latent_multiplier = float(latent_multiplier)
         self.use_features = bool(use_features)
@@ -898,8 +992,13 @@ class LatentDataset(_ShardDataset):
     @staticmethod
     def config_kwargs(cfg: Any, seed: int) -> dict[str, Any]:
         """Arguments from a ``DataConfig`` (``build_streaming_loader``)."""
-        return {"latent_norm": cfg.latent_norm, "latent_multiplier": cfg.latent_multiplier,
-                "random_flip": cfg.random_flip, "use_features": cfg.use_features, "flip_seed": seed}
+        return {
+            "latent_norm": cfg.latent_norm,
+            "latent_multiplier": cfg.latent_multiplier,
+            "random_flip": cfg.random_flip,
+            "use_features": cfg.use_features,
+            "flip_seed": seed,
+        }
 
     def _prepare(self, remote: Optional[str]) -> None:
         path = self._stats_path
@@ -912,8 +1011,10 @@ class LatentDataset(_ShardDataset):
         if not file.is_file() and remote is not None and file.parent == self.data_dir:
             try:
                 from streaming.base.storage.download import CloudDownloader
-                atomic_save_with(file, lambda tmp: CloudDownloader.direct_download(
-                    os.path.join(remote, STATS_FILENAME), str(tmp)))
+
+                atomic_save_with(
+                    file, lambda tmp: CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
+                )
             except Exception as e:  # noqa: BLE001 - fall through to the clear error below
                 log.warning("could not fetch %s from %s: %s", STATS_FILENAME, remote, e)
         if not file.is_file():
@@ -921,12 +1022,16 @@ class LatentDataset(_ShardDataset):
             raise FileNotFoundError(
                 f"data.latent_norm is true but the latent statistics file {file} does not exist{where}. "
                 f"Write it with data.streaming.save_latent_stats (RunningMoments over the latents), copy the "
-                f"official latents_stats.pt there, or set data.latent_norm=false.")
+                f"official latents_stats.pt there, or set data.latent_norm=false."
+            )
         self.mean, self.std = (t.reshape(-1, 1, 1) for t in load_latent_stats(file))
 
     def _required_columns(self) -> list[str]:
-        return ["latent", "label", "sample_id"] + (["latent_flip"] if self.random_flip else []) \
+        return (
+            ["latent", "label", "sample_id"]
+            + (["latent_flip"] if self.random_flip else [])
             + (["features"] if self.use_features else [])
+        )
 
     def _missing_hint(self, missing: Sequence[str]) -> str:
         return " (set data.use_features=false or extract DINOv2 features)" if "features" in missing else ""
@@ -937,8 +1042,10 @@ class LatentDataset(_ShardDataset):
                 continue
             dtype, shape = parse_ndarray_encoding(encodings[column])
             if dtype is None and not encodings[column].startswith("ndarray"):
-                raise ValueError(f"data.path: column {column!r} of {self.data_dir} has encoding "
-                                 f"{encodings[column]!r}, expected ndarray:float16/float32")
+                raise ValueError(
+                    f"data.path: column {column!r} of {self.data_dir} has encoding "
+                    f"{encodings[column]!r}, expected ndarray:float16/float32"
+                )
             if shape is not None:
                 self._check_latent_shape(shape, where=f"column {column!r} ({encodings[column]})")
 
@@ -947,18 +1054,25 @@ class LatentDataset(_ShardDataset):
         if len(shape) != 3:
             raise ValueError(f"data.path: latents of {self.data_dir} must be [C, H, W]; {where} has shape {shape}")
         if self.mean is not None and shape[0] != self.mean.shape[0]:
-            raise ValueError(f"data.path: latents of {self.data_dir} have {shape[0]} channels ({where}, shape "
-                             f"{shape}) but the statistics file {self.stats_file} has {self.mean.shape[0]}")
+            raise ValueError(
+                f"data.path: latents of {self.data_dir} have {shape[0]} channels ({where}, shape "
+                f"{shape}) but the statistics file {self.stats_file} has {self.mean.shape[0]}"
+            )
         if self.expected_shape is not None and shape != self.expected_shape:
-            raise ValueError(f"data.path: latents of {self.data_dir} have shape {shape} ({where}) but the model "
-                             f"expects {self.expected_shape} (model.in_channels, model.input_size)")
+            raise ValueError(
+                f"data.path: latents of {self.data_dir} have shape {shape} ({where}) but the model "
+                f"expects {self.expected_shape} (model.in_channels, model.input_size)"
+            )
 
     def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         sid = int(raw["sample_id"])
         flipped = self._flipped(sid)
         array = raw["latent_flip" if flipped else "latent"]
-        if array.ndim != 3 or (self.mean is not None and array.shape[0] != self.mean.shape[0]) or \
-                (self.expected_shape is not None and tuple(array.shape) != self.expected_shape):
+        if (
+            array.ndim != 3
+            or (self.mean is not None and array.shape[0] != self.mean.shape[0])
+            or (self.expected_shape is not None and tuple(array.shape) != self.expected_shape)
+        ):
             self._check_latent_shape(array.shape, where=f"sample_id {sid}")
         # normalize_latents' float32 operations, in place on the one new tensor: (z - mean) / std * multiplier
         # (float16 -> float32 is exact, so subtracting the float32 mean from the stored latent is the same)
@@ -968,8 +1082,12 @@ class LatentDataset(_ShardDataset):
         else:
             z = z.to(torch.float32, copy=True)
         z = z.mul_(self.latent_multiplier)
-        item = {"latent": z, "label": _scalar(raw["label"], np.int64), "sample_id": _scalar(sid, np.int64),
-                "flipped": _scalar(flipped, np.bool_)}
+        item = {
+            "latent": z,
+            "label": _scalar(raw["label"], np.int64),
+            "sample_id": _scalar(sid, np.int64),
+            "flipped": _scalar(flipped, np.bool_),
+        }
         if self.use_features:
             item["features"] = _writable_tensor(raw["features"])
         return item
@@ -985,12 +1103,22 @@ class ImageDataset(_ShardDataset):
     features belong to the non-flipped image.
     """
 
-    def __init__(self, *, local: str, remote: Optional[str] = None, random_flip: bool = False,
-                 use_features: bool = False, flip_seed: int = 0, image_size: Optional[int] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        local: str,
+        remote: Optional[str] = None,
+        random_flip: bool = False,
+        use_features: bool = False,
+        flip_seed: int = 0,
+        image_size: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         if use_features and random_flip:
-            raise ValueError("data.random_flip: must be false when the precomputed DINOv2 features are read: they "
-                             "belong to the non-flipped image")
+            raise ValueError(
+                "data.random_flip: must be false when the precomputed DINOv2 features are read: they "
+                "belong to the non-flipped image"
+            )
         self.use_features = bool(use_features)
         self.image_shape = (3, int(image_size), int(image_size)) if image_size is not None else None
         super().__init__(local=local, remote=remote, random_flip=random_flip, flip_seed=flip_seed, **kwargs)
@@ -1004,17 +1132,27 @@ class ImageDataset(_ShardDataset):
         return ["image", "label", "sample_id"] + (["features"] if self.use_features else [])
 
     def _missing_hint(self, missing: Sequence[str]) -> str:
-        hints = (["extract the images with `images: true` (configs/extract_vavae_features.yaml)"]
-                 if "image" in missing else []) \
-            + (["extract DINOv2 features (features.enabled: true, features.grid = the latent grid) or compute them "
-                "online (vavae.vf.features: online)"] if "features" in missing else [])
+        hints = (
+            ["extract the images with `images: true` (configs/extract_vavae_features.yaml)"]
+            if "image" in missing
+            else []
+        ) + (
+            [
+                "extract DINOv2 features (features.enabled: true, features.grid = the latent grid) or compute them "
+                "online (vavae.vf.features: online)"
+            ]
+            if "features" in missing
+            else []
+        )
         return f" ({'; '.join(hints)})" if hints else ""
 
     def _check_encodings(self, encodings: Mapping[str, str]) -> None:
         dtype, shape = parse_ndarray_encoding(encodings["image"])
         if dtype != "uint8":
-            raise ValueError(f"data.path: column 'image' of {self.data_dir} has encoding {encodings['image']!r}, "
-                             f"expected ndarray:uint8 (as data/extract.py writes it)")
+            raise ValueError(
+                f"data.path: column 'image' of {self.data_dir} has encoding {encodings['image']!r}, "
+                f"expected ndarray:uint8 (as data/extract.py writes it)"
+            )
         if shape is not None:
             self._check_image_shape(shape, where=f"column 'image' ({encodings['image']})")
 
@@ -1023,22 +1161,31 @@ class ImageDataset(_ShardDataset):
         if len(shape) != 3 or shape[0] != 3:
             raise ValueError(f"data.path: images of {self.data_dir} must be [3, S, S]; {where} has shape {shape}")
         if self.image_shape is not None and shape != self.image_shape:
-            raise ValueError(f"data.image_size: the images of {self.data_dir} have shape {shape} ({where}) but "
-                             f"data.image_size is {self.image_shape[-1]} (set data.image_size={shape[-1]}; "
-                             f"stored images are used as they are, never resized)")
+            raise ValueError(
+                f"data.image_size: the images of {self.data_dir} have shape {shape} ({where}) but "
+                f"data.image_size is {self.image_shape[-1]} (set data.image_size={shape[-1]}; "
+                f"stored images are used as they are, never resized)"
+            )
 
     def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         from data.images import uint8_to_normalized
+
         sid = int(raw["sample_id"])
         array = raw["image"]
-        if array.ndim != 3 or array.shape[0] != 3 or \
-                (self.image_shape is not None and tuple(array.shape) != self.image_shape):
+        if (
+            array.ndim != 3
+            or array.shape[0] != 3
+            or (self.image_shape is not None and tuple(array.shape) != self.image_shape)
+        ):
             self._check_image_shape(array.shape, where=f"sample_id {sid}")
         image = _writable_tensor(array)
-        if self._flipped(sid):                  # flipping the bytes first: the same values, a quarter of the copy
+        if self._flipped(sid):  # flipping the bytes first: the same values, a quarter of the copy
             image = torch.flip(image, dims=[-1])
-        item = {"image": uint8_to_normalized(image), "label": _scalar(raw["label"], np.int64),
-                "sample_id": _scalar(sid, np.int64)}
+        item = {
+            "image": uint8_to_normalized(image),
+            "label": _scalar(raw["label"], np.int64),
+            "sample_id": _scalar(sid, np.int64),
+        }
         if self.use_features:
             item["features"] = _writable_tensor(raw["features"])
         return item
@@ -1046,6 +1193,7 @@ class ImageDataset(_ShardDataset):
 
 def _shard_state_local() -> Any:
     from streaming.base.dataset import _ShardState
+
     return _ShardState.LOCAL
 
 
@@ -1056,8 +1204,12 @@ def _file_info_dict(info: Any) -> Optional[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------- loader
-_ENV_KEYS = (("RANK", "rank"), ("WORLD_SIZE", "world_size"), ("LOCAL_RANK", "local_rank"),
-             ("LOCAL_WORLD_SIZE", "local_world_size"))
+_ENV_KEYS = (
+    ("RANK", "rank"),
+    ("WORLD_SIZE", "world_size"),
+    ("LOCAL_RANK", "local_rank"),
+    ("LOCAL_WORLD_SIZE", "local_world_size"),
+)
 
 
 def ensure_streaming_env(dist: Any = None) -> None:
@@ -1070,14 +1222,19 @@ def ensure_streaming_env(dist: Any = None) -> None:
     """
     if dist is None:
         import torch.distributed as tdist
+
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             env_world = os.environ.get("WORLD_SIZE")
-            if env_world is None or int(env_world) != tdist.get_world_size() or \
-                    int(os.environ.get("RANK", -1)) != tdist.get_rank():
+            if (
+                env_world is None
+                or int(env_world) != tdist.get_world_size()
+                or int(os.environ.get("RANK", -1)) != tdist.get_rank()
+            ):
                 raise RuntimeError(
                     f"streaming reads RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE from the environment, but they "
                     f"are unset or disagree with torch.distributed (rank {tdist.get_rank()} of "
-                    f"{tdist.get_world_size()}); launch with torchrun or pass dist= to build_streaming_loader")
+                    f"{tdist.get_world_size()}); launch with torchrun or pass dist= to build_streaming_loader"
+                )
         return
     for key, attr in _ENV_KEYS:
         value = getattr(dist, attr, None)
@@ -1087,14 +1244,25 @@ def ensure_streaming_env(dist: Any = None) -> None:
         if current is None:
             os.environ[key] = str(int(value))
         elif int(current) != int(value):
-            raise RuntimeError(f"environment variable {key}={current} disagrees with the distributed setup "
-                               f"({attr}={value}); streaming would partition the data wrongly")
+            raise RuntimeError(
+                f"environment variable {key}={current} disagrees with the distributed setup "
+                f"({attr}={value}); streaming would partition the data wrongly"
+            )
 
 
-def build_streaming_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: bool = True, dist: Any = None,
-                           dataset_cls: type = LatentDataset, pin_memory: Optional[bool] = None,
-                           persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
-                           **dataset_kwargs: Any) -> tuple[StreamingDataLoader, _ShardDataset]:
+def build_streaming_loader(
+    cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    drop_last: bool = True,
+    dist: Any = None,
+    dataset_cls: type = LatentDataset,
+    pin_memory: Optional[bool] = None,
+    persistent_workers: bool = False,
+    prefetch_factor: Optional[int] = None,
+    **dataset_kwargs: Any,
+) -> tuple[StreamingDataLoader, _ShardDataset]:
     """(StreamingDataLoader, dataset) for a ``DataConfig``; ``batch_size`` is per rank.
 
     ``dataset_cls`` is ``LatentDataset`` (DiT) or ``ImageDataset`` (VA-VAE), built from the config
@@ -1110,8 +1278,16 @@ def build_streaming_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: b
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ensure_streaming_env(dist)
     kwargs = {**dataset_cls.config_kwargs(cfg, seed), **dataset_kwargs}
-    dataset = dataset_cls(local=cfg.path, remote=cfg.remote, shuffle=cfg.shuffle, shuffle_seed=seed,
-                          batch_size=batch_size, predownload=cfg.predownload, replication=None, **kwargs)
+    dataset = dataset_cls(
+        local=cfg.path,
+        remote=cfg.remote,
+        shuffle=cfg.shuffle,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+        predownload=cfg.predownload,
+        replication=None,
+        **kwargs,
+    )
     workers = int(cfg.num_workers)
     extra: dict[str, Any] = {}
     if workers > 0:
@@ -1121,9 +1297,14 @@ def build_streaming_loader(cfg: Any, *, batch_size: int, seed: int, drop_last: b
     # A generator of its own: torch's DataLoader draws a base seed from the *global* RNG at every iter(),
     # which would shift the training RNG stream (label dropout) after a mid-epoch resume.
     extra["generator"] = torch.Generator().manual_seed(seed)
-    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
-                                 pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                                 **extra)
+    loader = StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        **extra,
+    )
     return loader, dataset
 
 

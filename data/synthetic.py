@@ -17,6 +17,7 @@ tensor in [-1, 1] (the VAE input convention), or with ``output="uint8"`` an HWC 
 ``write_image_folder`` writes the same images as an ImageNet-style folder
 ``out_dir/class_XX/img_XXXXXX.png`` (XX = label, XXXXXX = index).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -37,16 +38,16 @@ __all__ = ["PALETTE", "SHAPES", "SyntheticImages", "class_color", "render_image"
 
 # Foreground colour (hue, saturation, value) of the first 10 classes: chosen to be far apart in RGB.
 PALETTE = (
-    (0.00, 0.85, 0.95),   # red        disk
-    (0.08, 0.95, 1.00),   # orange     square
-    (0.16, 0.90, 0.95),   # yellow     triangle
-    (0.33, 0.85, 0.75),   # green      plus
-    (0.50, 0.90, 0.90),   # cyan       ring
-    (0.62, 0.85, 1.00),   # blue       horizontal stripes
-    (0.86, 0.80, 0.95),   # magenta    vertical stripes
-    (0.00, 0.00, 0.97),   # white      checkerboard
-    (0.74, 0.80, 0.80),   # violet     diamond
-    (0.07, 0.75, 0.55),   # brown      X
+    (0.00, 0.85, 0.95),  # red        disk
+    (0.08, 0.95, 1.00),  # orange     square
+    (0.16, 0.90, 0.95),  # yellow     triangle
+    (0.33, 0.85, 0.75),  # green      plus
+    (0.50, 0.90, 0.90),  # cyan       ring
+    (0.62, 0.85, 1.00),  # blue       horizontal stripes
+    (0.86, 0.80, 0.95),  # magenta    vertical stripes
+    (0.00, 0.00, 0.97),  # white      checkerboard
+    (0.74, 0.80, 0.80),  # violet     diamond
+    (0.07, 0.75, 0.55),  # brown      X
 )
 
 
@@ -67,8 +68,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     t = np.linspace(0.0, cells, size, endpoint=False) + cells / (2 * size)
     i = np.minimum(t.astype(int), cells - 1)
     f = t - i
-    f = f * f * (3 - 2 * f)                       # smoothstep
-    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]           # (size, cells+1)
+    f = f * f * (3 - 2 * f)  # smoothstep
+    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]  # (size, cells+1)
     return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
 
 
@@ -80,7 +81,7 @@ def _shape_sdf(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return np.maximum(np.abs(u), np.abs(v)) - 0.85
     if kind == "diamond":
         return (np.abs(u) + np.abs(v)) / math.sqrt(2.0) - 0.8
-    if kind == "triangle":                         # equilateral, pointing up (v grows downwards)
+    if kind == "triangle":  # equilateral, pointing up (v grows downwards)
         k = math.sqrt(3.0)
         # distance to the three edges of a triangle with circumradius 1
         e1 = v - 0.5
@@ -123,23 +124,23 @@ def render_image(index: int, image_size: int = 32, num_classes: int = 10, seed: 
     c1 = _hsv(bg_hue + 0.15 * rng.standard_normal(), 0.25 + 0.2 * rng.random(), 0.15 + 0.2 * rng.random())
     angle = rng.random() * 2 * math.pi
     y, x = np.mgrid[0:s, 0:s].astype(np.float64)
-    xn, yn = (x + 0.5) / s * 2 - 1, (y + 0.5) / s * 2 - 1                 # [-1, 1]
+    xn, yn = (x + 0.5) / s * 2 - 1, (y + 0.5) / s * 2 - 1  # [-1, 1]
     ramp = np.clip((xn * math.cos(angle) + yn * math.sin(angle)) * 0.5 + 0.5, 0, 1)
     noise = _smooth_noise(rng, s, cells=int(rng.integers(3, 7)))
     image = c0 * (1 - ramp)[..., None] + c1 * ramp[..., None]
     image = image + (noise[..., None] - 0.5) * 0.12
 
     # Foreground: class shape with the class colour, random placement.
-    radius = 0.42 + 0.2 * rng.random()                                    # fraction of the half-size
+    radius = 0.42 + 0.2 * rng.random()  # fraction of the half-size
     margin = 1.0 - radius
     cx, cy = (rng.random(2) * 2 - 1) * margin * 0.6
-    rot = (rng.random() - 0.5) * 0.5                                      # +-14 degrees
+    rot = (rng.random() - 0.5) * 0.5  # +-14 degrees
     cr, sr = math.cos(rot), math.sin(rot)
     du, dv = xn - cx, yn - cy
     u = (du * cr + dv * sr) / radius
     v = (-du * sr + dv * cr) / radius
     sdf = _shape_sdf(kind, u, v)
-    pixel = 2.0 / s / radius                                              # one pixel in local units
+    pixel = 2.0 / s / radius  # one pixel in local units
     alpha = np.clip(0.5 - sdf / pixel, 0.0, 1.0)
 
     hue = hue + 0.015 * rng.standard_normal()
@@ -171,8 +172,14 @@ class SyntheticImages(Dataset):
     Items are ``(image, label)`` with an int label.
     """
 
-    def __init__(self, num_samples: int, image_size: int = 32, num_classes: int = 10, seed: int = 0,
-                 output: Literal["tensor", "uint8"] = "tensor") -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        image_size: int = 32,
+        num_classes: int = 10,
+        seed: int = 0,
+        output: Literal["tensor", "uint8"] = "tensor",
+    ) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if output not in ("tensor", "uint8"):
@@ -203,8 +210,9 @@ class SyntheticImages(Dataset):
         return tensor, label
 
 
-def write_image_folder(out_dir: Union[str, Path], num_samples: int, image_size: int = 32,
-                       num_classes: int = 10, seed: int = 0) -> Path:
+def write_image_folder(
+    out_dir: Union[str, Path], num_samples: int, image_size: int = 32, num_classes: int = 10, seed: int = 0
+) -> Path:
     """Write the dataset as ``out_dir/class_XX/img_XXXXXX.png`` (ImageNet-style folder); returns out_dir."""
     from PIL import Image
 

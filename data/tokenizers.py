@@ -15,6 +15,7 @@ to ``LAZY_TOKENIZER_MODULES`` (kind -> module path); it is imported on first use
 ``"vavae"`` this way (its factory takes e.g. the checkpoint path as keyword arguments, which the extraction
 config passes through as ``tokenizer.kwargs``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,8 +25,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["IdentityTokenizer", "LAZY_TOKENIZER_MODULES", "Tokenizer", "available_tokenizers", "build_tokenizer",
-           "register_tokenizer"]
+__all__ = [
+    "IdentityTokenizer",
+    "LAZY_TOKENIZER_MODULES",
+    "Tokenizer",
+    "available_tokenizers",
+    "build_tokenizer",
+    "register_tokenizer",
+]
 
 
 class Tokenizer(nn.Module):
@@ -34,8 +41,9 @@ class Tokenizer(nn.Module):
     downsample: int = 1
     channels: int = 3
 
-    def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> latents (B, C, H/f, W/f). ``sample`` picks a posterior sample
         (drawn with ``generator`` when given) instead of the mean, where the tokenizer has a posterior."""
         raise NotImplementedError
@@ -47,8 +55,9 @@ class Tokenizer(nn.Module):
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a square ``image_size`` image."""
         if image_size % self.downsample:
-            raise ValueError(f"image size {image_size} is not divisible by the tokenizer's downsampling factor "
-                             f"{self.downsample}")
+            raise ValueError(
+                f"image size {image_size} is not divisible by the tokenizer's downsampling factor {self.downsample}"
+            )
         side = image_size // self.downsample
         return (int(self.channels), side, side)
 
@@ -62,8 +71,9 @@ class IdentityTokenizer(Tokenizer):
     downsample = 1
     channels = 3
 
-    def encode(self, images: torch.Tensor, sample: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"IdentityTokenizer.encode expects images (B, 3, H, W), got {tuple(images.shape)}")
         return images.clone()
@@ -79,18 +89,20 @@ _REGISTRY: dict[str, Callable[..., Tokenizer]] = {}
 
 # kind -> module that registers it when imported (see the module docstring). E.g. "vavae": "<module path>".
 LAZY_TOKENIZER_MODULES: dict[str, str] = {
-    "vavae": "models.vavae",     # VAVAETokenizer: build_tokenizer("vavae", checkpoint=<file or run checkpoint dir>)
+    "vavae": "models.vavae",  # VAVAETokenizer: build_tokenizer("vavae", checkpoint=<file or run checkpoint dir>)
 }
 
 
 def register_tokenizer(kind: str) -> Callable[[Callable[..., Tokenizer]], Callable[..., Tokenizer]]:
     """Decorator registering a factory (a Tokenizer subclass or a function returning one) under ``kind``."""
+
     def wrap(factory: Callable[..., Tokenizer]) -> Callable[..., Tokenizer]:
         existing = _REGISTRY.get(kind)
         if existing is not None and existing is not factory:
             raise ValueError(f"tokenizer kind {kind!r} is already registered ({existing!r})")
         _REGISTRY[kind] = factory
         return factory
+
     return wrap
 
 

@@ -7,6 +7,7 @@ models/dit_config.py, ``vavae`` in models/vavae_config.py, ``launcher`` in launc
 line, the dotted key and the problem) is core/config.py's; ``validate`` runs every section's checks, then the
 checks of the task named by ``task`` (``models.tasks.TASKS``: ``Task.check_config``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ __all__ = ["ExperimentConfig", "load_config", "config_from_dict", "validate"]
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    run_dir: str = ""                        # "" -> runs/<name>
+    run_dir: str = ""  # "" -> runs/<name>
     seed: int = 0
     task: Literal["dit", "vavae"] = "dit"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -61,7 +62,7 @@ class ExperimentConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)   # Slurm settings (launchers/slurm.py)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # Slurm settings (launchers/slurm.py)
     vavae: VAVAEConfig = field(default_factory=VAVAEConfig)
 
 
@@ -71,15 +72,17 @@ def config_from_dict(data: dict | None, source: str = "<dict>") -> ExperimentCon
     return build_config(ExperimentConfig, data, source)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = (), *, world_size: int | None = None,
-                check: bool = True) -> ExperimentConfig:
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), *, world_size: int | None = None, check: bool = True
+) -> ExperimentConfig:
     """Read one YAML file, apply dotted overrides, convert to the dataclass tree and validate it.
 
     ``world_size`` (optional) also checks the batch divisibility; ``check=False`` skips value validation (types
     and keys are always checked). Problems raise ConfigError naming the file (or "command line"), key and problem.
     """
-    return load_typed_config(path, overrides, ExperimentConfig,
-                             check=(lambda cfg: _collect_errors(cfg, world_size)) if check else None)
+    return load_typed_config(
+        path, overrides, ExperimentConfig, check=(lambda cfg: _collect_errors(cfg, world_size)) if check else None
+    )
 
 
 def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -91,7 +94,7 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
     check_eval_config(cfg.eval, checks)
     check_transport_config(cfg.transport, checks)
     check_data_config(cfg.data, checks)
-    check_training_config(cfg, checks, world_size)        # optimizer, lr_schedule, train, engine, checkpoint
+    check_training_config(cfg, checks, world_size)  # optimizer, lr_schedule, train, engine, checkpoint
     check_sampling_config(cfg.sampling, checks)
     if cfg.task in TASKS:
         TASKS.get(cfg.task).check_config(cfg, checks)

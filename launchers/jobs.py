@@ -57,6 +57,7 @@ USR1/USR2/TERM while the task process itself still gets them. When an error neve
 requeuing the job (e.g. a helper that handles SIGTERM itself went away), the task leaves without a result
 instead of reporting a failure, since the next run continues from the checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,7 @@ from typing import Any, Optional
 import submitit
 
 REPO = Path(__file__).resolve().parents[1]
-REQUEUE_EXIT_CODE = 75          # core.trainer.REQUEUE_EXIT_CODE (not imported: that would import torch)
+REQUEUE_EXIT_CODE = 75  # core.trainer.REQUEUE_EXIT_CODE (not imported: that would import torch)
 JOB_KINDS = ("train", "extract", "evaluate")
 EVALUATE_ENTRY = REPO / "tools" / "evaluate.py"
 # Job states in which Slurm has taken the job back (or is about to start it again).
@@ -107,7 +108,7 @@ def process_group_env(env: Any) -> dict[str, str]:
         "RANK": str(env.global_rank),
         "WORLD_SIZE": str(env.num_tasks),
         "LOCAL_RANK": str(env.local_rank),
-        "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // nodes)),   # the launcher uses the same count on every node
+        "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // nodes)),  # the launcher uses the same count on every node
         "NODE_RANK": str(env.node),
         "MASTER_ADDR": hostnames[0],
         "MASTER_PORT": str(master_port(env.raw_job_id, os.environ.get("SLURM_RESTART_COUNT", "0"))),
@@ -134,8 +135,7 @@ def shield_helper_processes() -> None:
 def show_job(job_id: str) -> dict[str, str]:
     """``scontrol show job -o ID`` as a dict (empty when unknown or scontrol fails)."""
     try:
-        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                             timeout=30)
+        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     if res.returncode != 0:
@@ -195,13 +195,20 @@ class SlurmTask(submitit.helpers.Checkpointable):
     """One task of a launcher job. All state lives in the run directory, so ``checkpoint()`` (inherited:
     resubmit this same callable) needs nothing more."""
 
-    def __init__(self, kind: str, config_yaml: str, run_dir: str, max_requeues: int,
-                 overrides: Sequence[str] = (), config_path: Optional[str] = None):
+    def __init__(
+        self,
+        kind: str,
+        config_yaml: str,
+        run_dir: str,
+        max_requeues: int,
+        overrides: Sequence[str] = (),
+        config_path: Optional[str] = None,
+    ):
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}; expected one of {', '.join(JOB_KINDS)}")
         self.kind = kind
-        self.config_yaml = config_yaml          # resolved config (train / extract); "" -> use config_path
-        self.config_path = config_path          # evaluate: the user's file, passed through with the overrides
+        self.config_yaml = config_yaml  # resolved config (train / extract); "" -> use config_path
+        self.config_path = config_path  # evaluate: the user's file, passed through with the overrides
         self.overrides = list(overrides)
         self.run_dir = run_dir
         self.max_requeues = int(max_requeues)
@@ -215,9 +222,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
             sys.path.insert(0, str(REPO))
         shield_helper_processes()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        print(f"[launcher] {self.kind} job {env.job_id} (restart {restarts}), rank {env.global_rank}/"
-              f"{env.num_tasks} on {env.hostnames[env.node] if env.node < len(env.hostnames) else env.hostname}, "
-              f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, run dir {self.run_dir}", flush=True)
+        print(
+            f"[launcher] {self.kind} job {env.job_id} (restart {restarts}), rank {env.global_rank}/"
+            f"{env.num_tasks} on {env.hostnames[env.node] if env.node < len(env.hostnames) else env.hostname}, "
+            f"master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, run dir {self.run_dir}",
+            flush=True,
+        )
         try:
             code = self._run_entry()
         except Exception:
@@ -226,24 +236,37 @@ class SlurmTask(submitit.helpers.Checkpointable):
             # Slurm is requeuing the job anyway, such an error must not become the job's result.
             if requeued_by_slurm(env.job_id, restarts):
                 traceback.print_exc()
-                print(f"[launcher] rank {env.global_rank}: the error above happened while Slurm requeues job "
-                      f"{env.job_id}; the next run resumes from the newest complete checkpoint", flush=True)
+                print(
+                    f"[launcher] rank {env.global_rank}: the error above happened while Slurm requeues job "
+                    f"{env.job_id}; the next run resumes from the newest complete checkpoint",
+                    flush=True,
+                )
                 _leave()
             raise
         if code == 0:
-            return {"kind": self.kind, "run_dir": self.run_dir, "job_id": env.job_id, "restarts": restarts,
-                    "rank": env.global_rank}
+            return {
+                "kind": self.kind,
+                "run_dir": self.run_dir,
+                "job_id": env.job_id,
+                "restarts": restarts,
+                "rank": env.global_rank,
+            }
         if code == REQUEUE_EXIT_CODE and self.kind == "train":
             self._requeue_and_exit(env, restarts)
-        raise JobFailed(f"{self.kind} job {env.job_id}: rank {env.global_rank} exited with code {code}"
-                        + (" (bad configuration)" if code == 2 else "") + "; see the messages above in this log")
+        raise JobFailed(
+            f"{self.kind} job {env.job_id}: rank {env.global_rank} exited with code {code}"
+            + (" (bad configuration)" if code == 2 else "")
+            + "; see the messages above in this log"
+        )
 
     def _run_entry(self) -> int:
         if self.kind == "evaluate":
             if not EVALUATE_ENTRY.exists():
-                raise JobFailed(f"{EVALUATE_ENTRY} does not exist: the evaluation job arrives with the evaluation "
-                                f"issue")
+                raise JobFailed(
+                    f"{EVALUATE_ENTRY} does not exist: the evaluation job arrives with the evaluation issue"
+                )
             from tools.evaluate import main  # type: ignore[import-not-found]
+
             return int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
         with tempfile.TemporaryDirectory(prefix="llat-job-") as tmp:
             path = Path(tmp) / f"{self.kind}_config.yaml"
@@ -263,12 +286,16 @@ class SlurmTask(submitit.helpers.Checkpointable):
             print(f"[launcher] rank {env.global_rank}: checkpoint written, rank 0 requeues the job", flush=True)
             _leave()
         if restarts >= self.max_requeues:
-            raise JobFailed(f"job {env.job_id} stopped after a checkpoint but is not requeued: it was restarted "
-                            f"{restarts} times already (launcher.max_requeues={self.max_requeues}). Submit the same "
-                            f"command again to continue from the newest checkpoint in {self.run_dir}")
+            raise JobFailed(
+                f"job {env.job_id} stopped after a checkpoint but is not requeued: it was restarted "
+                f"{restarts} times already (launcher.max_requeues={self.max_requeues}). Submit the same "
+                f"command again to continue from the newest checkpoint in {self.run_dir}"
+            )
         ok, detail = requeue_job(env.job_id, restarts)
         if not ok:
-            raise JobFailed(f"checkpoint written in {self.run_dir}, but the job could not be requeued: {detail}. "
-                            f"Submit the same command again to continue from it")
+            raise JobFailed(
+                f"checkpoint written in {self.run_dir}, but the job could not be requeued: {detail}. "
+                f"Submit the same command again to continue from it"
+            )
         print(f"[launcher] {detail} (restart {restarts + 1} of at most {self.max_requeues})", flush=True)
         _leave()

@@ -6,6 +6,7 @@ Each rank runs `train.py CONFIG [overrides]` with the torchrun environment (RANK
 MASTER_ADDR, MASTER_PORT, ...). The launcher's exit code is 0 when every rank finished, 75 when the job
 stopped on a signal after checkpointing (requeue), otherwise the first failing rank's code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,15 @@ def main(argv=None) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.nproc,
         run_id=f"llat-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        max_restarts=0, monitor_interval=0.2, start_method="spawn",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

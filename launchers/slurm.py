@@ -15,6 +15,7 @@ with the same run directory, where it resumes from the newest complete checkpoin
 Exit codes: 0 submitted (or printed, with --dry-run), 2 bad arguments or configuration, 3 Slurm unavailable or
 the submission failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:       # `python launchers/slurm.py` puts launchers/, not the repository, on sys.path
+if str(REPO) not in sys.path:  # `python launchers/slurm.py` puts launchers/, not the repository, on sys.path
     sys.path.insert(0, str(REPO))
 
 # States of a job that still runs or will run (again); anything else is over.
-ACTIVE_STATES = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "SUSPENDED",
+    "COMPLETING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+}
 SLURM_SUBDIR = "slurm"
 
 
@@ -53,19 +66,33 @@ class LaunchError(Exception):
 from launchers.config import LauncherConfig  # noqa: E402  (the `launcher:` section of the schema)
 
 # CLI flag -> LauncherConfig field
-CLI_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
-              "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "partition": "partition", "time": "time_min",
-              "account": "account", "qos": "qos", "constraint": "constraint", "exclude": "exclude",
-              "exclusive": "exclusive", "signal_delay": "signal_delay_s", "max_requeues": "max_requeues",
-              "job_name": "job_name"}
+CLI_FIELDS = {
+    "nodes": "nodes",
+    "gpus_per_node": "gpus_per_node",
+    "tasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "mem_gb": "mem_gb",
+    "partition": "partition",
+    "time": "time_min",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "exclude": "exclude",
+    "exclusive": "exclusive",
+    "signal_delay": "signal_delay_s",
+    "max_requeues": "max_requeues",
+    "job_name": "job_name",
+}
 
 
 # ================================================================================================ arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launchers/slurm.py", description=__doc__.splitlines()[0],
+        prog="launchers/slurm.py",
+        description=__doc__.splitlines()[0],
         epilog="Config overrides (key=value) go after the config; launcher.KEY=VALUE sets a launcher field. "
-               "--job evaluate: tools/evaluate.py's arguments follow `--` (the config is passed as its --config).")
+        "--job evaluate: tools/evaluate.py's arguments follow `--` (the config is passed as its --config).",
+    )
     p.add_argument("config", help="experiment YAML (train, evaluate) or extraction YAML (extract)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.global_batch_size=256")
     p.add_argument("--job", choices=("train", "extract", "evaluate"), default="train", help="what to run (train)")
@@ -81,16 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", help="Slurm node constraint (features), e.g. h100")
     p.add_argument("--exclude", help="nodes to avoid")
     p.add_argument("--exclusive", action="store_true", default=None, help="do not share the nodes with other jobs")
-    p.add_argument("--signal-delay", type=int, metavar="S",
-                   help="send the pre-timeout signal S seconds before the time limit (120)")
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        metavar="S",
+        help="send the pre-timeout signal S seconds before the time limit (120)",
+    )
     p.add_argument("--max-requeues", type=int, help="requeue at most this many times (50)")
     p.add_argument("--job-name", help="Slurm job name (default <job>-<config name>)")
-    p.add_argument("--setup", action="append", default=None, metavar="CMD",
-                   help="shell line to run before srun (repeatable; appended to launcher.setup)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the sbatch script and the resolved config; submit nothing")
-    p.add_argument("--force", action="store_true",
-                   help="submit even if another job of this run directory is still queued or running")
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=None,
+        metavar="CMD",
+        help="shell line to run before srun (repeatable; appended to launcher.setup)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and the resolved config; submit nothing"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="submit even if another job of this run directory is still queued or running",
+    )
     return p
 
 
@@ -156,28 +196,39 @@ def _check_launcher(cfg: LauncherConfig) -> list[tuple[str, str]]:
     if cfg.signal_delay_s < 0:
         problems.append(("signal_delay_s", f"must be >= 0, got {cfg.signal_delay_s}"))
     elif cfg.time_min >= 1 and cfg.signal_delay_s >= cfg.time_min * 60:
-        problems.append(("signal_delay_s", f"{cfg.signal_delay_s} s is not shorter than the time limit "
-                                           f"({cfg.time_min} min): the job would be signalled at once"))
+        problems.append(
+            (
+                "signal_delay_s",
+                f"{cfg.signal_delay_s} s is not shorter than the time limit "
+                f"({cfg.time_min} min): the job would be signalled at once",
+            )
+        )
     if cfg.max_requeues < 0:
         problems.append(("max_requeues", f"must be >= 0, got {cfg.max_requeues}"))
-    for name, value in (("partition", cfg.partition), ("account", cfg.account), ("qos", cfg.qos),
-                        ("constraint", cfg.constraint), ("job_name", cfg.job_name)):
+    for name, value in (
+        ("partition", cfg.partition),
+        ("account", cfg.account),
+        ("qos", cfg.qos),
+        ("constraint", cfg.constraint),
+        ("job_name", cfg.job_name),
+    ):
         if value is not None and not str(value).strip():
             problems.append((name, "must not be empty (leave it out instead)"))
     return problems
 
 
-def resolve_launcher(section: dict[str, Any], overrides: Sequence[str], args: argparse.Namespace,
-                     source: str) -> LauncherConfig:
+def resolve_launcher(
+    section: dict[str, Any], overrides: Sequence[str], args: argparse.Namespace, source: str
+) -> LauncherConfig:
     """LauncherConfig from the YAML section, then ``launcher.*`` overrides, then CLI flags; validated."""
     from core.config import load_typed_config
 
     try:
-        cfg: LauncherConfig = _load_typed(section, f"{source}: launcher", load_typed_config, overrides,
-                                          LauncherConfig)
-    except LaunchError as err:   # overrides were given as launcher.KEY=VALUE: name them so
-        raise LaunchError(re.sub(r"^command line: (?!launcher\.)", "command line: launcher.", str(err),
-                                 flags=re.M)) from None
+        cfg: LauncherConfig = _load_typed(section, f"{source}: launcher", load_typed_config, overrides, LauncherConfig)
+    except LaunchError as err:  # overrides were given as launcher.KEY=VALUE: name them so
+        raise LaunchError(
+            re.sub(r"^command line: (?!launcher\.)", "command line: launcher.", str(err), flags=re.M)
+        ) from None
     from_cli: set[str] = set()
     for flag, name in CLI_FIELDS.items():
         value = getattr(args, flag)
@@ -201,15 +252,21 @@ def resolve_launcher(section: dict[str, Any], overrides: Sequence[str], args: ar
 @dataclass
 class ResolvedJob:
     kind: str
-    name: str                    # for the default job name
-    run_dir: Path                # absolute; <run_dir>/slurm holds the logs
-    config_yaml: str             # what the job runs ("" for evaluate: the user's file is passed through)
+    name: str  # for the default job name
+    run_dir: Path  # absolute; <run_dir>/slurm holds the logs
+    config_yaml: str  # what the job runs ("" for evaluate: the user's file is passed through)
     config_path: Optional[str] = None
     overrides: list[str] = dataclasses.field(default_factory=list)
 
 
-def resolve_job(kind: str, data: dict[str, Any], overrides: Sequence[str], config_path: str,
-                world_size: int, launcher: Optional[LauncherConfig] = None) -> ResolvedJob:
+def resolve_job(
+    kind: str,
+    data: dict[str, Any],
+    overrides: Sequence[str],
+    config_path: str,
+    world_size: int,
+    launcher: Optional[LauncherConfig] = None,
+) -> ResolvedJob:
     from core.config import config_to_yaml
 
     if kind == "train":
@@ -218,8 +275,8 @@ def resolve_job(kind: str, data: dict[str, Any], overrides: Sequence[str], confi
 
         cfg = _load_typed(data, config_path, load_config, list(overrides), world_size=world_size)
         run_dir = resolve_run_dir(cfg).expanduser().absolute()
-        cfg.run_dir = str(run_dir)           # every run of the job, wherever it starts, writes here
-        if launcher is not None:             # the resolved launch settings (CLI > overrides > YAML) are recorded
+        cfg.run_dir = str(run_dir)  # every run of the job, wherever it starts, writes here
+        if launcher is not None:  # the resolved launch settings (CLI > overrides > YAML) are recorded
             cfg.launcher = launcher
         return ResolvedJob(kind, cfg.name, run_dir, config_to_yaml(cfg))
     if kind == "extract":
@@ -235,15 +292,20 @@ def resolve_job(kind: str, data: dict[str, Any], overrides: Sequence[str], confi
     from launchers.jobs import EVALUATE_ENTRY
 
     if not EVALUATE_ENTRY.exists():
-        raise LaunchError(f"--job evaluate: {EVALUATE_ENTRY.relative_to(REPO)} does not exist yet; the evaluation "
-                          f"job arrives with the evaluation issue")
+        raise LaunchError(
+            f"--job evaluate: {EVALUATE_ENTRY.relative_to(REPO)} does not exist yet; the evaluation "
+            f"job arrives with the evaluation issue"
+        )
     if not overrides:
-        raise LaunchError("--job evaluate: give tools/evaluate.py's arguments after `--`, e.g. "
-                          "`launchers/slurm.py CONFIG --job evaluate -- samples/xl.npz --json samples/xl.json`")
+        raise LaunchError(
+            "--job evaluate: give tools/evaluate.py's arguments after `--`, e.g. "
+            "`launchers/slurm.py CONFIG --job evaluate -- samples/xl.npz --json samples/xl.json`"
+        )
     cfg = _load_typed(data, config_path, load_config, [], check=False)
     run_dir = resolve_run_dir(cfg).expanduser().absolute()
-    return ResolvedJob(kind, cfg.name, run_dir / "eval", "", config_path=str(Path(config_path).absolute()),
-                       overrides=list(overrides))
+    return ResolvedJob(
+        kind, cfg.name, run_dir / "eval", "", config_path=str(Path(config_path).absolute()), overrides=list(overrides)
+    )
 
 
 # ================================================================================================ Slurm
@@ -258,7 +320,7 @@ def cluster_partitions() -> Optional[list[str]]:
         return None
     conf = os.environ.get("SLURM_CONF")
     if conf and not Path(conf).is_file():
-        return None                  # sinfo would fall back to a DNS lookup and hang for a while
+        return None  # sinfo would fall back to a DNS lookup and hang for a while
     try:
         res = _run(["sinfo", "-h", "-o", "%P"], timeout=15)
     except (OSError, subprocess.TimeoutExpired):
@@ -277,8 +339,9 @@ def check_partition(partition: Optional[str], dry_run: bool) -> Optional[str]:
         detail = "sinfo not found" if shutil.which("sinfo") is None else "`sinfo -h -o %P` failed"
         raise LaunchError(f"cannot reach Slurm ({detail}); is this a Slurm login node (SLURM_CONF?)", code=3)
     if partition is not None and partition not in parts:
-        raise LaunchError(f"--partition: unknown partition {partition!r}; this cluster has: "
-                          f"{', '.join(parts) or '(none)'}")
+        raise LaunchError(
+            f"--partition: unknown partition {partition!r}; this cluster has: {', '.join(parts) or '(none)'}"
+        )
     return None
 
 
@@ -295,7 +358,7 @@ def sbatch_parameters(lc: LauncherConfig, job: ResolvedJob) -> dict[str, Any]:
         "ntasks_per_node": lc.num_tasks_per_node,
         "signal_delay_s": lc.signal_delay_s,
         "setup": setup,
-        "stderr_to_stdout": True,             # one log per task: <run_dir>/slurm/<job id>_<task>_log.out
+        "stderr_to_stdout": True,  # one log per task: <run_dir>/slurm/<job id>_<task>_log.out
         "additional_parameters": {"requeue": True, **lc.additional_parameters},
     }
     if lc.gpus_per_node > 0:
@@ -304,8 +367,14 @@ def sbatch_parameters(lc: LauncherConfig, job: ResolvedJob) -> dict[str, Any]:
         params["exclusive"] = True
     if lc.kill_on_bad_exit:
         params["srun_args"] = ["--kill-on-bad-exit=1"]
-    optional = {"cpus_per_task": lc.cpus_per_task, "partition": lc.partition, "account": lc.account,
-                "qos": lc.qos, "constraint": lc.constraint, "exclude": lc.exclude}
+    optional = {
+        "cpus_per_task": lc.cpus_per_task,
+        "partition": lc.partition,
+        "account": lc.account,
+        "qos": lc.qos,
+        "constraint": lc.constraint,
+        "exclude": lc.exclude,
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     if lc.mem_gb is not None:
         params["mem"] = _convert_mem(lc.mem_gb)
@@ -364,7 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     data, section = split_config(args.config)
-    launcher_ov = [o[len("launcher."):] for o in args.overrides if o.startswith("launcher.")]
+    launcher_ov = [o[len("launcher.") :] for o in args.overrides if o.startswith("launcher.")]
     config_ov = [o for o in args.overrides if not o.startswith("launcher.")]
     lc = resolve_launcher(section, launcher_ov, args, args.config)
     if args.job == "evaluate":
@@ -383,15 +452,19 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         print("# ---- sbatch script (dry run: nothing submitted) ----")
         print(sbatch_text(params, folder).rstrip())
-        print(f"# ---- launcher: {args.job} job, {lc.nodes} node(s) x {lc.num_tasks_per_node} task(s) = "
-              f"world size {lc.world_size} ----")
+        print(
+            f"# ---- launcher: {args.job} job, {lc.nodes} node(s) x {lc.num_tasks_per_node} task(s) = "
+            f"world size {lc.world_size} ----"
+        )
         print(yaml.safe_dump(dataclasses.asdict(lc), sort_keys=False).rstrip())
         print(f"# ---- resolved {args.job} config ----")
         if job.config_yaml:
             print(job.config_yaml.rstrip())
         else:
-            print(f"# each task runs: tools/evaluate.py {' '.join(shlex.quote(a) for a in job.overrides)} "
-                  f"--config {shlex.quote(str(job.config_path))}")
+            print(
+                f"# each task runs: tools/evaluate.py {' '.join(shlex.quote(a) for a in job.overrides)} "
+                f"--config {shlex.quote(str(job.config_path))}"
+            )
         print(f"# ---- run directory: {job.run_dir} (logs in {folder}) ----")
         return 0
 
@@ -400,27 +473,39 @@ def _main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.force:
         running = active_job(folder)
         if running is not None:
-            raise LaunchError(f"job {running[0]} ({running[1]}) of run directory {job.run_dir} is still queued or "
-                              f"running; a second job would write the same run directory. Cancel it first "
-                              f"(scancel {running[0]}) or pass --force")
+            raise LaunchError(
+                f"job {running[0]} ({running[1]}) of run directory {job.run_dir} is still queued or "
+                f"running; a second job would write the same run directory. Cancel it first "
+                f"(scancel {running[0]}) or pass --force"
+            )
     from launchers.jobs import SlurmTask
 
     folder.mkdir(parents=True, exist_ok=True)
     if job.config_yaml:
         (folder / f"{args.job}_config.yaml").write_text(job.config_yaml, encoding="utf-8")
-    task = SlurmTask(args.job, job.config_yaml, str(job.run_dir), lc.max_requeues, overrides=job.overrides,
-                     config_path=job.config_path)
+    task = SlurmTask(
+        args.job,
+        job.config_yaml,
+        str(job.run_dir),
+        lc.max_requeues,
+        overrides=job.overrides,
+        config_path=job.config_path,
+    )
     try:
         job_id = submit(task, params, folder, lc.max_requeues)
-    except Exception as err:   # submitit raises plain errors with sbatch's message
+    except Exception as err:  # submitit raises plain errors with sbatch's message
         raise LaunchError(f"submission failed: {err}", code=3) from None
     (folder / "last_job").write_text(job_id + "\n", encoding="utf-8")
     with open(folder / "submissions.log", "a", encoding="utf-8") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{job_id}\t{args.job}\t{lc.nodes}x{lc.num_tasks_per_node}\t"
-                f"{' '.join(shlex.quote(a) for a in argv)}\n")
+        f.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{job_id}\t{args.job}\t{lc.nodes}x{lc.num_tasks_per_node}\t"
+            f"{' '.join(shlex.quote(a) for a in argv)}\n"
+        )
     log = folder / f"{job_id}_0_log.out"
-    print(f"submitted {args.job} job {job_id}: {lc.nodes} node(s) x {lc.num_tasks_per_node} task(s), "
-          f"run dir {job.run_dir}")
+    print(
+        f"submitted {args.job} job {job_id}: {lc.nodes} node(s) x {lc.num_tasks_per_node} task(s), "
+        f"run dir {job.run_dir}"
+    )
     print(f"  follow:  squeue -j {job_id}")
     print(f"           tail -f {log}")
     print(f"  cancel:  scancel {job_id}")

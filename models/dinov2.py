@@ -17,6 +17,7 @@
 * Output: ``forward_features`` (after the final norm) minus the prefix tokens (CLS and any registers),
   reshaped to (B, D, h, w), float32. Frozen: eval mode, ``requires_grad=False``, run under no_grad.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,14 @@ from data.features import FeatureExtractor, register_feature_extractor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DINOv2Features", "IMAGENET_MEAN", "IMAGENET_STD", "RANDOM_INIT_SEED", "load_timm_weights",
-           "resolve_weights_path"]
+__all__ = [
+    "DINOv2Features",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RANDOM_INIT_SEED",
+    "load_timm_weights",
+    "resolve_weights_path",
+]
 
 RANDOM_INIT_SEED = 0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,13 +50,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def resolve_weights_path(weights: Optional[str], config_key: str, what: str) -> Path:
     """The local weights file of ``config_key``; clear errors for "not set" and "does not exist"."""
     if not weights:
-        raise FileNotFoundError(f"{config_key}.weights: not set; give the path of a local {what} checkpoint file "
-                                f"(no downloads), or set {config_key}.random_init=true for a randomly initialised "
-                                f"model (tests only)")
+        raise FileNotFoundError(
+            f"{config_key}.weights: not set; give the path of a local {what} checkpoint file "
+            f"(no downloads), or set {config_key}.random_init=true for a randomly initialised "
+            f"model (tests only)"
+        )
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{config_key}.weights: {what} weights file {path} does not exist (a local timm "
-                                f".safetensors/.pth or original checkpoint)")
+        raise FileNotFoundError(
+            f"{config_key}.weights: {what} weights file {path} does not exist (a local timm "
+            f".safetensors/.pth or original checkpoint)"
+        )
     return path
 
 
@@ -57,12 +68,14 @@ def load_timm_weights(model: nn.Module, path: Path, config_key: str, model_name:
     """Strictly load a local file into a timm model (original DINOv2 keys are converted by timm's filter)."""
     from timm.models import load_checkpoint
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
     filter_fn = checkpoint_filter_fn if isinstance(model, VisionTransformer) else None
     try:
         load_checkpoint(model, str(path), strict=True, filter_fn=filter_fn)
     except Exception as err:  # noqa: BLE001 - name the key and the file
-        raise ValueError(f"{config_key}.weights: cannot load {path} into {model_name}: {type(err).__name__}: "
-                         f"{err}") from err
+        raise ValueError(
+            f"{config_key}.weights: cannot load {path} into {model_name}: {type(err).__name__}: {err}"
+        ) from err
     log.info("%s: loaded %s weights from %s", config_key, model_name, path)
 
 
@@ -72,11 +85,20 @@ class DINOv2Features(FeatureExtractor):
     ``num_prefix_tokens``, ``dim``, ``imagenet_norm``; ``output_shape`` (D, h, w). Registered as the feature
     extractor ``"dinov2"`` of data/features.py (what the extraction job builds)."""
 
-    def __init__(self, model: str = "vit_large_patch14_dinov2.lvd142m", weights: Optional[str] = None, *,
-                 random_init: bool = False, grid: Sequence[int] = (16, 16), imagenet_norm: bool = False,
-                 model_kwargs: Optional[dict[str, Any]] = None, config_key: str = "dinov2") -> None:
+    def __init__(
+        self,
+        model: str = "vit_large_patch14_dinov2.lvd142m",
+        weights: Optional[str] = None,
+        *,
+        random_init: bool = False,
+        grid: Sequence[int] = (16, 16),
+        imagenet_norm: bool = False,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        config_key: str = "dinov2",
+    ) -> None:
         super().__init__()
         import timm
+
         model_kwargs = dict(model_kwargs or {})
         path = None if random_init else resolve_weights_path(weights, config_key, "DINOv2")  # before building
         try:
@@ -85,11 +107,16 @@ class DINOv2Features(FeatureExtractor):
                     torch.manual_seed(RANDOM_INIT_SEED)
                 vit = timm.create_model(model, pretrained=False, dynamic_img_size=True, num_classes=0, **model_kwargs)
         except Exception as err:  # noqa: BLE001 - unknown model name, bad kwargs
-            raise ValueError(f"{config_key}.model: cannot create timm model {model!r} with model_kwargs "
-                             f"{model_kwargs}: {err}") from err
+            raise ValueError(
+                f"{config_key}.model: cannot create timm model {model!r} with model_kwargs {model_kwargs}: {err}"
+            ) from err
         if random_init:
-            log.warning("%s: %s is RANDOMLY INITIALISED (%s.random_init=true); its features are meaningless "
-                        "outside tests", config_key, model, config_key)
+            log.warning(
+                "%s: %s is RANDOMLY INITIALISED (%s.random_init=true); its features are meaningless outside tests",
+                config_key,
+                model,
+                config_key,
+            )
         else:
             load_timm_weights(vit, path, config_key, model)
         patch = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
@@ -118,8 +145,10 @@ class DINOv2Features(FeatureExtractor):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if self.imagenet_norm:
             x = ((x + 1.0) * 0.5 - self.mean) / self.std
-        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens:]
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]
         if tokens.shape[1] != h * w:
-            raise RuntimeError(f"DINOv2: {tokens.shape[1]} patch tokens for a {h}x{w} latent grid "
-                               f"(input {size}, {self.num_prefix_tokens} prefix tokens)")
+            raise RuntimeError(
+                f"DINOv2: {tokens.shape[1]} patch tokens for a {h}x{w} latent grid "
+                f"(input {size}, {self.num_prefix_tokens} prefix tokens)"
+            )
         return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).float()

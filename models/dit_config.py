@@ -1,5 +1,6 @@
 """The DiT's config sections (``transport``, ``sampling``, ``eval``; ``model`` is ``models.lightningdit.ModelConfig``)
 with their value checks, and the DiT task's own checks of the shared sections (``check_dit_task``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,57 +9,66 @@ from typing import Any, Literal, Optional
 from core.config import Checks
 
 __all__ = [
-    "TimestepPhase", "TransportConfig", "SamplingConfig", "EvalConfig",
-    "check_transport_config", "check_sampling_config", "check_eval_config", "check_dit_task",
+    "TimestepPhase",
+    "TransportConfig",
+    "SamplingConfig",
+    "EvalConfig",
+    "check_transport_config",
+    "check_sampling_config",
+    "check_eval_config",
+    "check_dit_task",
 ]
 
 
 @dataclass
 class TimestepPhase:
     """One phase of timestep sampling. Phases apply in order; the last has no ``until_epoch``."""
+
     kind: Literal["lognorm", "uniform"] = "lognorm"
-    until_epoch: Optional[float] = None      # phase ends when epoch (fractional, from the global step) reaches this
-    mean: float = 0.0                        # logit-normal location (lognorm only)
-    std: float = 1.0                         # logit-normal scale (lognorm only)
+    until_epoch: Optional[float] = None  # phase ends when epoch (fractional, from the global step) reaches this
+    mean: float = 0.0  # logit-normal location (lognorm only)
+    std: float = 1.0  # logit-normal scale (lognorm only)
 
 
 @dataclass
 class TransportConfig:
-    use_cosine_loss: bool = True             # official "velocity direction" loss, weight 1
+    use_cosine_loss: bool = True  # official "velocity direction" loss, weight 1
     timestep_sampling: list[TimestepPhase] = field(
-        default_factory=lambda: [TimestepPhase("lognorm", 480.0), TimestepPhase("uniform")])
+        default_factory=lambda: [TimestepPhase("lognorm", 480.0), TimestepPhase("uniform")]
+    )
 
 
 @dataclass
 class SamplingConfig:
     method: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"
-    num_steps: int = 250                     # grid points (official: 250 points = 249 model calls)
+    num_steps: int = 250  # grid points (official: 250 points = 249 model calls)
     cfg_scale: float = 6.7
-    cfg_interval_start: float = 0.125        # guidance off while t < start
+    cfg_interval_start: float = 0.125  # guidance off while t < start
     timestep_shift: float = 0.3
     guidance_mode: Literal["official", "all"] = "official"
     atol: float = 1e-6
     rtol: float = 1e-3
     # Decoding the samples (models/evaluation/generation.py): "" = what data.path holds (manifest.json, stats)
-    tokenizer: str = ""                      # VA-VAE checkpoint (file / run checkpoint dir), or "identity"
-    latent_stats: str = ""                   # latents_stats.pt ({'mean','std'}) when data.latent_norm is true
+    tokenizer: str = ""  # VA-VAE checkpoint (file / run checkpoint dir), or "identity"
+    latent_stats: str = ""  # latents_stats.pt ({'mean','std'}) when data.latent_norm is true
 
 
 @dataclass
 class EvalConfig:
     """In-loop evaluation: every `every_epochs` the trainer samples with the EMA weights and logs metrics."""
-    every_epochs: Optional[float] = None     # None = no in-loop evaluation
-    num_samples: int = 10000                 # images generated per evaluation (FID-10K by default)
-    batch_size: int = 64                     # per rank
-    reference: str = ""                      # image folder, .npz of uint8 images, or ADM reference-statistics .npz
-    feature_extractor_weights: str = ""      # local weights file of the Inception feature extractor (no download)
-    metrics: list[str] = field(default_factory=lambda: ["fid"])   # any of fid, sfid, is, kid, pr (or "all")
-    seed: int = 0                            # image i's label and noise depend on (seed, i) only (tools/sample.py)
-    feature_extractor: str = "inception-v3-compat"   # torch-fidelity extractor; "tiny-random" = CPU tests only
-    cache_dir: str = ""                      # reference cache; "": $LLAT_FID_CACHE or ~/.cache/lightning_latent/fid
-    labels: Literal["uniform", "balanced"] = "uniform"   # uniform random labels (official) or i mod num_classes
+
+    every_epochs: Optional[float] = None  # None = no in-loop evaluation
+    num_samples: int = 10000  # images generated per evaluation (FID-10K by default)
+    batch_size: int = 64  # per rank
+    reference: str = ""  # image folder, .npz of uint8 images, or ADM reference-statistics .npz
+    feature_extractor_weights: str = ""  # local weights file of the Inception feature extractor (no download)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, sfid, is, kid, pr (or "all")
+    seed: int = 0  # image i's label and noise depend on (seed, i) only (tools/sample.py)
+    feature_extractor: str = "inception-v3-compat"  # torch-fidelity extractor; "tiny-random" = CPU tests only
+    cache_dir: str = ""  # reference cache; "": $LLAT_FID_CACHE or ~/.cache/lightning_latent/fid
+    labels: Literal["uniform", "balanced"] = "uniform"  # uniform random labels (official) or i mod num_classes
     sampling_overrides: list[str] = field(default_factory=list)  # e.g. ["num_steps=50"]: the in-loop sampler only
-    grid_size: int = 64                      # samples shown in the logged grid (0 = no grid)
+    grid_size: int = 64  # samples shown in the logged grid (0 = no grid)
 
 
 def check_transport_config(t: TransportConfig, checks: Checks) -> None:
@@ -72,15 +82,21 @@ def check_transport_config(t: TransportConfig, checks: Checks) -> None:
         if ph.kind == "lognorm":
             checks.positive(ph.std, f"{key}.std")
         if i == len(phases) - 1:
-            checks.need(ph.until_epoch is None, f"{key}.until_epoch", f"the last phase runs to the end of training "
-                        f"and must have until_epoch null, got {ph.until_epoch!r}")
+            checks.need(
+                ph.until_epoch is None,
+                f"{key}.until_epoch",
+                f"the last phase runs to the end of training and must have until_epoch null, got {ph.until_epoch!r}",
+            )
         elif ph.until_epoch is None:
             checks.need(False, f"{key}.until_epoch", "every phase but the last needs until_epoch")
         elif ph.until_epoch <= 0:
             checks.need(False, f"{key}.until_epoch", f"must be > 0, got {ph.until_epoch!r}")
         elif prev is not None and ph.until_epoch <= prev:
-            checks.need(False, f"{key}.until_epoch",
-                        f"until_epoch must be strictly increasing: {ph.until_epoch!r} after {prev!r}")
+            checks.need(
+                False,
+                f"{key}.until_epoch",
+                f"until_epoch must be strictly increasing: {ph.until_epoch!r} after {prev!r}",
+            )
         if ph.until_epoch is not None:
             prev = ph.until_epoch if prev is None else max(prev, ph.until_epoch)
 
@@ -104,5 +120,9 @@ def check_eval_config(ev: EvalConfig, checks: Checks) -> None:
 def check_dit_task(cfg: Any, checks: Checks) -> None:
     """What the DiT task needs of the experiment ``cfg`` beyond its sections' own checks."""
     d = cfg.data
-    checks.need(d.kind == "streaming", "data.kind",
-                f"the DiT task trains on latent MDS shards (data.kind 'streaming'), got {d.kind!r}", ("task",))
+    checks.need(
+        d.kind == "streaming",
+        "data.kind",
+        f"the DiT task trains on latent MDS shards (data.kind 'streaming'), got {d.kind!r}",
+        ("task",),
+    )

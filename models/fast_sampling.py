@@ -37,6 +37,7 @@ Cost: ``forward_images(sampler, labels=True)`` = model forward passes per image 
 ``nfe(sampler)`` = model calls per image; FLOPs per image = ``model.flops_per_image(training=False) *
 forward_images``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,7 +59,7 @@ def euler_plan(sampler: Sampler, labels: bool = True) -> list[tuple[float, float
         raise ValueError(f"the fast path supports method='euler' only, got {sampler.method!r}")
     grid = sampler.grid()
     ts = grid.tolist()
-    dts = (grid[1:] - grid[:-1]).tolist()          # float32 differences, as Sampler._euler
+    dts = (grid[1:] - grid[:-1]).tolist()  # float32 differences, as Sampler._euler
     return [(t, dt, bool(labels and sampler.guidance_on(t))) for t, dt in zip(ts[:-1], dts)]
 
 
@@ -78,9 +79,18 @@ def forward_images(sampler: Sampler, labels: bool = True) -> int:
 class FastEulerSampler:
     """Opt-in fast execution of ``sampler`` (``method="euler"``) for ``model``; see the module docstring."""
 
-    def __init__(self, sampler: Sampler, model: nn.Module, *, compile: bool = False,
-                 compile_mode: Optional[str] = None, compile_backend: str = "inductor", cuda_graphs: bool = False,
-                 autocast_dtype: Optional[torch.dtype] = None, warmup_iters: int = 2):
+    def __init__(
+        self,
+        sampler: Sampler,
+        model: nn.Module,
+        *,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        compile_backend: str = "inductor",
+        cuda_graphs: bool = False,
+        autocast_dtype: Optional[torch.dtype] = None,
+        warmup_iters: int = 2,
+    ):
         if sampler.method != "euler":
             raise ValueError(f"FastEulerSampler supports method='euler' only, got {sampler.method!r}")
         if cuda_graphs and compile and compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
@@ -157,7 +167,7 @@ class FastEulerSampler:
             else:
                 x = self._cond_step(x, torch.full((b,), t, dtype=torch.float32, device=dev), y, dt_t)
             if self._reduce_overhead:
-                x = x.clone()                       # the graph's output buffer is reused by its next replay
+                x = x.clone()  # the graph's output buffer is reused by its next replay
         return x if x is not z else x.clone()
 
     def _dt_tensors(self, plan, device: torch.device) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ Design points that differ from the official file (behaviour is the same):
 * ``use_checkpoint=True`` uses ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``
   (official: reentrant) and is skipped when autograd is off.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -47,14 +48,15 @@ __all__ = [
     "timestep_embedding",
 ]
 
-CUSTOM_MODEL_TYPE = "custom"                 # model.type for a free-form model (hidden_size/depth/... are used)
+CUSTOM_MODEL_TYPE = "custom"  # model.type for a free-form model (hidden_size/depth/... are used)
 
 
 @dataclass
 class ModelConfig:
     """LightningDiT architecture (official keyword names)."""
-    type: str = "LightningDiT-XL/1"          # registry name (LightningDiT_models) or "custom"
-    input_size: int = 16                     # latent grid (image_size / tokenizer downsampling)
+
+    type: str = "LightningDiT-XL/1"  # registry name (LightningDiT_models) or "custom"
+    input_size: int = 16  # latent grid (image_size / tokenizer downsampling)
     in_channels: int = 32
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
@@ -70,19 +72,20 @@ class ModelConfig:
     num_heads: int = 16
     patch_size: int = 1
     mlp_ratio: float = 4.0
-    init_from: Optional[str] = None          # path of a checkpoint to initialise weights from (ours or official)
+    init_from: Optional[str] = None  # path of a checkpoint to initialise weights from (ours or official)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Fixed tables (computed in torch on the CPU; copied into the parameter / buffers)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """MAE 1D sin-cos table: ``[sin(pos*w_k), cos(pos*w_k)]``, ``w_k = 10000^(-k/(dim/2))``; float64."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding dim must be even, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64, device="cpu") / (dim / 2.0)
-    omega = 1.0 / (10000.0 ** omega)
+    omega = 1.0 / (10000.0**omega)
     out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
@@ -96,8 +99,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
     if embed_dim % 4:
         raise ValueError(f"2D sin-cos pos_embed needs hidden_size % 4 == 0, got {embed_dim}")
     idx = torch.arange(grid_size, dtype=torch.float64, device="cpu")
-    col = idx[None, :].expand(grid_size, grid_size)   # [h, w] -> w
-    row = idx[:, None].expand(grid_size, grid_size)   # [h, w] -> h
+    col = idx[None, :].expand(grid_size, grid_size)  # [h, w] -> w
+    row = idx[:, None].expand(grid_size, grid_size)  # [h, w] -> h
     emb = torch.cat([_sincos_1d(embed_dim // 2, col), _sincos_1d(embed_dim // 2, row)], dim=1)
     return emb.to(torch.float32)
 
@@ -114,7 +117,7 @@ def rope_tables(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[
         raise ValueError(f"2D RoPE needs head_dim % 4 == 0, got head_dim={head_dim}")
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device="cpu")[: dim // 2].float() / dim))
     pos = torch.arange(grid_size, device="cpu") / grid_size * grid_size
-    f = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)          # (L, dim)
+    f = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # (L, dim)
     L = grid_size
     full = torch.cat([f[:, None, :].expand(L, L, dim), f[None, :, :].expand(L, L, dim)], dim=-1)
     full = full.reshape(L * L, 2 * dim)
@@ -167,6 +170,7 @@ def _fill_(dst: torch.Tensor, src: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------------
+
 
 def modulate(x: torch.Tensor, shift: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
     """``x*(1+scale) + shift`` with per-sample (N, D) shift/scale broadcast over tokens."""
@@ -256,8 +260,9 @@ class Attention(nn.Module):
             self.k_norm = nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope_cos: Optional[torch.Tensor] = None,
-                rope_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope_cos: Optional[torch.Tensor] = None, rope_sin: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -307,8 +312,7 @@ class LabelEmbedder(nn.Module):
             drop = force_drop_ids == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor, train: bool,
-                force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -321,8 +325,16 @@ class LightningDiTBlock(nn.Module):
     with ``wo_shift``: ``(scale_msa, gate_msa, scale_mlp, gate_mlp)``.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
-                 use_swiglu: bool = False, use_rmsnorm: bool = False, wo_shift: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        use_qknorm: bool = False,
+        use_swiglu: bool = False,
+        use_rmsnorm: bool = False,
+        wo_shift: bool = False,
+    ):
         super().__init__()
         if use_rmsnorm:
             self.norm1 = RMSNorm(hidden_size)
@@ -338,10 +350,16 @@ class LightningDiTBlock(nn.Module):
             self.mlp = Mlp(hidden_size, mlp_hidden_dim)
         self.wo_shift = wo_shift
         self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size, bias=True))
+            nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size, bias=True)
+        )
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope_cos: Optional[torch.Tensor] = None,
-                rope_sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope_cos: Optional[torch.Tensor] = None,
+        rope_sin: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         mod = self.adaLN_modulation(c)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
@@ -397,6 +415,7 @@ class VisionRotaryEmbeddingFast(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------
+
 
 class LightningDiT(nn.Module):
     """LightningDiT backbone. ``forward(x, t, y)``: x (N, C, H, W), raw t (N,) in [0, 1] (t=0 noise,
@@ -457,11 +476,20 @@ class LightningDiT(nn.Module):
             self.feat_rope = VisionRotaryEmbeddingFast(self.head_dim, self.grid_size)
         else:
             self.feat_rope = None
-        self.blocks = nn.ModuleList([
-            LightningDiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, use_qknorm=use_qknorm,
-                              use_swiglu=use_swiglu, use_rmsnorm=use_rmsnorm, wo_shift=wo_shift)
-            for _ in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                LightningDiTBlock(
+                    hidden_size,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    use_qknorm=use_qknorm,
+                    use_swiglu=use_swiglu,
+                    use_rmsnorm=use_rmsnorm,
+                    wo_shift=wo_shift,
+                )
+                for _ in range(depth)
+            ]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
         self.init_weights()
 
@@ -526,7 +554,7 @@ class LightningDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        x = self.x_embedder(x) + self.pos_embed                   # (N, T, D)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         rope_cos, rope_sin = self.rope()
         ckpt = self.use_checkpoint and torch.is_grad_enabled()
@@ -535,14 +563,21 @@ class LightningDiT(nn.Module):
                 x = checkpoint(block, x, c, rope_cos, rope_sin, use_reentrant=False)
             else:
                 x = block(x, c, rope_cos, rope_sin)
-        x = self.final_layer(x, c)                                # (N, T, p*p*C_out)
-        x = self.unpatchify(x)                                    # (N, C_out, H, W)
+        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
+        x = self.unpatchify(x)  # (N, C_out, H, W)
         if self.learn_sigma:
             x = x[:, : self.in_channels]
         return x
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         cfg_interval: bool = False, cfg_interval_start: float = 0.0) -> torch.Tensor:
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        cfg_interval: bool = False,
+        cfg_interval_start: float = 0.0,
+    ) -> torch.Tensor:
         """Classifier-free guidance on a doubled batch, official semantics.
 
         ``x`` = [z; z'] (only the first half is used: the model runs on [z; z]), ``y`` = [labels; null],
@@ -595,10 +630,13 @@ class LightningDiT(nn.Module):
         A = 4 if self.wo_shift else 6
         mlp = (2 * T * D * 2 * Fh + 2 * T * Fh * D) if self.use_swiglu else 4 * T * D * Fh
         block = 2 * D * A * D + 2 * T * D * 3 * D + 2 * T * D * D + 4 * T * T * D + mlp
-        fwd = (2 * T * D * C * p * p
-               + 2 * (self.t_embedder.frequency_embedding_size * D + D * D)
-               + L * block
-               + 2 * D * 2 * D + 2 * T * D * p * p * self.out_channels)
+        fwd = (
+            2 * T * D * C * p * p
+            + 2 * (self.t_embedder.frequency_embedding_size * D + D * D)
+            + L * block
+            + 2 * D * 2 * D
+            + 2 * T * D * p * p * self.out_channels
+        )
         return 3 * fwd if training else fwd
 
 
@@ -606,10 +644,11 @@ class LightningDiT(nn.Module):
 # Registry and builders
 # ---------------------------------------------------------------------------------------------------
 
+
 def _factory(depth: int, hidden_size: int, patch_size: int, num_heads: int) -> Callable[..., LightningDiT]:
     def make(**kwargs) -> LightningDiT:
-        return LightningDiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size,
-                            num_heads=num_heads, **kwargs)
+        return LightningDiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+
     return make
 
 
@@ -635,8 +674,18 @@ LightningDiT_models: dict[str, Callable[..., LightningDiT]] = {
     "LightningDiT-1p6B/2": LightningDiT_1p6B_2,
 }
 
-_COMMON_FIELDS = ("input_size", "in_channels", "num_classes", "class_dropout_prob", "learn_sigma",
-                  "use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift")
+_COMMON_FIELDS = (
+    "input_size",
+    "in_channels",
+    "num_classes",
+    "class_dropout_prob",
+    "learn_sigma",
+    "use_qknorm",
+    "use_swiglu",
+    "use_rope",
+    "use_rmsnorm",
+    "wo_shift",
+)
 _CUSTOM_FIELDS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio")
 
 
@@ -657,13 +706,19 @@ def check_model_config(m: ModelConfig, checks: Checks) -> None:
             checks.positive(getattr(m, k), f"model.{k}")
         checks.positive(m.mlp_ratio, "model.mlp_ratio")
         if m.hidden_size > 0 and m.num_heads > 0:
-            checks.need(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-                        f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}",
-                        ("model.num_heads",))
+            checks.need(
+                m.hidden_size % m.num_heads == 0,
+                "model.hidden_size",
+                f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}",
+                ("model.num_heads",),
+            )
         if m.patch_size > 0 and m.input_size > 0:
-            checks.need(m.input_size % m.patch_size == 0, "model.input_size",
-                        f"input_size {m.input_size} is not divisible by patch_size {m.patch_size}",
-                        ("model.patch_size",))
+            checks.need(
+                m.input_size % m.patch_size == 0,
+                "model.input_size",
+                f"input_size {m.input_size} is not divisible by patch_size {m.patch_size}",
+                ("model.patch_size",),
+            )
     elif m.type not in LightningDiT_models:
         names = sorted(LightningDiT_models) + [CUSTOM_MODEL_TYPE]
         close = difflib.get_close_matches(m.type, names, n=1, cutoff=0.6)

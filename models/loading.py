@@ -18,6 +18,7 @@ wrapper path components that never name real modules (``_orig_mod``, ``_checkpoi
 ``load_into_model`` compares against the model's own state dict and, on any mismatch, raises a
 ``ValueError`` listing missing, unexpected and mis-shaped keys together with the file path.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,7 @@ class CheckpointReadError(RuntimeError):
 @dataclass
 class LoadReport:
     path: str
-    which: str                                  # the entry actually loaded ("ema", "model", "bare")
+    which: str  # the entry actually loaded ("ema", "model", "bare")
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, expected, got)
@@ -79,8 +80,10 @@ class LoadReport:
 
         section("missing keys (in model, not in checkpoint)", self.missing)
         section("unexpected keys (in checkpoint, not in model)", self.unexpected)
-        section("mis-shaped keys (name: expected shape vs got shape)",
-                [f"{k}: expected {list(e)} vs got {list(g)}" for k, e, g in self.mismatched])
+        section(
+            "mis-shaped keys (name: expected shape vs got shape)",
+            [f"{k}: expected {list(e)} vs got {list(g)}" for k, e, g in self.mismatched],
+        )
         return "\n".join(lines)
 
 
@@ -88,13 +91,14 @@ class LoadReport:
 # Key clean-up
 # ---------------------------------------------------------------------------------------------------
 
+
 def _clean_key(key: str) -> str:
     changed = True
     while changed:
         changed = False
         for p in _LEADING_PREFIXES:
             if key.startswith(p):
-                key = key[len(p):]
+                key = key[len(p) :]
                 changed = True
     parts = [s for s in key.split(".") if s not in _WRAPPER_COMPONENTS]
     return ".".join(parts)
@@ -115,6 +119,7 @@ def clean_state_dict(sd: Mapping[str, Any], source: str = "<state dict>") -> dic
 # Reading
 # ---------------------------------------------------------------------------------------------------
 
+
 def is_dcp_dir(path: PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
 
@@ -132,21 +137,26 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
             raise CheckpointReadError(
                 f"checkpoint file {path} contains non-tensor Python objects and allow_pickle=False: {err}"
             ) from err
-        warnings.warn(f"{path}: not loadable with weights_only=True (it holds pickled Python objects, e.g. "
-                      f"the official 'config' entry); retrying with weights_only=False. Only load files "
-                      f"you trust.", stacklevel=3)
+        warnings.warn(
+            f"{path}: not loadable with weights_only=True (it holds pickled Python objects, e.g. "
+            f"the official 'config' entry); retrying with weights_only=False. Only load files "
+            f"you trust.",
+            stacklevel=3,
+        )
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:  # noqa: BLE001 - reported with the path
-            raise CheckpointReadError(
-                f"cannot read checkpoint file {path}: {type(err2).__name__}: {err2}") from err2
+            raise CheckpointReadError(f"cannot read checkpoint file {path}: {type(err2).__name__}: {err2}") from err2
     except Exception as err:  # noqa: BLE001 - truncated zip, bad magic number, EOF, ...
         raise CheckpointReadError(f"cannot read checkpoint file {path}: {type(err).__name__}: {err}") from err
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _select(obj: Any, which: str, path: Path) -> tuple[str, Mapping[str, Any]]:
@@ -193,6 +203,7 @@ def _load_with_source(path: PathLike, which: str, allow_pickle: bool = True) -> 
 # Our DCP checkpoint directories  (hook: keep in sync with core/engines/fsdp2.py's save layout)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _find_dcp_dir(path: Path) -> Path:
     if is_dcp_dir(path):
         return path
@@ -203,7 +214,8 @@ def _find_dcp_dir(path: Path) -> Path:
     raise CheckpointReadError(
         f"{path} is a directory but not a DCP checkpoint (no .metadata here"
         + (f"; several candidate sub-directories: {[s.name for s in subs]}" if subs else "")
-        + f"); contents: {listing[:20]}")
+        + f"); contents: {listing[:20]}"
+    )
 
 
 def _resolve_dcp_entry(tops: set[str], which: str, path: Path) -> str:
@@ -214,15 +226,16 @@ def _resolve_dcp_entry(tops: set[str], which: str, path: Path) -> str:
         if which in tops:
             return which
         raise ValueError(f"{path}: no {which!r} entry in DCP checkpoint; top-level entries: {sorted(tops)}")
-    for wanted in (("ema", "model") if which == "auto" else (which,)):
+    for wanted in ("ema", "model") if which == "auto" else (which,):
         if wanted in tops:
             return wanted
         candidates = sorted(t for t in tops if t.endswith("." + wanted))
         if len(candidates) == 1:
             return candidates[0]
         if len(candidates) > 1:
-            raise ValueError(f"{path}: several {wanted!r} entries in DCP checkpoint {candidates}; "
-                             f"pass which=<one of them>")
+            raise ValueError(
+                f"{path}: several {wanted!r} entries in DCP checkpoint {candidates}; pass which=<one of them>"
+            )
     raise ValueError(f"{path}: no {which!r} entry in DCP checkpoint; top-level entries: {sorted(tops)}")
 
 
@@ -257,8 +270,7 @@ def _load_our_checkpoint_dir(path: PathLike, which: str) -> tuple[str, dict[str,
 
     state: dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={entry}),
-                         no_dist=True)
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={entry}), no_dist=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointReadError(f"cannot read DCP checkpoint {path}: {type(err).__name__}: {err}") from err
     sd = state.get(entry)
@@ -270,6 +282,7 @@ def _load_our_checkpoint_dir(path: PathLike, which: str) -> tuple[str, dict[str,
 # ---------------------------------------------------------------------------------------------------
 # Into a model
 # ---------------------------------------------------------------------------------------------------
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while True:
@@ -290,8 +303,9 @@ def compare_state(model_sd: Mapping[str, Any], ckpt_sd: Mapping[str, Any], path:
     return report
 
 
-def load_into_model(model: nn.Module, path: PathLike, which: str = "ema", strict: bool = True,
-                    *, allow_pickle: bool = True) -> LoadReport:
+def load_into_model(
+    model: nn.Module, path: PathLike, which: str = "ema", strict: bool = True, *, allow_pickle: bool = True
+) -> LoadReport:
     """Load weights from ``path`` into ``model`` (plain, ``torch.compile``-wrapped or FSDP2-sharded; any
     device; not meta). For a sharded model call it on every rank (each reads the file).
 
@@ -303,8 +317,10 @@ def load_into_model(model: nn.Module, path: PathLike, which: str = "ema", strict
     model_sd = target.state_dict()
     meta = [k for k, v in model_sd.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:
-        raise ValueError(f"cannot load {path} into a model on the meta device ({meta[0]!r}, ...): "
-                         f"materialise it first (model.to_empty(device=...); model.init_weights())")
+        raise ValueError(
+            f"cannot load {path} into a model on the meta device ({meta[0]!r}, ...): "
+            f"materialise it first (model.to_empty(device=...); model.init_weights())"
+        )
     entry, sd = _load_with_source(path, which, allow_pickle=allow_pickle)
     report = compare_state(model_sd, sd, str(path), entry)
     if not report.ok:
@@ -316,6 +332,7 @@ def load_into_model(model: nn.Module, path: PathLike, which: str = "ema", strict
     if any(_is_dtensor(v) for v in model_sd.values()):
         # FSDP2-sharded model: every rank passes the full tensors; each keeps its own shard.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
         set_model_state_dict(target, usable, options=StateDictOptions(full_state_dict=True, strict=strict))
     else:
         target.load_state_dict(usable, strict=strict)
@@ -347,7 +364,7 @@ def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.T
         try:
             _, sd = _load_our_checkpoint_dir(ckpt_dir / "state", f"{part}.{which}")
         except ValueError:
-            if which == "ema":          # a part trained without EMA
+            if which == "ema":  # a part trained without EMA
                 continue
             raise
         sd = clean_state_dict(sd, source=str(ckpt_dir))
@@ -366,6 +383,7 @@ def export_state(ckpt_dir: PathLike, part: str = "model") -> dict[str, dict[str,
     if checkpoint_engine(ckpt_dir) == "fsdp2":
         return _fsdp2_state_dicts(ckpt_dir, part)
     from core.engines.deepspeed import consolidated_state_dicts
+
     return consolidated_state_dicts(ckpt_dir, part)
 
 

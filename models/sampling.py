@@ -71,6 +71,7 @@ the probability-flow velocity v (SiT's last_step="Euler"), not the SDE drift wit
 that deterministic step instead (num_steps - 1 calls).
 Noise comes from ``generator`` (must live on z's device).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -116,8 +117,7 @@ def timestep_grid(num_steps: int, shift: float = 1.0, device=None) -> torch.Tens
     return grid if device is None else grid.to(device)
 
 
-def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float,
-                    mode: str = "official") -> torch.Tensor:
+def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mode: str = "official") -> torch.Tensor:
     """CFG combination ``uncond + scale * (cond - uncond)``.
 
     ``mode="official"``: only channels 0..2 are guided; channels 3.. are the conditional output.
@@ -152,11 +152,21 @@ class Sampler:
     ``sample(model_fn, z, y, generator=None)`` returns the final state (same shape/dtype as z).
     """
 
-    def __init__(self, method: str = "euler", num_steps: int = 250, timestep_shift: float = 1.0,
-                 cfg_scale: float = 1.0, cfg_interval_start: float = 0.0,
-                 guidance_mode: str = "official", null_class: int = 1000,
-                 atol: float = 1e-6, rtol: float = 1e-3, *, diffusion_norm: float = 1.0,
-                 last_step_size: float = 0.04):
+    def __init__(
+        self,
+        method: str = "euler",
+        num_steps: int = 250,
+        timestep_shift: float = 1.0,
+        cfg_scale: float = 1.0,
+        cfg_interval_start: float = 0.0,
+        guidance_mode: str = "official",
+        null_class: int = 1000,
+        atol: float = 1e-6,
+        rtol: float = 1e-3,
+        *,
+        diffusion_norm: float = 1.0,
+        last_step_size: float = 0.04,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
         if guidance_mode not in GUIDANCE_MODES:
@@ -185,10 +195,18 @@ class Sampler:
     @classmethod
     def from_config(cls, cfg, null_class: int = 1000, **kwargs) -> Sampler:
         """From a ``models.dit_config.SamplingConfig``; ``null_class`` is the model's num_classes."""
-        return cls(method=cfg.method, num_steps=cfg.num_steps, timestep_shift=cfg.timestep_shift,
-                   cfg_scale=cfg.cfg_scale, cfg_interval_start=cfg.cfg_interval_start,
-                   guidance_mode=cfg.guidance_mode, null_class=null_class, atol=cfg.atol,
-                   rtol=cfg.rtol, **kwargs)
+        return cls(
+            method=cfg.method,
+            num_steps=cfg.num_steps,
+            timestep_shift=cfg.timestep_shift,
+            cfg_scale=cfg.cfg_scale,
+            cfg_interval_start=cfg.cfg_interval_start,
+            guidance_mode=cfg.guidance_mode,
+            null_class=null_class,
+            atol=cfg.atol,
+            rtol=cfg.rtol,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ guidance
     @property
@@ -203,8 +221,14 @@ class Sampler:
     def grid(self, device=None) -> torch.Tensor:
         return timestep_grid(self.num_steps, self.timestep_shift, device=device)
 
-    def velocity(self, model_fn: ModelFn, x: torch.Tensor, t: float, y: Optional[torch.Tensor],
-                 y_null: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def velocity(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        t: float,
+        y: Optional[torch.Tensor],
+        y_null: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """(Guided) velocity at host time ``t``. Runs the doubled batch [x, x] / [y, null] only where
         guidance is on; otherwise the conditional batch alone."""
         b = x.shape[0]
@@ -220,8 +244,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ samplers
     @torch.no_grad()
-    def sample(self, model_fn: ModelFn, z: torch.Tensor, y: Optional[torch.Tensor],
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(
+        self, model_fn: ModelFn, z: torch.Tensor, y: Optional[torch.Tensor], generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         y_null = None if y is None else torch.full_like(y, self.null_class)
         if self.method == "euler":
             return self._euler(model_fn, z, y, y_null)
@@ -234,7 +259,7 @@ class Sampler:
     def _euler(self, model_fn, x, y, y_null):
         grid = self.grid()
         ts = grid.tolist()
-        dts = (grid[1:] - grid[:-1]).tolist()          # float32 differences, as torchdiffeq
+        dts = (grid[1:] - grid[:-1]).tolist()  # float32 differences, as torchdiffeq
         for t, dt in zip(ts[:-1], dts):
             v = self.velocity(model_fn, x, t, y, y_null)
             x = x + dt * v
@@ -244,7 +269,7 @@ class Sampler:
         grid = self.grid()
         dt_t = grid[1:] - grid[:-1]
         ts = grid[:-1].tolist()
-        t2s = (grid[:-1] + dt_t).tolist()               # torchdiffeq heun2: t0 + dt * c2, c2 = 1
+        t2s = (grid[:-1] + dt_t).tolist()  # torchdiffeq heun2: t0 + dt * c2, c2 = 1
         dts = dt_t.tolist()
         for t, t2, dt in zip(ts, t2s, dts):
             k1 = self.velocity(model_fn, x, t, y, y_null)
@@ -256,7 +281,7 @@ class Sampler:
         from torchdiffeq import odeint
 
         def func(t, state):
-            return self.velocity(model_fn, state, float(t), y, y_null)   # host read of t: unavoidable
+            return self.velocity(model_fn, state, float(t), y, y_null)  # host read of t: unavoidable
 
         grid = self.grid()
         t_span = torch.stack([grid[0], grid[-1]]).to(x.device)
@@ -274,20 +299,24 @@ class Sampler:
         dts = (grid[1:] - grid[:-1]).tolist()
         last = len(dts) - 1
         for i, (t, dt) in enumerate(zip(ts[:-1], dts)):
-            if eps == 0 and i == last:                       # deterministic final step onto t = 1
+            if eps == 0 and i == last:  # deterministic final step onto t = 1
                 return x + dt * self.velocity(model_fn, x, t, y, y_null)
             x_mean = x + self._sde_drift(model_fn, x, t, y, y_null) * dt
             var = 2.0 * self.diffusion_norm * (1.0 - t) * dt
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x_mean + (var ** 0.5) * noise
+            x = x_mean + (var**0.5) * noise
         # SiT last_step="Euler": one probability-flow (noise-free) step of size eps onto t = 1
         return x + eps * self.velocity(model_fn, x, ts[-1], y, y_null)
 
     def num_model_calls(self) -> Optional[int]:
         """Model forward calls (doubled or not) of a fixed-grid method; None for adaptive dopri5."""
         steps = self.num_steps - 1
-        return {"euler": steps, "heun": 2 * steps, "dopri5": None,
-                "euler_maruyama": steps + (1 if self.last_step_size > 0 else 0)}[self.method]
+        return {
+            "euler": steps,
+            "heun": 2 * steps,
+            "dopri5": None,
+            "euler_maruyama": steps + (1 if self.last_step_size > 0 else 0),
+        }[self.method]
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -311,7 +340,8 @@ def describe_sampling(s: Any) -> str:
     if scale > 1.0:
         start = float(_get(s, "cfg_interval_start", 0.0))
         details = ([f"t>={start:g}"] if start > 0 else []) + (
-            ["3ch"] if _get(s, "guidance_mode", "official") == "official" else ["all ch"])
+            ["3ch"] if _get(s, "guidance_mode", "official") == "official" else ["all ch"]
+        )
         text += f" cfg {scale:g} ({', '.join(details)})"
     else:
         text += " no cfg"

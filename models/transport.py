@@ -27,6 +27,7 @@ function of the global optimizer step: phase i applies while ``epoch_of(step) < 
 800-epoch recipe: logit-normal(0, 1) until epoch 480 (600,480 steps at 1251 steps/epoch), then uniform.
 ``timestep_phase_at`` picks the phase of a step; ``PhaseTracker`` reports the switches (the DiT task logs them).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ def _draw_device(generator: Optional[torch.Generator], device) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def sample_timesteps(n: int, kind: str, *, mean: float = 0.0, std: float = 1.0,
-                     generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+def sample_timesteps(
+    n: int, kind: str, *, mean: float = 0.0, std: float = 1.0, generator: Optional[torch.Generator] = None, device=None
+) -> torch.Tensor:
     """Draw ``n`` training timesteps in [0, 1] as float32.
 
     ``kind="lognorm"``: logit-normal, ``t = sigmoid(n)`` with ``n ~ N(mean, std^2)``.
@@ -88,12 +90,19 @@ def sample_timesteps(n: int, kind: str, *, mean: float = 0.0, std: float = 1.0,
     return t
 
 
-def sample_timesteps_for_phase(n: int, phase: Any, generator: Optional[torch.Generator] = None,
-                               device=None) -> torch.Tensor:
+def sample_timesteps_for_phase(
+    n: int, phase: Any, generator: Optional[torch.Generator] = None, device=None
+) -> torch.Tensor:
     """``sample_timesteps`` driven by a ``models.dit_config.TimestepPhase``-like object
     (attributes ``kind`` and, for lognorm, ``mean`` / ``std``)."""
-    return sample_timesteps(n, phase.kind, mean=float(getattr(phase, "mean", 0.0)),
-                            std=float(getattr(phase, "std", 1.0)), generator=generator, device=device)
+    return sample_timesteps(
+        n,
+        phase.kind,
+        mean=float(getattr(phase, "mean", 0.0)),
+        std=float(getattr(phase, "std", 1.0)),
+        generator=generator,
+        device=device,
+    )
 
 
 def _expand_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -151,16 +160,24 @@ class Transport:
         noise = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
         return noise.to(x1.device, non_blocking=True) if noise.device != x1.device else noise
 
-    def sample_t(self, n: int, phase: Any = None, generator: Optional[torch.Generator] = None,
-                 device=None) -> torch.Tensor:
+    def sample_t(
+        self, n: int, phase: Any = None, generator: Optional[torch.Generator] = None, device=None
+    ) -> torch.Tensor:
         if phase is None:
             return sample_timesteps(n, "lognorm", mean=0.0, std=1.0, generator=generator, device=device)
         return sample_timesteps_for_phase(n, phase, generator=generator, device=device)
 
-    def training_losses(self, model: Callable[..., torch.Tensor], x1: torch.Tensor,
-                        model_kwargs: Optional[dict] = None, *, t: Optional[torch.Tensor] = None,
-                        noise: Optional[torch.Tensor] = None, phase: Any = None,
-                        generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self,
+        model: Callable[..., torch.Tensor],
+        x1: torch.Tensor,
+        model_kwargs: Optional[dict] = None,
+        *,
+        t: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        phase: Any = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, torch.Tensor]:
         model_kwargs = {} if model_kwargs is None else model_kwargs
         b = x1.shape[0]
         if t is None:
@@ -190,12 +207,13 @@ class Transport:
             loss = mse + cos
         else:
             with torch.no_grad():
-                cos = cosine_loss_per_sample(pred.detach(), ut)   # logged only
+                cos = cosine_loss_per_sample(pred.detach(), ut)  # logged only
             loss = mse
         return {"loss": loss, "mse": mse, "cos": cos, "t": t}
 
 
 # --- Timestep-sampling phases: which sampler applies at a step -----------------------------------------------------
+
 
 def _switch_step(until_epoch: float, steps_per_epoch: int) -> int:
     # First step whose epoch is >= until_epoch, in exact rational arithmetic (until_epoch as written in decimal),
@@ -209,8 +227,7 @@ def phase_switch_steps(steps_per_epoch: int, phases: Sequence[TimestepPhase]) ->
     return [_switch_step(p.until_epoch, steps_per_epoch) for p in phases if p.until_epoch is not None]
 
 
-def timestep_phase_at(step: int, steps_per_epoch: int,
-                      phases: Sequence[TimestepPhase]) -> tuple[int, TimestepPhase]:
+def timestep_phase_at(step: int, steps_per_epoch: int, phases: Sequence[TimestepPhase]) -> tuple[int, TimestepPhase]:
     """(index, phase) in force at ``step``: the first phase whose ``until_epoch`` has not been reached yet.
 
     A phase without ``until_epoch`` never ends (it should be the last one; the config validation enforces that).
@@ -258,8 +275,9 @@ class PhaseTracker:
     when the phase in force at ``step`` differs from the last one seen, else None.
     """
 
-    def __init__(self, phases: Sequence[TimestepPhase], steps_per_epoch: int | None = None,
-                 start_step: int | None = None):
+    def __init__(
+        self, phases: Sequence[TimestepPhase], steps_per_epoch: int | None = None, start_step: int | None = None
+    ):
         self.phases = list(phases)
         self.steps_per_epoch = steps_per_epoch
         self.index: int | None = None
@@ -277,5 +295,7 @@ class PhaseTracker:
         self.index, self.phase = index, phase
         if old is None or old_index == index:
             return None
-        return (f"step {step} (epoch {epoch_of(step, self.steps_per_epoch):.2f}): timestep sampling switches "
-                f"{describe_phase(old)} -> {describe_phase(phase)}")
+        return (
+            f"step {step} (epoch {epoch_of(step, self.steps_per_epoch):.2f}): timestep sampling switches "
+            f"{describe_phase(old)} -> {describe_phase(phase)}"
+        )

@@ -25,6 +25,7 @@ are filtered *explicitly* (by name, reported) and the autoencoder loads strictly
 (DCP directories written by the FSDP2 engine) hold the autoencoder + projection under
 ``autoencoder.model`` and the discriminator under ``discriminator.model``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,22 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AttnBlock", "AutoencoderKL", "Decoder", "DiagonalGaussianDistribution", "Downsample", "Encoder",
-    "ResnetBlock", "Upsample", "VAVAE", "VAVAEOutput", "VAVAEStateParts", "f16d32_config",
-    "load_vavae_state", "load_vavae_weights", "split_vavae_state_dict", "vavae_from_config",
+    "AttnBlock",
+    "AutoencoderKL",
+    "Decoder",
+    "DiagonalGaussianDistribution",
+    "Downsample",
+    "Encoder",
+    "ResnetBlock",
+    "Upsample",
+    "VAVAE",
+    "VAVAEOutput",
+    "VAVAEStateParts",
+    "f16d32_config",
+    "load_vavae_state",
+    "load_vavae_weights",
+    "split_vavae_state_dict",
+    "vavae_from_config",
 ]
 
 # Prefixes of a released VA-VAE training checkpoint that are not part of the autoencoder.
@@ -57,8 +71,19 @@ AE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 def f16d32_config() -> dict[str, Any]:
     """The released VA-VAE f16d32 ``ddconfig`` + ``embed_dim`` (LDM keyword names)."""
-    return dict(embed_dim=32, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                z_channels=32, resolution=256, in_channels=3, out_ch=3, double_z=True, dropout=0.0)
+    return dict(
+        embed_dim=32,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        z_channels=32,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        double_z=True,
+        dropout=0.0,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -106,7 +131,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         b, c, hh, ww = h.shape
 
-        def tokens(t: torch.Tensor) -> torch.Tensor:          # (b, 1 head, h*w, c)
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # (b, 1 head, h*w, c)
             return t.reshape(b, c, hh * ww).transpose(1, 2).unsqueeze(1)
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
@@ -161,9 +186,20 @@ class _Mid(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 dropout: float = 0.0, **_: Any):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        dropout: float = 0.0,
+        **_: Any,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         in_mult = (1,) + tuple(ch_mult)
@@ -197,9 +233,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 **_: Any):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        **_: Any,
+    ):
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
@@ -219,7 +265,7 @@ class Decoder(nn.Module):
                 up.upsample = Upsample(block_in)
                 res *= 2
             levels.insert(0, up)
-        self.up = nn.ModuleList(levels)           # up[0] is the full-resolution level, as in LDM
+        self.up = nn.ModuleList(levels)  # up[0] is the full-resolution level, as in LDM
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
@@ -267,26 +313,46 @@ class DiagonalGaussianDistribution:
     def nll(self, sample: torch.Tensor, dims: Sequence[int] = (1, 2, 3)) -> torch.Tensor:
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device)
-        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
-                               dim=list(dims))
+        return 0.5 * torch.sum(
+            math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims)
+        )
 
 
 # ------------------------------------------------------------------------------------------ autoencoder
 class AutoencoderKL(nn.Module):
     """The LDM KL autoencoder (inference/training model; no loss, no foundation model)."""
 
-    def __init__(self, embed_dim: int = 32, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), z_channels: int = 32,
-                 resolution: int = 256, in_channels: int = 3, out_ch: int = 3, double_z: bool = True,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        embed_dim: int = 32,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        z_channels: int = 32,
+        resolution: int = 256,
+        in_channels: int = 3,
+        out_ch: int = 3,
+        double_z: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if not double_z:
             raise ValueError("AutoencoderKL needs double_z=True (the encoder predicts mean and log-variance)")
         if ch % 32:
             raise ValueError(f"ch={ch} must be a multiple of 32 (GroupNorm with 32 groups)")
-        dd = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                  attn_resolutions=tuple(attn_resolutions), in_channels=in_channels, out_ch=out_ch,
-                  resolution=resolution, z_channels=z_channels, double_z=double_z, dropout=dropout)
+        dd = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            in_channels=in_channels,
+            out_ch=out_ch,
+            resolution=resolution,
+            z_channels=z_channels,
+            double_z=double_z,
+            dropout=dropout,
+        )
         self.ddconfig = dd
         self.embed_dim = embed_dim
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
@@ -305,8 +371,9 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z.to(self.dtype)))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+    ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
@@ -315,11 +382,12 @@ class AutoencoderKL(nn.Module):
 @dataclass
 class VAVAEOutput:
     """What one training forward produces (all float32)."""
-    recon: torch.Tensor                      # (B, 3, H, W)
-    mean: torch.Tensor                       # posterior mean (B, C, h, w)
-    logvar: torch.Tensor                     # clamped posterior log-variance
-    z: torch.Tensor                          # the latent fed to the decoder (sample or mean)
-    z_proj: Optional[torch.Tensor]           # linear_proj(z) (B, D_vf, h, w), None without a projection
+
+    recon: torch.Tensor  # (B, 3, H, W)
+    mean: torch.Tensor  # posterior mean (B, C, h, w)
+    logvar: torch.Tensor  # clamped posterior log-variance
+    z: torch.Tensor  # the latent fed to the decoder (sample or mean)
+    z_proj: Optional[torch.Tensor]  # linear_proj(z) (B, D_vf, h, w), None without a projection
 
     def kl(self) -> torch.Tensor:
         return 0.5 * torch.sum(self.mean.pow(2) + torch.exp(self.logvar) - 1.0 - self.logvar, dim=[1, 2, 3])
@@ -338,8 +406,12 @@ class VAVAE(AutoencoderKL):
         if vf_dim is not None:
             self.linear_proj = nn.Conv2d(self.embed_dim, vf_dim, kernel_size=1, bias=False)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,  # type: ignore[override]
-                generator: Optional[torch.Generator] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,  # type: ignore[override]
+        generator: Optional[torch.Generator] = None,
+    ):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         recon = self.decode(z)
@@ -362,32 +434,45 @@ def _output(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def vavae_from_config(cfg: Any, vf_dim: Optional[int] = None) -> VAVAE:
     """A ``VAVAE`` from a config section with the ddconfig field names (``models.vavae_config.VAVAEModelConfig``)."""
-    return VAVAE(embed_dim=cfg.embed_dim, ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
-                 attn_resolutions=tuple(cfg.attn_resolutions), z_channels=cfg.z_channels, resolution=cfg.resolution,
-                 in_channels=cfg.in_channels, out_ch=cfg.out_ch, double_z=cfg.double_z, dropout=cfg.dropout,
-                 vf_dim=vf_dim)
+    return VAVAE(
+        embed_dim=cfg.embed_dim,
+        ch=cfg.ch,
+        ch_mult=tuple(cfg.ch_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        attn_resolutions=tuple(cfg.attn_resolutions),
+        z_channels=cfg.z_channels,
+        resolution=cfg.resolution,
+        in_channels=cfg.in_channels,
+        out_ch=cfg.out_ch,
+        double_z=cfg.double_z,
+        dropout=cfg.dropout,
+        vf_dim=vf_dim,
+    )
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 @dataclass
 class VAVAEStateParts:
     """A VA-VAE checkpoint split by owner. ``autoencoder`` holds exactly the AutoencoderKL keys."""
+
     autoencoder: dict[str, torch.Tensor]
-    linear_proj: dict[str, torch.Tensor]            # {"weight": (D, C, 1, 1)} or {}
-    discriminator: dict[str, torch.Tensor]          # NLayerDiscriminator keys ("main.*") or {}
-    lpips: dict[str, torch.Tensor]                  # LPIPS keys ("net.*", "lin*.model.1.weight", ...) or {}
-    foundation_model: dict[str, torch.Tensor]       # the frozen DINOv2 ("model.*" under foundation_model.)
-    other: dict[str, torch.Tensor]                  # e.g. loss.logvar
+    linear_proj: dict[str, torch.Tensor]  # {"weight": (D, C, 1, 1)} or {}
+    discriminator: dict[str, torch.Tensor]  # NLayerDiscriminator keys ("main.*") or {}
+    lpips: dict[str, torch.Tensor]  # LPIPS keys ("net.*", "lin*.model.1.weight", ...) or {}
+    foundation_model: dict[str, torch.Tensor]  # the frozen DINOv2 ("model.*" under foundation_model.)
+    other: dict[str, torch.Tensor]  # e.g. loss.logvar
     source: str = ""
 
     def describe(self) -> str:
-        return (f"{self.source}: autoencoder {len(self.autoencoder)} keys, linear_proj {len(self.linear_proj)}, "
-                f"discriminator {len(self.discriminator)}, lpips {len(self.lpips)}, "
-                f"foundation_model {len(self.foundation_model)} (ignored), other {sorted(self.other)}")
+        return (
+            f"{self.source}: autoencoder {len(self.autoencoder)} keys, linear_proj {len(self.linear_proj)}, "
+            f"discriminator {len(self.discriminator)}, lpips {len(self.lpips)}, "
+            f"foundation_model {len(self.foundation_model)} (ignored), other {sorted(self.other)}"
+        )
 
 
 def _strip(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def split_vavae_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> VAVAEStateParts:
@@ -405,13 +490,14 @@ def split_vavae_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state
         other={},
         source=source,
     )
-    claimed = (AE_PREFIXES + (PROJ_PREFIX, DISC_PREFIX, LPIPS_PREFIX, FOUNDATION_PREFIX))
+    claimed = AE_PREFIXES + (PROJ_PREFIX, DISC_PREFIX, LPIPS_PREFIX, FOUNDATION_PREFIX)
     parts.other = {k: v for k, v in sd.items() if not k.startswith(claimed)}
     return parts
 
 
 def _read_dcp_entry(path: Path, entry: str) -> dict[str, torch.Tensor]:
     from models.loading import load_checkpoint_state
+
     return load_checkpoint_state(path, which=entry)
 
 
@@ -429,27 +515,36 @@ def load_vavae_state(path: Union[str, Path]) -> VAVAEStateParts:
         raise FileNotFoundError(f"VA-VAE checkpoint not found: {path}")
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
+
         dcp_dir = _find_dcp_dir(path)
         meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
         tops = {str((meta.planner_data or {}).get(k, [k.split(".", 1)[0]])[0]) for k in meta.state_dict_metadata}
         if "autoencoder.model" not in tops:
-            raise ValueError(f"{path}: not a VA-VAE run checkpoint (no 'autoencoder.model' entry; entries: "
-                             f"{sorted(tops)})")
+            raise ValueError(
+                f"{path}: not a VA-VAE run checkpoint (no 'autoencoder.model' entry; entries: {sorted(tops)})"
+            )
         ae_sd = _read_dcp_entry(dcp_dir, "autoencoder.model")
         disc_sd = _read_dcp_entry(dcp_dir, "discriminator.model") if "discriminator.model" in tops else {}
         parts = split_vavae_state_dict(ae_sd, source=str(path))
         parts.discriminator = dict(disc_sd)
     else:
-        sd = load_checkpoint_state(path, which="model")   # {"state_dict": sd} / {"model": sd} / bare
+        sd = load_checkpoint_state(path, which="model")  # {"state_dict": sd} / {"model": sd} / bare
         parts = split_vavae_state_dict(sd, source=str(path))
     if not parts.autoencoder:
-        raise ValueError(f"{path}: no autoencoder weights (encoder.*/decoder.*/quant_conv.*/post_quant_conv.*) "
-                         f"found; {parts.describe()}")
+        raise ValueError(
+            f"{path}: no autoencoder weights (encoder.*/decoder.*/quant_conv.*/post_quant_conv.*) "
+            f"found; {parts.describe()}"
+        )
     return parts
 
 
-def load_vavae_weights(model: AutoencoderKL, source: Union[str, Path, VAVAEStateParts], *,
-                       load_proj: bool = True, allowed_other: Sequence[str] = ("loss.logvar",)) -> VAVAEStateParts:
+def load_vavae_weights(
+    model: AutoencoderKL,
+    source: Union[str, Path, VAVAEStateParts],
+    *,
+    load_proj: bool = True,
+    allowed_other: Sequence[str] = ("loss.logvar",),
+) -> VAVAEStateParts:
     """Load the autoencoder strictly (every AutoencoderKL key, nothing else) and, for a ``VAVAE`` with a
     projection and ``load_proj``, ``linear_proj`` strictly too (an error if the checkpoint has none or its
     shape differs). Keys outside the known prefixes other than ``allowed_other`` are an error.
@@ -461,25 +556,31 @@ def load_vavae_weights(model: AutoencoderKL, source: Union[str, Path, VAVAEState
     target = {k: v for k, v in model.state_dict().items() if k.startswith(AE_PREFIXES)}
     missing = sorted(set(target) - set(parts.autoencoder))
     unexpected = sorted(set(parts.autoencoder) - set(target))
-    shapes = [f"{k}: model {list(target[k].shape)} vs checkpoint {list(v.shape)}" for k, v in parts.autoencoder.items()
-              if k in target and tuple(target[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: model {list(target[k].shape)} vs checkpoint {list(v.shape)}"
+        for k, v in parts.autoencoder.items()
+        if k in target and tuple(target[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
-        raise ValueError(f"{parts.source}: autoencoder weights do not match the model "
-                         f"(missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-                         f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
-                         f"mis-shaped {shapes[:10]})")
+        raise ValueError(
+            f"{parts.source}: autoencoder weights do not match the model "
+            f"(missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, "
+            f"mis-shaped {shapes[:10]})"
+        )
     sd = dict(parts.autoencoder)
     has_proj = isinstance(model, VAVAE) and model.vf_dim is not None
     if has_proj and load_proj:
         want = model.linear_proj.weight.shape
         got = parts.linear_proj.get("weight")
         if got is None or set(parts.linear_proj) != {"weight"}:
-            raise ValueError(f"{parts.source}: no VF projection 'linear_proj.weight' {list(want)} in the checkpoint "
-                             f"(found {sorted(parts.linear_proj)}); set the projection's init off to train it "
-                             f"from scratch")
+            raise ValueError(
+                f"{parts.source}: no VF projection 'linear_proj.weight' {list(want)} in the checkpoint "
+                f"(found {sorted(parts.linear_proj)}); set the projection's init off to train it "
+                f"from scratch"
+            )
         if tuple(got.shape) != tuple(want):
-            raise ValueError(f"{parts.source}: linear_proj.weight: model {list(want)} vs checkpoint "
-                             f"{list(got.shape)}")
+            raise ValueError(f"{parts.source}: linear_proj.weight: model {list(want)} vs checkpoint {list(got.shape)}")
         sd["linear_proj.weight"] = got
     strict = not has_proj or load_proj
     _load_state(model, sd, strict=strict, source=parts.source)
@@ -488,9 +589,11 @@ def load_vavae_weights(model: AutoencoderKL, source: Union[str, Path, VAVAEState
 
 def _load_state(model: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
     from models.loading import _is_dtensor
+
     model_sd = model.state_dict()
     if any(_is_dtensor(v) for v in model_sd.values()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
         set_model_state_dict(model, dict(sd), options=StateDictOptions(full_state_dict=True, strict=strict))
         return
     result = model.load_state_dict(dict(sd), strict=strict)
@@ -533,7 +636,8 @@ def _build_tokenizer_class():
             arch = f16d32_config()
             if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / ".metadata").is_file():
                 from core.checkpoint import resolve_checkpoint_dir
-                checkpoint = str(resolve_checkpoint_dir(checkpoint))     # a run dir -> its newest checkpoint
+
+                checkpoint = str(resolve_checkpoint_dir(checkpoint))  # a run dir -> its newest checkpoint
             if checkpoint and Path(checkpoint).is_dir():
                 found = _run_model_config(Path(checkpoint))
                 if found:
@@ -546,18 +650,23 @@ def _build_tokenizer_class():
             if checkpoint:
                 load_vavae_weights(self.model, checkpoint)
             elif not random_init:
-                raise ValueError("tokenizer 'vavae': give checkpoint=<released .pt/.ckpt or our run's checkpoint "
-                                 "directory> (or random_init=True for an untrained test model)")
+                raise ValueError(
+                    "tokenizer 'vavae': give checkpoint=<released .pt/.ckpt or our run's checkpoint "
+                    "directory> (or random_init=True for an untrained test model)"
+                )
             self.model.requires_grad_(False)
             self.downsample = self.model.downsample_factor
             self.channels = self.model.embed_dim
 
         @torch.no_grad()
-        def encode(self, images: torch.Tensor, sample: bool = False,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        def encode(
+            self, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None
+        ) -> torch.Tensor:
             if images.dim() != 4 or images.shape[1] != self.model.ddconfig["in_channels"]:
-                raise ValueError(f"VA-VAE encode expects images (B, {self.model.ddconfig['in_channels']}, H, W), "
-                                 f"got {tuple(images.shape)}")
+                raise ValueError(
+                    f"VA-VAE encode expects images (B, {self.model.ddconfig['in_channels']}, H, W), "
+                    f"got {tuple(images.shape)}"
+                )
             posterior = self.model.encode(images)
             z = posterior.sample(generator) if sample else posterior.mode()
             return z.float()
@@ -565,8 +674,9 @@ def _build_tokenizer_class():
         @torch.no_grad()
         def decode(self, latents: torch.Tensor) -> torch.Tensor:
             if latents.dim() != 4 or latents.shape[1] != self.channels:
-                raise ValueError(f"VA-VAE decode expects latents (B, {self.channels}, h, w), "
-                                 f"got {tuple(latents.shape)}")
+                raise ValueError(
+                    f"VA-VAE decode expects latents (B, {self.channels}, h, w), got {tuple(latents.shape)}"
+                )
             return self.model.decode(latents).float()
 
     return VAVAETokenizer

@@ -15,6 +15,7 @@ test session by scripts/slurm/start_local_slurm.sh and stopped at the end. It ne
 (installed on first use). Where that is not possible the tests that use it are skipped with the reason, except
 under ``CI=true``, where they fail: CI must run them.
 """
+
 from __future__ import annotations
 
 import gc
@@ -32,9 +33,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 SLURM_SCRIPTS = REPO / "scripts" / "slurm"
-NODES = 4       # enough for the Slurm tests' jobs to run side by side, one job per node (test_slurm.py)
+NODES = 4  # enough for the Slurm tests' jobs to run side by side, one job per node (test_slurm.py)
 
-for _path in (TESTS / "integration", TESTS / "unit", TESTS, REPO):       # REPO ends up first
+for _path in (TESTS / "integration", TESTS / "unit", TESTS, REPO):  # REPO ends up first
     if str(_path) in sys.path:
         sys.path.remove(str(_path))
     sys.path.insert(0, str(_path))
@@ -68,7 +69,7 @@ def one_thread():
 @dataclass(frozen=True)
 class LocalSlurm:
     state_dir: Path
-    conf: Path                 # exported as SLURM_CONF for the session
+    conf: Path  # exported as SLURM_CONF for the session
     nodes: tuple[str, ...]
     startup_s: float
 
@@ -108,8 +109,13 @@ def local_slurm(tmp_path_factory) -> LocalSlurm:
     env.pop("SLURM_CONF", None)
     t0 = time.time()
     try:
-        res = subprocess.run([str(SLURM_SCRIPTS / "start_local_slurm.sh"), "--nodes", str(NODES), "--accounting",
-                              str(state)], capture_output=True, text=True, timeout=900, env=env)
+        res = subprocess.run(
+            [str(SLURM_SCRIPTS / "start_local_slurm.sh"), "--nodes", str(NODES), "--accounting", str(state)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         unavailable("start_local_slurm.sh did not finish in 15 minutes")
     startup = time.time() - t0
@@ -119,8 +125,10 @@ def local_slurm(tmp_path_factory) -> LocalSlurm:
     conf = state / "etc" / "slurm.conf"
     if (state / "etc" / "node_shm").read_text().strip() != "private":
         subprocess.run([str(SLURM_SCRIPTS / "stop_local_slurm.sh"), str(state)], capture_output=True, timeout=120)
-        unavailable("the fake nodes cannot get a private /dev/shm (`unshare -m` needs CAP_SYS_ADMIN); the Slurm "
-                    "tests run several streaming jobs and a 2-node job on one machine, which needs it")
+        unavailable(
+            "the fake nodes cannot get a private /dev/shm (`unshare -m` needs CAP_SYS_ADMIN); the Slurm "
+            "tests run several streaming jobs and a 2-node job on one machine, which needs it"
+        )
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     print(f"\nlocal Slurm up in {startup:.1f} s (ports {base}+, {state})", file=sys.stderr)

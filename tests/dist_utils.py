@@ -16,6 +16,7 @@ and torch.compile's caches and counters. A call whose ``fn`` destroys the defaul
 tears down) retires its gang; a failed call kills it; the next call starts a new one. ``fresh=True`` (or
 ``LLAT_TEST_FRESH_RANKS=1`` for every call) runs ``fn`` in new processes that tear the group down afterwards.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -37,16 +38,33 @@ import torch.multiprocessing as mp
 _SCRUB = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
 
 
-def _worker(local_rank: int, fn: Callable, world_size: int, port: int, args: Sequence[Any],
-            result_dir: str, env: dict[str, str], timeout_s: float) -> None:
+def _worker(
+    local_rank: int,
+    fn: Callable,
+    world_size: int,
+    port: int,
+    args: Sequence[Any],
+    result_dir: str,
+    env: dict[str, str],
+    timeout_s: float,
+) -> None:
     for key in _SCRUB:
         os.environ.pop(key, None)
     os.environ.update(env)
-    os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     torch.set_num_threads(1)
     from core.distributed import init_distributed, teardown
+
     dist = init_distributed(timeout=timedelta(seconds=timeout_s))
     try:
         result = fn(dist, *args)
@@ -61,18 +79,29 @@ def _worker(local_rank: int, fn: Callable, world_size: int, port: int, args: Seq
     torch.save(result, os.path.join(result_dir, f"result{local_rank}.pt"))
 
 
-def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
-                    env: Optional[dict[str, str]] = None, timeout_s: float = 120.0, fresh: bool = False) -> list[Any]:
+def run_distributed(
+    fn: Callable,
+    world_size: int = 2,
+    args: Sequence[Any] = (),
+    env: Optional[dict[str, str]] = None,
+    timeout_s: float = 120.0,
+    fresh: bool = False,
+) -> list[Any]:
     """Run ``fn(dist, *args)`` on ``world_size`` gloo ranks; return the per-rank results (rank order).
 
     ``timeout_s``: the process group's timeout (a collective that waits longer fails). The shared ranks' group has
     ``GANG_TIMEOUT_S``; a call that asks for more, or ``fresh=True``, gets new processes."""
     from core.distributed import free_port
+
     with tempfile.TemporaryDirectory(prefix="dist_results_") as result_dir:
         if fresh or timeout_s > GANG_TIMEOUT_S or os.environ.get("LLAT_TEST_FRESH_RANKS", "") not in ("", "0"):
-            mp.start_processes(_worker, args=(fn, world_size, free_port(), tuple(args), result_dir,
-                                              dict(env or {}), timeout_s),
-                               nprocs=world_size, join=True, start_method="spawn")
+            mp.start_processes(
+                _worker,
+                args=(fn, world_size, free_port(), tuple(args), result_dir, dict(env or {}), timeout_s),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
         else:
             gang = _GANGS.get(world_size)
             if gang is None:
@@ -82,7 +111,7 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence[Any] = (),
 
 
 # ------------------------------------------------------------------------------------------- shared ranks
-GANG_TIMEOUT_S = 300.0          # the process group timeout of the shared ranks (the longest any test asks for)
+GANG_TIMEOUT_S = 300.0  # the process group timeout of the shared ranks (the longest any test asks for)
 _GANGS: dict[int, _Gang] = {}
 
 
@@ -91,14 +120,18 @@ class _Gang:
 
     def __init__(self, world_size: int):
         from core.distributed import free_port
+
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.conns, self.procs = [], []
         port = free_port()
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_gang_worker, args=(rank, world_size, port, child, GANG_TIMEOUT_S),
-                               name=f"test-rank{rank}of{world_size}")
+            proc = ctx.Process(
+                target=_gang_worker,
+                args=(rank, world_size, port, child, GANG_TIMEOUT_S),
+                name=f"test-rank{rank}of{world_size}",
+            )
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -124,12 +157,14 @@ class _Gang:
                         replies[r] = ("error", f"rank {r} exited (code {self.procs[r].exitcode}) during the call")
                     if replies.get(r, ("ok",))[0] == "error":
                         raise mp.ProcessRaisedException(
-                            f"\n\n-- Process {r} terminated with the following error:\n{replies[r][1]}", r,
-                            self.procs[r].pid)
+                            f"\n\n-- Process {r} terminated with the following error:\n{replies[r][1]}",
+                            r,
+                            self.procs[r].pid,
+                        )
         except BaseException:
             self.kill()
             raise
-        if not all(alive for _, alive in replies.values()):      # fn destroyed the default group
+        if not all(alive for _, alive in replies.values()):  # fn destroyed the default group
             self.close()
 
     def _forget(self) -> None:
@@ -182,8 +217,9 @@ def _fresh_state(seed: int, env: dict[str, str], cwd: str) -> None:
 
 
 def _logging_state() -> list[tuple]:
-    loggers = [logging.root] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                if isinstance(lg, logging.Logger)]
+    loggers = [logging.root] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     return [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
 
 
@@ -197,13 +233,22 @@ def _restore_logging(state: list[tuple]) -> None:
 def _gang_worker(rank: int, world_size: int, port: int, conn, timeout_s: float) -> None:
     for key in _SCRUB:
         os.environ.pop(key, None)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
     from core.distributed import init_distributed
+
     init_distributed(timeout=timedelta(seconds=timeout_s))
     seed, env, cwd, logs = torch.initial_seed(), dict(os.environ), os.getcwd(), _logging_state()
     while True:
@@ -213,6 +258,7 @@ def _gang_worker(rank: int, world_size: int, port: int, conn, timeout_s: float) 
             break
         if message == b"stop":
             from core.distributed import teardown
+
             teardown()
             break
         try:

@@ -23,6 +23,7 @@ tokenizer (both flips) and DINOv2 per image.
 MFU = img/s * FLOP/img / ``core.metrics.peak_flops`` (vendor dense bf16 peak, for every precision row).
 Weights are random (``features.random_init``; the tokenizer as its kwargs say): speed does not depend on them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,42 +39,76 @@ from data.tokenizers import available_tokenizers, build_tokenizer
 
 TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 # configs/tiny_vavae.yaml's autoencoder (random weights): 32 px images -> 4 x 16 x 16 latents.
-TINY_VAVAE = {"random_init": True, "embed_dim": 4, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": [16], "z_channels": 4, "resolution": 32}
+TINY_VAVAE = {
+    "random_init": True,
+    "embed_dim": 4,
+    "ch": 32,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [16],
+    "z_channels": 4,
+    "resolution": 32,
+}
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="vavae", help=f"data.tokenizers kind ({', '.join(available_tokenizers())})")
-    p.add_argument("--tokenizer-kwargs", default=json.dumps(TINY_VAVAE),
-                   help="JSON keyword arguments for build_tokenizer (default: a tiny random VA-VAE; "
-                        "'{\"random_init\": true}' = f16d32 with random weights; '{\"checkpoint\": PATH}' = released)")
-    p.add_argument("--no-sample", action="store_true", help="encode to the posterior mean (default: a sample, "
-                   "as the official extraction)")
+    p.add_argument(
+        "--tokenizer-kwargs",
+        default=json.dumps(TINY_VAVAE),
+        help="JSON keyword arguments for build_tokenizer (default: a tiny random VA-VAE; "
+        "'{\"random_init\": true}' = f16d32 with random weights; '{\"checkpoint\": PATH}' = released)",
+    )
+    p.add_argument(
+        "--no-sample",
+        action="store_true",
+        help="encode to the posterior mean (default: a sample, as the official extraction)",
+    )
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--no-features", action="store_true", help="tokenizer only (no DINOv2 features)")
-    p.add_argument("--features-model", default="vit_small_patch14_dinov2",
-                   help="timm name (default: a tiny random ViT; the real one is vit_large_patch14_dinov2.lvd142m)")
-    p.add_argument("--features-model-kwargs", default=json.dumps(TINY_VIT),
-                   help="JSON timm.create_model kwargs (default: the tiny test ViT; pass '{}' for the real size)")
+    p.add_argument(
+        "--features-model",
+        default="vit_small_patch14_dinov2",
+        help="timm name (default: a tiny random ViT; the real one is vit_large_patch14_dinov2.lvd142m)",
+    )
+    p.add_argument(
+        "--features-model-kwargs",
+        default=json.dumps(TINY_VIT),
+        help="JSON timm.create_model kwargs (default: the tiny test ViT; pass '{}' for the real size)",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[4], help="source images per batch")
-    p.add_argument("--precision", nargs="+", default=None, choices=PRECISIONS,
-                   help="fp32 (TF32 off), tf32 (the job's setting on CUDA), bf16 (autocast); default: fp32 on CPU, "
-                        "tf32 and bf16 on CUDA")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=None,
+        choices=PRECISIONS,
+        help="fp32 (TF32 off), tf32 (the job's setting on CUDA), bf16 (autocast); default: fp32 on CPU, "
+        "tf32 and bf16 on CUDA",
+    )
     p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"])
     p.add_argument("--compile-backend", default=None, help="default: inductor on CUDA, aot_eager on CPU")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--pipeline", type=int, default=0, metavar="N",
-                   help="also run the real extraction job on N synthetic images (0 = off)")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the real extraction job on N synthetic images (0 = off)",
+    )
     p.add_argument("--pipeline-folder", default=None, help="run the job on this ImageNet-style folder instead")
     p.add_argument("--num-workers", type=int, default=0, help="pipeline: DataLoader workers")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default on CPU: 1; tiny models are dominated by per-op overhead and "
-                        "extra threads only add synchronisation, badly so on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default on CPU: 1; tiny models are dominated by per-op overhead and "
+        "extra threads only add synchronisation, badly so on a shared machine)",
+    )
     return p.parse_args(argv)
 
 
@@ -105,6 +140,7 @@ def count_flops(step: ExtractStep, x: torch.Tensor) -> tuple[float, float]:
     """(tokenizer FLOPs, DINOv2 FLOPs) per source image, counted with FlopCounterMode over one eager batch."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     n = x.shape[0]
     # The math SDPA backend decomposes attention into matmuls, which FlopCounterMode counts on every device
     # (it has no formula for some fused kernels, e.g. the CPU flash kernel).
@@ -145,11 +181,19 @@ def bench_network(step, mode, precision, batch, device, args, backend, flops) ->
     tok, feat = flops
     img_s = batch * args.repeats / elapsed
     peak = peak_flops(device)
-    return {"what": "network", "mode": mode, "precision": precision, "batch": batch, "img/s": img_s,
-            "ms/batch": 1000 * elapsed / args.repeats, "tok GFLOP/img": tok / 1e9, "dino GFLOP/img": feat / 1e9,
-            "MFU": img_s * (tok + feat) / peak if peak else float("nan"),
-            "peak mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
-            "vs network": float("nan")}
+    return {
+        "what": "network",
+        "mode": mode,
+        "precision": precision,
+        "batch": batch,
+        "img/s": img_s,
+        "ms/batch": 1000 * elapsed / args.repeats,
+        "tok GFLOP/img": tok / 1e9,
+        "dino GFLOP/img": feat / 1e9,
+        "MFU": img_s * (tok + feat) / peak if peak else float("nan"),
+        "peak mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+        "vs network": float("nan"),
+    }
 
 
 def bench_pipeline(args, batch, device, features_cfg, flops, network_rows) -> dict:
@@ -158,24 +202,43 @@ def bench_pipeline(args, batch, device, features_cfg, flops, network_rows) -> di
         if args.pipeline_folder:
             source = SourceConfig(kind="folder", path=args.pipeline_folder, image_size=args.image_size)
         else:
-            source = SourceConfig(kind="synthetic", num_samples=args.pipeline, image_size=args.image_size,
-                                  num_classes=10, seed=args.seed)
-        cfg = ExtractConfig(out_dir=tmp, source=source,
-                            tokenizer=TokenizerConfig(kind=args.tokenizer, sample=not args.no_sample,
-                                                      kwargs=json.loads(args.tokenizer_kwargs)),
-                            features=features_cfg, batch_size=batch, num_workers=args.num_workers,
-                            chunk_size=max(1000, batch), device=device.type, seed=args.seed,
-                            tf32=True, progress_bar=False)
+            source = SourceConfig(
+                kind="synthetic", num_samples=args.pipeline, image_size=args.image_size, num_classes=10, seed=args.seed
+            )
+        cfg = ExtractConfig(
+            out_dir=tmp,
+            source=source,
+            tokenizer=TokenizerConfig(
+                kind=args.tokenizer, sample=not args.no_sample, kwargs=json.loads(args.tokenizer_kwargs)
+            ),
+            features=features_cfg,
+            batch_size=batch,
+            num_workers=args.num_workers,
+            chunk_size=max(1000, batch),
+            device=device.type,
+            seed=args.seed,
+            tf32=True,
+            progress_bar=False,
+        )
         result = extract(cfg)
     precision = "tf32" if device.type == "cuda" else "fp32"
     img_s = result.num_samples / result.elapsed_s
     ref = [r for r in network_rows if r["mode"] == "eager" and r["precision"] == precision and r["batch"] == batch]
     tok, feat = flops
     peak = peak_flops(device)
-    return {"what": "pipeline", "mode": "eager", "precision": precision, "batch": batch, "img/s": img_s,
-            "ms/batch": 1000 * batch / img_s, "tok GFLOP/img": tok / 1e9, "dino GFLOP/img": feat / 1e9,
-            "MFU": img_s * (tok + feat) / peak if peak else float("nan"), "peak mem GiB": float("nan"),
-            "vs network": img_s / ref[0]["img/s"] if ref else float("nan")}
+    return {
+        "what": "pipeline",
+        "mode": "eager",
+        "precision": precision,
+        "batch": batch,
+        "img/s": img_s,
+        "ms/batch": 1000 * batch / img_s,
+        "tok GFLOP/img": tok / 1e9,
+        "dino GFLOP/img": feat / 1e9,
+        "MFU": img_s * (tok + feat) / peak if peak else float("nan"),
+        "peak mem GiB": float("nan"),
+        "vs network": img_s / ref[0]["img/s"] if ref else float("nan"),
+    }
 
 
 def main(argv=None) -> int:
@@ -192,8 +255,12 @@ def _run(args, device: torch.device) -> int:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(args.tokenizer, **json.loads(args.tokenizer_kwargs)).to(device).eval()
     latent_shape = tokenizer.latent_shape(args.image_size)
-    features_cfg = FeaturesConfig(enabled=not args.no_features, model=args.features_model, random_init=True,
-                                  model_kwargs=json.loads(args.features_model_kwargs))
+    features_cfg = FeaturesConfig(
+        enabled=not args.no_features,
+        model=args.features_model,
+        random_init=True,
+        model_kwargs=json.loads(args.features_model_kwargs),
+    )
     features = build_features(features_cfg, latent_shape[1:]).to(device) if features_cfg.enabled else None
     step = ExtractStep(tokenizer, features, sample=not args.no_sample).eval()
     rows = []
@@ -207,9 +274,11 @@ def _run(args, device: torch.device) -> int:
             rows.append(bench_pipeline(args, b, device, features_cfg, flops, rows))
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     feat = f"{args.features_model} {args.features_model_kwargs}" if features is not None else "none"
-    print(f"tokenizer {args.tokenizer} {args.tokenizer_kwargs} (latent {tuple(latent_shape)}), features {feat}, "
-          f"image {args.image_size}px, device {dev_name}, torch {torch.__version__}, compile backend {backend}; "
-          f"{args.repeats} timed batch(es) after {args.warmup} warm-up")
+    print(
+        f"tokenizer {args.tokenizer} {args.tokenizer_kwargs} (latent {tuple(latent_shape)}), features {feat}, "
+        f"image {args.image_size}px, device {dev_name}, torch {torch.__version__}, compile backend {backend}; "
+        f"{args.repeats} timed batch(es) after {args.warmup} warm-up"
+    )
     print(format_table(rows))
     return 0
 

@@ -27,6 +27,7 @@ row also passes when it is no further from eager bf16 than eager bf16 is from ea
 bf16 vs fp32`` when both precisions were run); the exit status is 1 if any check fails. ``--checkpoint`` loads
 trained (EMA) weights instead of random ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,62 +43,89 @@ from models.fast_sampling import FastEulerSampler, forward_images, nfe
 from models.lightningdit import ModelConfig, build_model
 from models.sampling import Sampler
 
-TINY = ModelConfig(type="custom", hidden_size=64, depth=2, num_heads=4, patch_size=2, in_channels=4,
-                   input_size=16, num_classes=10)
+TINY = ModelConfig(
+    type="custom", hidden_size=64, depth=2, num_heads=4, patch_size=2, in_channels=4, input_size=16, num_classes=10
+)
 MODES = ("eager", "compiled", "graphs", "compiled+graphs", "reduce-overhead")
 CUDA_ONLY = ("graphs", "compiled+graphs", "reduce-overhead")
-TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}        # relative L2 difference of the final samples
+TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}  # relative L2 difference of the final samples
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny", help="'tiny' or a registry name such as LightningDiT-XL/1")
-    p.add_argument("--config", default=None, help="YAML config whose sampling: section is used (default: the "
-                   "schema defaults = the paper's 800-epoch settings)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config whose sampling: section is used (default: the "
+        "schema defaults = the paper's 800-epoch settings)",
+    )
     p.add_argument("--num-steps", type=int, default=None, help="grid points (250 = 249 Euler steps)")
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--cfg-interval-start", type=float, default=None)
     p.add_argument("--timestep-shift", type=float, default=None)
     p.add_argument("--guidance-mode", default=None, choices=["official", "all"])
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="images per sample call")
-    p.add_argument("--modes", nargs="+", default=None, choices=MODES,
-                   help="default: eager compiled (+ graphs compiled+graphs on CUDA)")
-    p.add_argument("--precision", nargs="+", default=None, choices=["bf16", "fp32"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile-backend", default=None,
-                   help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU to keep the smoke "
-                        "run in seconds)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=MODES,
+        help="default: eager compiled (+ graphs compiled+graphs on CUDA)",
+    )
+    p.add_argument(
+        "--precision", nargs="+", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU to keep the smoke run in seconds)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed sample calls first (compile/capture)")
     p.add_argument("--repeats", type=int, default=1, help="timed sample calls")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--checkpoint", default=None,
-                   help="load these weights (EMA; models.loading.load_into_model) instead of random ones: speed is the "
-                        "same, the numerics check is then on a trained model's trajectories")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="load these weights (EMA; models.loading.load_into_model) instead of random ones: speed is the "
+        "same, the numerics check is then on a trained model's trajectories",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default on CPU: 1; tiny models are dominated by per-op overhead and "
-                        "extra threads only add synchronisation, badly so on a shared machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default on CPU: 1; tiny models are dominated by per-op overhead and "
+        "extra threads only add synchronisation, badly so on a shared machine)",
+    )
     return p.parse_args(argv)
 
 
 def sampling_config(args) -> SamplingConfig:
     cfg = load_config(args.config).sampling if args.config else SamplingConfig()
-    pairs = {"num_steps": args.num_steps, "cfg_scale": args.cfg_scale, "cfg_interval_start": args.cfg_interval_start,
-             "timestep_shift": args.timestep_shift, "guidance_mode": args.guidance_mode}
+    pairs = {
+        "num_steps": args.num_steps,
+        "cfg_scale": args.cfg_scale,
+        "cfg_interval_start": args.cfg_interval_start,
+        "timestep_shift": args.timestep_shift,
+        "guidance_mode": args.guidance_mode,
+    }
     cfg = replace(cfg, **{k: v for k, v in pairs.items() if v is not None})
     if cfg.method != "euler":
         raise SystemExit(f"bench_sample measures the Euler sampler; the config says method={cfg.method!r}")
     return cfg
 
 
-def build_random_model(model_cfg: ModelConfig, device: torch.device, seed: int,
-                       checkpoint: str | None = None) -> torch.nn.Module:
+def build_random_model(
+    model_cfg: ModelConfig, device: torch.device, seed: int, checkpoint: str | None = None
+) -> torch.nn.Module:
     """The model with random weights, including the zero-initialised adaLN / final layers (so the velocity is
     not identically zero and the sample comparison means something), or the EMA weights of ``checkpoint``."""
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     if checkpoint:
         from models.loading import load_into_model
+
         load_into_model(model, checkpoint, which="ema")
     else:
         with torch.no_grad():
@@ -122,18 +150,25 @@ def make_sampler_fn(mode: str, sampler: Sampler, model, precision: str, device: 
     """A callable (z, y) -> samples for one benchmark mode."""
     dtype = torch.bfloat16 if precision == "bf16" else None
     if mode == "eager":
+
         def run(z, y):
             if dtype is None:
                 return sampler.sample(model, z, y)
             with torch.autocast(device_type=device.type, dtype=dtype):
                 return sampler.sample(model, z, y)
+
         return run
     if mode in CUDA_ONLY and device.type != "cuda":
         raise ValueError(f"mode {mode!r} needs CUDA")
-    fast = FastEulerSampler(sampler, model, compile=mode in ("compiled", "compiled+graphs", "reduce-overhead"),
-                            compile_mode="reduce-overhead" if mode == "reduce-overhead" else None,
-                            compile_backend=backend, cuda_graphs=mode in ("graphs", "compiled+graphs"),
-                            autocast_dtype=dtype)
+    fast = FastEulerSampler(
+        sampler,
+        model,
+        compile=mode in ("compiled", "compiled+graphs", "reduce-overhead"),
+        compile_mode="reduce-overhead" if mode == "reduce-overhead" else None,
+        compile_backend=backend,
+        cuda_graphs=mode in ("graphs", "compiled+graphs"),
+        autocast_dtype=dtype,
+    )
     return fast.sample
 
 
@@ -159,23 +194,31 @@ def bench_one(mode, precision, batch, model, sampler, device, args, backend, flo
     n_calls, n_fwd, flop = flops
     img_s = batch * args.repeats / elapsed
     peak = peak_flops(device)
-    row = {"mode": mode, "precision": precision, "batch": batch, "img/s": img_s,
-           "s/batch": elapsed / args.repeats, "NFE/img": n_calls, "fwd/img": n_fwd, "GFLOP/img": flop / 1e9,
-           "MFU": (img_s * flop / peak) if peak else float("nan"),
-           "peak mem GiB": (torch.cuda.max_memory_allocated(device) / 2**30) if cuda else float("nan")}
+    row = {
+        "mode": mode,
+        "precision": precision,
+        "batch": batch,
+        "img/s": img_s,
+        "s/batch": elapsed / args.repeats,
+        "NFE/img": n_calls,
+        "fwd/img": n_fwd,
+        "GFLOP/img": flop / 1e9,
+        "MFU": (img_s * flop / peak) if peak else float("nan"),
+        "peak mem GiB": (torch.cuda.max_memory_allocated(device) / 2**30) if cuda else float("nan"),
+    }
     key = (precision, batch)
     out = out.float()
     if mode == "eager":
         refs[key] = out
     ref = refs.get(key)
-    if ref is None:                      # eager not among the modes: compute the reference untimed
+    if ref is None:  # eager not among the modes: compute the reference untimed
         ref = make_sampler_fn("eager", sampler, model, precision, device, backend)(z, y).float()
         refs[key] = ref
-    diff = (out - ref)
+    diff = out - ref
     rel = (diff.norm() / ref.norm().clamp_min(1e-12)).item()
     row["max diff"] = diff.abs().max().item()
     row["rel diff"] = rel
-    row["ok"] = "yes" if rel <= TOLERANCE[precision] else "NO"      # revisited in _run with the bf16 floor
+    row["ok"] = "yes" if rel <= TOLERANCE[precision] else "NO"  # revisited in _run with the bf16 floor
     return row
 
 
@@ -198,7 +241,7 @@ def _run(args, device: torch.device) -> int:
     cuda = device.type == "cuda"
     precisions = args.precision or (["bf16"] if cuda else ["fp32"])
     modes = args.modes or (["eager", "compiled", "graphs", "compiled+graphs"] if cuda else ["eager", "compiled"])
-    modes = sorted(modes, key=lambda m: m != "eager")           # eager first: it is the reference
+    modes = sorted(modes, key=lambda m: m != "eager")  # eager first: it is the reference
     backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
     scfg = sampling_config(args)
     model_cfg = TINY if args.model == "tiny" else replace(ModelConfig(), type=args.model)
@@ -206,14 +249,20 @@ def _run(args, device: torch.device) -> int:
     sampler = Sampler.from_config(scfg, null_class=model_cfg.num_classes)
     flops = sampling_flops_per_image(model, sampler)
     refs: dict = {}
-    rows = [bench_one(m, p, b, model, sampler, device, args, backend, flops, refs)
-            for b in args.batch for p in precisions for m in modes]
+    rows = [
+        bench_one(m, p, b, model, sampler, device, args, backend, flops, refs)
+        for b in args.batch
+        for p in precisions
+        for m in modes
+    ]
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"model {args.model}, device {dev_name}, torch {torch.__version__}, compile backend {backend}; "
-          f"sampler euler, {scfg.num_steps} grid points, cfg {scfg.cfg_scale} ({scfg.guidance_mode}) for "
-          f"t >= {scfg.cfg_interval_start}, shift {scfg.timestep_shift}; {args.repeats} timed call(s) after "
-          f"{args.warmup} warm-up")
-    for r in rows:        # bf16: also within tolerance if no further from eager bf16 than bf16 is from fp32
+    print(
+        f"model {args.model}, device {dev_name}, torch {torch.__version__}, compile backend {backend}; "
+        f"sampler euler, {scfg.num_steps} grid points, cfg {scfg.cfg_scale} ({scfg.guidance_mode}) for "
+        f"t >= {scfg.cfg_interval_start}, shift {scfg.timestep_shift}; {args.repeats} timed call(s) after "
+        f"{args.warmup} warm-up"
+    )
+    for r in rows:  # bf16: also within tolerance if no further from eager bf16 than bf16 is from fp32
         floor = bf16_floor(refs, r["batch"])
         if r["precision"] == "bf16" and r["ok"] != "yes" and floor is not None and r["rel diff"] <= floor:
             r["ok"] = "yes"

@@ -20,6 +20,7 @@ From Python (e.g. the GPU report): ``check_host_sync(out_dir, steps=8, overrides
 ``ok``, ``host_reads`` (op, device) and ``error`` (the sync-debug error, if any); it initialises a single-rank
 process group when none exists (and tears it down again).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ CONFIG = str(REPO / "configs/tiny_dit.yaml")
 def write_toy_latents(out: Path, n: int = 64) -> Path:
     """``n`` class-dependent 3x16x16 'latents' with their flips as MDS shards at ``out`` (the tiny DiT's input)."""
     from data.streaming import write_latent_dataset
+
     if (out / "index.json").exists():
         return out
     rng = np.random.default_rng(0)
@@ -55,9 +57,15 @@ def write_toy_latents(out: Path, n: int = 64) -> Path:
     return out
 
 
-def check_host_sync(out_dir: str | Path, steps: int = 8, log_every: Optional[int] = None,
-                    overrides: Sequence[str] = (), config: str = CONFIG, warmup: int = 1,
-                    count_ops: bool = True) -> dict[str, Any]:
+def check_host_sync(
+    out_dir: str | Path,
+    steps: int = 8,
+    log_every: Optional[int] = None,
+    overrides: Sequence[str] = (),
+    config: str = CONFIG,
+    warmup: int = 1,
+    count_ops: bool = True,
+) -> dict[str, Any]:
     """Train ``steps`` steps with the step guard on from step ``warmup`` (0-based; the first steps initialise
     lazily: FSDP2's lazy init, compilation); see the module docstring. ``log_every`` defaults to ``steps`` (one log
     step, at the end). ``count_ops=False``: sync-debug mode only (no dispatch mode, e.g. under ``engine.compile``)."""
@@ -83,24 +91,42 @@ def check_host_sync(out_dir: str | Path, steps: int = 8, log_every: Optional[int
         if trainer is None or trainer.step < warmup:
             yield
             return
-        with cuda_sync_debug("error") if cuda else contextlib.nullcontext(), \
-                counter if count_ops else contextlib.nullcontext():
+        with (
+            cuda_sync_debug("error") if cuda else contextlib.nullcontext(),
+            counter if count_ops else contextlib.nullcontext(),
+        ):
             yield
 
-    result: dict[str, Any] = {"device": str(dist.device), "steps": steps, "warmup": warmup,
-                              "overrides": list(overrides)}
+    result: dict[str, Any] = {
+        "device": str(dist.device),
+        "steps": steps,
+        "warmup": warmup,
+        "overrides": list(overrides),
+    }
     try:
-        cfg = validate(load_config(config, [f"data.path={data}", f"run_dir={run_dir}", "wandb.mode=disabled",
-                                            "checkpoint.resume=false", "checkpoint.every_steps=1000000",
-                                            "optimizer.fused=true", f"train.max_steps={steps}",
-                                            f"train.log_every={log_every or steps}", *overrides]),
-                       world_size=dist.world_size)
+        cfg = validate(
+            load_config(
+                config,
+                [
+                    f"data.path={data}",
+                    f"run_dir={run_dir}",
+                    "wandb.mode=disabled",
+                    "checkpoint.resume=false",
+                    "checkpoint.every_steps=1000000",
+                    "optimizer.fused=true",
+                    f"train.max_steps={steps}",
+                    f"train.log_every={log_every or steps}",
+                    *overrides,
+                ],
+            ),
+            world_size=dist.world_size,
+        )
         trainer = Trainer(cfg, dist, build_task(cfg, dist))
         trainer.step_guard = guard
         try:
             trainer.train()
             result["error"] = None
-        except RuntimeError as e:            # the sync-debug error of a synchronizing call
+        except RuntimeError as e:  # the sync-debug error of a synchronizing call
             result["error"] = f"{type(e).__name__}: {e}"
         finally:
             result["trained_steps"] = trainer.step
@@ -123,8 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-op-counter", action="store_true", help="sync-debug mode only (e.g. engine.compile=true)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
-    result = check_host_sync(args.out, args.steps, args.log_every, args.overrides, args.config, args.warmup,
-                             not args.no_op_counter)
+    result = check_host_sync(
+        args.out, args.steps, args.log_every, args.overrides, args.config, args.warmup, not args.no_op_counter
+    )
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

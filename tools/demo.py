@@ -18,6 +18,7 @@
 
 Everything lands under --out (default runs/demo); the last lines say where.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ if str(REPO) not in sys.path:
 def run_stage(title: str, cmd: list[str]) -> None:
     print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               WANDB_SILENT="true")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        WANDB_SILENT="true",
+    )
     res = subprocess.run(cmd, cwd=REPO, env=env)
     if res.returncode != 0:
         sys.exit(f"demo: stage '{title}' failed with exit code {res.returncode}")
@@ -56,12 +60,14 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=2048, help="synthetic images to generate")
     p.add_argument("--vavae-config", default="configs/demo_vavae.yaml", help="tokenizer training config")
     p.add_argument("--vavae-epochs", type=float, default=None, help="override the VA-VAE config's epochs")
-    p.add_argument("--config", default="configs/demo_dit.yaml",
-                   help="DiT training config (model.in_channels / input_size are set from the latents)")
+    p.add_argument(
+        "--config",
+        default="configs/demo_dit.yaml",
+        help="DiT training config (model.in_channels / input_size are set from the latents)",
+    )
     p.add_argument("--epochs", type=float, default=None, help="override the DiT config's epochs")
     p.add_argument("--per-class", type=int, default=10, help="samples per class in the grid")
-    p.add_argument("--eval-every", type=float, default=6.0,
-                   help="in-loop evaluation every this many epochs")
+    p.add_argument("--eval-every", type=float, default=6.0, help="in-loop evaluation every this many epochs")
     args = p.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO / args.out
     vavae_dir, data_dir, run_dir, grid = out / "vavae", out / "data", out / "dit", out / "samples.png"
@@ -71,56 +77,108 @@ def main(argv=None) -> int:
 
     if not (reference / "class_09").exists():
         from data.synthetic import write_image_folder
+
         # Held-out images (another seed): the tokenizer's reconstruction test set and the FID reference.
         write_image_folder(reference, 500, image_size=16, num_classes=10, seed=1)
 
     vavae_overrides = [f"run_dir={vavae_dir}", f"data.synthetic_num_samples={args.num_samples}"]
     if args.vavae_epochs is not None:
         vavae_overrides.append(f"train.epochs={args.vavae_epochs}")
-    run_stage("1/6 train the VA-VAE tokenizer (FSDP2, 2 ranks)",
-              [py, "launchers/local.py", "--nproc", str(args.nproc), args.vavae_config, *vavae_overrides])
+    run_stage(
+        "1/6 train the VA-VAE tokenizer (FSDP2, 2 ranks)",
+        [py, "launchers/local.py", "--nproc", str(args.nproc), args.vavae_config, *vavae_overrides],
+    )
     from core.checkpoint import resolve_checkpoint_dir
-    tokenizer_ckpt = resolve_checkpoint_dir(vavae_dir)      # this exact checkpoint encodes and decodes
 
-    run_stage("2/6 VA-VAE reconstruction of held-out images (PSNR, SSIM, rFID)",
-              [py, "tools/eval_tokenizer.py", "--checkpoint", str(tokenizer_ckpt), "--images", str(reference),
-               "--image-size", "16", "--no-lpips", "--num-workers", "0", "--device", "cpu",
-               "--out-dir", str(out / "vavae_reconstruction"), "--fid-extractor", "tiny-random",
-               "--json", str(out / "vavae_reconstruction.json")])
+    tokenizer_ckpt = resolve_checkpoint_dir(vavae_dir)  # this exact checkpoint encodes and decodes
 
-    run_stage("3/6 extract synthetic images -> VA-VAE latents (MDS shards, 2 ranks)",
-              [py, "launchers/local.py", "--nproc", str(args.nproc), "--entry", "data/extract.py",
-               "configs/extract_synthetic.yaml", f"out_dir={data_dir}", f"source.num_samples={args.num_samples}",
-               "tokenizer.kind=vavae", f"tokenizer.kwargs={{checkpoint: '{tokenizer_ckpt}'}}"])
+    run_stage(
+        "2/6 VA-VAE reconstruction of held-out images (PSNR, SSIM, rFID)",
+        [
+            py,
+            "tools/eval_tokenizer.py",
+            "--checkpoint",
+            str(tokenizer_ckpt),
+            "--images",
+            str(reference),
+            "--image-size",
+            "16",
+            "--no-lpips",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out / "vavae_reconstruction"),
+            "--fid-extractor",
+            "tiny-random",
+            "--json",
+            str(out / "vavae_reconstruction.json"),
+        ],
+    )
+
+    run_stage(
+        "3/6 extract synthetic images -> VA-VAE latents (MDS shards, 2 ranks)",
+        [
+            py,
+            "launchers/local.py",
+            "--nproc",
+            str(args.nproc),
+            "--entry",
+            "data/extract.py",
+            "configs/extract_synthetic.yaml",
+            f"out_dir={data_dir}",
+            f"source.num_samples={args.num_samples}",
+            "tokenizer.kind=vavae",
+            f"tokenizer.kwargs={{checkpoint: '{tokenizer_ckpt}'}}",
+        ],
+    )
     channels, size, _ = latent_shape(data_dir)
-    train_overrides = [f"data.path={data_dir}", f"run_dir={run_dir}",
-                       f"model.in_channels={channels}", f"model.input_size={size}",
-                       f"eval.every_epochs={args.eval_every}",
-                       f"eval.reference={reference}", "eval.feature_extractor=tiny-random",
-                       "eval.num_samples=100", "eval.batch_size=50", "eval.sampling_overrides=[num_steps=25]",
-                       "eval.grid_size=20"]
+    train_overrides = [
+        f"data.path={data_dir}",
+        f"run_dir={run_dir}",
+        f"model.in_channels={channels}",
+        f"model.input_size={size}",
+        f"eval.every_epochs={args.eval_every}",
+        f"eval.reference={reference}",
+        "eval.feature_extractor=tiny-random",
+        "eval.num_samples=100",
+        "eval.batch_size=50",
+        "eval.sampling_overrides=[num_steps=25]",
+        "eval.grid_size=20",
+    ]
     if args.epochs is not None:
         train_overrides.append(f"train.epochs={args.epochs}")
-    run_stage("4/6 train LightningDiT on the latents (FSDP2, 2 ranks)",
-              [py, "launchers/local.py", "--nproc", str(args.nproc), args.config, *train_overrides])
-    run_stage("5/6 sample a grid (one row per class, EMA weights, decoded by the VA-VAE)",
-              [py, "tools/sample.py", str(run_dir), "--grid", str(grid), "--per-class", str(args.per_class)])
+    run_stage(
+        "4/6 train LightningDiT on the latents (FSDP2, 2 ranks)",
+        [py, "launchers/local.py", "--nproc", str(args.nproc), args.config, *train_overrides],
+    )
+    run_stage(
+        "5/6 sample a grid (one row per class, EMA weights, decoded by the VA-VAE)",
+        [py, "tools/sample.py", str(run_dir), "--grid", str(grid), "--per-class", str(args.per_class)],
+    )
 
-    run_stage("6/6 leaderboard (FID of the in-loop evaluations)",
-              [py, "tools/leaderboard.py", str(run_dir), "--out", str(board)])
+    run_stage(
+        "6/6 leaderboard (FID of the in-loop evaluations)",
+        [py, "tools/leaderboard.py", str(run_dir), "--out", str(board)],
+    )
 
     recon = json.loads((out / "vavae_reconstruction.json").read_text())
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"  VA-VAE run (config, checkpoints, metrics.jsonl): {vavae_dir}; tokenizer checkpoint {tokenizer_ckpt}")
-    print(f"  VA-VAE reconstruction of {recon.get('num_images', '?')} held-out images: PSNR {recon['psnr']:.2f} dB, "
-          f"SSIM {recon['ssim']:.3f}, rFID {recon['rfid']:.3f} (tiny random extractor) "
-          f"({out / 'vavae_reconstruction.json'}; reference and reconstructed PNGs under {out / 'vavae_reconstruction'})")
+    print(
+        f"  VA-VAE reconstruction of {recon.get('num_images', '?')} held-out images: PSNR {recon['psnr']:.2f} dB, "
+        f"SSIM {recon['ssim']:.3f}, rFID {recon['rfid']:.3f} (tiny random extractor) "
+        f"({out / 'vavae_reconstruction.json'}; reference and reconstructed PNGs under {out / 'vavae_reconstruction'})"
+    )
     print(f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir}")
     print(f"  DiT run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")
-    print(f"  leaderboard: {board / 'leaderboard.md'} and {board / 'fid_vs_epochs.png'} "
-          f"(FID from a tiny random feature extractor: a pipeline check, not a quality measure)")
+    print(
+        f"  leaderboard: {board / 'leaderboard.md'} and {board / 'fid_vs_epochs.png'} "
+        f"(FID from a tiny random feature extractor: a pipeline check, not a quality measure)"
+    )
     if wandb_runs:
         print(f"  W&B offline run: {wandb_runs[-1]}  (upload later with `wandb sync {wandb_runs[-1]}`)")
     return 0

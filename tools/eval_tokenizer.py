@@ -32,6 +32,7 @@ naming these options. The metrics are computed by models/evaluation/reconstructi
 Single process; ``--device auto`` picks CUDA when available. Exit code 0; the metrics are printed as JSON
 (and written to ``--json``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ __all__ = ["evaluate", "main", "parse_args"]
 # ------------------------------------------------------------------------------------------------ main
 def _parse_arch(items: Sequence[str]) -> dict[str, Any]:
     import yaml
+
     out = {}
     for item in items:
         if "=" not in item:
@@ -86,16 +88,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--out-dir", help="write ref/ and rec/ PNGs here (needed for rFID)")
     p.add_argument("--fid-weights", help="local Inception weights: computes rFID on the PNGs in --out-dir")
-    p.add_argument("--fid-extractor", default=None,
-                   help="FID feature extractor (models/evaluation/metrics.py; default inception-v3-compat); "
-                        "'tiny-random' needs no weights (tests, demo: a pipeline check, not a quality measure)")
+    p.add_argument(
+        "--fid-extractor",
+        default=None,
+        help="FID feature extractor (models/evaluation/metrics.py; default inception-v3-compat); "
+        "'tiny-random' needs no weights (tests, demo: a pipeline check, not a quality measure)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", help="also write the metrics to this file")
     args = p.parse_args(argv)
     if not args.checkpoint and not args.random_init and args.tokenizer != "identity":
-        p.error("no tokenizer: --checkpoint is required (the tokenizer's weights: a released VA-VAE .pt/.ckpt or "
-                "our run's checkpoint directory); or --random-init for an untrained test model, or "
-                "--tokenizer identity for pixel space")
+        p.error(
+            "no tokenizer: --checkpoint is required (the tokenizer's weights: a released VA-VAE .pt/.ckpt or "
+            "our run's checkpoint directory); or --random-init for an untrained test model, or "
+            "--tokenizer identity for pixel space"
+        )
     if (args.fid_weights or args.fid_extractor) and not args.out_dir:
         p.error("rFID (--fid-weights / --fid-extractor) needs --out-dir (it compares the written PNG folders)")
     if not args.no_lpips and not args.lpips_random_init and not args.lpips_vgg_weights:
@@ -105,8 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from data.tokenizers import build_tokenizer
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     kwargs = _parse_arch(args.arch)
     if args.checkpoint:
         kwargs["checkpoint"] = args.checkpoint
@@ -116,14 +127,26 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     lpips = None
     if not args.no_lpips:
         from models.losses.lpips import build_lpips
-        lpips = build_lpips(args.lpips_vgg_weights, args.lpips_lin_weights, random_init=args.lpips_random_init,
-                            config_key="--lpips").to(device)
+
+        lpips = build_lpips(
+            args.lpips_vgg_weights, args.lpips_lin_weights, random_init=args.lpips_random_init, config_key="--lpips"
+        ).to(device)
     files = list_images(Path(args.images))[: args.limit]
     fid_extractor = (args.fid_extractor or INCEPTION) if (args.fid_weights or args.fid_extractor) else None
-    return evaluate_reconstruction(tok, files, image_size=args.image_size, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, mean=args.mean, seed=args.seed, lpips=lpips,
-                                   out_dir=Path(args.out_dir) if args.out_dir else None, device=device,
-                                   fid_extractor=fid_extractor, fid_weights=args.fid_weights)
+    return evaluate_reconstruction(
+        tok,
+        files,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        mean=args.mean,
+        seed=args.seed,
+        lpips=lpips,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        device=device,
+        fid_extractor=fid_extractor,
+        fid_weights=args.fid_weights,
+    )
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ Reference features are cached under ``--cache-dir`` (default ``eval.cache_dir``,
 The Inception weights come from a local file only (``--weights`` or ``eval.feature_extractor_weights``).
 See models/evaluation/metrics.py for the details (sFID layer, agreement with ADM's TensorFlow evaluator).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,42 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("samples", help="folder of images, .npz (arr_0) or .npy of uint8 images")
-    p.add_argument("--reference", default=None, help="image folder, .npz of images and/or ADM statistics, or "
-                                                     ".npy (default: eval.reference of --config)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="image folder, .npz of images and/or ADM statistics, or .npy (default: eval.reference of --config)",
+    )
     p.add_argument("--config", default=None, help="experiment YAML whose eval section gives the defaults")
-    p.add_argument("--metrics", default=None, help="comma list of fid,sfid,is,kid,pr or 'all' "
-                                                   "(default: eval.metrics of --config, else fid)")
-    p.add_argument("--feature-extractor", default=None, help="torch-fidelity extractor (default: "
-                                                             "eval.feature_extractor, else inception-v3-compat)")
-    p.add_argument("--weights", default=None, help="local weights file of the feature extractor "
-                                                   "(default: eval.feature_extractor_weights)")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma list of fid,sfid,is,kid,pr or 'all' (default: eval.metrics of --config, else fid)",
+    )
+    p.add_argument(
+        "--feature-extractor",
+        default=None,
+        help="torch-fidelity extractor (default: eval.feature_extractor, else inception-v3-compat)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="local weights file of the feature extractor (default: eval.feature_extractor_weights)",
+    )
     p.add_argument("--cache-dir", default=None, help="reference-feature cache directory")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding workers")
-    p.add_argument("--center-crop", type=int, default=None,
-                   help="ADM centre crop of folder images to this size (for references of mixed sizes)")
+    p.add_argument(
+        "--center-crop",
+        type=int,
+        default=None,
+        help="ADM centre crop of folder images to this size (for references of mixed sizes)",
+    )
     p.add_argument("--kid-subset-size", type=int, default=None, help="default min(1000, N)")
     p.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout only)")
     p.add_argument("--save-stats", default=None, help="also write the samples' ADM-layout statistics to this .npz")
@@ -63,6 +81,7 @@ def main(argv=None) -> int:
     if args.config:
         from core.config import ConfigError
         from launchers.experiment import load_config
+
         try:
             ec = load_config(args.config, check=False).eval
         except ConfigError as err:
@@ -84,12 +103,23 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        result = fid.evaluate_images(args.samples, reference, metrics=metrics, feature_extractor=extractor,
-                                     weights=weights, cache_dir=cache_dir, device=device,
-                                     batch_size=args.batch_size, num_workers=args.num_workers,
-                                     center_crop=args.center_crop, kid_subset_size=args.kid_subset_size,
-                                     progress=not args.quiet, use_cache=not args.no_cache, weights_key=weights_key,
-                                     return_features=bool(args.save_stats))
+        result = fid.evaluate_images(
+            args.samples,
+            reference,
+            metrics=metrics,
+            feature_extractor=extractor,
+            weights=weights,
+            cache_dir=cache_dir,
+            device=device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            center_crop=args.center_crop,
+            kid_subset_size=args.kid_subset_size,
+            progress=not args.quiet,
+            use_cache=not args.no_cache,
+            weights_key=weights_key,
+            return_features=bool(args.save_stats),
+        )
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ The export is ``models.loading.export_state`` / ``save_export`` (atomic write):
   ``get_fp32_state_dict_from_zero_checkpoint`` (fp32 master weights from the ZeRO partitions), EMA from the
   engine's ``ema.pt``; see ``core.engines.deepspeed.consolidated_state_dicts``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     out = save_export(state, args.out)
     n = sum(v.numel() for v in state["model"].values())
-    print(f"exported {checkpoint_engine(ckpt_dir)} checkpoint {ckpt_dir} (part {args.part!r}: "
-          f"{len(state['model'])} tensors, {n:,} values; entries {sorted(state)}) to {out}")
+    print(
+        f"exported {checkpoint_engine(ckpt_dir)} checkpoint {ckpt_dir} (part {args.part!r}: "
+        f"{len(state['model'])} tensors, {n:,} values; entries {sorted(state)}) to {out}"
+    )
     return 0
 
 

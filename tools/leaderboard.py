@@ -10,6 +10,7 @@ the in-loop evaluation's ``eval/step_*.json`` (core/runlog.py). The run's row sh
 IS, precision and recall of that same evaluation; runs without an FID are listed last
 (models/evaluation/leaderboard.py). Writes ``leaderboard.md``, ``leaderboard.json`` and ``fid_vs_epochs.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,19 @@ from models.evaluation.leaderboard import collect_runs, format_table, rank_rows,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("roots", nargs="*", type=Path, help="directories searched for runs (default: runs)")
-    p.add_argument("--project", action="append", default=[],
-                   help="also read a W&B project entity/project through the API (online)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for leaderboard.md, leaderboard.json and fid_vs_epochs.png (default: first root)")
+    p.add_argument(
+        "--project", action="append", default=[], help="also read a W&B project entity/project through the API (online)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for leaderboard.md, leaderboard.json and fid_vs_epochs.png (default: first root)",
+    )
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     roots = args.roots or ([] if args.project else [Path("runs")])

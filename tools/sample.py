@@ -37,6 +37,7 @@ launcher with the run's config.yaml as the source and this tool's options after 
 ``python launchers/local.py --nproc 2 --entry tools/sample.py runs/x/config.yaml [overrides] -- --num 1000 --out
 samples/x``. Every rank loads the model; no collective runs during sampling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,14 @@ from models.lightningdit import build_model
 from models.loading import load_into_model
 
 
-def load_model(source: Path, overrides: Sequence[str] = (), config: Optional[Path] = None,
-               ckpt: Optional[Path] = None, which: str = "ema", device: str = "cpu"):
+def load_model(
+    source: Path,
+    overrides: Sequence[str] = (),
+    config: Optional[Path] = None,
+    ckpt: Optional[Path] = None,
+    which: str = "ema",
+    device: str = "cpu",
+):
     """(config, model in eval mode, checkpoint path) for a run dir / config / checkpoint dir / checkpoint file."""
     config_path, ckpt_path = resolve_source(Path(source), config, ckpt)
     cfg = load_config(config_path, overrides)
@@ -79,18 +86,27 @@ def _setup_distributed():
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     if world > 1:
         from core.distributed import init_distributed
+
         return init_distributed()
     return None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="run directory, its config.yaml, a checkpoint directory or a "
-                                             "checkpoint file (with --config)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "source",
+        type=Path,
+        help="run directory, its config.yaml, a checkpoint directory or a checkpoint file (with --config)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.cfg_scale=4")
-    p.add_argument("--config", type=Path, default=None, help="experiment YAML (model + sampler) for a checkpoint "
-                                                             "outside a run directory, e.g. an official .pt")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="experiment YAML (model + sampler) for a checkpoint outside a run directory, e.g. an official .pt",
+    )
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: newest complete one of the run)")
     p.add_argument("--which", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     p.add_argument("--seed", type=int, default=0)
@@ -104,15 +120,25 @@ def main(argv=None) -> int:
     f.add_argument("--out", type=Path, default=None, help="output folder of {idx:06d}.png files")
     f.add_argument("--npz", type=Path, default=None, help="also pack the images into this ADM-layout .npz")
     f.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (per rank)")
-    f.add_argument("--labels", default="uniform", choices=LABEL_MODES,
-                   help="uniform random labels (official) or class-balanced (i mod num_classes)")
+    f.add_argument(
+        "--labels",
+        default="uniform",
+        choices=LABEL_MODES,
+        help="uniform random labels (official) or class-balanced (i mod num_classes)",
+    )
     f.add_argument("--no-progress", action="store_true")
     d = p.add_argument_group("decoding (default: what data.path holds)")
-    d.add_argument("--tokenizer", default=None,
-                   help="sampling.tokenizer: the VA-VAE checkpoint that decodes the latents (released .pt/.ckpt or "
-                        "a run checkpoint directory), or 'identity' for pixel-space latents")
-    d.add_argument("--latent-stats", default=None,
-                   help="sampling.latent_stats: latents_stats.pt ({'mean','std'}) to de-normalise with")
+    d.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sampling.tokenizer: the VA-VAE checkpoint that decodes the latents (released .pt/.ckpt or "
+        "a run checkpoint directory), or 'identity' for pixel-space latents",
+    )
+    d.add_argument(
+        "--latent-stats",
+        default=None,
+        help="sampling.latent_stats: latents_stats.pt ({'mean','std'}) to de-normalise with",
+    )
     args = p.parse_intermixed_args(argv)
     if args.grid is None and args.num is None:
         p.error("nothing to do: give --grid PNG and/or --num N --out DIR")
@@ -127,8 +153,9 @@ def main(argv=None) -> int:
         overrides.append(f"sampling.latent_stats={args.latent_stats}")
     dist = _setup_distributed()
     try:
-        device = args.device or (str(dist.device) if dist is not None else
-                                 ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = args.device or (
+            str(dist.device) if dist is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
         try:
             cfg, model, ckpt = load_model(args.source, overrides, args.config, args.ckpt, args.which, device)
             decode = decoder_from_config(cfg, device)
@@ -142,9 +169,21 @@ def main(argv=None) -> int:
             print(f"sampled {cfg.model.num_classes} classes x {args.per_class} from {ckpt} ({args.which}) -> {out}")
         if args.num is not None:
             try:
-                summary = sample_to_folder(cfg, model, decode, args.out, args.num, ckpt=ckpt, which=args.which,
-                                           batch_size=args.batch_size, seed=args.seed, labels=args.labels,
-                                           device=device, npz=args.npz, progress=not args.no_progress)
+                summary = sample_to_folder(
+                    cfg,
+                    model,
+                    decode,
+                    args.out,
+                    args.num,
+                    ckpt=ckpt,
+                    which=args.which,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    labels=args.labels,
+                    device=device,
+                    npz=args.npz,
+                    progress=not args.no_progress,
+                )
             except SamplingError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
@@ -154,6 +193,7 @@ def main(argv=None) -> int:
     finally:
         if dist is not None:
             from core.distributed import teardown
+
             teardown()
 
 

@@ -18,6 +18,7 @@ docs/scaling.md for every assumption and the recommendation.
 Library use (tests): ``fsdp_units(model)``, ``fsdp_step_collectives(...)``, ``ddp_step_collectives(...)``
 return the exact collectives (op, elements, bytes per element, group) of one training step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-GiB = 2 ** 30
-IMAGENET_TRAIN = 1_281_167            # ImageNet-1k train images
+GiB = 2**30
+IMAGENET_TRAIN = 1_281_167  # ImageNet-1k train images
 EPOCHS = 800
 GLOBAL_BATCH = 1024
 
@@ -37,11 +38,12 @@ GLOBAL_BATCH = 1024
 class Collective:
     """One collective call. ``numel`` is the full (unsharded, padded) message: the all-gather output, the
     reduce-scatter input, the all-reduce buffer. ``group`` names the process group it runs on."""
-    op: str                      # "all_gather" | "reduce_scatter" | "all_reduce"
+
+    op: str  # "all_gather" | "reduce_scatter" | "all_reduce"
     numel: int
     elem_bytes: int
-    group: str = "world"         # "world" | "shard" | "replicate"
-    phase: str = ""              # "forward" | "backward" | "step"
+    group: str = "world"  # "world" | "shard" | "replicate"
+    phase: str = ""  # "forward" | "backward" | "step"
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +70,7 @@ def padded_numel(shape: Sequence[int], shard: int) -> int:
 @dataclass
 class Unit:
     """One FSDP unit (a ``fully_shard``ed module): its parameters' shapes and which of them train."""
+
     name: str
     shapes: list[tuple[int, ...]]
     trainable: list[bool]
@@ -90,9 +93,17 @@ def fsdp_units(model, blocks_attr: Optional[str] = "blocks") -> list[Unit]:
     return units
 
 
-def fsdp_step_collectives(units: list[Unit], shard: int, replicate: int = 1, *, param_bytes: int = 2,
-                          reduce_bytes: int = 4, micro_batches: int = 1, reshard_after_forward: bool = True,
-                          grad_norm: bool = True) -> list[Collective]:
+def fsdp_step_collectives(
+    units: list[Unit],
+    shard: int,
+    replicate: int = 1,
+    *,
+    param_bytes: int = 2,
+    reduce_bytes: int = 4,
+    micro_batches: int = 1,
+    reshard_after_forward: bool = True,
+    grad_norm: bool = True,
+) -> list[Collective]:
     """The collectives of one optimizer step of the FSDP2 engine (fully_shard per unit on a
     ``(replicate, shard)`` mesh; ``replicate == 1`` is full sharding).
 
@@ -110,15 +121,17 @@ def fsdp_step_collectives(units: list[Unit], shard: int, replicate: int = 1, *, 
         if shard > 1:
             out += [Collective("all_gather", u.numel(shard), param_bytes, "shard", "forward") for u in units]
             if reshard_after_forward:
-                out += [Collective("all_gather", u.numel(shard), param_bytes, "shard", "backward")
-                        for u in reversed(units)]
+                out += [
+                    Collective("all_gather", u.numel(shard), param_bytes, "shard", "backward") for u in reversed(units)
+                ]
         if last:
             for u in reversed(units):
                 if shard > 1:
                     out.append(Collective("reduce_scatter", u.numel(shard, True), reduce_bytes, "shard", "backward"))
                 if replicate > 1:
-                    out.append(Collective("all_reduce", u.numel(shard, True) // shard, reduce_bytes, "replicate",
-                                          "backward"))
+                    out.append(
+                        Collective("all_reduce", u.numel(shard, True) // shard, reduce_bytes, "replicate", "backward")
+                    )
     if grad_norm:
         tensors = sum(sum(u.trainable) for u in units)
         out.append(Collective("all_reduce", tensors, 4, "world", "step"))
@@ -136,24 +149,25 @@ def ddp_step_collectives(trainable_numel: int, grad_bytes: int = 4) -> list[Coll
 class Cluster:
     """8-GPU nodes (defaults: H800 SXM, NVLink 400 GB/s, 8 x 400 Gb/s InfiniBand per node). NCCL-style
     alpha-beta model; see docs/scaling.md for the sources of each number."""
+
     gpus_per_node: int = 8
-    peak_tflops: float = 989.0        # dense bf16 per GPU (vendor; H800 = H100 SXM compute)
+    peak_tflops: float = 989.0  # dense bf16 per GPU (vendor; H800 = H100 SXM compute)
     hbm_gib: float = 80.0
-    hbm_tbs: float = 3.35             # HBM3 bandwidth, for the optimizer + EMA pass
+    hbm_tbs: float = 3.35  # HBM3 bandwidth, for the optimizer + EMA pass
     hbm_eff: float = 0.8
-    nvlink_gbs: float = 400.0         # vendor figure: both directions together -> 200 GB/s each way
-    nic_gbits: float = 400.0          # one 400 Gb/s NIC per GPU
-    link_eff: float = 0.8             # achieved / nominal bus bandwidth (NCCL busBW)
-    lat_base_us: float = 8.4          # NCCL tuning model, Simple protocol: per-collective base latency
-    lat_nvlink_us: float = 3.4        # per intra-node ring step
-    lat_net_us: float = 9.6           # per inter-node ring step
+    nvlink_gbs: float = 400.0  # vendor figure: both directions together -> 200 GB/s each way
+    nic_gbits: float = 400.0  # one 400 Gb/s NIC per GPU
+    link_eff: float = 0.8  # achieved / nominal bus bandwidth (NCCL busBW)
+    lat_base_us: float = 8.4  # NCCL tuning model, Simple protocol: per-collective base latency
+    lat_nvlink_us: float = 3.4  # per intra-node ring step
+    lat_net_us: float = 9.6  # per inter-node ring step
 
     @property
-    def nvlink_Bps(self) -> float:    # one direction, achieved
+    def nvlink_Bps(self) -> float:  # one direction, achieved
         return self.nvlink_gbs / 2 * 1e9 * self.link_eff
 
     @property
-    def nic_Bps(self) -> float:       # one NIC, one direction, achieved
+    def nic_Bps(self) -> float:  # one NIC, one direction, achieved
         return self.nic_gbits / 8 * 1e9 * self.link_eff
 
 
@@ -192,12 +206,14 @@ def collective_time(op: str, nbytes: float, group: Group, cl: Cluster) -> float:
     bw = bus_bandwidth(group, cl)
     k = 2 if op == "all_reduce" else 1
     steps, inter = k * (r - 1), k * (n - 1)
-    ring = (cl.lat_base_us + (steps - inter) * cl.lat_nvlink_us + inter * cl.lat_net_us) * 1e-6 \
-        + k * (r - 1) / r * nbytes / bw
+    ring = (cl.lat_base_us + (steps - inter) * cl.lat_nvlink_us + inter * cl.lat_net_us) * 1e-6 + k * (
+        r - 1
+    ) / r * nbytes / bw
     if op != "all_reduce" or n <= 1:
         return ring
-    tree = (cl.lat_base_us + 2 * ((group.per_node - 1) * cl.lat_nvlink_us
-                                  + math.ceil(math.log2(n)) * cl.lat_net_us)) * 1e-6 + 2 * nbytes / (0.9 * bw)
+    tree = (
+        cl.lat_base_us + 2 * ((group.per_node - 1) * cl.lat_nvlink_us + math.ceil(math.log2(n)) * cl.lat_net_us)
+    ) * 1e-6 + 2 * nbytes / (0.9 * bw)
     return min(ring, tree)
 
 
@@ -205,14 +221,14 @@ def collective_time(op: str, nbytes: float, group: Group, cl: Cluster) -> float:
 @dataclass
 class ModelSpec:
     name: str
-    params: int                       # all parameters (frozen pos_embed included)
+    params: int  # all parameters (frozen pos_embed included)
     trainable: int
     depth: int
     width: int
-    train_flops: int                  # per image, fwd + bwd (flops_per_image(training=True))
+    train_flops: int  # per image, fwd + bwd (flops_per_image(training=True))
 
     @property
-    def root_params(self) -> int:     # everything outside the blocks (patch/t/y embedders, final layer)
+    def root_params(self) -> int:  # everything outside the blocks (patch/t/y embedders, final layer)
         return self.params - self.depth * self.block_params
 
     block_params: int = 0
@@ -223,36 +239,39 @@ def model_spec(name: str) -> ModelSpec:
     import torch
 
     from models.lightningdit import ModelConfig, build_model
+
     with torch.device("meta"):
         m = build_model(ModelConfig(type=name))
     total = sum(p.numel() for p in m.parameters())
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     block = sum(p.numel() for p in m.blocks[0].parameters())
-    return ModelSpec(name, total, trainable, m.depth, m.hidden_size, m.flops_per_image(training=True),
-                     block_params=block)
+    return ModelSpec(
+        name, total, trainable, m.depth, m.hidden_size, m.flops_per_image(training=True), block_params=block
+    )
 
 
 @dataclass
 class Measured:
     """One measured single-GPU training step of the reference model (defaults: the issue's figures = ASSUMPTIONS)."""
-    img_s: float = 446.0              # compiled headroom probe, one H100, XL/1
+
+    img_s: float = 446.0  # compiled headroom probe, one H100, XL/1
     at_batch: int = 64
-    mem_gib: float = 48.0             # peak memory at that batch (assumed: 22 B/param static + ~0.48 GiB/img)
+    mem_gib: float = 48.0  # peak memory at that batch (assumed: 22 B/param static + ~0.48 GiB/img)
     model: str = "LightningDiT-XL/1"
-    micro_overhead_ms: float = 2.0    # per micro-batch fixed cost (launches, small kernels): assumed
-    overhead_gib: float = 3.0         # CUDA context, NCCL buffers, allocator slack: assumed
+    micro_overhead_ms: float = 2.0  # per micro-batch fixed cost (launches, small kernels): assumed
+    overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack: assumed
 
 
 @dataclass
 class Knobs:
-    param_bytes: int = 2              # all-gathered parameters (bf16)
-    grad_bytes: int = 4               # gradient reductions (fp32, as the FSDP2 engine's reduce_dtype)
-    overlap_slowdown: float = 0.05    # compute slowdown while NCCL kernels run alongside (SM/HBM contention)
-    zero3_slowdown: float = 0.15      # the same for DeepSpeed ZeRO-3 (coarser prefetch, host-side bookkeeping)
-    ddp_bucket_mb: float = 25.0       # torch DDP bucket_cap_mb
-    zero_bucket_elems: int = 500_000_000   # DeepSpeed reduce/allgather bucket (EngineConfig.bucket_size)
-    opt_bytes_per_param: int = 44     # fused AdamW 28 + EMA lerp 12 + grad-norm read 4 (HBM traffic)
-    mem_headroom: float = 0.95        # usable fraction of HBM
+    param_bytes: int = 2  # all-gathered parameters (bf16)
+    grad_bytes: int = 4  # gradient reductions (fp32, as the FSDP2 engine's reduce_dtype)
+    overlap_slowdown: float = 0.05  # compute slowdown while NCCL kernels run alongside (SM/HBM contention)
+    zero3_slowdown: float = 0.15  # the same for DeepSpeed ZeRO-3 (coarser prefetch, host-side bookkeeping)
+    ddp_bucket_mb: float = 25.0  # torch DDP bucket_cap_mb
+    zero_bucket_elems: int = 500_000_000  # DeepSpeed reduce/allgather bucket (EngineConfig.bucket_size)
+    opt_bytes_per_param: int = 44  # fused AdamW 28 + EMA lerp 12 + grad-norm read 4 (HBM traffic)
+    mem_headroom: float = 0.95  # usable fraction of HBM
 
 
 STRATEGIES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP2-full", "FSDP2-HSDP", "FSDP2-HSDP-NR")
@@ -268,9 +287,9 @@ class Row:
     micro: int
     accum: int
     mem_gib: float
-    comm_gb: float                    # ring wire bytes sent per GPU per step
-    ib_gb_node: float                 # bytes leaving each node per step over InfiniBand
-    exposed_ms: float                 # step time not covered by compute
+    comm_gb: float  # ring wire bytes sent per GPU per step
+    ib_gb_node: float  # bytes leaving each node per step over InfiniBand
+    exposed_ms: float  # step time not covered by compute
     step_ms: float
     img_s_gpu: float
     mfu: float
@@ -289,7 +308,7 @@ class Calibration:
         self.t_img_ref = (t_step - meas.micro_overhead_ms * 1e-3 - t_opt) / meas.at_batch
         if self.t_img_ref <= 0:
             raise ValueError("measured step is shorter than the modelled optimizer + overhead time")
-        static = 22 * ref.params / GiB        # fp32 weights+grads+Adam+EMA (20 B) + bf16 compute copies (2 B)
+        static = 22 * ref.params / GiB  # fp32 weights+grads+Adam+EMA (20 B) + bf16 compute copies (2 B)
         self.act_ref = (meas.mem_gib - static - meas.overhead_gib) / meas.at_batch * GiB
         if self.act_ref <= 0:
             raise ValueError("measured peak memory is below the modelled static memory")
@@ -318,8 +337,9 @@ def pipeline(n: int, compute: float, comm: float) -> float:
     return max(n * compute + comm, compute + n * comm)
 
 
-def memory_bytes(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int, cal: Calibration,
-                 knobs: Knobs, cl: Cluster) -> float:
+def memory_bytes(
+    strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int, cal: Calibration, knobs: Knobs, cl: Cluster
+) -> float:
     P, W, G = spec.params, nodes * cl.gpus_per_node, cl.gpus_per_node
     unit = max(spec.block_params, spec.root_params)
     act = micro * cal.act_bytes(spec)
@@ -332,16 +352,17 @@ def memory_bytes(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: 
         bucket = 2 * min(knobs.zero_bucket_elems, P) * 2
         return base + (4 + 2) * P + 16 * P / W + bucket
     shards = G if strategy.startswith("FSDP2-HSDP") else W
-    mem = base + 20 * P / shards + 2 * 2 * unit + 2 * 4 * unit   # 2 units in flight: bf16 params, fp32 grads
+    mem = base + 20 * P / shards + 2 * 2 * unit + 2 * 4 * unit  # 2 units in flight: bf16 params, fp32 grads
     if strategy.endswith("-NR"):
-        mem += 2 * P        # reshard_after_forward=False: unsharded bf16 parameters kept from forward to backward
+        mem += 2 * P  # reshard_after_forward=False: unsharded bf16 parameters kept from forward to backward
     if accum > 1 and strategy != "ZeRO-3":
-        mem += 4 * P        # FSDP2 keeps unsharded fp32 gradients between micro-batches (no-sync)
+        mem += 4 * P  # FSDP2 keeps unsharded fp32 gradients between micro-batches (no-sync)
     return mem
 
 
-def step_time(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int, cal: Calibration,
-              knobs: Knobs, cl: Cluster) -> tuple[float, float, float, float]:
+def step_time(
+    strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int, cal: Calibration, knobs: Knobs, cl: Cluster
+) -> tuple[float, float, float, float]:
     """(step seconds, exposed communication seconds, wire GB per GPU, IB GB per node) of one optimizer step."""
     G = cl.gpus_per_node
     W = nodes * G
@@ -352,7 +373,7 @@ def step_time(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int
     k = 1 + knobs.overlap_slowdown
     compute = accum * c
     gb, pb = knobs.grad_bytes, knobs.param_bytes
-    L = spec.depth + 1                                       # FSDP units: blocks + root
+    L = spec.depth + 1  # FSDP units: blocks + root
     unit_p = P / L
     wire = ib = 0.0
 
@@ -360,17 +381,17 @@ def step_time(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int
         """Per-node inter-node traffic of a collective whose per-rank wire bytes are ``op_bytes_wire``."""
         if group.nodes <= 1:
             return 0.0
-        return op_bytes_wire * (1 if group.per_node > 1 else G)   # ring: node exit = one rank's traffic
+        return op_bytes_wire * (1 if group.per_node > 1 else G)  # ring: node exit = one rank's traffic
 
     if strategy in ("DDP", "ZeRO-1", "ZeRO-2"):
         bucket_bytes = knobs.ddp_bucket_mb * 2**20 if strategy == "DDP" else knobs.zero_bucket_elems * gb
         n_b = max(1, math.ceil(Pt * gb / bucket_bytes))
         op = "all_reduce" if strategy == "DDP" else "reduce_scatter"
         per_bucket = collective_time(op, Pt * gb / n_b, world, cl)
-        reduced = accum if strategy == "ZeRO-2" else 1          # ZeRO-2 cannot keep full gradients
+        reduced = accum if strategy == "ZeRO-2" else 1  # ZeRO-2 cannot keep full gradients
         t = (accum - reduced) * c + reduced * (c_f + pipeline(n_b, k * c_b / n_b, per_bucket))
         w = Collective(op, Pt, gb).wire_bytes(W) * reduced
-        if strategy != "DDP":                                   # updated parameters, after the step: exposed
+        if strategy != "DDP":  # updated parameters, after the step: exposed
             n_ag = max(1, math.ceil(P / knobs.zero_bucket_elems))
             t += n_ag * collective_time("all_gather", P * pb / n_ag, world, cl)
             w += Collective("all_gather", P, pb).wire_bytes(W)
@@ -387,15 +408,16 @@ def step_time(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int
         rs = collective_time("reduce_scatter", unit_p * gb, sg, cl)
         ar = collective_time("all_reduce", unit_p * gb / G, repl, cl) if hsdp else 0.0
         fwd = pipeline(L, kk * c_f / L, ag)
-        ag_b = 0.0 if no_reshard else ag                       # backward re-gather (reshard_after_forward)
+        ag_b = 0.0 if no_reshard else ag  # backward re-gather (reshard_after_forward)
         bwd_plain = pipeline(L, kk * c_b / L, ag_b)
         # HSDP: the inter-node all-reduce (InfiniBand) runs beside the intra-node collectives (NVLink).
         bwd_sync = pipeline(L, kk * c_b / L, max(ag_b + rs, ar))
-        reduced = accum if strategy == "ZeRO-3" else 1           # FSDP2: no-sync until the last micro-batch
+        reduced = accum if strategy == "ZeRO-3" else 1  # FSDP2: no-sync until the last micro-batch
         t = accum * fwd + (accum - reduced) * bwd_plain + reduced * bwd_sync
         t += cal.optimizer_time(P, G if hsdp else W)
-        w_sg = (1 if no_reshard else 2) * accum * Collective("all_gather", P, pb).wire_bytes(sg.ranks) \
-            + reduced * Collective("reduce_scatter", Pt, gb).wire_bytes(sg.ranks)
+        w_sg = (1 if no_reshard else 2) * accum * Collective("all_gather", P, pb).wire_bytes(
+            sg.ranks
+        ) + reduced * Collective("reduce_scatter", Pt, gb).wire_bytes(sg.ranks)
         w_ar = reduced * Collective("all_reduce", Pt / G, gb).wire_bytes(nodes) if hsdp else 0.0
         wire = w_sg + w_ar
         ib = ib_bytes(w_sg, sg) + (G * w_ar if hsdp and nodes > 1 else 0.0)
@@ -403,11 +425,18 @@ def step_time(strategy: str, spec: ModelSpec, micro: int, accum: int, nodes: int
     return t, exposed, wire / 1e9, ib / 1e9
 
 
-def evaluate(spec: ModelSpec, nodes: int, strategy: str, cal: Calibration, knobs: Knobs, cl: Cluster,
-             global_batch: int = GLOBAL_BATCH) -> Optional[Row]:
+def evaluate(
+    spec: ModelSpec,
+    nodes: int,
+    strategy: str,
+    cal: Calibration,
+    knobs: Knobs,
+    cl: Cluster,
+    global_batch: int = GLOBAL_BATCH,
+) -> Optional[Row]:
     W = nodes * cl.gpus_per_node
     if strategy == "FSDP2-HSDP" and nodes == 1:
-        return None                                    # = FSDP2-full on one node (HSDP-NR: full, no reshard)
+        return None  # = FSDP2-full on one node (HSDP-NR: full, no reshard)
     if global_batch % W:
         raise ValueError(f"global batch {global_batch} is not divisible by {W} GPUs")
     per_gpu = global_batch // W
@@ -425,8 +454,24 @@ def evaluate(spec: ModelSpec, nodes: int, strategy: str, cal: Calibration, knobs
     t, exposed, wire, ib = step_time(strategy, spec, micro, accum, nodes, cal, knobs, cl)
     img_s = per_gpu / t
     steps = EPOCHS * (IMAGENET_TRAIN // global_batch)
-    return Row(spec.name, nodes, W, strategy, per_gpu, micro, accum, mem / GiB, wire, ib, exposed * 1e3, t * 1e3,
-               img_s, img_s * spec.train_flops / (cl.peak_tflops * 1e12), steps * t / 86400, fits)
+    return Row(
+        spec.name,
+        nodes,
+        W,
+        strategy,
+        per_gpu,
+        micro,
+        accum,
+        mem / GiB,
+        wire,
+        ib,
+        exposed * 1e3,
+        t * 1e3,
+        img_s,
+        img_s * spec.train_flops / (cl.peak_tflops * 1e12),
+        steps * t / 86400,
+        fits,
+    )
 
 
 PREFERENCE = ("FSDP2-full", "FSDP2-HSDP", "FSDP2-HSDP-NR", "ZeRO-1", "ZeRO-2", "DDP", "ZeRO-3")
@@ -449,10 +494,23 @@ def recommend(rows: list[Row], tie: float = 0.03) -> dict[tuple[str, int], Row]:
 
 
 # ================================================================================================ output
-COLUMNS = [("model", "model"), ("nodes", "nodes"), ("GPUs", "gpus"), ("strategy", "strategy"),
-           ("b/GPU", "per_gpu"), ("micro x acc", None), ("mem GiB", "mem_gib"), ("fits", None),
-           ("sent GB/GPU", "comm_gb"), ("IB GB/node", "ib_gb_node"), ("exposed ms", "exposed_ms"),
-           ("step ms", "step_ms"), ("img/s/GPU", "img_s_gpu"), ("MFU", "mfu"), ("800 ep days", "days_800ep")]
+COLUMNS = [
+    ("model", "model"),
+    ("nodes", "nodes"),
+    ("GPUs", "gpus"),
+    ("strategy", "strategy"),
+    ("b/GPU", "per_gpu"),
+    ("micro x acc", None),
+    ("mem GiB", "mem_gib"),
+    ("fits", None),
+    ("sent GB/GPU", "comm_gb"),
+    ("IB GB/node", "ib_gb_node"),
+    ("exposed ms", "exposed_ms"),
+    ("step ms", "step_ms"),
+    ("img/s/GPU", "img_s_gpu"),
+    ("MFU", "mfu"),
+    ("800 ep days", "days_800ep"),
+]
 
 
 def _cells(r: Row, best: bool) -> list[str]:
@@ -511,11 +569,22 @@ def parse_args(argv=None):
 
 
 def run(args) -> tuple[list[Row], dict]:
-    cl = Cluster(peak_tflops=args.peak_tflops, hbm_gib=args.hbm_gib, nvlink_gbs=args.nvlink_gbs,
-                 nic_gbits=args.nic_gbits, link_eff=args.link_eff)
+    cl = Cluster(
+        peak_tflops=args.peak_tflops,
+        hbm_gib=args.hbm_gib,
+        nvlink_gbs=args.nvlink_gbs,
+        nic_gbits=args.nic_gbits,
+        link_eff=args.link_eff,
+    )
     knobs = Knobs(grad_bytes=args.grad_bytes, param_bytes=args.param_bytes, overlap_slowdown=args.overlap_slowdown)
-    meas = Measured(img_s=args.img_s, at_batch=args.at_batch, mem_gib=args.mem_gib, model=args.measured_model,
-                    micro_overhead_ms=args.micro_overhead_ms, overhead_gib=args.overhead_gib)
+    meas = Measured(
+        img_s=args.img_s,
+        at_batch=args.at_batch,
+        mem_gib=args.mem_gib,
+        model=args.measured_model,
+        micro_overhead_ms=args.micro_overhead_ms,
+        overhead_gib=args.overhead_gib,
+    )
     cal = Calibration(meas, model_spec(meas.model), cl, knobs)
     rows = []
     for name in args.models:
@@ -532,14 +601,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rows, best = run(args)
     steps = EPOCHS * (IMAGENET_TRAIN // args.global_batch)
-    print(f"measured: {args.measured_model} {args.img_s:g} img/s at batch {args.at_batch}, {args.mem_gib:g} GiB "
-          f"(one GPU); global batch {args.global_batch}, {steps} steps = {EPOCHS} epochs; NVLink {args.nvlink_gbs:g} "
-          f"GB/s, {args.nic_gbits:g} Gb/s IB per GPU, link efficiency {args.link_eff:g}; * = recommended")
+    print(
+        f"measured: {args.measured_model} {args.img_s:g} img/s at batch {args.at_batch}, {args.mem_gib:g} GiB "
+        f"(one GPU); global batch {args.global_batch}, {steps} steps = {EPOCHS} epochs; NVLink {args.nvlink_gbs:g} "
+        f"GB/s, {args.nic_gbits:g} Gb/s IB per GPU, link efficiency {args.link_eff:g}; * = recommended"
+    )
     print(format_table(rows, best, args.markdown))
     print()
     for (model, nodes), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        print(f"recommended {model} @ {nodes} node(s): {r.strategy} (micro {r.micro} x {r.accum}, "
-              f"{r.img_s_gpu:.0f} img/s/GPU, MFU {r.mfu:.0%}, {r.mem_gib:.0f} GiB, {r.days_800ep:.1f} days)")
+        print(
+            f"recommended {model} @ {nodes} node(s): {r.strategy} (micro {r.micro} x {r.accum}, "
+            f"{r.img_s_gpu:.0f} img/s/GPU, MFU {r.mfu:.0%}, {r.mem_gib:.0f} GiB, {r.days_800ep:.1f} days)"
+        )
     return 0
 
 

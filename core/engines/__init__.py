@@ -3,6 +3,7 @@
 ``build_engine(cfg, dist)`` imports only the engine that ``cfg.kind`` names (DeepSpeed is a heavy, optional import).
 The interface and the helpers every engine shares are in ``core.engines.base``; no engine imports another.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from core.config import EngineConfig
     from core.distributed import DistInfo
 
-__all__ = ["ENGINES", "Engine", "LocalPart", "PartSpec", "TrainedPart", "build_engine", "build_optimizer",
-           "engine_class", "register_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "LocalPart",
+    "PartSpec",
+    "TrainedPart",
+    "build_engine",
+    "build_optimizer",
+    "engine_class",
+    "register_engine",
+]
 
 # engine.kind -> "module:Class" (imported on first use)
 ENGINES: dict[str, str] = {

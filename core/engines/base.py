@@ -11,6 +11,7 @@ for evaluation) is a ``TrainedPart`` method. See docs/architecture.md for the co
 This module imports no engine; the engines (``core/engines/fsdp2.py``, ``core/engines/deepspeed.py``) import it
 and never each other. ``core.engines.build_engine`` picks one by name (a registry of lazy entries).
 """
+
 from __future__ import annotations
 
 import abc
@@ -33,18 +34,31 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LocalPart", "PartSpec", "TrainedPart", "block_container", "build_optimizer",
-           "canonical_name", "cast_to_fp32_", "check_ema_decay", "compile_forwards", "meta_skeleton",
-           "warn_skipped_block_options", "WRAPPER_PREFIXES"]
+__all__ = [
+    "Engine",
+    "LocalPart",
+    "PartSpec",
+    "TrainedPart",
+    "block_container",
+    "build_optimizer",
+    "canonical_name",
+    "cast_to_fp32_",
+    "check_ema_decay",
+    "compile_forwards",
+    "meta_skeleton",
+    "warn_skipped_block_options",
+    "WRAPPER_PREFIXES",
+]
 
 
 @dataclass
 class PartSpec:
     """A trainable model and how to train it; the engine turns it into a TrainedPart."""
+
     module: nn.Module
     optimizer: OptimizerConfig
     ema_decay: Optional[float] = None
-    blocks_attr: Optional[str] = "blocks"      # attribute holding the repeated blocks (sharding / AC / compile unit)
+    blocks_attr: Optional[str] = "blocks"  # attribute holding the repeated blocks (sharding / AC / compile unit)
     grad_clip: Optional[float] = None
     # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
     # without repeated blocks (VA-VAE: encoder, decoder); the module objects and state_dict keys do not change.
@@ -83,16 +97,21 @@ def block_container(model: nn.Module, blocks_attr: Optional[str]) -> Optional[nn
     try:
         blocks = model.get_submodule(blocks_attr)
     except AttributeError as e:
-        raise AttributeError(f"{type(model).__name__} has no block container {blocks_attr!r} "
-                             "(pass blocks_attr=None to shard the model as one unit)") from e
+        raise AttributeError(
+            f"{type(model).__name__} has no block container {blocks_attr!r} "
+            "(pass blocks_attr=None to shard the model as one unit)"
+        ) from e
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(f"{type(model).__name__}.{blocks_attr} must be an nn.ModuleList or nn.Sequential, "
-                        f"got {type(blocks).__name__}")
+        raise TypeError(
+            f"{type(model).__name__}.{blocks_attr} must be an nn.ModuleList or nn.Sequential, "
+            f"got {type(blocks).__name__}"
+        )
     return blocks
 
 
-def warn_skipped_block_options(has_blocks: bool, checkpointing: bool, compile_blocks: bool,
-                               compile_attrs: tuple[str, ...]) -> None:
+def warn_skipped_block_options(
+    has_blocks: bool, checkpointing: bool, compile_blocks: bool, compile_attrs: tuple[str, ...]
+) -> None:
     """Warn about activation checkpointing / compile settings that have nothing to apply to (no blocks)."""
     if has_blocks:
         return
@@ -110,8 +129,9 @@ def compile_forwards(model: nn.Module, attrs: tuple[str, ...], compile_kwargs: d
         try:
             sub = model.get_submodule(attr)
         except AttributeError as e:
-            raise AttributeError(f"{type(model).__name__} has no sub-module {attr!r} to compile "
-                                 "(PartSpec.compile_attrs)") from e
+            raise AttributeError(
+                f"{type(model).__name__} has no sub-module {attr!r} to compile (PartSpec.compile_attrs)"
+            ) from e
         sub.forward = torch.compile(sub.forward, **compile_kwargs)
 
 
@@ -128,6 +148,7 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
 def _is_main_rank() -> bool:
     import torch.distributed as tdist
+
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 
@@ -141,20 +162,27 @@ class TrainedPart(abc.ABC):
     """
 
     name: str
-    module: nn.Module                 # call for forward (wrapped: FSDP2 module / DeepSpeed engine)
-    ema: Optional[nn.Module]          # EMA copy, sharded like the weights; eval mode
+    module: nn.Module  # call for forward (wrapped: FSDP2 module / DeepSpeed engine)
+    ema: Optional[nn.Module]  # EMA copy, sharded like the weights; eval mode
     optimizer: Optional[torch.optim.Optimizer]
 
-    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module],
-                 optimizer: Optional[torch.optim.Optimizer], ema_decay: Optional[float], device: torch.device,
-                 skeleton: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        ema: Optional[nn.Module],
+        optimizer: Optional[torch.optim.Optimizer],
+        ema_decay: Optional[float],
+        device: torch.device,
+        skeleton: Optional[nn.Module] = None,
+    ):
         self.name = name
         self.module = module
         self.ema = ema
         self.optimizer = optimizer
         self.ema_decay = ema_decay
         self.device = device
-        self.skeleton = skeleton          # meta_skeleton of the model before wrapping (full_model)
+        self.skeleton = skeleton  # meta_skeleton of the model before wrapping (full_model)
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
@@ -219,8 +247,9 @@ class LocalPart(TrainedPart):
     that takes parts (``Task.evaluate``) and for unsharded references in tests. Every rank holds it whole; it has no
     optimizer and does not train (``backward`` is ``loss.backward()``; ``step`` is refused)."""
 
-    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module] = None,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self, name: str, module: nn.Module, ema: Optional[nn.Module] = None, device: Optional[torch.device] = None
+    ):
         if device is None:
             device = next((t.device for t in module.parameters()), torch.device("cpu"))
         super().__init__(name, module, ema, None, None, device)
@@ -243,8 +272,10 @@ class LocalPart(TrainedPart):
             raise ValueError(f"{self.name}: no EMA")
         if rank0_only and not _is_main_rank():
             return {}
-        return {canonical_name(k): (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-                for k, v in module.state_dict().items()}
+        return {
+            canonical_name(k): (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in module.state_dict().items()
+        }
 
     @contextlib.contextmanager
     def full_model(self, which: str = "ema", rank0_only: bool = False) -> Iterator[Optional[nn.Module]]:
@@ -280,9 +311,17 @@ class Engine(abc.ABC):
         self.async_save = False
 
     @abc.abstractmethod
-    def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
-                compile_attrs: tuple[str, ...] = ()) -> TrainedPart:
+    def prepare(
+        self,
+        name: str,
+        model: nn.Module,
+        optim_cfg: OptimizerConfig,
+        ema_decay: Optional[float],
+        blocks_attr: Optional[str] = "blocks",
+        *,
+        grad_clip: Optional[float] = None,
+        compile_attrs: tuple[str, ...] = (),
+    ) -> TrainedPart:
         """Wrap ``model`` (fp32, not yet sharded) and build its optimizer and EMA. With ``engine.compile``, the blocks
         of ``blocks_attr`` and the sub-modules named in ``compile_attrs`` get their ``forward`` compiled in place
         (``compile_forwards``)."""
@@ -312,8 +351,9 @@ class Engine(abc.ABC):
         return True
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW / Adam from the config: fused kernels on CUDA (unless ``cfg.fused`` says otherwise), foreach elsewhere."""
     params = list(params)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"

@@ -104,6 +104,7 @@ DeepSpeed 0.19): the ZeRO optimizers' flat fp32 partitions and parameter groups 
 the inner torch optimizer's ``state`` keyed by the flat partitions, and ``engine._config.load_universal_checkpoint``
 (switched on for the universal load only).
 """
+
 from __future__ import annotations
 
 import functools
@@ -138,9 +139,9 @@ from core.fileio import atomic_torch_save, fsync_dir
 
 log = logging.getLogger(__name__)
 
-DS_DIR = "deepspeed"              # <ckpt_dir>/deepspeed/<part>/
-TAG = "state"                     # DeepSpeed checkpoint tag (one checkpoint per CheckpointManager directory)
-UNIVERSAL_TAG = "universal"       # ds_to_universal output folder, next to the tag folder
+DS_DIR = "deepspeed"  # <ckpt_dir>/deepspeed/<part>/
+TAG = "state"  # DeepSpeed checkpoint tag (one checkpoint per CheckpointManager directory)
+UNIVERSAL_TAG = "universal"  # ds_to_universal output folder, next to the tag folder
 EMA_FILE = "ema.pt"
 # Elements per collective when assembling full state dicts (64 Mi fp32 = 256 MiB per bucket).
 GATHER_BUCKET_ELEMENTS = 64 * 1024 * 1024
@@ -159,20 +160,25 @@ def _import_deepspeed(device: torch.device, strict: bool = True):
 
     accel = get_accelerator().device_name()
     if strict and accel != device.type:
-        raise RuntimeError(f"DeepSpeed selected the {accel!r} accelerator but this rank trains on {device}: set "
-                           f"DS_ACCELERATOR={device.type} before DeepSpeed is first imported")
+        raise RuntimeError(
+            f"DeepSpeed selected the {accel!r} accelerator but this rank trains on {device}: set "
+            f"DS_ACCELERATOR={device.type} before DeepSpeed is first imported"
+        )
     return deepspeed
 
 
 def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = None) -> dict[str, Any]:
     """The DeepSpeed config for one part. Batch sizes are bookkeeping only (the trainer feeds the batches)."""
     if cfg.zero_stage not in (1, 2, 3):
-        raise ValueError(f"engine.zero_stage: the DeepSpeed engine runs ZeRO stage 1, 2 or 3, got {cfg.zero_stage} "
-                         "(stage 0 is plain data parallelism: use engine.kind=fsdp2 or a ZeRO stage)")
+        raise ValueError(
+            f"engine.zero_stage: the DeepSpeed engine runs ZeRO stage 1, 2 or 3, got {cfg.zero_stage} "
+            "(stage 0 is plain data parallelism: use engine.kind=fsdp2 or a ZeRO stage)"
+        )
     if cfg.precision not in ("bf16", "bf16-autocast", "fp32"):
-        raise ValueError(f"engine.precision: unknown precision {cfg.precision!r} "
-                         "(expected 'bf16', 'bf16-autocast' or 'fp32')")
-    bucket = max(2, int(cfg.bucket_size) // 2 * 2)        # allgather bucket must be a multiple of 2
+        raise ValueError(
+            f"engine.precision: unknown precision {cfg.precision!r} (expected 'bf16', 'bf16-autocast' or 'fp32')"
+        )
+    bucket = max(2, int(cfg.bucket_size) // 2 * 2)  # allgather bucket must be a multiple of 2
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
         "overlap_comm": bool(cfg.overlap_comm),
@@ -186,7 +192,7 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
     bf16 = cfg.precision == "bf16"
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,        # the trainer accumulates and scales; see the module docstring
+        "gradient_accumulation_steps": 1,  # the trainer accumulates and scales; see the module docstring
         "train_batch_size": world_size,
         "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
         "zero_optimization": zero,
@@ -194,7 +200,7 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
         "fp16": {"enabled": False},
         "communication_data_type": "fp32",
         "data_types": {"grad_accum_dtype": "fp32"},
-        "zero_allow_untested_optimizer": True,   # torch AdamW, see the module docstring
+        "zero_allow_untested_optimizer": True,  # torch AdamW, see the module docstring
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -231,6 +237,7 @@ def _checkpointed(forward):
     @functools.wraps(forward)
     def run(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     return run
 
 
@@ -252,7 +259,7 @@ class _Layout:
         opt = ds_engine.optimizer
         self.fragments: dict[str, list[tuple[int, int, int, int]]] = {}
         self.shapes: dict[str, torch.Size] = {}
-        self.order: list[str] = []                  # trainable parameter names, model order
+        self.order: list[str] = []  # trainable parameter names, model order
         if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
             self.flat_attr = "fp32_partitioned_groups_flat"
             groups = opt.fp16_groups
@@ -265,16 +272,28 @@ class _Layout:
                     self.fragments[name] = [(int(gi), int(offset), int(start), int(numel))] if numel else []
                     self.shapes[name] = p.ds_shape
         elif isinstance(opt, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
-            self.flat_attr = ("single_partition_of_fp32_groups" if isinstance(opt, DeepSpeedZeroOptimizer)
-                              else "fp32_groups_flat_partition")
+            self.flat_attr = (
+                "single_partition_of_fp32_groups"
+                if isinstance(opt, DeepSpeedZeroOptimizer)
+                else "fp32_groups_flat_partition"
+            )
             groups = opt.bit16_groups if isinstance(opt, DeepSpeedZeroOptimizer) else opt.bf16_groups
             for group in groups:
                 for p in group:
                     name = names[id(p)]
                     m = getattr(p, "_hp_mapping", None)
-                    self.fragments[name] = [] if m is None else [
-                        (int(m.param_group_index), int(m.hp_fragment_address.start),
-                         int(m.lp_fragment_address.start), int(m.hp_fragment_address.numel))]
+                    self.fragments[name] = (
+                        []
+                        if m is None
+                        else [
+                            (
+                                int(m.param_group_index),
+                                int(m.hp_fragment_address.start),
+                                int(m.lp_fragment_address.start),
+                                int(m.hp_fragment_address.numel),
+                            )
+                        ]
+                    )
                     self.shapes[name] = p.shape
         else:
             raise TypeError(f"unsupported DeepSpeed optimizer {type(opt).__name__} (expected a ZeRO optimizer)")
@@ -301,8 +320,10 @@ class ZeroShardedEMA(nn.Module):
         self.eval()
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError("the DeepSpeed engine's EMA is partitioned like the ZeRO master weights and cannot run "
-                           "a forward pass: use `with part.full_model('ema') as model:` (collective)")
+        raise RuntimeError(
+            "the DeepSpeed engine's EMA is partitioned like the ZeRO master weights and cannot run "
+            "a forward pass: use `with part.full_model('ema') as model:` (collective)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- part
@@ -348,20 +369,30 @@ class DeepSpeedPart(TrainedPart):
     learning rate).
     """
 
-    def __init__(self, name: str, ds_engine, base_optimizer: torch.optim.Optimizer, ema_decay: Optional[float],
-                 state_keys: list[str], frozen: dict[str, torch.Tensor], device: torch.device,
-                 stage: int, precision: str, skeleton: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        name: str,
+        ds_engine,
+        base_optimizer: torch.optim.Optimizer,
+        ema_decay: Optional[float],
+        state_keys: list[str],
+        frozen: dict[str, torch.Tensor],
+        device: torch.device,
+        stage: int,
+        precision: str,
+        skeleton: Optional[nn.Module] = None,
+    ):
         super().__init__(name, ds_engine, None, base_optimizer, ema_decay, device, skeleton)
         self.engine = ds_engine
-        self._partial_grads = False                  # set_partial_grads
+        self._partial_grads = False  # set_partial_grads
         self.base_optimizer = base_optimizer
         self.stage = stage
         self.precision = precision
-        self.state_keys = state_keys                 # the model's state_dict keys, in order (official names)
-        self.frozen = frozen                         # fp32 CPU snapshot of the frozen parameters
+        self.state_keys = state_keys  # the model's state_dict keys, in order (official names)
+        self.frozen = frozen  # fp32 CPU snapshot of the frozen parameters
         inner = ds_engine.module
-        first = {}                                   # id(param) -> its first name (tied parameters: one entry)
-        self._alias = {}                             # every parameter name -> the name the layout uses
+        first = {}  # id(param) -> its first name (tied parameters: one entry)
+        self._alias = {}  # every parameter name -> the name the layout uses
         for n, p in inner.named_parameters(remove_duplicate=False):
             self._alias[canonical_name(n)] = first.setdefault(id(p), canonical_name(n))
         self._buffers = {canonical_name(n): b for n, b in inner.named_buffers()}
@@ -376,8 +407,12 @@ class DeepSpeedPart(TrainedPart):
             # machinery where the real backward starts, at the loss — before any gradient reaches the module, as
             # the output hooks would. Partial autograd.grad passes never reach this tensor.
             from deepspeed.runtime.utils import register_output_backward_hooks
-            register_output_backward_hooks(loss, preprocess_once_fn=self.engine._backward_prologue,
-                                           preprocess_per_tensor_fn=self.engine._backward_prologue_per_tensor)
+
+            register_output_backward_hooks(
+                loss,
+                preprocess_once_fn=self.engine._backward_prologue,
+                preprocess_per_tensor_fn=self.engine._backward_prologue_per_tensor,
+            )
         self.engine.backward(loss)
 
     @torch.no_grad()
@@ -399,10 +434,9 @@ class DeepSpeedPart(TrainedPart):
         if isinstance(raw, torch.Tensor):
             norm = raw.detach().to(device=self.device, dtype=torch.float32).reshape(()).clone()
         else:
-            norm = torch.full((), float("nan") if raw is None else float(raw), dtype=torch.float32,
-                              device=self.device)
+            norm = torch.full((), float("nan") if raw is None else float(raw), dtype=torch.float32, device=self.device)
         applied = self.engine.was_step_applied()
-        if not applied:                    # a finite norm cannot be skipped with fp32/bf16; be explicit (on device)
+        if not applied:  # a finite norm cannot be skipped with fp32/bf16; be explicit (on device)
             norm = torch.where(torch.isfinite(norm), float("inf"), norm)
         if applied and self.ema is not None:
             ema_update_(self.ema.flats, self.layout.flats(self.engine), self.ema_decay)
@@ -412,8 +446,10 @@ class DeepSpeedPart(TrainedPart):
         """ZeRO-1/2 never shard the parameters (no-op). ZeRO-3 re-partitions every sub-module after its forward in
         its own hooks, with no per-module switch: ``reshard=False`` is refused there."""
         if not reshard and self.stage == 3:
-            raise NotImplementedError(f"{self.name}: DeepSpeed ZeRO-3 cannot keep a module's parameters unsharded "
-                                      "between its forward and its backward; use ZeRO-1/2 or engine.kind=fsdp2")
+            raise NotImplementedError(
+                f"{self.name}: DeepSpeed ZeRO-3 cannot keep a module's parameters unsharded "
+                "between its forward and its backward; use ZeRO-1/2 or engine.kind=fsdp2"
+            )
 
     def set_partial_grads(self, enabled: bool) -> None:
         """On: ``module`` becomes a ``_DirectForward`` that calls the wrapped model without DeepSpeed's engine
@@ -433,7 +469,7 @@ class DeepSpeedPart(TrainedPart):
             if self.ema is None:
                 raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
             return self.ema.flats
-        state = self.engine.optimizer.optimizer.state     # the torch optimizer's state, keyed by the flat partitions
+        state = self.engine.optimizer.optimizer.state  # the torch optimizer's state, keyed by the flat partitions
         return [state[m][which] if m in state else torch.zeros_like(m) for m in masters]
 
     @torch.no_grad()
@@ -451,15 +487,16 @@ class DeepSpeedPart(TrainedPart):
         i = 0
         while i < len(names):
             bucket, total = [], 0
-            while i < len(names) and (not bucket or total + self.layout.shapes[names[i]].numel()
-                                      <= GATHER_BUCKET_ELEMENTS):
+            while i < len(names) and (
+                not bucket or total + self.layout.shapes[names[i]].numel() <= GATHER_BUCKET_ELEMENTS
+            ):
                 bucket.append((names[i], total))
                 total += self.layout.shapes[names[i]].numel()
                 i += 1
             buf = torch.zeros(total, dtype=torch.float32, device=self.device)
             for name, base in bucket:
                 for fi, fs, ps, n in self.layout.fragments[name]:
-                    buf[base + ps: base + ps + n].copy_(flats[fi][fs: fs + n])
+                    buf[base + ps : base + ps + n].copy_(flats[fi][fs : fs + n])
             if world > 1:
                 if rank0_only:
                     tdist.reduce(buf, dst=0)
@@ -469,7 +506,7 @@ class DeepSpeedPart(TrainedPart):
                 host = buf.cpu()
                 for name, base in bucket:
                     shape = self.layout.shapes[name]
-                    out[name] = host[base: base + shape.numel()].view(shape).clone()
+                    out[name] = host[base : base + shape.numel()].view(shape).clone()
         return out
 
     @torch.no_grad()
@@ -491,8 +528,10 @@ class DeepSpeedPart(TrainedPart):
             elif key in self._buffers:
                 out[key] = self._buffers[key].detach().cpu().clone()
             else:
-                raise KeyError(f"{self.name}: state_dict key {key!r} is neither a trained parameter, a frozen "
-                               "parameter nor a buffer")
+                raise KeyError(
+                    f"{self.name}: state_dict key {key!r} is neither a trained parameter, a frozen "
+                    "parameter nor a buffer"
+                )
         return out
 
     @torch.no_grad()
@@ -508,11 +547,12 @@ class DeepSpeedPart(TrainedPart):
         for name in self.layout.order:
             src = sd[name]
             if tuple(src.shape) != tuple(self.layout.shapes[name]):
-                raise ValueError(f"{self.name}: EMA {name} has shape {tuple(src.shape)}, the model "
-                                 f"{tuple(self.layout.shapes[name])}")
+                raise ValueError(
+                    f"{self.name}: EMA {name} has shape {tuple(src.shape)}, the model {tuple(self.layout.shapes[name])}"
+                )
             flat = src.reshape(-1)
             for fi, fs, ps, n in self.layout.fragments[name]:
-                self.ema.flats[fi][fs: fs + n].copy_(flat[ps: ps + n])
+                self.ema.flats[fi][fs : fs + n].copy_(flat[ps : ps + n])
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -526,7 +566,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: EngineConfig, dist: DistInfo, compile_kwargs: Optional[dict[str, Any]] = None):
         super().__init__(cfg, dist)
-        ds_config(cfg, dist.world_size)                      # validate stage / precision early
+        ds_config(cfg, dist.world_size)  # validate stage / precision early
         if not tdist.is_initialized():
             raise RuntimeError("the DeepSpeed engine needs the process group of core.distributed.init_distributed()")
         self.compile_kwargs = dict(compile_kwargs or {})
@@ -543,8 +583,10 @@ class DeepSpeedEngine(Engine):
         if compile_blocks and self.cfg.zero_stage == 3:
             # ZeRO-3 gathers each sub-module's parameters in forward hooks that DeepSpeed excludes from
             # compilation (torch.compiler.disable): a block's forward breaks the graph at every sub-module.
-            log.warning("engine.compile is skipped with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks break "
-                        "the graph at every sub-module); use stage 1/2 or FSDP2 for compiled blocks")
+            log.warning(
+                "engine.compile is skipped with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks break "
+                "the graph at every sub-module); use stage 1/2 or FSDP2 for compiled blocks"
+            )
             compile_blocks = False
         if compile_blocks and compile_attrs:
             compile_forwards(model, compile_attrs, self.compile_kwargs)
@@ -560,17 +602,28 @@ class DeepSpeedEngine(Engine):
                 forward = torch.compile(forward, **self.compile_kwargs)
             block.forward = forward
 
-    def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
-                compile_attrs: tuple[str, ...] = ()) -> DeepSpeedPart:
+    def prepare(
+        self,
+        name: str,
+        model: nn.Module,
+        optim_cfg: OptimizerConfig,
+        ema_decay: Optional[float],
+        blocks_attr: Optional[str] = "blocks",
+        *,
+        grad_clip: Optional[float] = None,
+        compile_attrs: tuple[str, ...] = (),
+    ) -> DeepSpeedPart:
         check_ema_decay(name, ema_decay)
         if any(hasattr(p, "ds_id") for p in model.parameters()):
             raise ValueError(f"{name}: model is already partitioned by DeepSpeed")
-        cast_to_fp32_(model)                                          # fp32 master weights, always
+        cast_to_fp32_(model)  # fp32 master weights, always
         skeleton = meta_skeleton(model)
         state_keys = [canonical_name(k) for k in model.state_dict().keys()]
-        frozen = {canonical_name(n): p.detach().float().cpu().clone()
-                  for n, p in model.named_parameters() if not p.requires_grad}
+        frozen = {
+            canonical_name(n): p.detach().float().cpu().clone()
+            for n, p in model.named_parameters()
+            if not p.requires_grad
+        }
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"{name}: no trainable parameters")
         model.to(self.dist.device)
@@ -578,15 +631,26 @@ class DeepSpeedEngine(Engine):
         opt_device = torch.device("cpu") if self.cfg.offload_optimizer else self.dist.device
         base = build_optimizer([p for p in model.parameters() if p.requires_grad], optim_cfg, opt_device)
         config = ds_config(self.cfg, self.dist.world_size, grad_clip)
-        ds_engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=base, config=config,
-                                                       dist_init_required=False)
+        ds_engine, _, _, _ = self.deepspeed.initialize(
+            model=model, optimizer=base, config=config, dist_init_required=False
+        )
         if self.dist.world_size > 1:
             # DeepSpeed starts every stage from rank 0's weights (broadcast at initialisation): same snapshot.
             box = [frozen]
             tdist.broadcast_object_list(box, src=0)
             frozen = box[0]
-        return DeepSpeedPart(name, ds_engine, base, ema_decay, state_keys, frozen, self.dist.device,
-                             self.cfg.zero_stage, self.cfg.precision, skeleton)
+        return DeepSpeedPart(
+            name,
+            ds_engine,
+            base,
+            ema_decay,
+            state_keys,
+            frozen,
+            self.dist.device,
+            self.cfg.zero_stage,
+            self.cfg.precision,
+            skeleton,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _client_state(self, part: DeepSpeedPart) -> dict[str, Any]:
@@ -595,9 +659,16 @@ class DeepSpeedEngine(Engine):
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
             UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         )
-        return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-                "llat": {"part": part.name, "zero_stage": part.stage, "precision": part.precision,
-                         "world_size": self.dist.world_size}}
+
+        return {
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+            "llat": {
+                "part": part.name,
+                "zero_stage": part.stage,
+                "precision": part.precision,
+                "world_size": self.dist.world_size,
+            },
+        }
 
     def save(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
         """Collective, synchronous: DeepSpeed checkpoint + gathered EMA per part."""
@@ -608,11 +679,21 @@ class DeepSpeedEngine(Engine):
             part.engine.save_checkpoint(str(root), tag=TAG, client_state=self._client_state(part), save_latest=True)
             ema = part.full_state_dict("ema") if part.ema is not None else None
             if self.dist.is_main:
-                atomic_torch_save({"ema": ema, "frozen": dict(part.frozen),
-                                    "meta": {"part": name, "zero_stage": part.stage, "precision": part.precision,
-                                             "world_size": self.dist.world_size, "state_keys": part.state_keys,
-                                             "ema_decay": part.ema_decay}},
-                                   root / EMA_FILE)
+                atomic_torch_save(
+                    {
+                        "ema": ema,
+                        "frozen": dict(part.frozen),
+                        "meta": {
+                            "part": name,
+                            "zero_stage": part.stage,
+                            "precision": part.precision,
+                            "world_size": self.dist.world_size,
+                            "state_keys": part.state_keys,
+                            "ema_decay": part.ema_decay,
+                        },
+                    },
+                    root / EMA_FILE,
+                )
         barrier()
 
     def _convert_to_universal(self, root: Path) -> Path:
@@ -623,11 +704,22 @@ class DeepSpeedEngine(Engine):
             for stale in root.glob(".universal-tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".universal-tmp-{os.getpid()}"
-            argv = ["--input_folder", str(root / TAG), "--output_folder", str(tmp),
-                    "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            log.warning("checkpoint %s was written by another number of ranks: converting it to a DeepSpeed "
-                        "universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal %s)", root,
-                        " ".join(argv))
+            argv = [
+                "--input_folder",
+                str(root / TAG),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
+            log.warning(
+                "checkpoint %s was written by another number of ranks: converting it to a DeepSpeed "
+                "universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal %s)",
+                root,
+                " ".join(argv),
+            )
             try:
                 _run_ds_to_universal(argv)
                 if not (tmp / "zero").is_dir():
@@ -656,21 +748,32 @@ class DeepSpeedEngine(Engine):
                 if (ckpt_dir / "state" / ".metadata").is_file():
                     raise FileNotFoundError(
                         f"{ckpt_dir} was written by the FSDP2 engine (DCP state/), not by DeepSpeed: resume it with "
-                        "engine.kind=fsdp2, or export it (tools/export.py) and start from it with model.init_from")
+                        "engine.kind=fsdp2, or export it (tools/export.py) and start from it with model.init_from"
+                    )
                 raise FileNotFoundError(f"{root / TAG}: no DeepSpeed checkpoint for part {name!r}")
             saved = torch.load(root / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
             same_world = int(saved["meta"]["world_size"]) == self.dist.world_size
             ds = part.engine
             if same_world:
-                path, _ = ds.load_checkpoint(str(root), tag=TAG, load_module_strict=True, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+                path, _ = ds.load_checkpoint(
+                    str(root),
+                    tag=TAG,
+                    load_module_strict=True,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
             else:
                 self._convert_to_universal(root)
                 previous = ds._config.load_universal_checkpoint
                 ds._config.load_universal_checkpoint = True
                 try:
-                    path, _ = ds.load_checkpoint(str(root), tag=UNIVERSAL_TAG, load_module_strict=True,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+                    path, _ = ds.load_checkpoint(
+                        str(root),
+                        tag=UNIVERSAL_TAG,
+                        load_module_strict=True,
+                        load_optimizer_states=True,
+                        load_lr_scheduler_states=False,
+                    )
                 finally:
                     ds._config.load_universal_checkpoint = previous
             if path is None:
@@ -694,8 +797,9 @@ def consolidated_state_dicts(ckpt_dir: Path, part: str = "model") -> dict[str, d
     """
     root = part_dir(ckpt_dir, part)
     if not (root / TAG).is_dir() or not (root / EMA_FILE).is_file():
-        parts = sorted(p.name for p in (Path(ckpt_dir) / DS_DIR).iterdir()) if (Path(ckpt_dir) / DS_DIR).is_dir() \
-            else []
+        parts = (
+            sorted(p.name for p in (Path(ckpt_dir) / DS_DIR).iterdir()) if (Path(ckpt_dir) / DS_DIR).is_dir() else []
+        )
         raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed checkpoint of part {part!r} (parts found: {parts})")
     _import_deepspeed(torch.device("cuda" if torch.cuda.is_available() else "cpu"), strict=False)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

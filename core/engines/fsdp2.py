@@ -42,6 +42,7 @@ interleaves with the training collectives. ``wait()`` blocks until this rank's w
 re-raises its error; it is *not* a collective. A checkpoint is only complete when ``wait()`` has returned on
 every rank — the caller (``core.checkpoint.CheckpointManager``) adds the barrier and the commit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -91,9 +92,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDP2Part(TrainedPart):
     """A model wrapped with FSDP2 + its optimizer + its (identically sharded) EMA."""
 
-    def __init__(self, name: str, module: nn.Module, ema: Optional[nn.Module], optimizer: torch.optim.Optimizer,
-                 ema_decay: Optional[float], grad_clip: Optional[float], device: torch.device,
-                 skeleton: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        ema: Optional[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        ema_decay: Optional[float],
+        grad_clip: Optional[float],
+        device: torch.device,
+        skeleton: Optional[nn.Module] = None,
+    ):
         super().__init__(name, module, ema, optimizer, ema_decay, device, skeleton)
         self.grad_clip = grad_clip
         self.trainable = [p for p in module.parameters() if p.requires_grad]
@@ -104,8 +113,7 @@ class FSDP2Part(TrainedPart):
             src = {canonical_name(n): p for n, p in module.named_parameters()}
             dst = {canonical_name(n): p for n, p in ema.named_parameters()}
             if src.keys() != dst.keys():
-                raise RuntimeError(f"{name}: EMA and model parameters differ: "
-                                   f"{sorted(src.keys() ^ dst.keys())[:10]}")
+                raise RuntimeError(f"{name}: EMA and model parameters differ: {sorted(src.keys() ^ dst.keys())[:10]}")
             for key, p in src.items():
                 # DTensor parameters; ema_update_ works on their local shards, which line up because
                 # FSDP2 shards both modules identically (same shapes, same mesh).
@@ -132,7 +140,8 @@ class FSDP2Part(TrainedPart):
         """Whether a non-finite step is skipped on the device (no host read): the optimizer is a fused one (the
         default on CUDA), whose kernel takes a ``found_inf`` flag as ``torch.amp.GradScaler`` uses it."""
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and all(
-            g.get("fused") for g in self.optimizer.param_groups)
+            g.get("fused") for g in self.optimizer.param_groups
+        )
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
@@ -154,7 +163,7 @@ class FSDP2Part(TrainedPart):
         finite = None
         if self.skips_on_device:
             finite = torch.isfinite(norm)
-        elif not bool(torch.isfinite(norm)):                   # host read (non-fused optimizers only)
+        elif not bool(torch.isfinite(norm)):  # host read (non-fused optimizers only)
             self.optimizer.zero_grad(set_to_none=True)
             return norm
         if self.grad_clip is not None:
@@ -210,8 +219,13 @@ class FSDP2Engine(Engine):
 
     supports_async_save = True
 
-    def __init__(self, cfg: EngineConfig, dist: DistInfo, async_save: bool = False,
-                 compile_kwargs: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        dist: DistInfo,
+        async_save: bool = False,
+        compile_kwargs: Optional[dict[str, Any]] = None,
+    ):
         super().__init__(cfg, dist)
         self.async_save = bool(async_save)
         self.compile_kwargs = dict(compile_kwargs or {})
@@ -234,8 +248,9 @@ class FSDP2Engine(Engine):
                 if self.dist.is_main:
                     log.info("hybrid sharding: %d replica(s) x %d shard(s)", world // group, group)
             else:
-                raise ValueError(f"engine.sharding: unknown sharding {self.cfg.sharding!r} "
-                                 "(expected 'full' or 'hybrid')")
+                raise ValueError(
+                    f"engine.sharding: unknown sharding {self.cfg.sharding!r} (expected 'full' or 'hybrid')"
+                )
         return self._mesh
 
     def shard_group_size(self) -> int:
@@ -251,11 +266,15 @@ class FSDP2Engine(Engine):
                 tdist.all_reduce(bounds, op=tdist.ReduceOp.MAX)
                 most, fewest = int(bounds[0]), -int(bounds[1])
                 if most != fewest:
-                    raise ValueError(f"{key}: the nodes run different numbers of ranks ({fewest} to {most}); "
-                                     "set engine.shard_group_size explicitly")
+                    raise ValueError(
+                        f"{key}: the nodes run different numbers of ranks ({fewest} to {most}); "
+                        "set engine.shard_group_size explicitly"
+                    )
         if group < 1 or world % group:
-            raise ValueError(f"{key}: world size {world} is not divisible by shard_group_size {group} (hybrid "
-                             "sharding replicates whole shard groups)")
+            raise ValueError(
+                f"{key}: world size {world} is not divisible by shard_group_size {group} (hybrid "
+                "sharding replicates whole shard groups)"
+            )
         return group
 
     def mp_policy(self) -> MixedPrecisionPolicy:
@@ -263,15 +282,24 @@ class FSDP2Engine(Engine):
             # cast_forward_inputs=False: FSDP would otherwise round every floating input of every block to
             # bf16 — the raw timestep t and the RoPE tables included, which the official autocast keeps in
             # fp32. The model casts activations to its weight dtype itself.
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=False)
+            return MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         if self.cfg.precision in ("fp32", "bf16-autocast"):
-            return MixedPrecisionPolicy()    # fp32 parameters; bf16-autocast casts per op (Engine.autocast)
-        raise ValueError(f"engine.precision: unknown precision {self.cfg.precision!r} "
-                         "(expected 'bf16', 'bf16-autocast' or 'fp32')")
+            return MixedPrecisionPolicy()  # fp32 parameters; bf16-autocast casts per op (Engine.autocast)
+        raise ValueError(
+            f"engine.precision: unknown precision {self.cfg.precision!r} (expected 'bf16', 'bf16-autocast' or 'fp32')"
+        )
 
-    def _shard(self, model: nn.Module, blocks_attr: Optional[str], mp: MixedPrecisionPolicy,
-               checkpointing: bool, compile_blocks: bool, compile_attrs: tuple[str, ...] = ()) -> None:
+    def _shard(
+        self,
+        model: nn.Module,
+        blocks_attr: Optional[str],
+        mp: MixedPrecisionPolicy,
+        checkpointing: bool,
+        compile_blocks: bool,
+        compile_attrs: tuple[str, ...] = (),
+    ) -> None:
         blocks = block_container(model, blocks_attr)
         warn_skipped_block_options(blocks is not None, checkpointing, compile_blocks, compile_attrs)
         if compile_blocks and compile_attrs:
@@ -284,6 +312,7 @@ class FSDP2Engine(Engine):
                     CheckpointImpl,
                     checkpoint_wrapper,
                 )
+
                 block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 blocks[i] = block
             if compile_blocks:
@@ -293,13 +322,21 @@ class FSDP2Engine(Engine):
             fully_shard(block, **kw)
         fully_shard(model, **kw)
 
-    def prepare(self, name: str, model: nn.Module, optim_cfg: OptimizerConfig, ema_decay: Optional[float],
-                blocks_attr: Optional[str] = "blocks", *, grad_clip: Optional[float] = None,
-                compile_attrs: tuple[str, ...] = ()) -> FSDP2Part:
+    def prepare(
+        self,
+        name: str,
+        model: nn.Module,
+        optim_cfg: OptimizerConfig,
+        ema_decay: Optional[float],
+        blocks_attr: Optional[str] = "blocks",
+        *,
+        grad_clip: Optional[float] = None,
+        compile_attrs: tuple[str, ...] = (),
+    ) -> FSDP2Part:
         if isinstance(model, FSDPModule):
             raise ValueError(f"{name}: model is already wrapped with fully_shard")
         check_ema_decay(name, ema_decay)
-        cast_to_fp32_(model)               # fp32 master weights, always
+        cast_to_fp32_(model)  # fp32 master weights, always
         skeleton = meta_skeleton(model)
         ema = None
         if ema_decay is not None:
@@ -308,8 +345,14 @@ class FSDP2Engine(Engine):
             ema.eval()
         device = self.dist.device
         model.to(device)
-        self._shard(model, blocks_attr, self.mp_policy(), self.cfg.activation_checkpointing, self.cfg.compile,
-                    tuple(compile_attrs))
+        self._shard(
+            model,
+            blocks_attr,
+            self.mp_policy(),
+            self.cfg.activation_checkpointing,
+            self.cfg.compile,
+            tuple(compile_attrs),
+        )
         if ema is not None:
             ema.to(device)
             self._shard(ema, blocks_attr, MixedPrecisionPolicy(), False, False)
@@ -371,7 +414,12 @@ class FSDP2Engine(Engine):
         state = self._state_dict(parts)
         dcp.load(state, checkpoint_id=str(ckpt_dir / "state"))
         for name, part in parts.items():
-            set_state_dict(part.module, part.optimizer, model_state_dict=state[f"{name}.model"],
-                           optim_state_dict=state[f"{name}.optim"], options=StateDictOptions())
+            set_state_dict(
+                part.module,
+                part.optimizer,
+                model_state_dict=state[f"{name}.model"],
+                optim_state_dict=state[f"{name}.optim"],
+                options=StateDictOptions(),
+            )
             if part.ema is not None:
                 set_model_state_dict(part.ema, state[f"{name}.ema"], options=StateDictOptions())

@@ -47,6 +47,7 @@ FID sampling (``sample_to_folder``), deterministic per image:
 Every rank of a process group (if any) samples its chunks; the only collectives are the plan broadcast and two
 barriers in ``sample_to_folder``.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,11 +66,33 @@ import torch
 from core.distributed import barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_temporary
 
-__all__ = ["IDENTITY", "LABEL_MODES", "MANIFEST", "SCHEME", "SamplingError", "check_decoding", "chunk_range",
-           "decoder_from_config", "existing_indices", "image_grid", "index_noise", "index_seed", "latent_decoder",
-           "png_name", "remove_stale_temporaries", "resolve_source", "sample_class_grid",
-           "sample_indices", "sample_to_folder", "save_png", "sde_generator", "to_uint8", "tokenizer_spec",
-           "write_npz", "write_png_atomic"]
+__all__ = [
+    "IDENTITY",
+    "LABEL_MODES",
+    "MANIFEST",
+    "SCHEME",
+    "SamplingError",
+    "check_decoding",
+    "chunk_range",
+    "decoder_from_config",
+    "existing_indices",
+    "image_grid",
+    "index_noise",
+    "index_seed",
+    "latent_decoder",
+    "png_name",
+    "remove_stale_temporaries",
+    "resolve_source",
+    "sample_class_grid",
+    "sample_indices",
+    "sample_to_folder",
+    "save_png",
+    "sde_generator",
+    "to_uint8",
+    "tokenizer_spec",
+    "write_npz",
+    "write_png_atomic",
+]
 
 log = logging.getLogger("llat")
 
@@ -87,14 +110,14 @@ class SamplingError(RuntimeError):
 # ------------------------------------------------------------------------------------------ model loading
 def _latest_checkpoint(run_dir: Path) -> Path:
     from core.checkpoint import complete_checkpoints
+
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
     return found[-1][1]
 
 
-def resolve_source(source: Path, config: Optional[Path] = None,
-                   ckpt: Optional[Path] = None) -> tuple[Path, Path]:
+def resolve_source(source: Path, config: Optional[Path] = None, ckpt: Optional[Path] = None) -> tuple[Path, Path]:
     """(config file, checkpoint) for any accepted source (see the module doc); the checkpoint defaults to the
     newest complete one of the run."""
     source = Path(source)
@@ -116,8 +139,10 @@ def resolve_source(source: Path, config: Optional[Path] = None,
                     config = parent / "config.yaml"
                     break
         if config is None:
-            raise FileNotFoundError(f"{source}: a checkpoint without a run directory around it; pass --config "
-                                    f"(the experiment YAML describing its model and sampler)")
+            raise FileNotFoundError(
+                f"{source}: a checkpoint without a run directory around it; pass --config "
+                f"(the experiment YAML describing its model and sampler)"
+            )
     if ckpt is None:
         ckpt = _latest_checkpoint(run_dir)
     return Path(config), Path(ckpt)
@@ -144,8 +169,10 @@ def tokenizer_spec(tokenizer: str = "", data_dir: Optional[Path] = None) -> dict
             info = json.loads(manifest.read_text())["plan"]["tokenizer"]
             recorded = {"kind": str(info["kind"]), "kwargs": dict(info.get("kwargs") or {})}
         except (OSError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{manifest}: cannot read the tokenizer it records ({type(err).__name__}: {err}); "
-                             f"set {TOKENIZER_KEY} instead") from None
+            raise ValueError(
+                f"{manifest}: cannot read the tokenizer it records ({type(err).__name__}: {err}); "
+                f"set {TOKENIZER_KEY} instead"
+            ) from None
     if tokenizer:
         tokenizer = str(tokenizer)
         if tokenizer in available_tokenizers():
@@ -153,41 +180,65 @@ def tokenizer_spec(tokenizer: str = "", data_dir: Optional[Path] = None) -> dict
         else:
             path = Path(tokenizer).expanduser()
             if not path.exists():
-                raise FileNotFoundError(f"{TOKENIZER_KEY}: tokenizer checkpoint not found: {tokenizer} (give a "
-                                        f"VA-VAE checkpoint file or run checkpoint directory, or one of "
-                                        f"{', '.join(available_tokenizers())})")
+                raise FileNotFoundError(
+                    f"{TOKENIZER_KEY}: tokenizer checkpoint not found: {tokenizer} (give a "
+                    f"VA-VAE checkpoint file or run checkpoint directory, or one of "
+                    f"{', '.join(available_tokenizers())})"
+                )
             spec = {"kind": "vavae", "kwargs": {"checkpoint": str(path)}}
         if recorded is not None and recorded["kind"] != spec["kind"]:
-            log.warning("%s=%s, but %s records the %r tokenizer: decoding with %s", TOKENIZER_KEY, tokenizer,
-                        manifest, recorded["kind"], tokenizer)
+            log.warning(
+                "%s=%s, but %s records the %r tokenizer: decoding with %s",
+                TOKENIZER_KEY,
+                tokenizer,
+                manifest,
+                recorded["kind"],
+                tokenizer,
+            )
         return spec
     if recorded is not None:
         return recorded
-    where = (f"data.path ({data_dir}) has no manifest.json naming one" if data_dir is not None
-             else "data.path is not set (no manifest.json naming one)")
-    raise ValueError(f"no tokenizer to decode the latents: {where}. Set {TOKENIZER_KEY} (tools/sample.py: "
-                     f"--tokenizer) to the VA-VAE checkpoint the latents came from, or {TOKENIZER_KEY}={IDENTITY} "
-                     f"for pixel-space latents")
+    where = (
+        f"data.path ({data_dir}) has no manifest.json naming one"
+        if data_dir is not None
+        else "data.path is not set (no manifest.json naming one)"
+    )
+    raise ValueError(
+        f"no tokenizer to decode the latents: {where}. Set {TOKENIZER_KEY} (tools/sample.py: "
+        f"--tokenizer) to the VA-VAE checkpoint the latents came from, or {TOKENIZER_KEY}={IDENTITY} "
+        f"for pixel-space latents"
+    )
 
 
 def _stats_source(latent_norm: bool, latent_stats: str, data_dir: Optional[Path]) -> Optional[Path]:
     """Where the de-normalisation statistics come from (None: no de-normalisation)."""
     if not latent_norm:
         if latent_stats:
-            raise ValueError(f"{STATS_KEY} is set but data.latent_norm is false (the model's latents are not "
-                             f"normalised): unset one of them")
+            raise ValueError(
+                f"{STATS_KEY} is set but data.latent_norm is false (the model's latents are not "
+                f"normalised): unset one of them"
+            )
         return None
     if latent_stats:
         return Path(latent_stats).expanduser()
     if data_dir is None:
-        raise ValueError(f"data.path: needed to de-normalise latents (data.latent_norm is true); set data.path "
-                         f"to the training data, {STATS_KEY} (tools/sample.py: --latent-stats) to its "
-                         f"latents_stats.pt, or data.latent_norm=false")
+        raise ValueError(
+            f"data.path: needed to de-normalise latents (data.latent_norm is true); set data.path "
+            f"to the training data, {STATS_KEY} (tools/sample.py: --latent-stats) to its "
+            f"latents_stats.pt, or data.latent_norm=false"
+        )
     return data_dir
 
 
-def latent_decoder(data_dir: Optional[Path], latent_norm: bool, multiplier: float, device: str = "cpu", *,
-                   tokenizer: str = "", latent_stats: str = ""):
+def latent_decoder(
+    data_dir: Optional[Path],
+    latent_norm: bool,
+    multiplier: float,
+    device: str = "cpu",
+    *,
+    tokenizer: str = "",
+    latent_stats: str = "",
+):
     """latents (normalised, as the model sees them) -> images in [-1, 1].
 
     ``data_dir``: the training data (statistics + ``manifest.json`` naming the tokenizer), None or "" for none.
@@ -201,6 +252,7 @@ def latent_decoder(data_dir: Optional[Path], latent_norm: bool, multiplier: floa
     if stats is not None:
         # (data.streaming imports MosaicML streaming, a slow import: only when statistics are needed)
         from data.streaming import denormalize_latents, load_latent_stats
+
         try:
             mean, std = (s.to(device) for s in load_latent_stats(stats))
         except (FileNotFoundError, ValueError) as err:
@@ -212,15 +264,22 @@ def latent_decoder(data_dir: Optional[Path], latent_norm: bool, multiplier: floa
     def decode(z: torch.Tensor) -> torch.Tensor:
         z = denormalize_latents(z, mean, std, multiplier) if mean is not None else z / multiplier
         return tok.decode(z).clamp(-1, 1)
-    decode.tokenizer_kind = info["kind"]            # type: ignore[attr-defined]
+
+    decode.tokenizer_kind = info["kind"]  # type: ignore[attr-defined]
     return decode
 
 
 def decoder_from_config(cfg, device: str = "cpu"):
     """``latent_decoder`` for an experiment config: ``data.path`` / ``data.latent_norm`` /
     ``data.latent_multiplier`` and ``sampling.tokenizer`` / ``sampling.latent_stats``."""
-    return latent_decoder(cfg.data.path or None, cfg.data.latent_norm, cfg.data.latent_multiplier, device,
-                          tokenizer=cfg.sampling.tokenizer, latent_stats=cfg.sampling.latent_stats)
+    return latent_decoder(
+        cfg.data.path or None,
+        cfg.data.latent_norm,
+        cfg.data.latent_multiplier,
+        device,
+        tokenizer=cfg.sampling.tokenizer,
+        latent_stats=cfg.sampling.latent_stats,
+    )
 
 
 def check_decoding(cfg) -> None:
@@ -245,7 +304,7 @@ def sample_class_grid(cfg, model, decode, per_class: int, seed: int = 0, device:
     y = torch.arange(n_cls, device=device).repeat_interleave(per_class)
     z = torch.randn(len(y), c, s, s, generator=g, device=device)
     latents = sampler.sample(model, z, y, generator=g)
-    images = to_uint8(decode(latents)).cpu()                    # (N, 3, H, W)
+    images = to_uint8(decode(latents)).cpu()  # (N, 3, H, W)
     n, ch, h, w = images.shape
     grid = images.view(n_cls, per_class, ch, h, w).permute(0, 3, 1, 4, 2).reshape(n_cls * h, per_class * w, ch)
     return grid.numpy()
@@ -278,8 +337,9 @@ def index_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0])
 
 
-def index_noise(indices: Sequence[int], seed: int, num_classes: int, latent_shape: Sequence[int],
-                labels: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+def index_noise(
+    indices: Sequence[int], seed: int, num_classes: int, latent_shape: Sequence[int], labels: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(z float32 (n, C, H, W), y int64 (n,)) on the CPU for these image indices (see the module doc)."""
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
@@ -304,9 +364,19 @@ def sde_generator(seed: int, chunk: int, device) -> torch.Generator:
 
 
 @torch.no_grad()
-def sample_indices(sampler, model_fn: Callable, decode: Callable, indices: Sequence[int], seed: int,
-                   num_classes: int, latent_shape: Sequence[int], labels: str, device, chunk: int,
-                   pad_to: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_indices(
+    sampler,
+    model_fn: Callable,
+    decode: Callable,
+    indices: Sequence[int],
+    seed: int,
+    num_classes: int,
+    latent_shape: Sequence[int],
+    labels: str,
+    device,
+    chunk: int,
+    pad_to: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (n, 3, H, W) on ``device`` and labels for ``indices`` (one sampler batch).
 
     ``pad_to``: run the sampler on a batch of exactly this size (zeros noise, label 0 in the padding), e.g. to
@@ -372,8 +442,10 @@ def write_npz(files: Sequence[Path], path: Path) -> Path:
     shape = (len(files), h, w, 3)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
     path = Path(path)
-    with atomic_write(path, "wb") as out, \
-            zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with (
+        atomic_write(path, "wb") as out,
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, header)
             for file in files:
@@ -388,16 +460,22 @@ def write_npz(files: Sequence[Path], path: Path) -> Path:
 def _settings(cfg, ckpt: Path, which: str, seed: int, labels: str) -> dict[str, Any]:
     from core.config import config_to_dict
 
-    return {"scheme": SCHEME, "checkpoint": str(Path(ckpt).resolve()), "which": which, "seed": int(seed),
-            "labels": labels, "model": config_to_dict(cfg.model), "sampling": _sampler_settings(cfg.sampling),
-            "data": _decode_settings(cfg)}
+    return {
+        "scheme": SCHEME,
+        "checkpoint": str(Path(ckpt).resolve()),
+        "which": which,
+        "seed": int(seed),
+        "labels": labels,
+        "model": config_to_dict(cfg.model),
+        "sampling": _sampler_settings(cfg.sampling),
+        "data": _decode_settings(cfg),
+    }
 
 
 def _decode_settings(cfg) -> dict[str, Any]:
     """How latents become images. ``sampling.tokenizer`` / ``sampling.latent_stats`` are recorded here, and only
     when set, so that folders written before these keys existed stay resumable."""
-    out = {"path": cfg.data.path, "latent_norm": cfg.data.latent_norm,
-           "latent_multiplier": cfg.data.latent_multiplier}
+    out = {"path": cfg.data.path, "latent_norm": cfg.data.latent_norm, "latent_multiplier": cfg.data.latent_multiplier}
     for key in ("tokenizer", "latent_stats"):
         if getattr(cfg.sampling, key):
             out[key] = getattr(cfg.sampling, key)
@@ -415,8 +493,11 @@ def _check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
     path = out_dir / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
-        diffs = [k for k in sorted(set(old) | set(settings)) if k not in ("num", "batch_size")
-                 and old.get(k) != settings.get(k)]
+        diffs = [
+            k
+            for k in sorted(set(old) | set(settings))
+            if k not in ("num", "batch_size") and old.get(k) != settings.get(k)
+        ]
         if diffs:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diffs[:4])
             raise ValueError(f"{out_dir} holds samples made with other settings ({details}); use another --out")
@@ -424,9 +505,22 @@ def _check_manifest(out_dir: Path, settings: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ FID sampling
-def sample_to_folder(cfg, model, decode, out_dir: Path, num: int, *, ckpt: Path, which: str = "ema",
-                     batch_size: int = 64, seed: int = 0, labels: str = "uniform", device="cpu",
-                     npz: Optional[Path] = None, progress: bool = True) -> dict[str, Any]:
+def sample_to_folder(
+    cfg,
+    model,
+    decode,
+    out_dir: Path,
+    num: int,
+    *,
+    ckpt: Path,
+    which: str = "ema",
+    batch_size: int = 64,
+    seed: int = 0,
+    labels: str = "uniform",
+    device="cpu",
+    npz: Optional[Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Sample images 0..num-1 into ``out_dir/{i:06d}.png`` (skipping existing ones), on every rank of the
     process group (if any); then, on rank 0, pack them into ``npz`` when given. Returns a summary (rank 0)."""
     from models.sampling import Sampler
@@ -459,13 +553,15 @@ def sample_to_folder(cfg, model, decode, out_dir: Path, num: int, *, ckpt: Path,
     todo = sum(len(chunk_range(c, batch_size, num)) for c in pending)
     if rank == 0 and progress:
         from tqdm import tqdm
+
         bar = tqdm(total=todo, unit="img", dynamic_ncols=True, desc=f"sampling ({world} rank(s))")
     t0 = time.perf_counter()
     written = 0
     for c in mine:
         indices = list(chunk_range(c, batch_size, num))
-        images, _ = sample_indices(sampler, model, decode, indices, seed, cfg.model.num_classes, latent_shape,
-                                   labels, device, chunk=c)
+        images, _ = sample_indices(
+            sampler, model, decode, indices, seed, cfg.model.num_classes, latent_shape, labels, device, chunk=c
+        )
         arrays = images.permute(0, 2, 3, 1).cpu().numpy()
         for i, arr in zip(indices, arrays):
             path = out_dir / png_name(i)
@@ -480,8 +576,13 @@ def sample_to_folder(cfg, model, decode, out_dir: Path, num: int, *, ckpt: Path,
     if bar is not None:
         bar.close()
     barrier()
-    summary: dict[str, Any] = {"out": str(out_dir), "num": num, "existing": done_before, "sampled": todo,
-                               "rank0_img_per_s": written / elapsed if elapsed > 0 else None}
+    summary: dict[str, Any] = {
+        "out": str(out_dir),
+        "num": num,
+        "existing": done_before,
+        "sampled": todo,
+        "rank0_img_per_s": written / elapsed if elapsed > 0 else None,
+    }
     if rank == 0:
         missing = sorted(set(range(num)) - existing_indices(out_dir, num))
         if missing:

@@ -19,6 +19,7 @@ active in this process, logs the grid as ``eval/samples``. Every rank returns th
 The sampler is ``sampling`` with ``eval.sampling_overrides`` applied. The copy is local, so adaptive samplers
 (``dopri5``) may call it a different number of times on each rank.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def check_eval_config(cfg) -> None:
 
     normalize_metrics(ec.metrics, key="eval.metrics")
     check_decoding(_sampling_config(cfg))
-    check_weights(resolve_extractor(ec.feature_extractor), ec.feature_extractor_weights or None,
-                  "eval.feature_extractor_weights")
+    check_weights(
+        resolve_extractor(ec.feature_extractor), ec.feature_extractor_weights or None, "eval.feature_extractor_weights"
+    )
     Reference.open(ec.reference, key="eval.reference")
 
 
@@ -95,7 +97,7 @@ class InLoopEvaluator:
         # (a collective gather, then local forwards: adaptive samplers may call it different numbers of times).
         full = contextlib.ExitStack()
         model = full.enter_context(part.full_model("ema" if getattr(part, "ema", None) is not None else "model"))
-        was_training = model.training            # the raw weights (no EMA) are in training mode: label dropout
+        was_training = model.training  # the raw weights (no EMA) are in training mode: label dropout
         model.eval()
         rank, world = self.dist.rank, self.dist.world_size
         n, b = ec.num_samples, ec.batch_size
@@ -107,8 +109,19 @@ class InLoopEvaluator:
             for k in range(math.ceil(chunks / world)):
                 c = k * world + rank
                 indices = list(chunk_range(c, b, n)) if c < chunks else []
-                images, _ = sample_indices(ev["sampler"], model, ev["decode"], indices, ec.seed, self.num_classes,
-                                           self.latent_shape, ec.labels, self.device, chunk=c, pad_to=b)
+                images, _ = sample_indices(
+                    ev["sampler"],
+                    model,
+                    ev["decode"],
+                    indices,
+                    ec.seed,
+                    self.num_classes,
+                    self.latent_shape,
+                    ec.labels,
+                    self.device,
+                    chunk=c,
+                    pad_to=b,
+                )
                 if not indices:
                     continue
                 feats.setdefault("_index", []).append(torch.tensor(indices, dtype=torch.long))
@@ -163,8 +176,9 @@ class InLoopEvaluator:
             state["sampler"] = Sampler.from_config(sampling, null_class=self.num_classes)
             state["decode"] = decoder_from_config(sampling_cfg, str(self.device))
             state["tokenizer"] = state["decode"].tokenizer_kind
-            state["extractor"] = Extractor(ec.feature_extractor, ec.feature_extractor_weights or None, metrics,
-                                           self.device)
+            state["extractor"] = Extractor(
+                ec.feature_extractor, ec.feature_extractor_weights or None, metrics, self.device
+            )
             if self.dist.rank == 0:
                 reference = Reference.open(ec.reference, key="eval.reference")
                 state["reference"] = reference
@@ -189,41 +203,64 @@ class InLoopEvaluator:
 
         parts = [g for g in gathered if g]
         index = torch.cat([g["_index"] for g in parts])
-        order = torch.argsort(index)             # image order: the metrics do not depend on the world size
+        order = torch.argsort(index)  # image order: the metrics do not depend on the world size
         feats = {k: torch.cat([g[k] for g in parts])[order] for k in parts[0] if k != "_index"}
         metrics = compute_metrics(feats, ev["extractor"], ev["reference_data"])
         skipped = metrics.pop("skipped", [])
         if skipped:
             log.warning("eval: %s need reference images; %s has none", skipped, ev["reference"].describe())
         s = ev["sampling"]
-        result: dict[str, Any] = {**metrics, "cfg_scale": float(s.cfg_scale), "num_steps": int(s.num_steps),
-                                  "cfg_interval_start": float(s.cfg_interval_start),
-                                  "timestep_shift": float(s.timestep_shift), "time_s": round(seconds, 3)}
+        result: dict[str, Any] = {
+            **metrics,
+            "cfg_scale": float(s.cfg_scale),
+            "num_steps": int(s.num_steps),
+            "cfg_interval_start": float(s.cfg_interval_start),
+            "timestep_shift": float(s.timestep_shift),
+            "time_s": round(seconds, 3),
+        }
         out_dir = resolve_run_dir(self.cfg) / "eval"
         out_dir.mkdir(parents=True, exist_ok=True)
         grid_path = None
         if grid:
             images = torch.cat(grid)
             h = images.shape[-2]
-            grid_path = save_png(image_grid(images, columns=8), out_dir / f"step_{step:07d}.png",
-                                 scale=max(1, 64 // max(h, 1)))
-        record = {"step": step, "metrics": result, "sampler": ev["describe"], "sampling": config_to_dict(s),
-                  "tokenizer": ev["tokenizer"], "reference": ev["reference"].describe(),
-                  "feature_extractor": ev["extractor"].name, "labels": self.cfg.eval.labels,
-                  "seed": self.cfg.eval.seed, "grid": str(grid_path) if grid_path else None}
+            grid_path = save_png(
+                image_grid(images, columns=8), out_dir / f"step_{step:07d}.png", scale=max(1, 64 // max(h, 1))
+            )
+        record = {
+            "step": step,
+            "metrics": result,
+            "sampler": ev["describe"],
+            "sampling": config_to_dict(s),
+            "tokenizer": ev["tokenizer"],
+            "reference": ev["reference"].describe(),
+            "feature_extractor": ev["extractor"].name,
+            "labels": self.cfg.eval.labels,
+            "seed": self.cfg.eval.seed,
+            "grid": str(grid_path) if grid_path else None,
+        }
         atomic_write_json(out_dir / f"step_{step:07d}.json", record, indent=2)
-        wandb = sys.modules.get("wandb")            # the trainer's W&B run, when one is active in this process
+        wandb = sys.modules.get("wandb")  # the trainer's W&B run, when one is active in this process
         run = getattr(wandb, "run", None) if wandb is not None else None
         if run is not None:
             try:
                 if grid_path is not None:
                     run.log({"eval/samples": wandb.Image(str(grid_path), caption=ev["describe"])}, step=step)
-                run.summary.update({"eval/sampler": ev["describe"], "eval/tokenizer": ev["tokenizer"],
-                                    "eval/reference": record["reference"],
-                                    "eval/feature_extractor": record["feature_extractor"]})
+                run.summary.update(
+                    {
+                        "eval/sampler": ev["describe"],
+                        "eval/tokenizer": ev["tokenizer"],
+                        "eval/reference": record["reference"],
+                        "eval/feature_extractor": record["feature_extractor"],
+                    }
+                )
             except Exception as err:  # noqa: BLE001 - logging must never stop training
                 log.warning("eval: could not log the sample grid to W&B: %s", err)
-        log.info("eval step %d: %s (%s, %.0f s)", step,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), ev["describe"], seconds)
+        log.info(
+            "eval step %d: %s (%s, %.0f s)",
+            step,
+            " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+            ev["describe"],
+            seconds,
+        )
         return result
-

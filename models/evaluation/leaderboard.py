@@ -6,6 +6,7 @@ The library behind ``tools/leaderboard.py``. Runs are read by ``core.runlog`` (W
 steps_per_epoch). The run's row shows its best (lowest) FID and the IS, precision and recall of that same
 evaluation. Runs without an FID are listed last.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,18 @@ from typing import Any, Optional
 from core.runlog import RunData, discover_runs, read_online_project
 from models.sampling import describe_sampling
 
-__all__ = ["METRIC_KEYS", "ONLINE_KEYS", "Row", "collect_runs", "format_table", "markdown_table", "plot_fid",
-           "rank_rows", "summarize", "write_leaderboard"]
+__all__ = [
+    "METRIC_KEYS",
+    "ONLINE_KEYS",
+    "Row",
+    "collect_runs",
+    "format_table",
+    "markdown_table",
+    "plot_fid",
+    "rank_rows",
+    "summarize",
+    "write_leaderboard",
+]
 
 METRIC_KEYS = ("fid", "sfid", "is", "kid", "precision", "recall")
 ONLINE_KEYS = tuple(["epoch"] + [f"eval/{k}" for k in METRIC_KEYS + ("num_samples", "cfg_scale")])
@@ -34,6 +45,7 @@ def _apply_sampling_overrides(sampling: dict, overrides: Sequence[str]) -> dict:
             continue
         try:
             import yaml
+
             out[key.strip()] = yaml.safe_load(value)
         except Exception:  # noqa: BLE001
             out[key.strip()] = value
@@ -58,7 +70,7 @@ class Row:
     num_samples: Optional[int]
     last_step: Optional[int]
     source: str
-    curve: list[tuple[float, float]] = field(default_factory=list)   # (epoch or step, FID)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch or step, FID)
     curve_in_epochs: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,7 +98,7 @@ def _num(v: Any) -> Optional[float]:
 def summarize(run: RunData) -> Row:
     """The leaderboard row of a run (its best FID evaluation)."""
     hist = run.history
-    ratio = None                                  # epochs per step, from the trainer's `epoch` metric
+    ratio = None  # epochs per step, from the trainer's `epoch` metric
     for step in sorted(hist, reverse=True):
         e = _num(hist[step].get("epoch"))
         if step > 0 and e is not None and e > 0:
@@ -94,27 +106,37 @@ def summarize(run: RunData) -> Row:
             break
     evals = sorted((s, r) for s, r in hist.items() if _num(r.get("eval/fid")) is not None)
     curve = [((s * ratio) if ratio else s, float(r["eval/fid"])) for s, r in evals]
-    best_step, best = (min(evals, key=lambda sr: float(sr[1]["eval/fid"])) if evals else (None, {}))
+    best_step, best = min(evals, key=lambda sr: float(sr[1]["eval/fid"])) if evals else (None, {})
     cfg = run.config
     sampling = dict(cfg.get("sampling") or {})
     sampling = _apply_sampling_overrides(sampling, (cfg.get("eval") or {}).get("sampling_overrides") or [])
     ev = run.evals.get(best_step) if best_step is not None else None
     ev = ev or (run.evals[max(run.evals)] if run.evals else {})
-    sampler = (ev.get("sampler") or run.summary.get("eval/sampler")
-               or (describe_sampling(sampling) if sampling else "?"))
+    sampler = ev.get("sampler") or run.summary.get("eval/sampler") or (describe_sampling(sampling) if sampling else "?")
     tokenizer = ev.get("tokenizer") or run.summary.get("eval/tokenizer") or "?"
     cfg_scale = _num(best.get("eval/cfg_scale")) if best else None
     if cfg_scale is None and sampling:
         cfg_scale = _num(sampling.get("cfg_scale"))
     n = best.get("eval/num_samples") if best else None
-    return Row(run=run.name or run.run_id, run_id=run.run_id, model=_model_name(cfg), tokenizer=str(tokenizer),
-               epochs=(best_step * ratio) if (best_step is not None and ratio) else None, steps=best_step,
-               fid=_num(best.get("eval/fid")) if best else None, is_=_num(best.get("eval/is")) if best else None,
-               precision=_num(best.get("eval/precision")) if best else None,
-               recall=_num(best.get("eval/recall")) if best else None,
-               sampler=str(sampler), cfg=cfg_scale, num_samples=int(n) if _num(n) is not None else None,
-               last_step=max(hist) if hist else None, source=run.source, curve=curve,
-               curve_in_epochs=ratio is not None)
+    return Row(
+        run=run.name or run.run_id,
+        run_id=run.run_id,
+        model=_model_name(cfg),
+        tokenizer=str(tokenizer),
+        epochs=(best_step * ratio) if (best_step is not None and ratio) else None,
+        steps=best_step,
+        fid=_num(best.get("eval/fid")) if best else None,
+        is_=_num(best.get("eval/is")) if best else None,
+        precision=_num(best.get("eval/precision")) if best else None,
+        recall=_num(best.get("eval/recall")) if best else None,
+        sampler=str(sampler),
+        cfg=cfg_scale,
+        num_samples=int(n) if _num(n) is not None else None,
+        last_step=max(hist) if hist else None,
+        source=run.source,
+        curve=curve,
+        curve_in_epochs=ratio is not None,
+    )
 
 
 def rank_rows(rows: Sequence[Row]) -> list[Row]:
@@ -122,9 +144,21 @@ def rank_rows(rows: Sequence[Row]) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------ output
-COLUMNS = [("#", None), ("run", "run"), ("model", "model"), ("tokenizer", "tokenizer"), ("epochs", "epochs"),
-           ("steps", "steps"), ("FID", "fid"), ("IS", "is_"), ("precision", "precision"), ("recall", "recall"),
-           ("N", "num_samples"), ("sampler", "sampler"), ("CFG", "cfg")]
+COLUMNS = [
+    ("#", None),
+    ("run", "run"),
+    ("model", "model"),
+    ("tokenizer", "tokenizer"),
+    ("epochs", "epochs"),
+    ("steps", "steps"),
+    ("FID", "fid"),
+    ("IS", "is_"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("N", "num_samples"),
+    ("sampler", "sampler"),
+    ("CFG", "cfg"),
+]
 
 
 def _cell(row: Row, attr: Optional[str], rank: int) -> str:
@@ -154,8 +188,7 @@ def format_table(rows: Sequence[Row]) -> str:
     header = [name for name, _ in COLUMNS]
     body = _cells(rows)
     widths = [max(len(x) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
     return "\n".join(lines)
 
@@ -178,6 +211,7 @@ def plot_fid(rows: Sequence[Row], path: Path) -> Path:
     xlabel = "epochs" if in_epochs else "epochs (steps where unknown)"
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -190,7 +224,7 @@ def plot_fid(rows: Sequence[Row], path: Path) -> Path:
     ax.set_ylabel("FID (in-loop)")
     ax.set_title("FID vs training epochs")
     ys = [y for r in series for _, y in r.curve]
-    if ys and min(ys) > 0 and max(ys) / min(ys) > 10:      # long runs: FID falls by orders of magnitude
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 10:  # long runs: FID falls by orders of magnitude
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     if series:
@@ -216,6 +250,7 @@ def _plot_pil(series: Sequence[Row], path: Path, xlabel: str) -> Path:
 
         def xy(p):
             return (m + (p[0] - x0) / (x1 - x0) * (w - 1.5 * m), h - m - (p[1] - y0) / (y1 - y0) * (h - 1.5 * m))
+
         colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
         for i, r in enumerate(series):
             c = colors[i % len(colors)]

@@ -45,6 +45,7 @@ Its numbers measure nothing about image quality.
 Custom extractors: ``feature_extractor="package.module:ClassName"`` imports a ``FeatureExtractorBase``
 subclass and registers it with torch-fidelity under that string.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,21 +67,47 @@ from torch import nn
 from core.fileio import atomic_torch_save, atomic_write_bytes
 
 __all__ = [
-    "INCEPTION", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "TINY", "METRICS", "METRIC_ALIASES",
-    "Extractor", "ImageSet", "Reference", "ReferenceData", "TinyRandomExtractor", "check_weights",
+    "INCEPTION",
+    "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_WEIGHTS_URL",
+    "TINY",
+    "METRICS",
+    "METRIC_ALIASES",
+    "Extractor",
+    "ImageSet",
+    "Reference",
+    "ReferenceData",
+    "TinyRandomExtractor",
+    "check_weights",
     "resolve_extractor",
-    "compute_metrics", "default_cache_dir", "evaluate_images", "extract_features", "frechet_distance",
-    "format_result", "load_image_set", "normalize_metrics", "reference_data", "statistics", "save_statistics",
+    "compute_metrics",
+    "default_cache_dir",
+    "evaluate_images",
+    "extract_features",
+    "frechet_distance",
+    "format_result",
+    "load_image_set",
+    "normalize_metrics",
+    "reference_data",
+    "statistics",
+    "save_statistics",
 ]
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                         "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 TINY = "tiny-random"
 METRICS = ("fid", "sfid", "is", "kid", "pr")
-METRIC_ALIASES = {"isc": "is", "inception_score": "is", "prc": "pr", "precision": "pr", "recall": "pr",
-                  "precision_recall": "pr"}
+METRIC_ALIASES = {
+    "isc": "is",
+    "inception_score": "is",
+    "prc": "pr",
+    "precision": "pr",
+    "recall": "pr",
+    "precision_recall": "pr",
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1
 
@@ -98,6 +125,7 @@ def _fidelity():
 
 def _feature_extractor_base():
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
     return FeatureExtractorBase
 
 
@@ -148,8 +176,10 @@ class TinyRandomExtractor(_feature_extractor_base()):
 
     def forward(self, x):
         if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected uint8 images (B, 3, H, W), got {getattr(x, 'dtype', type(x))} "
-                             f"{tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"expected uint8 images (B, 3, H, W), got {getattr(x, 'dtype', type(x))} "
+                f"{tuple(getattr(x, 'shape', ()))}"
+            )
         x = (x.float() - 128.0) / 128.0
         x = F.interpolate(x, size=(self.INPUT_SIZE, self.INPUT_SIZE), mode="bilinear", align_corners=False)
         h = F.relu(self.conv1(x))
@@ -161,7 +191,7 @@ class TinyRandomExtractor(_feature_extractor_base()):
 
 # sFID: (module whose output is the spatial map, number of leading channels kept)
 _SPATIAL = {INCEPTION: ("Mixed_6d.branch1x1", 7), TINY: ("conv1", 2)}
-SPATIAL = "spatial"          # the name of the sFID feature in our feature dicts
+SPATIAL = "spatial"  # the name of the sFID feature in our feature dicts
 
 
 def resolve_extractor(name: str) -> str:
@@ -175,10 +205,13 @@ def resolve_extractor(name: str) -> str:
         except (ImportError, AttributeError) as err:
             raise ValueError(f"feature extractor {name!r}: cannot import {cls_name} from {module_name}: {err}") from err
         from torch_fidelity.registry import register_feature_extractor
+
         register_feature_extractor(name, cls)
         return name
-    raise ValueError(f"unknown feature extractor {name!r}; registered: {', '.join(sorted(registry))} "
-                     f"(or give 'package.module:ClassName')")
+    raise ValueError(
+        f"unknown feature extractor {name!r}; registered: {', '.join(sorted(registry))} "
+        f"(or give 'package.module:ClassName')"
+    )
 
 
 def _file_fingerprint(path: Path) -> dict[str, Any]:
@@ -193,10 +226,14 @@ def check_weights(name: str, weights: Optional[str], key: str) -> Optional[Path]
             return None
         hint = ""
         if name == INCEPTION:
-            hint = (f" Download {INCEPTION_WEIGHTS_FILE} once (torch-fidelity release v0.2.0: "
-                    f"{INCEPTION_WEIGHTS_URL}) and point {key} at it.")
-        raise ValueError(f"{key}: a local weights file for the {name!r} feature extractor is required "
-                         f"(nothing is downloaded at run time).{hint}")
+            hint = (
+                f" Download {INCEPTION_WEIGHTS_FILE} once (torch-fidelity release v0.2.0: "
+                f"{INCEPTION_WEIGHTS_URL}) and point {key} at it."
+            )
+        raise ValueError(
+            f"{key}: a local weights file for the {name!r} feature extractor is required "
+            f"(nothing is downloaded at run time).{hint}"
+        )
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}: feature-extractor weights file not found: {weights}")
@@ -230,8 +267,14 @@ class Extractor:
     ``{feature name: float32 CPU tensor (B, D)}``.
     """
 
-    def __init__(self, name: str = INCEPTION, weights: Optional[str] = None, metrics: Sequence[str] = ("fid",),
-                 device: Union[str, torch.device] = "cpu", weights_key: str = "eval.feature_extractor_weights"):
+    def __init__(
+        self,
+        name: str = INCEPTION,
+        weights: Optional[str] = None,
+        metrics: Sequence[str] = ("fid",),
+        device: Union[str, torch.device] = "cpu",
+        weights_key: str = "eval.feature_extractor_weights",
+    ):
         from torch_fidelity.utils import create_feature_extractor
 
         self.name = resolve_extractor(name)
@@ -246,21 +289,30 @@ class Extractor:
         fid_layer = cls.get_default_feature_layer_for_metric("fid")
         if "sfid" in self.metrics:
             if self.name not in _SPATIAL:
-                raise ValueError(f"sfid: the {self.name!r} feature extractor has no spatial features "
-                                 f"(sFID is defined for {INCEPTION})")
+                raise ValueError(
+                    f"sfid: the {self.name!r} feature extractor has no spatial features "
+                    f"(sFID is defined for {INCEPTION})"
+                )
             self.layers["sfid"] = SPATIAL
         model_layers = sorted({v for v in self.layers.values() if v != SPATIAL} or {fid_layer})
         self.module = create_feature_extractor(
-            self.name, model_layers, cuda=False, verbose=False,
-            feature_extractor_weights_path=str(self.weights) if self.weights else None)
+            self.name,
+            model_layers,
+            cuda=False,
+            verbose=False,
+            feature_extractor_weights_path=str(self.weights) if self.weights else None,
+        )
         self.module.to(self.device)
         self._spatial: Optional[torch.Tensor] = None
         if "sfid" in self.metrics:
             module_path, self._spatial_channels = _SPATIAL[self.name]
             # Every requested layer lies after this module in both networks, so the hook always fires.
             self.module.get_submodule(module_path).register_forward_hook(self._keep_spatial)
-        self.fingerprint = {"extractor": self.name, "weights": _file_fingerprint(self.weights) if self.weights
-                            else None, "version": CACHE_VERSION}
+        self.fingerprint = {
+            "extractor": self.name,
+            "weights": _file_fingerprint(self.weights) if self.weights else None,
+            "version": CACHE_VERSION,
+        }
 
     def _keep_spatial(self, module, inputs, output) -> None:
         # First channels, in TensorFlow's (H, W, C) flattening order.
@@ -301,8 +353,9 @@ def _npz_member(path: Path, name: str = "arr_0") -> np.ndarray:
                 extra_len = int.from_bytes(local[28:30], "little")
                 f.seek(info.header_offset + 30 + name_len + extra_len)
                 version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
                 offset = f.tell()
             if not fortran and not dtype.hasobject and int(np.prod(shape)) > 0:
@@ -318,8 +371,14 @@ def _npz_member(path: Path, name: str = "arr_0") -> np.ndarray:
 class ImageSet(torch.utils.data.Dataset):
     """uint8 CHW image tensors from files or an array (see ``load_image_set``)."""
 
-    def __init__(self, files: Optional[list[Path]] = None, array: Optional[np.ndarray] = None,
-                 channels_last: bool = True, center_crop: Optional[int] = None, source: str = "<array>"):
+    def __init__(
+        self,
+        files: Optional[list[Path]] = None,
+        array: Optional[np.ndarray] = None,
+        channels_last: bool = True,
+        center_crop: Optional[int] = None,
+        source: str = "<array>",
+    ):
         self.files = files
         self.array = array
         self.channels_last = channels_last
@@ -337,6 +396,7 @@ class ImageSet(torch.utils.data.Dataset):
                 img = img.convert("RGB")
                 if self.center_crop:
                     from data.images import center_crop_arr
+
                     img = center_crop_arr(img, self.center_crop)
                 arr = np.asarray(img, dtype=np.uint8)
             return torch.from_numpy(arr.copy()).permute(2, 0, 1)
@@ -349,8 +409,9 @@ def _array_set(arr: Any, source: str) -> ImageSet:
     if isinstance(arr, torch.Tensor):
         arr = arr.detach().cpu().numpy()
     if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{source}: expected uint8 images of shape (N, H, W, 3) or (N, 3, H, W), got "
-                         f"{arr.dtype} {arr.shape}")
+        raise ValueError(
+            f"{source}: expected uint8 images of shape (N, H, W, 3) or (N, 3, H, W), got {arr.dtype} {arr.shape}"
+        )
     if arr.shape[-1] == 3:
         return ImageSet(array=arr, channels_last=True, source=source)
     if arr.shape[1] == 3:
@@ -360,8 +421,12 @@ def _array_set(arr: Any, source: str) -> ImageSet:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by path."""
-    files = [Path(root) / f for root, _, names in os.walk(folder) for f in names
-             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    files = [
+        Path(root) / f
+        for root, _, names in os.walk(folder)
+        for f in names
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    ]
     return sorted(files)
 
 
@@ -389,26 +454,40 @@ def load_image_set(source: Any, center_crop: Optional[int] = None) -> ImageSet:
 def _collate(items: list[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(t.shape) for t in items}
     if len(shapes) > 1:
-        raise ValueError(f"images of different sizes in one batch {sorted(shapes)}; resize them or pass a centre "
-                         f"crop (center_crop / --center-crop)")
+        raise ValueError(
+            f"images of different sizes in one batch {sorted(shapes)}; resize them or pass a centre "
+            f"crop (center_crop / --center-crop)"
+        )
     return torch.stack(items)
 
 
-def extract_features(extractor: Extractor, images: Any, batch_size: int = 100, num_workers: int = 0,
-                     progress: bool = False, desc: str = "features") -> dict[str, torch.Tensor]:
+def extract_features(
+    extractor: Extractor,
+    images: Any,
+    batch_size: int = 100,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "features",
+) -> dict[str, torch.Tensor]:
     """Features of every image of ``images`` (anything ``load_image_set`` takes, or an iterable of uint8
     batches), in order."""
     if isinstance(images, (ImageSet, np.ndarray, torch.Tensor, str, os.PathLike)):
         dataset = load_image_set(images)
         batches: Iterable[torch.Tensor] = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-            pin_memory=extractor.device.type == "cuda")
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=extractor.device.type == "cuda",
+        )
         total = len(dataset)
     else:
         batches, total = images, None
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, leave=False)
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
@@ -478,23 +557,25 @@ def default_cache_dir() -> Path:
 @dataclass
 class Reference:
     """What a reference path holds: images (folder / arr_0) and/or ADM statistics (mu/sigma[, mu_s/sigma_s])."""
+
     path: Path
     has_images: bool
-    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # "fid"/"sfid" -> {mu, sigma}
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # "fid"/"sfid" -> {mu, sigma}
     center_crop: Optional[int] = None
-    stats_extractor: str = INCEPTION        # what made the stored statistics (ADM's files: Inception-v3)
-    images: Any = None                      # in-memory reference images (array / ImageSet): never cached
+    stats_extractor: str = INCEPTION  # what made the stored statistics (ADM's files: Inception-v3)
+    images: Any = None  # in-memory reference images (array / ImageSet): never cached
 
     @classmethod
     def from_images(cls, images: Any) -> Reference:
         return cls(Path("<in-memory images>"), True, images=load_image_set(images))
 
     @classmethod
-    def open(cls, path: Union[str, Path], center_crop: Optional[int] = None,
-             key: str = "eval.reference") -> Reference:
+    def open(cls, path: Union[str, Path], center_crop: Optional[int] = None, key: str = "eval.reference") -> Reference:
         if not str(path):
-            raise ValueError(f"{key}: no reference given (an image folder, an .npz of images, or an ADM "
-                             f"statistics .npz with mu/sigma)")
+            raise ValueError(
+                f"{key}: no reference given (an image folder, an .npz of images, or an ADM "
+                f"statistics .npz with mu/sigma)"
+            )
         p = Path(path).expanduser()
         if p.is_dir():
             return cls(p, True, center_crop=center_crop)
@@ -513,8 +594,9 @@ class Reference:
                 stats["sfid"] = {"mu": data["mu_s"].astype(np.float64), "sigma": data["sigma_s"].astype(np.float64)}
             made_by = str(data["extractor"]) if "extractor" in files else INCEPTION
         if "arr_0" not in files and not stats:
-            raise ValueError(f"{key}: {path} holds neither images (arr_0) nor statistics (mu, sigma); "
-                             f"arrays: {sorted(files)}")
+            raise ValueError(
+                f"{key}: {path} holds neither images (arr_0) nor statistics (mu, sigma); arrays: {sorted(files)}"
+            )
         return cls(p, "arr_0" in files, stats, center_crop, made_by)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -539,24 +621,33 @@ class Reference:
 @dataclass
 class ReferenceData:
     """What the metrics need of the reference: statistics per metric and (for KID / PR) features."""
+
     n: Optional[int]
-    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)   # "fid"/"sfid" -> {mu, sigma}
-    features: dict[str, torch.Tensor] = field(default_factory=dict)          # feature name -> (N, D)
-    stored_stats: tuple[str, ...] = ()                                        # metrics using stored mu/sigma
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # "fid"/"sfid" -> {mu, sigma}
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # feature name -> (N, D)
+    stored_stats: tuple[str, ...] = ()  # metrics using stored mu/sigma
     cached: bool = False
 
 
-def reference_data(reference: Reference, extractor: Extractor, cache_dir: Optional[Union[str, Path]] = None,
-                   batch_size: int = 100, num_workers: int = 0, progress: bool = False,
-                   use_cache: bool = True) -> ReferenceData:
+def reference_data(
+    reference: Reference,
+    extractor: Extractor,
+    cache_dir: Optional[Union[str, Path]] = None,
+    batch_size: int = 100,
+    num_workers: int = 0,
+    progress: bool = False,
+    use_cache: bool = True,
+) -> ReferenceData:
     """Reference statistics/features for ``extractor``'s metrics: stored ADM statistics where they apply, else
     extracted from the reference images (cached under ``cache_dir``)."""
     metrics = extractor.metrics
     same = reference.stats_extractor == extractor.name
     use_stored = [m for m in ("fid", "sfid") if m in metrics and m in reference.stats and same]
     if not same and reference.stats and not reference.has_images:
-        raise ValueError(f"reference {reference.path} holds statistics of {reference.stats_extractor!r} features "
-                         f"only; they cannot be compared with {extractor.name!r} features")
+        raise ValueError(
+            f"reference {reference.path} holds statistics of {reference.stats_extractor!r} features "
+            f"only; they cannot be compared with {extractor.name!r} features"
+        )
     out = ReferenceData(n=None, stored_stats=tuple(use_stored))
     for m in use_stored:
         out.stats[m] = reference.stats[m]
@@ -566,23 +657,24 @@ def reference_data(reference: Reference, extractor: Extractor, cache_dir: Option
         return out
     if not reference.has_images:
         if need_stats:
-            raise ValueError(f"reference {reference.path}: no statistics for {need_stats} and no images to compute "
-                             f"them from")
-        return out                      # KID / PR need images: the caller reports them as skipped
+            raise ValueError(
+                f"reference {reference.path}: no statistics for {need_stats} and no images to compute them from"
+            )
+        return out  # KID / PR need images: the caller reports them as skipped
     stat_layers = {m: extractor.layers[m] for m in need_stats}
     feat_layers = sorted({extractor.layers[m] for m in need_feats})
 
     cache_file = None
     if use_cache and reference.images is None:
-        key_src = json.dumps({"reference": reference.fingerprint(), "extractor": extractor.fingerprint},
-                             sort_keys=True)
+        key_src = json.dumps({"reference": reference.fingerprint(), "extractor": extractor.fingerprint}, sort_keys=True)
         key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
         cache_file = Path(cache_dir or default_cache_dir()) / f"ref-{key}.pt"
         if cache_file.is_file():
             try:
                 entry = torch.load(cache_file, map_location="cpu", weights_only=False)
-                if (all(layer in entry["stats"] for layer in stat_layers.values())
-                        and all(layer in entry["features"] for layer in feat_layers)):
+                if all(layer in entry["stats"] for layer in stat_layers.values()) and all(
+                    layer in entry["features"] for layer in feat_layers
+                ):
                     out.n = int(entry["n"])
                     out.stats.update({m: entry["stats"][layer] for m, layer in stat_layers.items()})
                     out.features = {layer: entry["features"][layer] for layer in feat_layers}
@@ -591,22 +683,27 @@ def reference_data(reference: Reference, extractor: Extractor, cache_dir: Option
             except Exception:  # noqa: BLE001 - an unreadable cache entry is recomputed
                 pass
     source = reference.images if reference.images is not None else load_image_set(reference.path, reference.center_crop)
-    feats = extract_features(extractor, source,
-                             batch_size=batch_size, num_workers=num_workers, progress=progress, desc="reference")
+    feats = extract_features(
+        extractor, source, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="reference"
+    )
     n = next(iter(feats.values())).shape[0]
     stats_by_layer = {layer: statistics(feats[layer]) for layer in set(stat_layers.values())}
     out.n = n
     out.stats.update({m: stats_by_layer[layer] for m, layer in stat_layers.items()})
     out.features = {layer: feats[layer] for layer in feat_layers}
     if cache_file is not None:
-        atomic_torch_save({"n": n, "stats": stats_by_layer, "features": out.features,
-                            "source": key_src}, cache_file)
+        atomic_torch_save({"n": n, "stats": stats_by_layer, "features": out.features, "source": key_src}, cache_file)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def compute_metrics(features: Mapping[str, torch.Tensor], extractor: Extractor, ref: ReferenceData,
-                    kid_subset_size: Optional[int] = None, rng_seed: int = 2020) -> dict[str, Any]:
+def compute_metrics(
+    features: Mapping[str, torch.Tensor],
+    extractor: Extractor,
+    ref: ReferenceData,
+    kid_subset_size: Optional[int] = None,
+    rng_seed: int = 2020,
+) -> dict[str, Any]:
     """Metrics of sample ``features`` (from ``extractor``) against ``ref``. Keys: ``fid``, ``sfid``, ``is``,
     ``is_std``, ``kid``, ``kid_std``, ``precision``, ``recall`` (those requested and computable), and
     ``num_samples``; ``skipped`` lists metrics that need reference images the reference does not have."""
@@ -621,8 +718,9 @@ def compute_metrics(features: Mapping[str, torch.Tensor], extractor: Extractor, 
         if m in extractor.metrics:
             out[m] = frechet_distance(statistics(features[extractor.layers[m]]), ref.stats[m])
     if "is" in extractor.metrics:
-        isc = isc_features_to_metric(features[extractor.layers["is"]], splits=max(1, min(10, n)), shuffle=True,
-                                     rng_seed=rng_seed)
+        isc = isc_features_to_metric(
+            features[extractor.layers["is"]], splits=max(1, min(10, n)), shuffle=True, rng_seed=rng_seed
+        )
         out["is"], out["is_std"] = float(isc[KEY_METRIC_ISC_MEAN]), float(isc[KEY_METRIC_ISC_STD])
     if "kid" in extractor.metrics:
         layer = extractor.layers["kid"]
@@ -631,8 +729,9 @@ def compute_metrics(features: Mapping[str, torch.Tensor], extractor: Extractor, 
             size = min(kid_subset_size or 1000, n, real.shape[0])
             if size < 2:
                 raise ValueError(f"KID needs at least 2 samples and 2 reference images, got {n} and {real.shape[0]}")
-            kid = kid_features_to_metric(features[layer], real, kid_subsets=100, kid_subset_size=size,
-                                         rng_seed=rng_seed, verbose=False)
+            kid = kid_features_to_metric(
+                features[layer], real, kid_subsets=100, kid_subset_size=size, rng_seed=rng_seed, verbose=False
+            )
             out["kid"], out["kid_std"] = float(kid[KEY_METRIC_KID_MEAN]), float(kid[KEY_METRIC_KID_STD])
         else:
             skipped.append("kid")
@@ -641,10 +740,13 @@ def compute_metrics(features: Mapping[str, torch.Tensor], extractor: Extractor, 
         if layer in ref.features:
             real = ref.features[layer]
             if min(n, real.shape[0]) < 4:
-                raise ValueError(f"precision/recall need at least 4 samples and 4 reference images "
-                                 f"(k=3 neighbours), got {n} and {real.shape[0]}")
-            prc = prc_features_to_metric(features[layer], real, prc_neighborhood=3, prc_batch_size=10000,
-                                         save_cpu_ram=True, verbose=False)
+                raise ValueError(
+                    f"precision/recall need at least 4 samples and 4 reference images "
+                    f"(k=3 neighbours), got {n} and {real.shape[0]}"
+                )
+            prc = prc_features_to_metric(
+                features[layer], real, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True, verbose=False
+            )
             out["precision"], out["recall"] = float(prc[KEY_METRIC_PRECISION]), float(prc[KEY_METRIC_RECALL])
         else:
             skipped.append("pr")
@@ -656,12 +758,23 @@ def compute_metrics(features: Mapping[str, torch.Tensor], extractor: Extractor, 
     return out
 
 
-def evaluate_images(samples: Any, reference: Union[str, Path, Reference], metrics: Sequence[str] = ("fid",),
-                    feature_extractor: str = INCEPTION, weights: Optional[str] = None,
-                    cache_dir: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu",
-                    batch_size: int = 100, num_workers: int = 0, center_crop: Optional[int] = None,
-                    kid_subset_size: Optional[int] = None, progress: bool = False, use_cache: bool = True,
-                    weights_key: str = "--weights", return_features: bool = False) -> dict[str, Any]:
+def evaluate_images(
+    samples: Any,
+    reference: Union[str, Path, Reference],
+    metrics: Sequence[str] = ("fid",),
+    feature_extractor: str = INCEPTION,
+    weights: Optional[str] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
+    device: Union[str, torch.device] = "cpu",
+    batch_size: int = 100,
+    num_workers: int = 0,
+    center_crop: Optional[int] = None,
+    kid_subset_size: Optional[int] = None,
+    progress: bool = False,
+    use_cache: bool = True,
+    weights_key: str = "--weights",
+    return_features: bool = False,
+) -> dict[str, Any]:
     """Everything in one call: metrics of a sample set (folder / npz / array) against a reference."""
     extractor = Extractor(feature_extractor, weights, metrics, device, weights_key=weights_key)
     if isinstance(reference, Reference):
@@ -671,22 +784,37 @@ def evaluate_images(samples: Any, reference: Union[str, Path, Reference], metric
     else:
         ref = Reference.open(reference, center_crop, key="reference")
     ref_data = reference_data(ref, extractor, cache_dir, batch_size, num_workers, progress, use_cache)
-    feats = extract_features(extractor, load_image_set(samples, center_crop), batch_size=batch_size,
-                             num_workers=num_workers, progress=progress, desc="samples")
+    feats = extract_features(
+        extractor,
+        load_image_set(samples, center_crop),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        desc="samples",
+    )
     result = compute_metrics(feats, extractor, ref_data, kid_subset_size)
     result["feature_extractor"] = extractor.name
     result["reference"] = ref.describe()
     result["reference_cached"] = ref_data.cached
     if ref_data.stored_stats:
         result["stored_statistics"] = list(ref_data.stored_stats)
-    if return_features:                     # for callers that also want statistics or the raw features
+    if return_features:  # for callers that also want statistics or the raw features
         result["_features"], result["_extractor"] = feats, extractor
     return result
 
 
-RESULT_LABELS = [("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("is_std", "IS std"), ("kid", "KID"),
-                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
-                 ("num_samples", "samples"), ("num_reference", "reference images")]
+RESULT_LABELS = [
+    ("fid", "FID"),
+    ("sfid", "sFID"),
+    ("is", "IS"),
+    ("is_std", "IS std"),
+    ("kid", "KID"),
+    ("kid_std", "KID std"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("num_samples", "samples"),
+    ("num_reference", "reference images"),
+]
 
 
 def format_result(result: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ Losses (LDM): hinge ``0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))``; v
 ``adaptive_weight`` is LDM's ``calculate_adaptive_weight`` on precomputed gradients:
 ``clamp(||grad_num|| / (||grad_den|| + 1e-4), 0, max_value)``, detached.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -24,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BatchNorm2d", "NLayerDiscriminator", "adaptive_weight", "adopt_weight", "generator_loss", "hinge_d_loss",
-           "vanilla_d_loss", "weights_init"]
+__all__ = [
+    "BatchNorm2d",
+    "NLayerDiscriminator",
+    "adaptive_weight",
+    "adopt_weight",
+    "generator_loss",
+    "hinge_d_loss",
+    "vanilla_d_loss",
+    "weights_init",
+]
 
 
 def weights_init(m: nn.Module) -> None:
@@ -47,8 +56,16 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if self.training:
             self.num_batches_tracked.add_(1)
-        out = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
-                           self.training, self.momentum, self.eps)
+        out = F.batch_norm(
+            x.float(),
+            self.running_mean,
+            self.running_var,
+            self.weight.float(),
+            self.bias.float(),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
         return out.to(x.dtype)
 
 
@@ -59,13 +76,19 @@ class NLayerDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(input_nc, ndf, kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=False),
-                       BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=False),
-                   BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True),
-                   nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw)]
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, kw, stride=2, padding=padw, bias=False),
+                BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, kw, stride=1, padding=padw, bias=False),
+            BatchNorm2d(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, kw, stride=1, padding=padw),
+        ]
         self.main = nn.Sequential(*layers)
         self.apply(weights_init)
 
@@ -92,8 +115,9 @@ def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.
     return value if step < threshold else weight
 
 
-def adaptive_weight(grad_num: torch.Tensor, grad_den: torch.Tensor, max_value: float,
-                    eps: float = 1e-4) -> torch.Tensor:
+def adaptive_weight(
+    grad_num: torch.Tensor, grad_den: torch.Tensor, max_value: float, eps: float = 1e-4
+) -> torch.Tensor:
     """``clamp(||grad_num|| / (||grad_den|| + eps), 0, max_value)`` as a detached fp32 scalar."""
     ratio = torch.linalg.vector_norm(grad_num.float()) / (torch.linalg.vector_norm(grad_den.float()) + eps)
     return torch.clamp(ratio, 0.0, max_value).detach()

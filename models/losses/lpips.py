@@ -23,6 +23,7 @@ Weights (never downloaded):
 ``random_init=True`` (tests only) builds the same network with random convolutions and non-negative
 random heads (so that the distance stays >= 0 and cannot be exploited by the autoencoder).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LPIPS", "VGG16_SLICES", "build_lpips", "vgg16_features"]
 
-VGG16_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))   # torchvision vgg16.features index ranges
+VGG16_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # torchvision vgg16.features index ranges
 CHANNELS = (64, 128, 256, 512, 512)
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -109,7 +110,7 @@ class LPIPS(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> LPIPS:
-        return super().train(False)          # always eval: the heads' dropout stays off
+        return super().train(False)  # always eval: the heads' dropout stays off
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [_unit_normalize(f) for f in self.net(self.scaling_layer(x))]
@@ -135,26 +136,36 @@ def _read(path: Path, key: str) -> Mapping[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{key}: {path} is not a state dict")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def _existing(path: Optional[str], key: str, what: str) -> Path:
     if not path:
-        raise FileNotFoundError(f"{key}: not set; give the path of a local {what} file (no downloads), or set "
-                                f"{key.rsplit('.', 1)[0]}.random_init=true (tests only)")
+        raise FileNotFoundError(
+            f"{key}: not set; give the path of a local {what} file (no downloads), or set "
+            f"{key.rsplit('.', 1)[0]}.random_init=true (tests only)"
+        )
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{key}: {what} file {p} does not exist")
     return p
 
 
-def build_lpips(vgg_weights: Optional[str] = None, lin_weights: Optional[str] = None, *, random_init: bool = False,
-                config_key: str = "lpips") -> LPIPS:
+def build_lpips(
+    vgg_weights: Optional[str] = None,
+    lin_weights: Optional[str] = None,
+    *,
+    random_init: bool = False,
+    config_key: str = "lpips",
+) -> LPIPS:
     """An LPIPS module with weights from local files (see the module docstring); eval mode, frozen."""
     model = LPIPS()
     if random_init:
-        log.warning("%s: LPIPS VGG16 is RANDOMLY INITIALISED (%s.random_init=true): not a perceptual metric "
-                    "(tests only)", config_key, config_key)
+        log.warning(
+            "%s: LPIPS VGG16 is RANDOMLY INITIALISED (%s.random_init=true): not a perceptual metric (tests only)",
+            config_key,
+            config_key,
+        )
         with torch.no_grad():
             for i in range(len(CHANNELS)):
                 w = getattr(model, f"lin{i}").model[1].weight
@@ -163,13 +174,13 @@ def build_lpips(vgg_weights: Optional[str] = None, lin_weights: Optional[str] = 
     vgg_path = _existing(vgg_weights, f"{config_key}.vgg_weights", "VGG16 weights")
     sd = dict(_read(vgg_path, f"{config_key}.vgg_weights"))
     state: dict[str, torch.Tensor] = {}
-    if any(k.startswith("net.slice") for k in sd):                        # a full LPIPS state dict
+    if any(k.startswith("net.slice") for k in sd):  # a full LPIPS state dict
         state.update({k: v for k, v in sd.items() if k.startswith(("net.", "lin", "scaling_layer."))})
-    else:                                                                 # torchvision vgg16
+    else:  # torchvision vgg16
         slice_of = {i: n for n, (a, b) in enumerate(VGG16_SLICES, 1) for i in range(a, b)}
         for k, v in sd.items():
             if k.startswith("features."):
-                idx, rest = k[len("features."):].split(".", 1)
+                idx, rest = k[len("features.") :].split(".", 1)
                 if int(idx) in slice_of:
                     state[f"net.slice{slice_of[int(idx)]}.{idx}.{rest}"] = v
     if lin_weights or not any(k.startswith("lin") for k in state):
@@ -177,8 +188,10 @@ def build_lpips(vgg_weights: Optional[str] = None, lin_weights: Optional[str] = 
         lin = _read(lin_path, f"{config_key}.lin_weights")
         heads = {k: v for k, v in lin.items() if k.startswith("lin")}
         if not heads:
-            raise ValueError(f"{config_key}.lin_weights: {lin_path} holds no 'lin{{i}}.model.1.weight' keys "
-                             f"(found {sorted(lin)[:8]})")
+            raise ValueError(
+                f"{config_key}.lin_weights: {lin_path} holds no 'lin{{i}}.model.1.weight' keys "
+                f"(found {sorted(lin)[:8]})"
+            )
         state.update(heads)
     target = model.state_dict()
     state.setdefault("scaling_layer.shift", target["scaling_layer.shift"])
@@ -187,9 +200,11 @@ def build_lpips(vgg_weights: Optional[str] = None, lin_weights: Optional[str] = 
     unexpected = sorted(set(state) - set(target))
     shapes = [k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{config_key}: LPIPS weights from {vgg_path}"
-                         f"{' + ' + str(lin_weights) if lin_weights else ''} do not match: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}, mis-shaped {shapes[:8]}")
+        raise ValueError(
+            f"{config_key}: LPIPS weights from {vgg_path}"
+            f"{' + ' + str(lin_weights) if lin_weights else ''} do not match: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, mis-shaped {shapes[:8]}"
+        )
     model.load_state_dict(state, strict=True)
     log.info("%s: LPIPS VGG16 weights from %s%s", config_key, vgg_path, f" and {lin_weights}" if lin_weights else "")
     return model

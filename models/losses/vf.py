@@ -13,6 +13,7 @@ Terms are zero where the similarity is already within the margin. The adaptive w
 (``adaptive_weight`` with max 1e8, times ``vf_weight``) is computed by the caller from the gradients of the
 reconstruction NLL and of ``vf`` at the *encoder's* last conv (``encoder.conv_out.weight``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def marginal_cosine_loss(z_proj: torch.Tensor, features: torch.Tensor, margin: f
 
 
 def distmat_loss(z_proj: torch.Tensor, features: torch.Tensor, margin: float) -> torch.Tensor:
-    z = F.normalize(z_proj.flatten(2), dim=1)           # (B, D, N)
+    z = F.normalize(z_proj.flatten(2), dim=1)  # (B, D, N)
     f = F.normalize(features.flatten(2), dim=1)
     s_z = torch.einsum("bci,bcj->bij", z, z)
     s_f = torch.einsum("bci,bcj->bij", f, f)
@@ -42,11 +43,20 @@ class VFLossTerms:
     cos: torch.Tensor
 
 
-def vf_loss(z_proj: torch.Tensor, features: torch.Tensor, *, cos_margin: float = 0.5, distmat_margin: float = 0.25,
-            cos_weight: float = 1.0, distmat_weight: float = 1.0) -> VFLossTerms:
+def vf_loss(
+    z_proj: torch.Tensor,
+    features: torch.Tensor,
+    *,
+    cos_margin: float = 0.5,
+    distmat_margin: float = 0.25,
+    cos_weight: float = 1.0,
+    distmat_weight: float = 1.0,
+) -> VFLossTerms:
     if z_proj.shape != features.shape:
-        raise ValueError(f"VF loss: projected latent {tuple(z_proj.shape)} and foundation features "
-                         f"{tuple(features.shape)} differ (the feature grid must be the latent grid)")
+        raise ValueError(
+            f"VF loss: projected latent {tuple(z_proj.shape)} and foundation features "
+            f"{tuple(features.shape)} differ (the feature grid must be the latent grid)"
+        )
     features = features.detach().to(z_proj.dtype)
     mdms = distmat_loss(z_proj, features, distmat_margin)
     mcos = marginal_cosine_loss(z_proj, features, cos_margin)

@@ -1,4 +1,5 @@
 """LightningDiT training task: flow-matching loss (MSE + cosine) on precomputed latents."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,27 +31,40 @@ class DiTTask(Task):
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         self._flops = None
-        self._eval = None                        # models.evaluation.in_loop.InLoopEvaluator, built on first use
+        self._eval = None  # models.evaluation.in_loop.InLoopEvaluator, built on first use
 
     def build_models(self) -> dict[str, PartSpec]:
         model = build_model(self.cfg.model)
         if self.cfg.model.init_from:
             from models.loading import load_into_model
+
             load_into_model(model, self.cfg.model.init_from, which="ema", strict=True)
         self._flops = model.flops_per_image(training=True)
-        return {"model": PartSpec(module=model, optimizer=self.cfg.optimizer,
-                                  ema_decay=self.cfg.train.ema_decay, blocks_attr="blocks",
-                                  grad_clip=self.cfg.train.grad_clip)}
+        return {
+            "model": PartSpec(
+                module=model,
+                optimizer=self.cfg.optimizer,
+                ema_decay=self.cfg.train.ema_decay,
+                blocks_attr="blocks",
+                grad_clip=self.cfg.train.grad_clip,
+            )
+        }
 
     def phases(self) -> list[str]:
         return ["model"]
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
         from data.sources import StreamingSource
+
         m = self.cfg.model
-        return StreamingSource(self.cfg.data, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
-                               seed=self.cfg.seed, dist=self.dist,
-                               expected_shape=(m.in_channels, m.input_size, m.input_size))
+        return StreamingSource(
+            self.cfg.data,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            seed=self.cfg.seed,
+            dist=self.dist,
+            expected_shape=(m.in_channels, m.input_size, m.input_size),
+        )
 
     def timestep_phase(self, ctx: StepContext) -> tuple[int, TimestepPhase]:
         """(index, phase) of ``transport.timestep_sampling`` in force at ``ctx.step``; the first phase without
@@ -71,23 +85,27 @@ class DiTTask(Task):
     def step_metrics(self, ctx: StepContext) -> dict[str, Any]:
         return {"timestep_phase": self.timestep_phase(ctx)[0]}
 
-    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
-             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1 = batch["latent"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
-        terms = self.transport.training_losses(parts[phase].module, x1, {"y": y},
-                                               phase=self.timestep_phase(ctx)[1], generator=self.generator)
+        terms = self.transport.training_losses(
+            parts[phase].module, x1, {"y": y}, phase=self.timestep_phase(ctx)[1], generator=self.generator
+        )
         loss = terms["loss"].mean()
-        metrics = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(),
-                   "cos": terms["cos"].mean().detach()}
+        metrics = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(), "cos": terms["cos"].mean().detach()}
         return loss, metrics
 
     def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Random latents (N(0, 1), the normalised latent scale) and class labels."""
         m = self.cfg.model
-        return {"latent": torch.randn(batch_size, m.in_channels, m.input_size, m.input_size, device=self.device,
-                                      generator=generator),
-                "label": torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=generator)}
+        return {
+            "latent": torch.randn(
+                batch_size, m.in_channels, m.input_size, m.input_size, device=self.device, generator=generator
+            ),
+            "label": torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=generator),
+        }
 
     def flops_per_image(self):
         return self._flops
@@ -119,6 +137,7 @@ class DiTTask(Task):
             from models.evaluation.in_loop import InLoopEvaluator
 
             m = self.cfg.model
-            self._eval = InLoopEvaluator(self.cfg, self.dist, num_classes=m.num_classes,
-                                         latent_shape=(m.in_channels, m.input_size, m.input_size))
+            self._eval = InLoopEvaluator(
+                self.cfg, self.dist, num_classes=m.num_classes, latent_shape=(m.in_channels, m.input_size, m.input_size)
+            )
         return self._eval

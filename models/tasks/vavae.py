@@ -53,6 +53,7 @@ Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autogr
   (rank 0's trajectory, as DDP's ``broadcast_buffers`` kept officially), so every rank and every checkpoint hold
   the same buffers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -105,8 +106,16 @@ class TrainImages(Dataset):
     ``synthetic`` (data/synthetic.SyntheticImages) replaces the files (images already at size S: flip only).
     """
 
-    def __init__(self, *, records=None, synthetic=None, image_size: int, crop: str = "random",
-                 random_flip: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        records=None,
+        synthetic=None,
+        image_size: int,
+        crop: str = "random",
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
         if (records is None) == (synthetic is None):
             raise ValueError("TrainImages: give exactly one of records / synthetic")
         self.records = list(records) if records is not None else None
@@ -133,12 +142,14 @@ class TrainImages(Dataset):
             tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
         else:
             from data.images import load_rgb, smallest_max_size, uint8_to_normalized
+
             record = self.records[index]
             try:
                 pixels = smallest_max_size(np.array(load_rgb(record.path), dtype=np.uint8), self.image_size)
             except Exception as err:  # noqa: BLE001 - name the file
-                raise RuntimeError(f"data.path: cannot decode training image {record.path}: "
-                                   f"{type(err).__name__}: {err}") from err
+                raise RuntimeError(
+                    f"data.path: cannot decode training image {record.path}: {type(err).__name__}: {err}"
+                ) from err
             s = self.image_size
             height, width = pixels.shape[:2]
             if self.crop == "random":
@@ -146,7 +157,7 @@ class TrainImages(Dataset):
                 top = int(rng.integers(0, height - s + 1))
             else:
                 left, top = (width - s) // 2, (height - s) // 2
-            crop = np.ascontiguousarray(pixels[top:top + s, left:left + s])
+            crop = np.ascontiguousarray(pixels[top : top + s, left : left + s])
             tensor = uint8_to_normalized(torch.from_numpy(crop).permute(2, 0, 1))
             label = record.label
         if self.random_flip and rng.random() < 0.5:
@@ -158,24 +169,40 @@ def build_image_dataset(data_cfg, seed: int) -> TrainImages:
     """The training dataset of an image ``data`` section ("images" folder / file list, or "synthetic")."""
     if data_cfg.kind == "synthetic":
         from data.synthetic import SyntheticImages
-        synthetic = SyntheticImages(data_cfg.synthetic_num_samples, image_size=data_cfg.image_size,
-                                    num_classes=data_cfg.synthetic_num_classes, seed=seed)
-        return TrainImages(synthetic=synthetic, image_size=data_cfg.image_size, random_flip=data_cfg.random_flip,
-                           seed=seed)
+
+        synthetic = SyntheticImages(
+            data_cfg.synthetic_num_samples,
+            image_size=data_cfg.image_size,
+            num_classes=data_cfg.synthetic_num_classes,
+            seed=seed,
+        )
+        return TrainImages(
+            synthetic=synthetic, image_size=data_cfg.image_size, random_flip=data_cfg.random_flip, seed=seed
+        )
     if data_cfg.kind == "images":
         from data.images import read_file_list, scan_image_folder
+
         path = Path(data_cfg.path)
         if path.is_file():
             records = read_file_list(path)
         elif path.is_dir():
             records, _, ignored = scan_image_folder(path)
             if ignored:
-                log.warning("data.path: %d files under %s are not training images (e.g. %s)", len(ignored), path,
-                            ignored[0].path)
+                log.warning(
+                    "data.path: %d files under %s are not training images (e.g. %s)",
+                    len(ignored),
+                    path,
+                    ignored[0].path,
+                )
         else:
             raise FileNotFoundError(f"data.path: {path} is neither an image folder nor a file list")
-        return TrainImages(records=records, image_size=data_cfg.image_size, crop=data_cfg.image_crop,
-                           random_flip=data_cfg.random_flip, seed=seed)
+        return TrainImages(
+            records=records,
+            image_size=data_cfg.image_size,
+            crop=data_cfg.image_crop,
+            random_flip=data_cfg.random_flip,
+            seed=seed,
+        )
     raise ValueError(f"data.kind: the VA-VAE task trains on images ('images' or 'synthetic'), got {data_cfg.kind!r}")
 
 
@@ -194,34 +221,43 @@ def EpochMapSource(dataset: TrainImages, **kwargs):  # noqa: N802 - a class fact
 # ================================================================================================= task
 def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
+
     if isinstance(weight, DTensor):
         raise RuntimeError(
             f"VA-VAE adaptive weights: {name} is a sharded DTensor after the forward. The gradient norms are taken "
             f"w.r.t. the unsharded weight that the forward used, which needs the autoencoder to be ONE FSDP unit "
             f"(PartSpec blocks_attr=None) kept unsharded between forward and backward "
-            f"(part.set_reshard_after_forward(False))")
+            f"(part.set_reshard_after_forward(False))"
+        )
     return weight
 
 
 def _precomputed_features_dim(data_cfg, grid: tuple[int, int]) -> int:
     """D of the dataset's ``features`` column [D, h, w] (read from its index.json), checked against the latent grid."""
     from data.streaming import parse_ndarray_encoding, read_columns
+
     columns = read_columns(data_cfg.path, data_cfg.remote)
     where = data_cfg.remote or data_cfg.path
     if "features" not in columns:
-        raise ValueError(f"data.path: vavae.vf.features=precomputed, but the dataset at {where} has no `features` "
-                         f"column (it has {sorted(columns)}): extract DINOv2 features with features.enabled=true and "
-                         f"features.grid={grid[0]} (configs/extract_vavae_features.yaml), or set "
-                         f"vavae.vf.features=online")
+        raise ValueError(
+            f"data.path: vavae.vf.features=precomputed, but the dataset at {where} has no `features` "
+            f"column (it has {sorted(columns)}): extract DINOv2 features with features.enabled=true and "
+            f"features.grid={grid[0]} (configs/extract_vavae_features.yaml), or set "
+            f"vavae.vf.features=online"
+        )
     _, shape = parse_ndarray_encoding(columns["features"])
     if shape is None or len(shape) != 3:
-        raise ValueError(f"data.path: the `features` column of {where} has encoding {columns['features']!r}; "
-                         f"vavae.vf.features=precomputed needs a fixed [D, h, w] shape (as data/extract.py writes it)")
+        raise ValueError(
+            f"data.path: the `features` column of {where} has encoding {columns['features']!r}; "
+            f"vavae.vf.features=precomputed needs a fixed [D, h, w] shape (as data/extract.py writes it)"
+        )
     if tuple(shape[1:]) != tuple(grid):
-        raise ValueError(f"data.path: the DINOv2 features of {where} are on a {shape[1]}x{shape[2]} token grid, but "
-                         f"the autoencoder's latent grid is {grid[0]}x{grid[1]} (data.image_size / 2^(len("
-                         f"vavae.model.ch_mult)-1)): re-extract with features.grid={grid[0]}, or set "
-                         f"vavae.vf.features=online")
+        raise ValueError(
+            f"data.path: the DINOv2 features of {where} are on a {shape[1]}x{shape[2]} token grid, but "
+            f"the autoencoder's latent grid is {grid[0]}x{grid[1]} (data.image_size / 2^(len("
+            f"vavae.model.ch_mult)-1)): re-extract with features.grid={grid[0]}, or set "
+            f"vavae.vf.features=online"
+        )
     return int(shape[0])
 
 
@@ -236,7 +272,7 @@ class VAVAETask(Task):
         self.device = dist.device
         v = cfg.vavae
         factor = 2 ** (len(v.model.ch_mult) - 1)
-        grid = (cfg.data.image_size // factor,) * 2           # the latent grid = the VF target's token grid
+        grid = (cfg.data.image_size // factor,) * 2  # the latent grid = the VF target's token grid
         # VF target: stored DINOv2 features of the batch (no model here) or DINOv2 run online.
         self.precomputed = v.vf.enabled and v.vf.features == "precomputed"
         self.vf_dim = _precomputed_features_dim(cfg.data, grid) if self.precomputed else None
@@ -248,17 +284,25 @@ class VAVAETask(Task):
             torch.manual_seed(cfg.seed + 12345)
             self.lpips = None
             if v.loss.perceptual_weight > 0:
-                self.lpips = build_lpips(v.lpips.vgg_weights, v.lpips.lin_weights, random_init=v.lpips.random_init,
-                                         config_key="vavae.lpips").to(self.device)
+                self.lpips = build_lpips(
+                    v.lpips.vgg_weights, v.lpips.lin_weights, random_init=v.lpips.random_init, config_key="vavae.lpips"
+                ).to(self.device)
             self.vf_model = None
             if v.vf.enabled and not self.precomputed:
                 from models.dinov2 import DINOv2Features
+
                 d = v.vf.dinov2
-                self.vf_model = DINOv2Features(d.model, d.weights, random_init=d.random_init, grid=grid,
-                                               imagenet_norm=d.imagenet_norm, model_kwargs=d.model_kwargs,
-                                               config_key="vavae.vf.dinov2").to(self.device)
+                self.vf_model = DINOv2Features(
+                    d.model,
+                    d.weights,
+                    random_init=d.random_init,
+                    grid=grid,
+                    imagenet_norm=d.imagenet_norm,
+                    model_kwargs=d.model_kwargs,
+                    config_key="vavae.vf.dinov2",
+                ).to(self.device)
                 self.vf_dim = self.vf_model.dim
-        self._pending: deque = deque()         # (batch id, detached reconstruction) from the AE phase
+        self._pending: deque = deque()  # (batch id, detached reconstruction) from the AE phase
 
     # ------------------------------------------------------------------ models
     def build_models(self) -> dict[str, PartSpec]:
@@ -276,10 +320,24 @@ class VAVAETask(Task):
         # engine.compile: the encoder, decoder and discriminator trunk are compiled inside their single FSDP units
         # (the adaptive weights' autograd.grad passes run through the compiled graphs;
         # tests/integration/test_perf_tools_distributed.py).
-        return {"autoencoder": PartSpec(module=ae, optimizer=cfg.optimizer, ema_decay=v.ema_decay, blocks_attr=None,
-                                        grad_clip=clip, compile_attrs=("encoder", "decoder")),
-                "discriminator": PartSpec(module=disc, optimizer=v.disc_optimizer, ema_decay=None, blocks_attr=None,
-                                          grad_clip=clip, compile_attrs=("main",))}
+        return {
+            "autoencoder": PartSpec(
+                module=ae,
+                optimizer=cfg.optimizer,
+                ema_decay=v.ema_decay,
+                blocks_attr=None,
+                grad_clip=clip,
+                compile_attrs=("encoder", "decoder"),
+            ),
+            "discriminator": PartSpec(
+                module=disc,
+                optimizer=v.disc_optimizer,
+                ema_decay=None,
+                blocks_attr=None,
+                grad_clip=clip,
+                compile_attrs=("main",),
+            ),
+        }
 
     def _init_from(self, ae: VAVAE, disc: NLayerDiscriminator, path: str) -> None:
         v = self.cfg.vavae
@@ -294,12 +352,16 @@ class VAVAETask(Task):
                 try:
                     disc.load_state_dict(parts.discriminator, strict=True)
                 except RuntimeError as err:
-                    raise ValueError(f"vavae.init_from: discriminator weights of {path} do not match "
-                                     f"vavae.disc: {err}") from err
+                    raise ValueError(
+                        f"vavae.init_from: discriminator weights of {path} do not match vavae.disc: {err}"
+                    ) from err
                 msg += " + discriminator"
             else:
-                log.warning("vavae.init_from: %s has no discriminator weights; the discriminator starts from its "
-                            "random init (set vavae.init_discriminator=false to silence this)", path)
+                log.warning(
+                    "vavae.init_from: %s has no discriminator weights; the discriminator starts from its "
+                    "random init (set vavae.init_discriminator=false to silence this)",
+                    path,
+                )
         log.info(msg)
 
     def phases(self) -> list[str]:
@@ -316,16 +378,29 @@ class VAVAETask(Task):
         return batch
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
-        if self.cfg.data.kind == "streaming":          # stored images (+ their DINOv2 features) in MDS shards
+        if self.cfg.data.kind == "streaming":  # stored images (+ their DINOv2 features) in MDS shards
             from data.sources import StreamingSource
             from data.streaming import ImageDataset
-            return StreamingSource(self.cfg.data, micro_batch_size=micro_batch_size,
-                                   global_batch_size=global_batch_size, seed=self.cfg.seed, dist=self.dist,
-                                   dataset_cls=ImageDataset, use_features=self.precomputed)
+
+            return StreamingSource(
+                self.cfg.data,
+                micro_batch_size=micro_batch_size,
+                global_batch_size=global_batch_size,
+                seed=self.cfg.seed,
+                dist=self.dist,
+                dataset_cls=ImageDataset,
+                use_features=self.precomputed,
+            )
         dataset = build_image_dataset(self.cfg.data, self.cfg.seed)
-        return EpochMapSource(dataset, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
-                              seed=self.cfg.seed, dist=self.dist, num_workers=self.cfg.data.num_workers,
-                              shuffle=self.cfg.data.shuffle)
+        return EpochMapSource(
+            dataset,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size,
+            seed=self.cfg.seed,
+            dist=self.dist,
+            num_workers=self.cfg.data.num_workers,
+            shuffle=self.cfg.data.shuffle,
+        )
 
     # ------------------------------------------------------------------ losses
     def _autocast(self):
@@ -344,8 +419,9 @@ class VAVAETask(Task):
             for buf in disc.buffers():
                 tdist.broadcast(buf, src=0)
 
-    def loss(self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any],
-             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, phase: str, batch: dict[str, torch.Tensor], parts: dict[str, Any], ctx: StepContext
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"].to(self.device, non_blocking=True).float()
         if phase == "autoencoder":
             features = batch["features"].to(self.device, non_blocking=True).float() if self.precomputed else None
@@ -354,26 +430,32 @@ class VAVAETask(Task):
             parts["autoencoder"].set_reshard_after_forward(False)
             parts["autoencoder"].set_partial_grads(True)
             parts["discriminator"].set_partial_grads(True)
-            loss, metrics, recon = self.autoencoder_loss(x, parts["autoencoder"].module,
-                                                         parts["discriminator"].module, ctx.step, features=features)
+            loss, metrics, recon = self.autoencoder_loss(
+                x, parts["autoencoder"].module, parts["discriminator"].module, ctx.step, features=features
+            )
             self._pending.append((id(batch), recon))
             return loss, metrics
         if phase == "discriminator":
             if not self._pending or self._pending[0][0] != id(batch):
-                raise RuntimeError("VA-VAE: the discriminator phase needs the reconstructions of the autoencoder "
-                                   "phase on the same micro-batch (phases() order: autoencoder, discriminator)")
+                raise RuntimeError(
+                    "VA-VAE: the discriminator phase needs the reconstructions of the autoencoder "
+                    "phase on the same micro-batch (phases() order: autoencoder, discriminator)"
+                )
             _, recon = self._pending.popleft()
             return self.discriminator_loss(x, recon, parts["discriminator"].module, ctx.step)
         raise ValueError(f"VA-VAE task: unknown phase {phase!r}")
 
-    def autoencoder_loss(self, x: torch.Tensor, ae, disc, step: int, features: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def autoencoder_loss(
+        self, x: torch.Tensor, ae, disc, step: int, features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(loss to backward, metrics, detached reconstruction) of the autoencoder phase; see the module doc.
         ``features``: the stored DINOv2 features of ``x`` (B, D, h, w), required with vavae.vf.features=precomputed
         (otherwise DINOv2 runs on ``x``)."""
         if self.precomputed and features is None:
-            raise ValueError("vavae.vf.features=precomputed: the batch has no DINOv2 `features` (data.kind "
-                             "'streaming' over a dataset with a features column provides them)")
+            raise ValueError(
+                "vavae.vf.features=precomputed: the batch has no DINOv2 `features` (data.kind "
+                "'streaming' over a dataset with a features column provides them)"
+            )
         v = self.cfg.vavae
         lo, vfc = v.loss, v.vf
         out = VAVAE.output(ae(x, sample_posterior=lo.sample_posterior, generator=self.generator))
@@ -406,41 +488,63 @@ class VAVAETask(Task):
             recon_d = recon.detach().requires_grad_(True)
             g = generator_loss(disc(recon_d))
             self._sync_disc_buffers(disc)
-            (grad_recon,) = torch.autograd.grad(g, recon_d)          # dg/dx_hat; no discriminator .grad
+            (grad_recon,) = torch.autograd.grad(g, recon_d)  # dg/dx_hat; no discriminator .grad
             (g_grad,) = torch.autograd.grad(recon, w_dec, grad_outputs=grad_recon, retain_graph=True)
             d_weight = adaptive_weight(nll_grads[0], g_grad, ADAPTIVE_DISC_MAX) * lo.disc_weight
-            surrogate = torch.sum(recon * grad_recon)                # same parameter gradients as g
+            surrogate = torch.sum(recon * grad_recon)  # same parameter gradients as g
             g_value = g.detach()
             total = total + d_weight * disc_factor * (surrogate - surrogate.detach() + g_value)
 
-        metrics = {"rec": rec.detach().mean(), "nll": nll.detach(), "kl": kl.detach(), "g": g_value,
-                   "d_weight": d_weight, "disc_factor": torch.tensor(float(disc_factor), device=x.device)}
+        metrics = {
+            "rec": rec.detach().mean(),
+            "nll": nll.detach(),
+            "kl": kl.detach(),
+            "g": g_value,
+            "d_weight": d_weight,
+            "disc_factor": torch.tensor(float(disc_factor), device=x.device),
+        }
         if self.vf_model is not None:
             with torch.no_grad(), self._autocast():
                 features = self.vf_model(x, grid=out.z_proj.shape[-2:]).float()
         if self.vf_dim is not None:
-            terms = vf_loss(out.z_proj, features, cos_margin=vfc.cos_margin, distmat_margin=vfc.distmat_margin,
-                            cos_weight=vfc.cos_weight, distmat_weight=vfc.distmat_weight)
+            terms = vf_loss(
+                out.z_proj,
+                features,
+                cos_margin=vfc.cos_margin,
+                distmat_margin=vfc.distmat_margin,
+                cos_weight=vfc.cos_weight,
+                distmat_weight=vfc.distmat_weight,
+            )
             vf_weight = torch.tensor(float(vfc.weight), device=x.device)
             if use_vf:
                 if vfc.adaptive:
                     (vf_grad,) = torch.autograd.grad(terms.total, w_enc, retain_graph=True)
                     vf_weight = adaptive_weight(nll_grads[-1], vf_grad, ADAPTIVE_VF_MAX) * vfc.weight
                 total = total + vf_weight * terms.total
-            metrics.update({"vf": terms.total.detach(), "vf_distmat": terms.distmat.detach(),
-                            "vf_cos": terms.cos.detach(), "vf_weight": vf_weight})
+            metrics.update(
+                {
+                    "vf": terms.total.detach(),
+                    "vf_distmat": terms.distmat.detach(),
+                    "vf_cos": terms.cos.detach(),
+                    "vf_weight": vf_weight,
+                }
+            )
         metrics["loss"] = total.detach()
         return total, metrics, recon.detach()
 
-    def discriminator_loss(self, x: torch.Tensor, recon: torch.Tensor, disc, step: int
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, disc, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lo = self.cfg.vavae.loss
         logits_real, logits_fake = disc(x.detach(), recon.detach())
         self._sync_disc_buffers(disc)
         factor = adopt_weight(lo.disc_factor, step, threshold=lo.disc_start)
         d_loss = factor * (hinge_d_loss if lo.disc_loss == "hinge" else vanilla_d_loss)(logits_real, logits_fake)
-        return d_loss, {"loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
-                        "logits_fake": logits_fake.detach().mean()}
+        return d_loss, {
+            "loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Checkpoints on REAL gloo process groups: bit-exact round trip, async save, 2 -> 1 rank resharding,
 incomplete / corrupt checkpoints, retention, and a SIGKILL between writing the data and the commit (the retention
 rule alone: tests/unit/test_checkpoint_retention.py)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,6 +31,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 def _build(dist, seed=0, async_save=False):
     from core.config import EngineConfig, OptimizerConfig
     from core.engines.fsdp2 import FSDP2Engine
+
     torch.manual_seed(seed)
     engine = FSDP2Engine(EngineConfig(precision="fp32"), dist, async_save=async_save)
     part = engine.prepare("model", ToyModel(), OptimizerConfig(lr=1e-2, weight_decay=0.01), 0.9, "blocks")
@@ -48,13 +50,15 @@ def _train_step(parts, dist, step):
 def _snapshot(parts):
     """Full (unsharded) model, EMA and optimizer state as plain CPU tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     part = parts["model"]
     full = StateDictOptions(full_state_dict=True)
     out = {f"model.{k}": v.detach().clone() for k, v in get_model_state_dict(part.module, options=full).items()}
     out.update({f"ema.{k}": v.detach().clone() for k, v in get_model_state_dict(part.ema, options=full).items()})
     osd = get_optimizer_state_dict(part.module, part.optimizer, options=full)
-    out.update({f"optim.{k}.{n}": torch.as_tensor(v).detach().clone()
-                for k, st in osd["state"].items() for n, v in st.items()})
+    out.update(
+        {f"optim.{k}.{n}": torch.as_tensor(v).detach().clone() for k, st in osd["state"].items() for n, v in st.items()}
+    )
     return out
 
 
@@ -89,16 +93,16 @@ def _save_worker(dist, run_dir):
     snaps, extras = {}, {}
     for step in range(1, 7):
         _train_step(parts, dist, step)
-        torch.rand(3)                                    # advance the global RNG differently per step
+        torch.rand(3)  # advance the global RNG differently per step
         assert mgr.should_save(step, is_last=False)
         extras[step] = _extra(dist, step)
         mgr.save(step, parts, extras[step])
         snaps[step] = _snapshot(parts)
-        assert not mgr.should_save(step, is_last=True)   # never twice at the same step
+        assert not mgr.should_save(step, is_last=True)  # never twice at the same step
     steps_after_retention = [s for s, _ in mgr.complete_checkpoints()]
-    mgr.save(6, parts, extras[6])                       # already complete: not rewritten
+    mgr.save(6, parts, extras[6])  # already complete: not rewritten
     mgr.close()
-    mgr.close()                                          # idempotent
+    mgr.close()  # idempotent
 
     # the live run goes on for 2 steps ...
     for step in (7, 8):
@@ -117,8 +121,9 @@ def _save_worker(dist, run_dir):
     _assert_bit_exact(_snapshot(parts2), live, "continuation after resume")
 
     # async saves: weights change right after save() returns; the checkpoint holds the state at save()
-    mgr3 = CheckpointManager(run_dir, CheckpointConfig(every_steps=1, keep_last=2, keep_every=4, async_save=True),
-                             engine2, dist)
+    mgr3 = CheckpointManager(
+        run_dir, CheckpointConfig(every_steps=1, keep_last=2, keep_every=4, async_save=True), engine2, dist
+    )
     assert engine2.async_save
     snaps[8] = _snapshot(parts2)
     mgr3.save(8, parts2, _extra(dist, 8))
@@ -130,8 +135,8 @@ def _save_worker(dist, run_dir):
     assert (Path(run_dir) / "checkpoints" / step_dirname(8) / COMPLETE).is_file()
     snaps[9] = _snapshot(parts2)
     mgr3.save(9, parts2, _extra(dist, 9))
-    _train_step(parts2, dist, 10)                        # mutate while the write may be in flight
-    mgr3.close()                                         # commits step 9
+    _train_step(parts2, dist, 10)  # mutate while the write may be in flight
+    mgr3.close()  # commits step 9
     final_steps = [s for s, _ in mgr3.complete_checkpoints()]
 
     engine4, parts4 = _build(dist, seed=7)
@@ -149,9 +154,13 @@ def _save_worker(dist, run_dir):
     never = CheckpointManager(run_dir, CheckpointConfig(every_steps=None, every_minutes=1e6), engine4, dist)
     minutes_not_due, last_due = never.should_save(11), never.should_save(11, is_last=True)
 
-    return {"steps_after_retention": steps_after_retention, "final_steps": final_steps,
-            "snaps": {s: snaps[s] for s in (4, 8, 9)}, "extra_rank0": extras[6] if dist.rank == 0 else None,
-            "minutes": (minutes_due, minutes_not_due, last_due)}
+    return {
+        "steps_after_retention": steps_after_retention,
+        "final_steps": final_steps,
+        "snaps": {s: snaps[s] for s in (4, 8, 9)},
+        "extra_rank0": extras[6] if dist.rank == 0 else None,
+        "minutes": (minutes_due, minutes_not_due, last_due),
+    }
 
 
 def _reshard_worker(dist, run_dir, snaps):
@@ -237,21 +246,26 @@ def _killed_child_main(run_dir: str, marker: str) -> None:
     mgr.save(1, parts, {"step": 1})
     _train_step(parts, dist, 2)
     os.environ[PAUSE_BEFORE_COMMIT_ENV] = marker
-    mgr.save(2, parts, {"step": 2})                      # never returns
+    mgr.save(2, parts, {"step": 2})  # never returns
     raise AssertionError("the commit hook did not pause")
 
 
 def _resume_after_kill_worker(dist, run_dir):
     from core.checkpoint import CheckpointManager
     from core.config import CheckpointConfig
+
     root = Path(run_dir) / "checkpoints"
     tmp = root / (".tmp-" + step_dirname(2))
     had_tmp_with_data = (tmp / "state" / ".metadata").is_file() and (tmp / "extra" / "rank00000.pt").is_file()
     engine, parts = _build(dist, seed=5)
     mgr = CheckpointManager(run_dir, CheckpointConfig(), engine, dist)
     extra = mgr.load_latest(parts)
-    return {"had_tmp_with_data": had_tmp_with_data, "tmp_removed": not tmp.exists(),
-            "complete": [s for s, _ in mgr.complete_checkpoints()], "resumed_step": extra["step"]}
+    return {
+        "had_tmp_with_data": had_tmp_with_data,
+        "tmp_removed": not tmp.exists(),
+        "complete": [s for s, _ in mgr.complete_checkpoints()],
+        "resumed_step": extra["step"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -285,12 +299,17 @@ def test_failed_commit_fails_every_rank(tmp_path):
 
 def test_sigkill_before_commit_resumes_previous(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith("SLURM_")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    code = (f"import sys; sys.path[:0] = [{str(TESTS_DIR)!r}, {str(TESTS_DIR.parent)!r}]; import test_checkpoint as t; "
-            f"t._killed_child_main({str(run_dir)!r}, {str(marker)!r})")
+    code = (
+        f"import sys; sys.path[:0] = [{str(TESTS_DIR)!r}, {str(TESTS_DIR.parent)!r}]; import test_checkpoint as t; "
+        f"t._killed_child_main({str(run_dir)!r}, {str(marker)!r})"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(TESTS_DIR.parents[1]))
     try:
         deadline = time.monotonic() + 120
@@ -306,5 +325,3 @@ def test_sigkill_before_commit_resumes_previous(tmp_path):
             child.wait()
     (res,) = run_distributed(_resume_after_kill_worker, world_size=1, args=(str(run_dir),))
     assert res == {"had_tmp_with_data": True, "tmp_removed": True, "complete": [1], "resumed_step": 1}
-
-

@@ -1,5 +1,6 @@
 """`make demo`'s pipeline at a smaller size: train a VA-VAE (2 ranks) -> its reconstruction metrics -> extract its
 latents (2 ranks) -> train the tiny DiT on them (2 ranks, in-loop FID) -> a grid decoded by the VA-VAE -> leaderboard."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,30 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(600)
 def test_demo_pipeline_small(tmp_path):
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "tools/demo.py", "--out", str(out), "--num-samples", "160",
-                          "--config", "configs/tiny_dit.yaml", "--epochs", "6", "--per-class", "2",
-                          "--eval-every", "3", "--vavae-epochs", "2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "tools/demo.py",
+            "--out",
+            str(out),
+            "--num-samples",
+            "160",
+            "--config",
+            "configs/tiny_dit.yaml",
+            "--epochs",
+            "6",
+            "--per-class",
+            "2",
+            "--eval-every",
+            "3",
+            "--vavae-epochs",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     # The tokenizer: 160 images / global batch 32 = 5 steps per epoch, 2 epochs, then its reconstruction metrics.
     vavae_steps = [json.loads(line)["step"] for line in (out / "vavae" / "metrics.jsonl").read_text().splitlines()]
@@ -46,7 +67,7 @@ def test_demo_pipeline_small(tmp_path):
     assert (out / "leaderboard" / "fid_vs_epochs.png").stat().st_size > 0
     first = np.mean([r["loss"] for r in log[:10]])
     last = np.mean([r["loss"] for r in log[-10:]])
-    assert last < first - 0.2, (first, last)      # the tiny model learns
+    assert last < first - 0.2, (first, last)  # the tiny model learns
     grid = np.asarray(Image.open(out / "samples.png"))
-    assert grid.shape == (10 * 16 * 4, 2 * 16 * 4, 3)   # 10 classes x 2 samples decoded to 16 px, x4 upscaling
+    assert grid.shape == (10 * 16 * 4, 2 * 16 * 4, 3)  # 10 classes x 2 samples decoded to 16 px, x4 upscaling
     assert "sample grid" in res.stdout and "W&B offline run" in res.stdout

@@ -1,5 +1,6 @@
 """core.ema on FSDP2 DTensor shards of a REAL 2-process gloo group: equals the textbook formula (the plain-tensor
 checks are in tests/unit/test_ema.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,8 @@ def _dtensor_worker(dist):
     full_ema, full_src = _tensors(0, ((5, 3), (4,))), _tensors(1, ((5, 3), (4,)))
     ema = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full_ema]
     src = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full_src]
-    ema_update_(ema, src, 0.75)                                        # DTensor lists
-    ema_update_([e.to_local() for e in ema], [s.to_local() for s in src], 0.75)   # local shards
+    ema_update_(ema, src, 0.75)  # DTensor lists
+    ema_update_([e.to_local() for e in ema], [s.to_local() for s in src], 0.75)  # local shards
     out = []
     for e, fe, fs in zip(ema, full_ema, full_src):
         hand = fe

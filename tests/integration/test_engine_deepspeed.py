@@ -13,6 +13,7 @@ False)``; DeepSpeed JIT-builds its small shared-memory comm op on first use (cac
   previous checkpoint, ZeRO-3 / bf16 ZeRO-1 round trips;
 * 2 ranks -> 1 rank through DeepSpeed's universal checkpoint (ZeRO-2 and ZeRO-3), bit-exact state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +33,11 @@ except ImportError:  # tests/ imported as a package
     from tests.integration.test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
 
 STEPS = 20
-ACCUM_FROM = 10          # steps >= this run as 2 micro-batches of 4 per rank
+ACCUM_FROM = 10  # steps >= this run as 2 micro-batches of 4 per rank
 DECAY = 0.9
-LOSS_ATOL = 1e-6         # fp32: per-step loss (all-reduced mean) vs reference / FSDP2
-NORM_RTOL = 1e-5         # pre-clip global grad norm
-WEIGHT_ATOL = 1e-5       # weights and Adam moments after 20 steps (same bound as the FSDP2 test)
+LOSS_ATOL = 1e-6  # fp32: per-step loss (all-reduced mean) vs reference / FSDP2
+NORM_RTOL = 1e-5  # pre-clip global grad norm
+WEIGHT_ATOL = 1e-5  # weights and Adam moments after 20 steps (same bound as the FSDP2 test)
 EMA_ATOL = 1e-6
 
 
@@ -51,11 +52,13 @@ def _lr(step):
 
 def _ocfg():
     from core.config import OptimizerConfig
+
     return OptimizerConfig(lr=1e-2, weight_decay=0.01)
 
 
 def _ds(stage, **kw):
     from core.config import EngineConfig
+
     return EngineConfig(kind="deepspeed", precision=kw.pop("precision", "fp32"), zero_stage=stage, **kw)
 
 
@@ -63,6 +66,7 @@ def _engine_step(part, dist, step, autocast=contextlib.nullcontext):
     """One optimizer step of ``part`` on this rank's half of the step's batch, forwards in ``autocast()`` (the
     engine's, as the trainer does); returns (mean loss, norm)."""
     from core.distributed import all_reduce_mean
+
     x, y = _batch(step)
     part.set_lr(_lr(step))
     lo = dist.rank * 16 // dist.world_size
@@ -160,15 +164,21 @@ def _parity_worker(dist):
                 torch.testing.assert_close(norm, other_norm.float(), atol=0, rtol=NORM_RTOL)
             worst["loss"] = max(worst["loss"], abs(loss - rl), abs(loss - fl))
             worst["norm"] = max(worst["norm"], float((norm - rn).abs() / rn), float((norm - fn).abs() / fn))
-        worst["weights_vs_ref"] = _close({k: v for k, v in state.items() if not k.startswith("ema.")},
-                                         {k: v for k, v in ref_state.items() if not k.startswith("ema.")},
-                                         WEIGHT_ATOL, f"ZeRO-{stage} vs reference")
-        worst["ema_vs_ref"] = _close({k: v for k, v in state.items() if k.startswith("ema.")},
-                                     {k: v for k, v in ref_state.items() if k.startswith("ema.")},
-                                     EMA_ATOL, f"ZeRO-{stage} EMA vs reference")
+        worst["weights_vs_ref"] = _close(
+            {k: v for k, v in state.items() if not k.startswith("ema.")},
+            {k: v for k, v in ref_state.items() if not k.startswith("ema.")},
+            WEIGHT_ATOL,
+            f"ZeRO-{stage} vs reference",
+        )
+        worst["ema_vs_ref"] = _close(
+            {k: v for k, v in state.items() if k.startswith("ema.")},
+            {k: v for k, v in ref_state.items() if k.startswith("ema.")},
+            EMA_ATOL,
+            f"ZeRO-{stage} EMA vs reference",
+        )
         worst["state_vs_fsdp2"] = _close(state, fsdp_state, WEIGHT_ATOL, f"ZeRO-{stage} vs FSDP2")
         # official key names and order; the frozen parameter is unchanged and equal in the EMA
-        assert [k[len("model."):] for k in state if k.startswith("model.")] == plain_keys
+        assert [k[len("model.") :] for k in state if k.startswith("model.")] == plain_keys
         assert torch.equal(state["model.pos"], init.pos) and torch.equal(state["ema.pos"], init.pos)
         measured[stage] = worst
     return measured
@@ -208,8 +218,10 @@ def _variants_worker(dist):
     from torch._dynamo.utils import counters
 
     from core.engines.deepspeed import DeepSpeedEngine
-    engine = DeepSpeedEngine(_ds(2, activation_checkpointing=True, compile=True), dist,
-                             compile_kwargs={"backend": "aot_eager"})
+
+    engine = DeepSpeedEngine(
+        _ds(2, activation_checkpointing=True, compile=True), dist, compile_kwargs={"backend": "aot_eager"}
+    )
     part = engine.prepare("model", copy.deepcopy(init), _ocfg(), DECAY)
     for s in range(4):
         _engine_step(part, dist, s)
@@ -223,12 +235,12 @@ def _variants_worker(dist):
     # bf16: bf16 compute weights, fp32 master weights / EMA / moments, fp32 frozen values kept
     for stage in (1, 2, 3):
         part, log, _ = run(_ds(stage, precision="bf16"))
-        assert part.module.module.out.weight.dtype == torch.bfloat16          # compute copy
+        assert part.module.module.out.weight.dtype == torch.bfloat16  # compute copy
         assert all(f.dtype == torch.float32 for f in part.layout.flats(part.engine))
         assert all(f.dtype == torch.float32 for f in part.ema.flats)
         state = _ds_state(part)
         assert all(v.dtype == torch.float32 for v in state.values())
-        assert torch.equal(state["model.pos"], init.pos)                  # not rounded to bf16
+        assert torch.equal(state["model.pos"], init.pos)  # not rounded to bf16
         for (loss, _), (bl, _) in zip(log, base_log):
             assert abs(loss - bl) < 3e-2 * abs(bl), (stage, loss, bl)
         out[f"bf16_{stage}_max_rel_loss_err"] = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(log, base_log))
@@ -240,14 +252,16 @@ def _variants_worker(dist):
         assert all(v.dtype == torch.float32 for v in _ds_state(part).values())
         seen = []
         hook = part.module.module.blocks[0].fc.register_forward_hook(
-            lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+            lambda m, i, o: seen.append((m.weight.dtype, o.dtype))
+        )
         part.module(torch.zeros(2, 4))
         hook.remove()
         assert seen == [(torch.float32, torch.bfloat16)], (stage, seen)
         for (loss, _), (bl, _) in zip(log, base_log):
             assert abs(loss - bl) < 3e-2 * abs(bl), (stage, loss, bl)
-        out[f"bf16-autocast_{stage}_max_rel_loss_err"] = max(abs(a[0] - b[0]) / abs(b[0])
-                                                             for a, b in zip(log, base_log))
+        out[f"bf16-autocast_{stage}_max_rel_loss_err"] = max(
+            abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(log, base_log)
+        )
 
     # clipping (pre-clip norm returned) and the non-finite skip, every stage
     clip = 0.05
@@ -262,8 +276,12 @@ def _variants_worker(dist):
         _, ref_norm = _ref_step(ref, ref_opt, x, y, clip=clip)
         assert float(ref_norm) > clip
         torch.testing.assert_close(norm, ref_norm.float(), atol=0, rtol=NORM_RTOL)
-        _close({k: v for k, v in part.full_state_dict("model", rank0_only=False).items()}, ref.state_dict(),
-               1e-6, f"clipped ZeRO-{stage}")
+        _close(
+            {k: v for k, v in part.full_state_dict("model", rank0_only=False).items()},
+            ref.state_dict(),
+            1e-6,
+            f"clipped ZeRO-{stage}",
+        )
         before = _ds_state(part)
         xb = x.clone()
         if dist.rank == 1:
@@ -284,10 +302,13 @@ def _variants_worker(dist):
 def _build(dist, stage=2, seed=0, precision="fp32"):
     """Two parts (as VA-VAE will have): 'model' with EMA, 'disc' without; two DeepSpeed engines."""
     from core.engines import build_engine
+
     torch.manual_seed(seed)
     engine = build_engine(_ds(stage, precision=precision), dist)
-    parts = {"model": engine.prepare("model", ToyModel(), _ocfg(), DECAY, "blocks"),
-             "disc": engine.prepare("disc", ToyModel(d=5, depth=1), _ocfg(), None, "blocks")}
+    parts = {
+        "model": engine.prepare("model", ToyModel(), _ocfg(), DECAY, "blocks"),
+        "disc": engine.prepare("disc", ToyModel(d=5, depth=1), _ocfg(), None, "blocks"),
+    }
     assert parts["model"].engine is not parts["disc"].engine and parts["disc"].ema is None
     return engine, parts
 
@@ -327,6 +348,7 @@ def _resume_worker(dist, run_dir):
 
     # a truncated file in the newest checkpoint (of a copy): the previous one is loaded into the same engines
     from core.distributed import barrier
+
     if dist.rank == 0:
         shutil.copytree(run_dir / "z2", run_dir / "z2_truncated")
         ckpt6 = run_dir / "z2_truncated" / "checkpoints" / "step_0000006" / "deepspeed" / "model" / "state"
@@ -383,9 +405,13 @@ def _two_rank_worker(dist, run_dir):
     section's failure is returned (traceback) so that its own test fails and the others still run."""
     import time
     import traceback
+
     out = {}
-    for section, fn, args in (("parity", _parity_worker, ()), ("variants", _variants_worker, ()),
-                              ("resume", _resume_worker, (run_dir,))):
+    for section, fn, args in (
+        ("parity", _parity_worker, ()),
+        ("variants", _variants_worker, ()),
+        ("resume", _resume_worker, (run_dir,)),
+    ):
         t0 = time.perf_counter()
         try:
             out[section] = fn(dist, *args)

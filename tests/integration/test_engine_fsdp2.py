@@ -5,6 +5,7 @@ optimizer. Losses, grad norms, final weights and EMA must agree to fp32 rounding
 train bit-identically to full sharding and its checkpoints load under full sharding (2 ranks and 1) and back;
 precision "bf16-autocast" must equal the plain model under torch.autocast and resume bit-exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,12 +36,16 @@ def _data(n=16, seed=1):
 
 def _full(module):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return {k: v.detach().clone() for k, v in
-            get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()}
+
+    return {
+        k: v.detach().clone()
+        for k, v in get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()
+    }
 
 
 def _full_optim(part):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     sd = get_optimizer_state_dict(part.module, part.optimizer, options=StateDictOptions(full_state_dict=True))
     return {f"{k}.{n}": v.detach().clone() for k, st in sd["state"].items() for n, v in st.items()}
 
@@ -113,7 +118,7 @@ def _equivalence_worker(dist):
         for k in range(2):
             mb = slice(mine.start + 4 * k, mine.start + 4 * (k + 1))
             part.backward(F.mse_loss(part.module(x[mb]), y[mb]) / 2, sync=(k == 1))
-            if k == 0:   # no reduce-scatter yet: FSDP2 keeps the unsharded gradient to itself
+            if k == 0:  # no reduce-scatter yet: FSDP2 keeps the unsharded gradient to itself
                 assert all(p.grad is None for p in part.module.parameters())
         part.step()
         _ref_step(ref, ref_opt, x, y)
@@ -151,7 +156,7 @@ def _clip_nonfinite_worker(dist):
     norm = part.step()
     _, ref_norm = _ref_step(ref, ref_opt, x, y, clip=clip)
     assert float(ref_norm) > clip, "test needs active clipping"
-    torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)   # pre-clip norm
+    torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-5)  # pre-clip norm
     _assert_close_sd(_full(part.module), ref.state_dict(), what="clipped step")
 
     # non-finite gradient on one rank only: no update anywhere, non-finite norm returned on every rank
@@ -194,8 +199,11 @@ def _wrapping_worker(dist):
         model = ToyModel()
         ref = copy.deepcopy(model)
         ref_opt = build_optimizer([p for p in ref.parameters() if p.requires_grad], ocfg, torch.device("cpu"))
-        engine = FSDP2Engine(EngineConfig(precision="fp32", activation_checkpointing=ac, compile=comp), dist,
-                             compile_kwargs={"backend": COMPILE_BACKEND})
+        engine = FSDP2Engine(
+            EngineConfig(precision="fp32", activation_checkpointing=ac, compile=comp),
+            dist,
+            compile_kwargs={"backend": COMPILE_BACKEND},
+        )
         part = engine.prepare("model", model, ocfg, DECAY, "blocks")
         assert list(part.module.state_dict().keys()) == plain_keys, (ac, comp)
         assert list(get_model_state_dict(part.module).keys()) == plain_keys, (ac, comp)
@@ -208,6 +216,7 @@ def _wrapping_worker(dist):
         _assert_close_sd(_full(part.module), ref.state_dict(), what=f"ac={ac} compile={comp}")
         if comp:
             from torch._dynamo.utils import counters
+
             assert counters["stats"]["unique_graphs"] > 0, "compiled forward never ran"
         assert list(part.module.state_dict().keys()) == plain_keys
         report[(ac, comp)] = True
@@ -234,14 +243,17 @@ def _wrapping_worker(dist):
 
 def _state(part):
     """Full (unsharded) weights, EMA and Adam moments of an FSDP2 part (collective)."""
-    return {**{f"model.{k}": v for k, v in _full(part.module).items()},
-            **{f"ema.{k}": v for k, v in _full(part.ema).items()},
-            **{f"optim.{k}": v for k, v in _full_optim(part).items()}}
+    return {
+        **{f"model.{k}": v for k, v in _full(part.module).items()},
+        **{f"ema.{k}": v for k, v in _full(part.ema).items()},
+        **{f"optim.{k}": v for k, v in _full_optim(part).items()},
+    }
 
 
 def _build_toy(dist, seed=0, **engine_kw):
     from core.config import EngineConfig, OptimizerConfig
     from core.engines.fsdp2 import FSDP2Engine
+
     torch.manual_seed(seed)
     engine = FSDP2Engine(EngineConfig(precision="fp32", **engine_kw), dist)
     return engine, engine.prepare("model", ToyModel(), OptimizerConfig(lr=1e-2, weight_decay=0.01), DECAY, "blocks")
@@ -251,6 +263,7 @@ def _train_toy(part, dist, steps=3):
     """``steps`` optimizer steps on this rank's share of a fixed batch, the last one as 2 accumulated micro-batches;
     returns the per-step (all-reduced loss, grad norm)."""
     from core.distributed import all_reduce_mean
+
     x, y = _data()
     n = 16 // dist.world_size
     log = []
@@ -277,15 +290,18 @@ def _hybrid_worker(dist, ckpt_root):
 
     ckpt_root = Path(ckpt_root)
     runs = {}
-    for name, kw in (("full", {}), ("hybrid_2x1", dict(sharding="hybrid", shard_group_size=1)),
-                     ("hybrid_1x2", dict(sharding="hybrid"))):
+    for name, kw in (
+        ("full", {}),
+        ("hybrid_2x1", dict(sharding="hybrid", shard_group_size=1)),
+        ("hybrid_1x2", dict(sharding="hybrid")),
+    ):
         engine, part = _build_toy(dist, **kw)
         runs[name] = (engine, part, _train_toy(part, dist), _state(part))
     weight = runs["hybrid_2x1"][1].module.inp.weight
     assert weight.device_mesh.mesh_dim_names == ("replicate", "shard") and weight.device_mesh.shape == (2, 1)
     assert weight.placements == (Replicate(), Shard(0))
-    assert runs["hybrid_2x1"][1].ema.inp.weight.device_mesh is weight.device_mesh      # EMA on the same mesh
-    assert runs["hybrid_1x2"][0].mesh.shape == (1, 2)                                 # 2 ranks per "node" here
+    assert runs["hybrid_2x1"][1].ema.inp.weight.device_mesh is weight.device_mesh  # EMA on the same mesh
+    assert runs["hybrid_1x2"][0].mesh.shape == (1, 2)  # 2 ranks per "node" here
     # Bit-exact: on 2 ranks every gradient reduction is the single addition a + b, whichever group runs it.
     ref_log, ref_state = runs["full"][2], runs["full"][3]
     for name in ("hybrid_2x1", "hybrid_1x2"):
@@ -307,6 +323,7 @@ def _hybrid_worker(dist, ckpt_root):
 def _hybrid_one_rank_worker(dist, ckpt_root, states):
     """The 2-rank checkpoints on 1 rank: the hybrid one under full sharding, the full one under hybrid (1 x 1)."""
     from core.checkpoint import load_checkpoint
+
     for src, dst_kw in (("hybrid_2x1", {}), ("full", dict(sharding="hybrid"))):
         engine, part = _build_toy(dist, seed=7, **dst_kw)
         extra = load_checkpoint(engine, Path(ckpt_root) / src, {"model": part})
@@ -336,7 +353,7 @@ def _autocast_worker(dist, ckpt_dir):
         g = torch.Generator().manual_seed(100 * step + dist.rank)
         x1, y = torch.randn(2, 4, 4, 4, generator=g), torch.randint(0, 10, (2,), generator=g)
         t, noise = torch.rand(2, generator=g), torch.randn(2, 4, 4, 4, generator=g)
-        torch.manual_seed(step)                                                  # label dropout
+        torch.manual_seed(step)  # label dropout
         return transport.training_losses(module, x1, {"y": y}, t=t, noise=noise)["loss"].mean()
 
     def train(engine, part, steps):
@@ -352,14 +369,15 @@ def _autocast_worker(dist, ckpt_dir):
     ref, engine, part = build(seed=0)
     seen = []
     hook = part.module.blocks[0].register_forward_pre_hook(
-        lambda m, args: seen.append((args[0].dtype, next(m.parameters()).dtype)))
-    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])       # 10: the null class
+        lambda m, args: seen.append((args[0].dtype, next(m.parameters()).dtype))
+    )
+    x, t, y = torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 10])  # 10: the null class
     with engine.autocast():
         out, loss = part.module.eval()(x, t, y), loss_of(part.module.train(), 0)
     hook.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_out, ref_loss = ref.eval()(x, t, y), loss_of(ref.train(), 0)
-    assert seen[0] == (torch.float32, torch.float32), seen                       # fp32 residual and weights
+    assert seen[0] == (torch.float32, torch.float32), seen  # fp32 residual and weights
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out)
     assert torch.equal(loss, ref_loss)
 
@@ -399,5 +417,3 @@ def test_fsdp2_activation_checkpointing_compile_keep_keys_and_bf16():
     print(f"compile backend for this test: {COMPILE_BACKEND}")
     results = run_distributed(_wrapping_worker, world_size=2, timeout_s=300)
     assert all(len(r) == 3 for r in results)
-
-

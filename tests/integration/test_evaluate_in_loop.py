@@ -1,6 +1,7 @@
 """The in-loop evaluation (DiTTask.evaluate) on 2 REAL gloo ranks with an FSDP2-sharded EMA, against a plain
 single-process evaluation (the metrics themselves: tests/unit/test_evaluate.py, with the TINY RANDOMLY INITIALISED
 ``tiny-random`` feature extractor)."""
+
 from __future__ import annotations
 
 import pytest
@@ -48,18 +49,19 @@ def test_in_loop_evaluate_is_collective_safe_and_matches_one_process(train_data,
     assert r["num_samples"] == 20 and r["num_steps"] == 4
 
     cfg = _eval_cfg(train_data, tmp_path / "run1")
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
-                    backend="none")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="none")
     model = _perturbed_model(cfg).eval()
     single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
     for key in ("fid", "is", "precision", "recall"):
         assert single[key] == pytest.approx(r[key], rel=1e-5, abs=1e-8), key
     # Rank 0 wrote the grid and the record the leaderboard reads.
     import json
+
     record = json.loads((tmp_path / "run2" / "eval" / "step_0000003.json").read_text())
     assert record["metrics"]["fid"] == r["fid"] and record["tokenizer"] == "identity"
     assert record["sampler"].startswith("euler 4pt")
     from PIL import Image
+
     assert Image.open(tmp_path / "run2" / "eval" / "step_0000003.png").size[0] > 0
 
 
@@ -73,10 +75,9 @@ def test_in_loop_evaluate_on_deepspeed_zero3_matches_one_process(train_data, tmp
     extra = ("engine.kind=deepspeed", "engine.zero_stage=3")
     results = run_distributed(_evaluate_on_ranks, world_size=2, args=(train_data, tmp_path / "run2", extra))
     assert results[0][0] == results[1][0]
-    assert results[0][1] == 0.0 and results[1][1] == 0.0            # the full EMA weights, exactly
+    assert results[0][1] == 0.0 and results[1][1] == 0.0  # the full EMA weights, exactly
     cfg = _eval_cfg(train_data, tmp_path / "run1")
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"),
-                    backend="none")
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="none")
     model = _perturbed_model(cfg).eval()
     single = DiTTask(cfg, dist).evaluate({"model": LocalPart("model", model, ema=model)}, step=3)
     for key in ("fid", "is", "precision", "recall"):

@@ -7,6 +7,7 @@ the model's key order) and loads strictly with ``models.loading.load_into_model`
 FSDP2's within ``EXPORT_ATOL`` (fp32; measured differences are ~1e-8, the bound leaves room for
 reduction-order rounding).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,10 +34,13 @@ def _train_worker(dist, root):
 
     ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.01)
     torch.manual_seed(0)
-    init = ToyModel()                                 # the same on every rank
+    init = ToyModel()  # the same on every rank
     for name in ENGINES:
-        ecfg = (EngineConfig(kind="fsdp2", precision="fp32") if name == "fsdp2"
-                else EngineConfig(kind="deepspeed", precision="fp32", zero_stage=int(name[-1])))
+        ecfg = (
+            EngineConfig(kind="fsdp2", precision="fp32")
+            if name == "fsdp2"
+            else EngineConfig(kind="deepspeed", precision="fp32", zero_stage=int(name[-1]))
+        )
         engine = build_engine(ecfg, dist)
         part = engine.prepare("model", copy.deepcopy(init), ocfg, 0.9, "blocks")
         mgr = CheckpointManager(Path(root) / name, CheckpointConfig(every_steps=STEPS), engine, dist)
@@ -64,7 +68,7 @@ def test_both_engines_export_the_same_state_dicts(checkpoints, tmp_path):
     from models.loading import export_state, load_into_model, save_export
 
     keys = list(ToyModel().state_dict().keys())
-    exported = {name: export_state(checkpoints / name) for name in ENGINES}     # run dirs: newest checkpoint
+    exported = {name: export_state(checkpoints / name) for name in ENGINES}  # run dirs: newest checkpoint
     ref = exported["fsdp2"]
     worst = 0.0
     for name, state in exported.items():
@@ -75,8 +79,9 @@ def test_both_engines_export_the_same_state_dicts(checkpoints, tmp_path):
             assert (sorted(sd) == sorted(keys)) if name == "fsdp2" else (list(sd) == keys), (name, which, list(sd))
             for k in keys:
                 assert sd[k].dtype == torch.float32 and not sd[k].requires_grad, (name, which, k)
-                torch.testing.assert_close(sd[k], ref[which][k], atol=EXPORT_ATOL, rtol=0,
-                                           msg=lambda m: f"{name} {which} {k}: {m}")
+                torch.testing.assert_close(
+                    sd[k], ref[which][k], atol=EXPORT_ATOL, rtol=0, msg=lambda m: f"{name} {which} {k}: {m}"
+                )
                 worst = max(worst, float((sd[k] - ref[which][k]).abs().max()))
         # the model and its EMA differ (the EMA lags), the frozen parameter is the same in both
         assert not torch.equal(state["model"]["out.weight"], state["ema"]["out.weight"])

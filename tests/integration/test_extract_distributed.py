@@ -2,6 +2,7 @@
 test SIGKILLs the whole job (launcher and ranks, each rank being its own process group under torch elastic) after
 some chunks are complete, and starts it again. The single-process checks: tests/unit/test_extract.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,19 @@ def reference_images() -> torch.Tensor:
 
 
 def torchrun_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(REPO / "data" / "extract.py"), str(CONFIG), f"out_dir={out}", *COMMON, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "data" / "extract.py"),
+        str(CONFIG),
+        f"out_dir={out}",
+        *COMMON,
+        *extra,
+    ]
 
 
 def run_env() -> dict[str, str]:
@@ -57,6 +69,7 @@ def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank, as a scheduler ending the job would. torch elastic starts each rank
     in a session of its own, so this kills every process group of the job's process tree."""
     import psutil
+
     pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     groups = set()
     for pid in pids:
@@ -75,20 +88,21 @@ def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
     out, log = two_rank_run
     assert f"extract: {N} of {N} images" in log
     # Per-rank chunk sets, merged into one index.
-    assert sorted(p.name for p in (out / "rank00000").iterdir() if p.name.startswith("chunk")) == \
-        [f"chunk{c:06d}" for c in range(5)]
+    assert sorted(p.name for p in (out / "rank00000").iterdir() if p.name.startswith("chunk")) == [
+        f"chunk{c:06d}" for c in range(5)
+    ]
     index = json.loads((out / "index.json").read_text())
     assert {s["zip_data"]["basename"].split("/")[0] for s in index["shards"]} == {"rank00000", "rank00001"}
     assert all(s["compression"] == "zstd" for s in index["shards"])
 
     samples = read_raw(out)
     ids = [int(s["sample_id"]) for s in samples]
-    assert sorted(ids) == list(range(N))                       # every image exactly once
+    assert sorted(ids) == list(range(N))  # every image exactly once
     images = reference_images()
     for s in samples:
         sid = int(s["sample_id"])
         latent, flip = torch.tensor(s["latent"]), torch.tensor(s["latent_flip"])
-        assert torch.equal(latent, images[sid])                # identity tokenizer, float32 storage
+        assert torch.equal(latent, images[sid])  # identity tokenizer, float32 storage
         assert torch.equal(flip, torch.flip(latent, dims=[-1]))
         assert int(s["label"]) == sid % CLASSES
     # Rank r holds the strided indices r, r+2, ...; its chunk 1 is its positions 10..19.
@@ -110,8 +124,13 @@ def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
     assert manifest["num_samples"] == N and manifest["num_skipped"] == 0 and manifest["world_size"] == 2
 
     # The training reader takes the output as it is (normalised with the stored stats).
-    loader, dataset = build_streaming_loader(DataConfig(path=str(out), num_workers=0, shuffle=False), batch_size=8,
-                                          seed=0, drop_last=False, expected_shape=(3, SIZE, SIZE))
+    loader, dataset = build_streaming_loader(
+        DataConfig(path=str(out), num_workers=0, shuffle=False),
+        batch_size=8,
+        seed=0,
+        drop_last=False,
+        expected_shape=(3, SIZE, SIZE),
+    )
     seen = []
     for batch in loader:
         for z, sid, flipped in zip(batch["latent"], batch["sample_id"].tolist(), batch["flipped"].tolist()):
@@ -127,8 +146,14 @@ def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_p
     reference, _ = two_rank_run
     out = tmp_path / "killed"
     # throttle_s slows each batch so the job is still running when we kill it.
-    proc = subprocess.Popen(torchrun_cmd(out, "throttle_s=0.12"), cwd=REPO, env=run_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_cmd(out, "throttle_s=0.12"),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
     def complete() -> list[Path]:
         return sorted(out.glob("rank*/chunk*"))
@@ -142,24 +167,23 @@ def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_p
             assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
             assert time.time() < deadline, "no chunk completed in time"
             time.sleep(0.02)
-        kill_job(proc)                                     # the launcher and both ranks, at once
+        kill_job(proc)  # the launcher and both ranks, at once
     finally:
         if proc.poll() is None:
             kill_job(proc)
         proc.wait(timeout=30)
     done_at_kill, partial_at_kill = complete(), partial()
-    time.sleep(0.8)                  # > 2 chunks' time at throttle_s: no rank may still be running
+    time.sleep(0.8)  # > 2 chunks' time at throttle_s: no rank may still be running
     assert complete() == done_at_kill and partial() == partial_at_kill
     assert 3 <= len(done_at_kill) < 10 and partial_at_kill, (done_at_kill, partial_at_kill)
     assert not (out / "manifest.json").exists() and not (out / "index.json").exists()
 
-    restart = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True,
-                             timeout=120)
+    restart = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
     written = int(re.search(r"\((\d+) written by this run", restart.stdout).group(1))
-    assert 0 < written <= N - 10 * len(done_at_kill) + 2           # complete chunks were not redone
-    assert not partial()                                          # partial chunks were removed and redone
-    for chunk in done_at_kill:                                    # untouched since the kill
+    assert 0 < written <= N - 10 * len(done_at_kill) + 2  # complete chunks were not redone
+    assert not partial()  # partial chunks were removed and redone
+    for chunk in done_at_kill:  # untouched since the kill
         assert chunk.is_dir()
 
     a, b = read_manifest(reference), read_manifest(out)

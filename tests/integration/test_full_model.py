@@ -2,6 +2,7 @@
 copy of the full weights for evaluation) on REAL 2-process gloo groups under FSDP2 and DeepSpeed ZeRO-1/2/3, the
 engine registry, ``LocalPart``, and the layering of core/engines (base imports no engine, no engine imports another).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,7 +21,7 @@ except ImportError:  # tests/ imported as a package
 REPO = Path(__file__).resolve().parents[2]
 DECAY = 0.9
 STEPS = 4
-ATOL = 1e-5             # fp32: sharded training vs the unsharded reference (the engine parity tests' bound)
+ATOL = 1e-5  # fp32: sharded training vs the unsharded reference (the engine parity tests' bound)
 
 
 def _batch(step, n=16):
@@ -30,8 +31,11 @@ def _batch(step, n=16):
 
 def _kinds():
     from core.config import EngineConfig
-    return {"fsdp2": EngineConfig(kind="fsdp2", precision="fp32"),
-            **{f"zero{s}": EngineConfig(kind="deepspeed", precision="fp32", zero_stage=s) for s in (1, 2, 3)}}
+
+    return {
+        "fsdp2": EngineConfig(kind="fsdp2", precision="fp32"),
+        **{f"zero{s}": EngineConfig(kind="deepspeed", precision="fp32", zero_stage=s) for s in (1, 2, 3)},
+    }
 
 
 def _full_model_worker(dist):
@@ -70,14 +74,14 @@ def _full_model_worker(dist):
         res = {}
         for which in ("ema", "model"):
             with part.full_model(which) as model:
-                assert type(model) is ToyModel, type(model)                   # a plain module, not a wrapper
+                assert type(model) is ToyModel, type(model)  # a plain module, not a wrapper
                 assert not model.training and not any(p.requires_grad for p in model.parameters())
                 assert all(p.device == dist.device for p in model.parameters())
                 with torch.no_grad():
-                    for _ in range(dist.rank + 1):                           # local forward: any number of calls
+                    for _ in range(dist.rank + 1):  # local forward: any number of calls
                         got = model(x_eval)
                 res[which] = float((got - want[which]).abs().max())
-                model.gate.data.fill_(0.0)                                   # the copy is the context's own
+                model.gate.data.fill_(0.0)  # the copy is the context's own
             sd = part.full_state_dict(which, rank0_only=False)
             assert list(sd) == list(init.state_dict()), name
             assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in sd.values())
@@ -95,7 +99,7 @@ def test_full_model_equals_unsharded_reference_on_every_engine():
     weights, every rank or rank 0 only) computes what the unsharded reference computes, after training."""
     results = run_distributed(_full_model_worker, world_size=2, timeout_s=240)
     for rank, out in enumerate(results):
-        assert out["ema_differs"] > 1e-3, out                       # EMA and raw weights are told apart
+        assert out["ema_differs"] > 1e-3, out  # EMA and raw weights are told apart
         for name in _kinds():
             res = out[name]
             assert res["ema"] < ATOL and res["model"] < ATOL, (rank, name, res)
@@ -112,8 +116,9 @@ def _one_rank_worker(dist):
 
     torch.manual_seed(3)
     init = ToyModel()
-    part = build_engine(EngineConfig(precision="fp32"), dist).prepare("model", copy.deepcopy(init), OptimizerConfig(),
-                                                                      DECAY)
+    part = build_engine(EngineConfig(precision="fp32"), dist).prepare(
+        "model", copy.deepcopy(init), OptimizerConfig(), DECAY
+    )
     x = torch.randn(5, 4)
     with part.full_model("model") as model:
         same = torch.equal(model(x), init(x))
@@ -138,7 +143,7 @@ def test_local_part_full_model_is_the_module_itself():
     part = LocalPart("model", model, ema=ema)
     with part.full_model("ema") as m:
         assert m is ema and not m.training
-    assert ema.training                                              # mode restored
+    assert ema.training  # mode restored
     with part.full_model("model") as m:
         assert m is model
     sd = part.full_state_dict("ema")
@@ -168,13 +173,13 @@ def test_meta_skeleton_keeps_buffers_and_costs_no_parameter_memory():
 
     torch.manual_seed(0)
     model = ToyModel()
-    model.register_buffer("table", torch.arange(3.0), persistent=False)   # like RoPE tables: not in state dicts
+    model.register_buffer("table", torch.arange(3.0), persistent=False)  # like RoPE tables: not in state dicts
     skel = meta_skeleton(model)
     assert all(p.is_meta for p in skel.parameters())
     assert [n for n, _ in skel.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert [p.requires_grad for p in skel.parameters()] == [p.requires_grad for p in model.parameters()]
     assert torch.equal(skel.table, model.table) and skel.table is not model.table
-    assert all(not p.is_meta for p in model.parameters())              # the model itself is untouched
+    assert all(not p.is_meta for p in model.parameters())  # the model itself is untouched
 
 
 def _imports(path: Path) -> set[str]:

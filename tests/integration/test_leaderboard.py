@@ -6,6 +6,7 @@ in parallel, each with in-loop evaluation every epoch (FID-32 against the traini
 feature extractor is the TINY RANDOMLY INITIALISED ``tiny-random`` one that models/evaluation/metrics.py registers with
 torch-fidelity (no Inception weights on a CPU test machine); the numbers only have to be real and comparable.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.timeout(400)
 REPO = Path(__file__).resolve().parents[2]
 
-RUNS = {   # name -> overrides that make the runs differ (model, optimiser, sampler)
+RUNS = {  # name -> overrides that make the runs differ (model, optimiser, sampler)
     "base": [],
     "deep_lr": ["model.depth=3", "optimizer.lr=3.0e-3"],
     "nocfg": ["sampling.cfg_scale=1.0", "train.ema_decay=0.9"],
@@ -41,30 +42,54 @@ def runs(tmp_path_factory) -> Path:
         for i in range(len(ds)):
             x = ds[i][0].numpy()
             yield {"latent": x, "latent_flip": x[:, :, ::-1].copy(), "label": ds.label(i), "sample_id": i}
+
     write_latent_dataset(root / "mds", samples(), latent_dtype="float32", size_limit=1 << 20)
     write_image_folder(root / "ref", 64, image_size=16, num_classes=10, seed=0)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        WANDB_SILENT="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     procs = {}
     for name, extra in RUNS.items():
         # One copy of the shards per run: concurrent jobs on one local directory collide in MosaicML streaming's
         # shared memory.
         data = shutil.copytree(root / "mds", root / f"mds_{name}")
-        cmd = [sys.executable, "train.py", "configs/tiny_dit.yaml", f"name={name}", f"data.path={data}",
-               f"run_dir={root / 'runs' / name}", "train.epochs=2", "checkpoint.every_steps=100",
-               "wandb.mode=offline", "eval.every_epochs=1", "eval.num_samples=32", "eval.batch_size=16",
-               f"eval.reference={root / 'ref'}", "eval.feature_extractor=tiny-random",
-               f"eval.cache_dir={root / 'fid_cache'}", "eval.metrics=[fid,is,pr]",
-               "eval.sampling_overrides=[num_steps=4]", "sampling.tokenizer=identity", *extra]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True)
+        cmd = [
+            sys.executable,
+            "train.py",
+            "configs/tiny_dit.yaml",
+            f"name={name}",
+            f"data.path={data}",
+            f"run_dir={root / 'runs' / name}",
+            "train.epochs=2",
+            "checkpoint.every_steps=100",
+            "wandb.mode=offline",
+            "eval.every_epochs=1",
+            "eval.num_samples=32",
+            "eval.batch_size=16",
+            f"eval.reference={root / 'ref'}",
+            "eval.feature_extractor=tiny-random",
+            f"eval.cache_dir={root / 'fid_cache'}",
+            "eval.metrics=[fid,is,pr]",
+            "eval.sampling_overrides=[num_steps=4]",
+            "sampling.tokenizer=identity",
+            *extra,
+        ]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         # Start the next run once this one has built its data loader (metrics.jsonl is opened right after):
         # MosaicML streaming picks its shared-memory prefix with a non-atomic check-then-create, so jobs that
         # start in the same instant on one machine can collide (README, "Data").
         deadline = time.time() + 120
-        while (not (root / "runs" / name / "metrics.jsonl").exists() and procs[name].poll() is None
-               and time.time() < deadline):
+        while (
+            not (root / "runs" / name / "metrics.jsonl").exists()
+            and procs[name].poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.1)
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
@@ -88,16 +113,16 @@ def test_offline_wandb_files_hold_what_the_trainer_logged(runs):
         run_dir = runs / "runs" / name
         assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb")), "no offline W&B run"
         run = read_run_dir(run_dir)
-        assert run.source.endswith("wandb"), run.source          # read from the .wandb file, not the fallback
+        assert run.source.endswith("wandb"), run.source  # read from the .wandb file, not the fallback
         assert run.name == name and run.run_id == (run_dir / "wandb_run_id").read_text().strip()
         assert run.config["model"]["depth"] == (3 if name == "deep_lr" else 2)
         evals = _jsonl_evals(run_dir)
-        assert sorted(evals) == [4, 8]                              # every epoch
+        assert sorted(evals) == [4, 8]  # every epoch
         for step, rec in evals.items():
             for key in ("eval/fid", "eval/is", "eval/precision", "eval/recall", "eval/num_samples"):
                 assert run.history[step][key] == pytest.approx(rec[key]), (name, step, key)
         assert run.history[8]["epoch"] == 2.0
-        assert run.summary["eval/samples"]["_type"] == "image-file"   # the sample grid went to W&B
+        assert run.summary["eval/samples"]["_type"] == "image-file"  # the sample grid went to W&B
         assert run.summary["eval/tokenizer"] == "identity"
 
 
@@ -110,7 +135,7 @@ def test_leaderboard_ranks_runs_and_writes_table_markdown_and_plot(runs, capsys)
     rows = json.loads((out / "leaderboard.json").read_text())
     assert sorted(r["run"] for r in rows) == sorted(RUNS)
     best = {name: min(r["eval/fid"] for r in _jsonl_evals(runs / "runs" / name).values()) for name in RUNS}
-    assert [r["run"] for r in rows] == sorted(RUNS, key=best.get)   # ranked by best FID
+    assert [r["run"] for r in rows] == sorted(RUNS, key=best.get)  # ranked by best FID
     for r in rows:
         assert r["fid"] == pytest.approx(best[r["run"]])
         assert r["steps"] in (4, 8) and r["epochs"] == pytest.approx(r["steps"] / 4)
@@ -127,6 +152,7 @@ def test_leaderboard_ranks_runs_and_writes_table_markdown_and_plot(runs, capsys)
     assert md[0].startswith("| # | run | model | tokenizer | epochs | steps | FID | IS | precision | recall")
     assert len(md) == 2 + len(RUNS)
     from PIL import Image
+
     assert Image.open(out / "fid_vs_epochs.png").size[0] > 100
 
 
@@ -137,7 +163,7 @@ def test_plot_without_matplotlib_falls_back_to_pil(runs, tmp_path, monkeypatch):
     from models.evaluation.leaderboard import plot_fid, rank_rows, summarize
 
     rows = rank_rows([summarize(r) for r in discover_runs([runs / "runs"])])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     path = plot_fid(rows, tmp_path / "plot.png")
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape == (500, 800, 3) and (img != 255).any()
@@ -154,8 +180,13 @@ def test_fallbacks_metrics_jsonl_and_a_truncated_wandb_file(runs, tmp_path):
     shutil.copytree(src, plain, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
     row = summarize(read_run_dir(plain))
     assert read_run_dir(plain).source.endswith("metrics.jsonl")
-    assert (row.run, row.fid, row.steps, row.epochs, row.cfg) == (reference.run, reference.fid, reference.steps,
-                                                                  reference.epochs, reference.cfg)
+    assert (row.run, row.fid, row.steps, row.epochs, row.cfg) == (
+        reference.run,
+        reference.fid,
+        reference.steps,
+        reference.epochs,
+        reference.cfg,
+    )
     # A .wandb file cut in the middle (a job killed while writing) reads up to the cut without an error.
     f = next(src.glob("wandb/offline-run-*/run-*.wandb"))
     full = read_offline_run(f)

@@ -1,6 +1,7 @@
 """LightningDiT under torch.compile(fullgraph=True) with Inductor's C++ code generation (tens of seconds of
 compilation on a CPU, in Inductor's compile workers): equal to eager. The rest: tests/unit/test_lightningdit.py.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,9 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
         # the CFG path (torch.where interval) also traces without graph breaks
         cfg_fn = torch.compile(model.forward_with_cfg, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(cfg_fn(xx, t, y, 4.0, True, 0.1),
-                                   model.forward_with_cfg(xx, t, y, 4.0, True, 0.1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            cfg_fn(xx, t, y, 4.0, True, 0.1), model.forward_with_cfg(xx, t, y, 4.0, True, 0.1), atol=1e-5, rtol=1e-5
+        )
     # training mode (label dropout with torch.rand) traces too
     model.train()
     out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, t[:2], y[:2])

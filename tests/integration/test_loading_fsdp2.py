@@ -1,5 +1,6 @@
 """Checkpoint loading into an FSDP2-sharded model on a 1-rank gloo process group of this process (the other
 layouts and errors: tests/unit/test_loading.py)."""
+
 from __future__ import annotations
 
 import warnings

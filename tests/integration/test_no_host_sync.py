@@ -8,6 +8,7 @@
   late and never after a checkpoint past it; a signal checkpoints and exits 75 on every rank at the same step, at
   most one step after the step in which it arrived.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.timeout(300)
 # ---------------------------------------------------------------------------------------------------- units
 def test_host_sync_counter_sees_host_reads():
     from core.hostsync import HostSyncCounter
+
     t = torch.ones(3)
     with HostSyncCounter() as syncs:
         u = t * 2 + 1
@@ -54,6 +56,7 @@ def test_host_sync_counter_sees_host_reads():
 
 def test_nonfinite_counter():
     from core.hostsync import HostSyncCounter, NonFiniteCounter
+
     counter = NonFiniteCounter(torch.device("cpu"), limit=3, streak=1, skipped=4)
     pattern = [True, False, False, True, False, False, False, False, True]
     with HostSyncCounter() as syncs:
@@ -68,6 +71,7 @@ def test_nonfinite_counter():
 
 def test_ema_update_gated_on_device_same_bits():
     from core.ema import ema_update_
+
     torch.manual_seed(0)
     ema = [torch.randn(100), torch.randn(3, 7)]
     src = [torch.randn_like(t) for t in ema]
@@ -87,20 +91,26 @@ def _data(n=16, seed=1):
 
 def _full(module):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return {k: v.detach().clone() for k, v in
-            get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()}
+
+    return {
+        k: v.detach().clone()
+        for k, v in get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()
+    }
 
 
 def _full_optim(part):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     sd = get_optimizer_state_dict(part.module, part.optimizer, options=StateDictOptions(full_state_dict=True))
     return {f"{k}.{n}": v.detach().clone() for k, st in sd["state"].items() for n, v in st.items()}
 
 
 def _state(part):
-    return {**{f"model.{k}": v for k, v in _full(part.module).items()},
-            **{f"ema.{k}": v for k, v in _full(part.ema).items()},
-            **{f"optim.{k}": v for k, v in _full_optim(part).items()}}
+    return {
+        **{f"model.{k}": v for k, v in _full(part.module).items()},
+        **{f"ema.{k}": v for k, v in _full(part.ema).items()},
+        **{f"optim.{k}": v for k, v in _full_optim(part).items()},
+    }
 
 
 def _assert_equal(got, ref, what):
@@ -114,6 +124,7 @@ def _step_before(part):
     """FSDP2Part.step as it was before the device-side skip (host read of the norm, unconditional update)."""
     from core.ema import ema_update_
     from core.engines.fsdp2 import _local
+
     norm = part.grad_norm()
     if not bool(torch.isfinite(norm)):
         part.optimizer.zero_grad(set_to_none=True)
@@ -135,7 +146,7 @@ def _fsdp2_device_skip_worker(dist):
     torch.manual_seed(3)
     model = ToyModel()
     twin = copy.deepcopy(model)
-    ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.01, fused=True)      # fused AdamW on the CPU too
+    ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.01, fused=True)  # fused AdamW on the CPU too
     engine = build_engine(EngineConfig(precision="fp32"), dist)
     part = engine.prepare("m", model, ocfg, DECAY, grad_clip=0.05)
     ref = engine.prepare("r", twin, ocfg, DECAY, grad_clip=0.05)
@@ -146,7 +157,7 @@ def _fsdp2_device_skip_worker(dist):
     for step in range(6):
         xb = x.clone()
         nan_step = step in (2, 3)
-        if nan_step and dist.rank == 1:              # non-finite gradients on one rank only
+        if nan_step and dist.rank == 1:  # non-finite gradients on one rank only
             xb[mine.start, 0] = float("nan")
         # (only once the optimizer has state: get_optimizer_state_dict initialises missing state with a zero-lr step)
         before = _state(part) if nan_step else None
@@ -165,7 +176,7 @@ def _fsdp2_device_skip_worker(dist):
         _assert_equal(_state(part), _state(ref), f"step {step}: device skip vs before")
     assert syncs.calls == [], syncs.calls
     steps = {k: int(v) for k, v in _full_optim(part).items() if k.endswith(".step")}
-    assert steps and set(steps.values()) == {4}, steps                  # the skipped steps did not count
+    assert steps and set(steps.values()) == {4}, steps  # the skipped steps did not count
     return True
 
 
@@ -176,6 +187,7 @@ def test_fsdp2_fused_step_skips_nonfinite_on_device_same_bits_no_host_read():
 # ---------------------------------------------------------------------------------------------------- trainer
 def _write_toy_latents(out: Path) -> Path:
     from data.streaming import write_latent_dataset
+
     rng = np.random.default_rng(0)
 
     def samples():
@@ -200,8 +212,13 @@ def _trainer_worker(dist, data, run_dir, overrides, nan_steps, signal_step):
     from launchers.experiment import load_config, validate
     from models.tasks import build_task
 
-    cfg = validate(load_config(CONFIG, [f"data.path={data}", f"run_dir={run_dir}", "wandb.mode=disabled",
-                                        "optimizer.fused=true", *overrides]), world_size=dist.world_size)
+    cfg = validate(
+        load_config(
+            CONFIG,
+            [f"data.path={data}", f"run_dir={run_dir}", "wandb.mode=disabled", "optimizer.fused=true", *overrides],
+        ),
+        world_size=dist.world_size,
+    )
     trainer = Trainer(cfg, dist, build_task(cfg, dist))
     syncs = HostSyncCounter()
     trainer.step_guard = lambda: syncs
@@ -220,7 +237,7 @@ def _trainer_worker(dist, data, run_dir, overrides, nan_steps, signal_step):
         try:
             result = trainer.train()
             outcome = (result.step, result.exit_code)
-        except Exception as e:          # NonFiniteLossError: same step, same message on every rank
+        except Exception as e:  # NonFiniteLossError: same step, same message on every rank
             outcome = (trainer.step, f"{type(e).__name__}: {e}")
     finally:
         trainer.close()
@@ -233,6 +250,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
     from core.checkpoint import complete_checkpoints
+
     return [step for step, _ in complete_checkpoints(run_dir / "checkpoints")]
 
 
@@ -240,8 +258,13 @@ def test_trainer_signal_and_skips_without_host_reads(dataset, tmp_path):
     """2 ranks: NaN at steps 2 and 3 (0-based) is skipped and counted (limit 3 not reached); SIGUSR1 on rank 0
     during step 5 (0-based; the 6th step) stops both ranks after the 7th step: checkpoint, exit 75."""
     run_dir = tmp_path / "run"
-    over = ["train.max_steps=12", "train.log_every=4", "checkpoint.every_steps=100", "train.grad_clip=1.0",
-            "train.max_consecutive_nonfinite=3"]
+    over = [
+        "train.max_steps=12",
+        "train.log_every=4",
+        "checkpoint.every_steps=100",
+        "train.grad_clip=1.0",
+        "train.max_consecutive_nonfinite=3",
+    ]
     results = run_distributed(_trainer_worker, world_size=2, args=(dataset, run_dir, over, (2, 3), 5))
     for outcome, calls, skipped in results:
         assert calls == [], calls
@@ -251,6 +274,7 @@ def test_trainer_signal_and_skips_without_host_reads(dataset, tmp_path):
     records = {r["step"]: r for r in _records(run_dir) if "skipped_steps" in r}
     assert records[4]["skipped_steps"] == 2
     from core.checkpoint import complete_checkpoints, extra_path
+
     [(_, ckpt)] = complete_checkpoints(run_dir / "checkpoints")
     extra = torch.load(extra_path(ckpt, 0), weights_only=False)
     assert (extra["skipped_steps"], extra["nonfinite_streak"]) == (2, 0)
@@ -261,13 +285,16 @@ def test_trainer_consecutive_nonfinite_limit(dataset, tmp_path):
     the limit is enforced at the next read (the checkpoint of step 6, before it is written), same message."""
     run_dir = tmp_path / "run"
     over = ["train.max_steps=12", "train.log_every=8", "checkpoint.every_steps=6", "train.max_consecutive_nonfinite=3"]
-    [(outcome, calls, skipped)] = run_distributed(_trainer_worker, world_size=1,
-                                                  args=(dataset, run_dir, over, (2, 3, 4), -1))
+    [(outcome, calls, skipped)] = run_distributed(
+        _trainer_worker, world_size=1, args=(dataset, run_dir, over, (2, 3, 4), -1)
+    )
     assert calls == [], calls
     step, message = outcome
     assert step == 6
-    assert message.startswith("NonFiniteLossError: 3 consecutive steps with a non-finite loss/gradient at step 5 "
-                              "(train.max_consecutive_nonfinite=3)"), message
+    assert message.startswith(
+        "NonFiniteLossError: 3 consecutive steps with a non-finite loss/gradient at step 5 "
+        "(train.max_consecutive_nonfinite=3)"
+    ), message
     assert skipped == 3
     assert _checkpoint_steps(run_dir) == []
 
@@ -286,12 +313,13 @@ def test_check_host_sync_tool(tmp_path):
     optimizer; it does catch the host reads of the foreach optimizer's path (norm check, host-side step count)."""
     import subprocess
     import sys
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "tools/check_host_sync.py"), "--out", str(tmp_path), "--steps", "3"]
     ok = subprocess.run(cmd + ["train.grad_clip=1.0"], env=env, capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    result = json.loads(ok.stdout[ok.stdout.index("{"):])
+    result = json.loads(ok.stdout[ok.stdout.index("{") :])
     assert result["ok"] and result["trained_steps"] == 3 and result["host_reads"] == []
     bad = subprocess.run(cmd + ["optimizer.fused=false"], env=env, capture_output=True, text=True, timeout=240)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert ["_local_scalar_dense", "cpu"] in json.loads(bad.stdout[bad.stdout.index("{"):])["host_reads"]
+    assert ["_local_scalar_dense", "cpu"] in json.loads(bad.stdout[bad.stdout.index("{") :])["host_reads"]

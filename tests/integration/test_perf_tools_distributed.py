@@ -2,6 +2,7 @@
 REAL 2-rank gloo step (FSDP2 engine, HSDP, DDP); tools/bench_train.py on the tiny VA-VAE (a launch of the script);
 the compiled VA-VAE's losses equal eager ones (FSDP2 engine on a 1-rank group). The in-process benchmarks and counts:
 tests/unit/test_perf_tools.py."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -25,9 +26,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class _Recorder:
     """Collectives seen by torch's CommDebugMode (a TorchDispatchMode), with their message sizes."""
 
-    NAMES = {"_allgather_base_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
-             "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_tensor_coalesced_": "reduce_scatter",
-             "allreduce_": "all_reduce", "all_reduce": "all_reduce", "allreduce_coalesced_": "all_reduce"}
+    NAMES = {
+        "_allgather_base_": "all_gather",
+        "allgather_into_tensor_coalesced_": "all_gather",
+        "_reduce_scatter_base_": "reduce_scatter",
+        "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+        "allreduce_": "all_reduce",
+        "all_reduce": "all_reduce",
+        "allreduce_coalesced_": "all_reduce",
+    }
 
     @classmethod
     def mode(cls):
@@ -43,14 +50,15 @@ class _Recorder:
                 ns = getattr(func, "namespace", "")
                 if ns in ("c10d", "_c10d_functional") and name in cls.NAMES:
                     op = cls.NAMES[name]
-                    if op == "all_reduce":      # a tensor or a list of tensors, reduced in place
+                    if op == "all_reduce":  # a tensor or a list of tensors, reduced in place
                         tensors = list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
                         numel = sum(t.numel() for t in tensors)
-                    else:                       # (output, input): the larger one is the full, unsharded buffer
+                    else:  # (output, input): the larger one is the full, unsharded buffer
                         tensors = [t for t in args[:2] if isinstance(t, torch.Tensor)]
                         numel = max(t.numel() for t in tensors)
                     self.calls.append((op, numel, tensors[0].element_size()))
                 return super().__torch_dispatch__(func, types, args, kwargs)
+
         return Mode()
 
 
@@ -69,7 +77,7 @@ def _record_steps(dist):
     torch.manual_seed(0)
     engine = FSDP2Engine(EngineConfig(precision="fp32"), dist)
     part = engine.prepare("m", ToyModel(), OptimizerConfig(), 0.9, "blocks")
-    for key, micro in (("fsdp", 1), ("fsdp_accum", 2)):     # the first step included: lazy init adds none
+    for key, micro in (("fsdp", 1), ("fsdp_accum", 2)):  # the first step included: lazy init adds none
         with _Recorder.mode() as rec:
             for i in range(micro):
                 part.backward(part.module(x).sum(), sync=i == micro - 1)
@@ -92,8 +100,10 @@ def _record_steps(dist):
     return out
 
 
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
-                    reason="torch 2.11's CommDebugMode module tracker fails on nested modules (IndexError in _fw_set_module_hook)")
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+    reason="torch 2.11's CommDebugMode module tracker fails on nested modules (IndexError in _fw_set_module_hook)",
+)
 def test_collective_bytes_match_a_real_two_rank_step():
     measured = run_distributed(_record_steps, world_size=2)[0]
     units = scaling_model.fsdp_units(ToyModel())
@@ -110,10 +120,11 @@ def test_collective_bytes_match_a_real_two_rank_step():
         sent = sum(scaling_model.Collective(*c).wire_bytes(2) for c in measured[name])
         assert sent == pytest.approx(sum(c.wire_bytes(2) for c in pred))
     gathered = [c for c in measured["fsdp"] if c[0] == "all_gather"]
-    assert sum(n * b for _, n, b in gathered) == 2 * 4 * sum(u.numel(2) for u in units)   # fwd + bwd, padded
+    assert sum(n * b for _, n, b in gathered) == 2 * 4 * sum(u.numel(2) for u in units)  # fwd + bwd, padded
     # HSDP (replicate 2 x shard 1): no all-gather / reduce-scatter, one all-reduce of each unit's gradients
-    pred = scaling_model.fsdp_step_collectives(units, shard=1, replicate=2, param_bytes=4, reduce_bytes=4,
-                                               grad_norm=False)
+    pred = scaling_model.fsdp_step_collectives(
+        units, shard=1, replicate=2, param_bytes=4, reduce_bytes=4, grad_norm=False
+    )
     assert Counter(measured["hsdp"]) == Counter(map(key, pred))
     # DDP: the all-reduced buckets add up to every trainable element, in fp32
     ddp = [c for c in measured["ddp"] if c[0] == "all_reduce"]
@@ -135,11 +146,29 @@ def test_bench_train_vavae_table_and_counted_flops(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
     from tools.bench_train import LATE_STEP, flop_counter
+
     repo = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "tools/bench_train.py", "--config", TINY_VAVAE, *VAVAE_SMALL,
-                          "--batch", "2", "--steps", "1", "--warmup", "1", "--random-frozen"],
-                         cwd=repo, capture_output=True, text=True, timeout=110,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "tools/bench_train.py",
+            "--config",
+            TINY_VAVAE,
+            *VAVAE_SMALL,
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--random-frozen",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--random-frozen: DINOv2 and LPIPS are randomly initialised" in res.stdout
     assert "FLOPs counted" in res.stdout
@@ -159,9 +188,9 @@ def test_bench_train_vavae_table_and_counted_flops(tmp_path):
         loss.backward()
         d_loss, _ = task.discriminator_loss(x, recon, disc, LATE_STEP)
         d_loss.backward()
-    assert float(metrics["d_weight"]) > 0 and float(metrics["vf_weight"]) > 0        # every term was on
+    assert float(metrics["d_weight"]) > 0 and float(metrics["vf_weight"]) > 0  # every term was on
     direct = counter.get_total_flops() / 2
-    assert abs(gflop - direct / 1e9) <= 0.0051 * gflop, (gflop, direct / 1e9)          # the table rounds to 3 digits
+    assert abs(gflop - direct / 1e9) <= 0.0051 * gflop, (gflop, direct / 1e9)  # the table rounds to 3 digits
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
         ae(x)
     assert direct > 3 * fwd.get_total_flops() / 2
@@ -195,8 +224,12 @@ def _compiled_vs_eager(dist):
             metrics, finite = train_step(task, engine, parts, [data], step_context(cfg, LATE_STEP + step))
             assert finite
             history.append({k: float(v) for k, v in metrics.items()})
-        out[comp] = {"history": history, "keys": keys, "graphs": counters["stats"]["unique_graphs"],
-                     "weight": ae.decoder.conv_out.weight.full_tensor().detach().clone()}
+        out[comp] = {
+            "history": history,
+            "keys": keys,
+            "graphs": counters["stats"]["unique_graphs"],
+            "weight": ae.decoder.conv_out.weight.full_tensor().detach().clone(),
+        }
     return out
 
 
@@ -208,12 +241,13 @@ def test_vavae_compiled_losses_match_eager():
     updated weights are bitwise equal. Inductor fuses and reorders reductions: equal within fp32 rounding, amplified
     by three Adam steps (measured on CPU: at most 7e-4 relative = 5e-5 absolute, on the near-zero GAN logits)."""
     import os
+
     inductor = os.environ.get("LLAT_TEST_COMPILE_BACKEND", "aot_eager") != "aot_eager"
     tol = dict(rel=2e-3, abs=2e-4) if inductor else dict(rel=0, abs=0)
     out = run_distributed(_compiled_vs_eager, world_size=1)[0]
     eager, comp = out[False], out[True]
-    assert eager["graphs"] == 0 and comp["graphs"] >= 3              # encoder, decoder, discriminator trunk
-    assert comp["keys"] == eager["keys"]                             # state_dict keys unchanged
+    assert eager["graphs"] == 0 and comp["graphs"] >= 3  # encoder, decoder, discriminator trunk
+    assert comp["keys"] == eager["keys"]  # state_dict keys unchanged
     for step, (e, c) in enumerate(zip(eager["history"], comp["history"])):
         assert e.keys() == c.keys()
         assert e["autoencoder/d_weight"] > 0 and e["autoencoder/vf_weight"] > 0

@@ -15,6 +15,7 @@ for its own job, while a thread interrupts the ``preempt`` job:
   and raises its own limit, so that exactly one requeue happens whatever the machine's speed);
 * ``extract``   the synthetic latent extraction on 1 node x 2 tasks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,17 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = [sys.executable, str(REPO / "launchers" / "slurm.py")]
 CONFIG = "configs/tiny_dit.yaml"
 TOTAL_STEPS = 16
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -112,8 +122,13 @@ def wait_until(predicate, what: str, run_dir: Path, timeout: float = 240.0, poll
 
 
 def wait_done(job_id: str, run_dir: Path, timeout: float = 300.0) -> dict[str, str]:
-    info = wait_until(lambda: (lambda i: i if i.get("JobState") in TERMINAL else None)(show_job(job_id)),
-                      f"job {job_id} to end", run_dir, timeout, poll=1.0)
+    info = wait_until(
+        lambda: (lambda i: i if i.get("JobState") in TERMINAL else None)(show_job(job_id)),
+        f"job {job_id} to end",
+        run_dir,
+        timeout,
+        poll=1.0,
+    )
     assert info["JobState"] == "COMPLETED", f"job {job_id}: {info['JobState']}\n{logs(run_dir)}"
     return info
 
@@ -141,8 +156,9 @@ def sacct_states(job_id: str, timeout: float = 60.0) -> list[str]:
     (``scontrol show job``) sacct may still report the last start as RUNNING."""
     deadline = time.monotonic() + timeout
     while True:
-        res = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
-                             text=True, timeout=30)
+        res = subprocess.run(
+            ["sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, timeout=30
+        )
         assert res.returncode == 0, res.stderr
         states = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
         if (states and states[-1] not in ("PENDING", "RUNNING")) or time.monotonic() > deadline:
@@ -165,25 +181,45 @@ class PreemptDriver(threading.Thread):
     def run(self):
         try:
             self._drive()
-        except BaseException:   # reported by the test
+        except BaseException:  # reported by the test
             self.error = traceback.format_exc()
 
     def _drive(self):
         job_id, run_dir = self.job_id, self.run_dir
-        wait_until(lambda: show_job(job_id)["JobState"] == "RUNNING" and len(losses(run_dir)) >= 2,
-                   "the preempt job to train 2 steps", run_dir)
+        wait_until(
+            lambda: show_job(job_id)["JobState"] == "RUNNING" and len(losses(run_dir)) >= 2,
+            "the preempt job to train 2 steps",
+            run_dir,
+        )
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
         # While the job is queued or running, a second job for the same run directory is refused.
-        self.duplicate = launch(CONFIG, "--gpus-per-node", "0", "--tasks-per-node", "2",
-                                f"data.path={self.dataset}", f"run_dir={run_dir}", check=False)
+        self.duplicate = launch(
+            CONFIG,
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            f"data.path={self.dataset}",
+            f"run_dir={run_dir}",
+            check=False,
+        )
         log0 = run_dir / "slurm" / f"{job_id}_0_log.out"
-        match = wait_until(lambda: show_job(job_id).get("Restarts") == "1"
-                           and re.search(r"stopped on a signal at step (\d+)", log0.read_text()),
-                           "the first requeue", run_dir)
+        match = wait_until(
+            lambda: (
+                show_job(job_id).get("Restarts") == "1"
+                and re.search(r"stopped on a signal at step (\d+)", log0.read_text())
+            ),
+            "the first requeue",
+            run_dir,
+        )
         self.first_stop = int(match.group(1))
-        wait_until(lambda: show_job(job_id)["JobState"] == "RUNNING"
-                   and max(losses(run_dir), default=0) >= self.first_stop + 2,
-                   "the requeued run to train 2 more steps", run_dir)
+        wait_until(
+            lambda: (
+                show_job(job_id)["JobState"] == "RUNNING" and max(losses(run_dir), default=0) >= self.first_stop + 2
+            ),
+            "the requeued run to train 2 more steps",
+            run_dir,
+        )
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
 
 
@@ -203,14 +239,31 @@ def jobs(local_slurm, dataset, tmp_path_factory) -> dict[str, tuple[str, Path]]:
     # can make them disagree on. Hence one training job per node (--exclusive) and one TMPDIR per job.
     cpu = ["--gpus-per-node", "0", "--time", "10", "--exclusive"]
     common = [f"data.path={dataset}"]
-    restart_setup = ('if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then unset LLAT_DEBUG_STEP_SLEEP; '
-                     'scontrol update JobId=$SLURM_JOB_ID TimeLimit=10; fi')
-    specs = {   # in submission order: the long ones first, the 2-node job before the nodes fill up
+    restart_setup = (
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then unset LLAT_DEBUG_STEP_SLEEP; '
+        "scontrol update JobId=$SLURM_JOB_ID TimeLimit=10; fi"
+    )
+    specs = {  # in submission order: the long ones first, the 2-node job before the nodes fill up
         "preempt": ([*cpu, "--tasks-per-node", "2", "wandb.mode=offline"], {"LLAT_DEBUG_STEP_SLEEP": "0.5"}),
         # Real time limit: the warning (USR2) 60 s before the 2-minute limit comes 30-60 s after the start (Slurm
         # checks on a 30 s tick); the first run is slowed down so that the warning finds it training.
-        "timeout": (["--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "2", "--signal-delay", "60",
-                     "--exclusive", "--setup", restart_setup, "wandb.mode=disabled"], {"LLAT_DEBUG_STEP_SLEEP": "4"}),
+        "timeout": (
+            [
+                "--gpus-per-node",
+                "0",
+                "--tasks-per-node",
+                "2",
+                "--time",
+                "2",
+                "--signal-delay",
+                "60",
+                "--exclusive",
+                "--setup",
+                restart_setup,
+                "wandb.mode=disabled",
+            ],
+            {"LLAT_DEBUG_STEP_SLEEP": "4"},
+        ),
         "two_nodes": ([*cpu, "--nodes", "2", "--tasks-per-node", "1", "wandb.mode=offline"], {}),
         "ref": ([*cpu, "--tasks-per-node", "2", "wandb.mode=offline"], {}),
     }
@@ -219,16 +272,31 @@ def jobs(local_slurm, dataset, tmp_path_factory) -> dict[str, tuple[str, Path]]:
         run_dir = root / name
         tmp = root / f"tmp-{name}"
         tmp.mkdir()
-        out[name] = (submit(CONFIG, *args, *common, f"run_dir={run_dir}", env={**env, "TMPDIR": str(tmp)}),
-                     run_dir)
+        out[name] = (submit(CONFIG, *args, *common, f"run_dir={run_dir}", env={**env, "TMPDIR": str(tmp)}), run_dir)
         if name == "preempt":
             driver = PreemptDriver(*out[name], dataset)
             driver.start()
             out["preempt_driver"] = driver
     ext_dir = root / "extract"
-    out["extract"] = (submit("configs/extract_synthetic.yaml", "--job", "extract", "--gpus-per-node", "0",
-                             "--tasks-per-node", "2", "--time", "10", f"out_dir={ext_dir}", "source.num_samples=40",
-                             "chunk_size=8", "batch_size=4", "progress_bar=false"), ext_dir)
+    out["extract"] = (
+        submit(
+            "configs/extract_synthetic.yaml",
+            "--job",
+            "extract",
+            "--gpus-per-node",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--time",
+            "10",
+            f"out_dir={ext_dir}",
+            "source.num_samples=40",
+            "chunk_size=8",
+            "batch_size=4",
+            "progress_bar=false",
+        ),
+        ext_dir,
+    )
     return out
 
 
@@ -238,21 +306,45 @@ def test_dry_run_prints_sbatch_script_and_resolved_config(tmp_path):
     written or submitted."""
     text = (REPO / CONFIG).read_text() + (
         "\nlauncher:\n  nodes: 2\n  gpus_per_node: 4\n  partition: gpu\n  time_min: 30\n  account: proj\n"
-        "  qos: high\n  constraint: h100\n  signal_delay_s: 90\n  setup: [module load cuda]\n")
+        "  qos: high\n  constraint: h100\n  signal_delay_s: 90\n  setup: [module load cuda]\n"
+    )
     config = tmp_path / "exp.yaml"
     config.write_text(text)
     run_dir = tmp_path / "run"
-    res = launch(str(config), "--dry-run", "--nodes", "3", "launcher.qos=low", "train.global_batch_size=24",
-                 f"run_dir={run_dir}", "data.path=/data/latents", env={"SLURM_CONF": str(tmp_path / "none.conf")})
+    res = launch(
+        str(config),
+        "--dry-run",
+        "--nodes",
+        "3",
+        "launcher.qos=low",
+        "train.global_batch_size=24",
+        f"run_dir={run_dir}",
+        "data.path=/data/latents",
+        env={"SLURM_CONF": str(tmp_path / "none.conf")},
+    )
     out = res.stdout
-    for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --account=proj", "#SBATCH --qos=low",
-                 "#SBATCH --constraint=h100", "#SBATCH --signal=USR2@90", "#SBATCH --requeue",
-                 f"#SBATCH --output={run_dir}/slurm/%j_0_log.out", "module load cuda",
-                 f"export PYTHONPATH={REPO}"):
+    for line in (
+        "#SBATCH --nodes=3",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=30",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=low",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={run_dir}/slurm/%j_0_log.out",
+        "module load cuda",
+        f"export PYTHONPATH={REPO}",
+    ):
         assert line in out, f"{line!r} not in:\n{out}"
-    assert re.search(rf"^srun .*--output {re.escape(str(run_dir))}/slurm/%j_%t_log.out --kill-on-bad-exit=1 "
-                     rf".*-m submitit.core._submit {re.escape(str(run_dir))}/slurm$", out, re.M), out
+    assert re.search(
+        rf"^srun .*--output {re.escape(str(run_dir))}/slurm/%j_%t_log.out --kill-on-bad-exit=1 "
+        rf".*-m submitit.core._submit {re.escape(str(run_dir))}/slurm$",
+        out,
+        re.M,
+    ), out
     assert "world size 12" in out
     assert "global_batch_size: 24" in out and f"run_dir: {run_dir}" in out and "path: /data/latents" in out
     # The resolved config records the resolved launch settings (CLI > launcher.* override > YAML section).
@@ -264,14 +356,17 @@ def test_dry_run_prints_sbatch_script_and_resolved_config(tmp_path):
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "0"], "--nodes must be >= 1, got 0"),
-    (["launcher.nodes=-1"], "launcher.nodes must be >= 1, got -1"),
-    (["launcher.nodez=2"], "launcher.nodez: unknown key; did you mean 'nodes'?"),
-    (["--gpus-per-node", "0", "--tasks-per-node", "3"], "not divisible by world size 3"),
-    (["--time", "1", "--signal-delay", "60"], "--signal-delay 60 s is not shorter than the time limit"),
-    (["train.global_batchsize=8"], "did you mean 'global_batch_size'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+        (["launcher.nodes=-1"], "launcher.nodes must be >= 1, got -1"),
+        (["launcher.nodez=2"], "launcher.nodez: unknown key; did you mean 'nodes'?"),
+        (["--gpus-per-node", "0", "--tasks-per-node", "3"], "not divisible by world size 3"),
+        (["--time", "1", "--signal-delay", "60"], "--signal-delay 60 s is not shorter than the time limit"),
+        (["train.global_batchsize=8"], "did you mean 'global_batch_size'"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(args, message):
     res = launch(CONFIG, "--dry-run", *args, check=False)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -284,8 +379,19 @@ def test_evaluate_job_passes_its_arguments_through():
         res = launch(CONFIG, "--job", "evaluate", "--dry-run", "--", "samples.npz", check=False)
         assert res.returncode == 2 and "arrives with the evaluation issue" in res.stderr
         return
-    res = launch(CONFIG, "--job", "evaluate", "--dry-run", "--gpus-per-node", "8", "--", "samples.npz",
-                 "--json", "m.json", env={"SLURM_CONF": "/nonexistent"})
+    res = launch(
+        CONFIG,
+        "--job",
+        "evaluate",
+        "--dry-run",
+        "--gpus-per-node",
+        "8",
+        "--",
+        "samples.npz",
+        "--json",
+        "m.json",
+        env={"SLURM_CONF": "/nonexistent"},
+    )
     assert "#SBATCH --ntasks-per-node=1" in res.stdout and "#SBATCH --gpus-per-node=1" in res.stdout
     assert f"tools/evaluate.py samples.npz --json m.json --config {REPO / CONFIG}" in res.stdout
     res = launch(CONFIG, "--job", "evaluate", "--dry-run", check=False)
@@ -300,8 +406,16 @@ def test_missing_config_is_a_clear_error():
 
 # ================================================================================================ real cluster
 def test_unknown_partition_is_refused(local_slurm, tmp_path):
-    res = launch(CONFIG, "--partition", "nope", "--gpus-per-node", "0", f"run_dir={tmp_path / 'run'}",
-                 "data.path=/x", check=False)
+    res = launch(
+        CONFIG,
+        "--partition",
+        "nope",
+        "--gpus-per-node",
+        "0",
+        f"run_dir={tmp_path / 'run'}",
+        "data.path=/x",
+        check=False,
+    )
     assert res.returncode == 2
     assert "unknown partition 'nope'; this cluster has: debug" in res.stderr
     assert not (tmp_path / "run").exists()
@@ -314,15 +428,20 @@ def test_requeue_job_recognises_a_requeue_by_slurm(local_slurm, tmp_path):
     fails (the job is no longer running) and must be recognised as done, not reported as an error."""
     from launchers.jobs import requeue_job
 
-    res = subprocess.run(["sbatch", "--parsable", "--requeue", "-o", str(tmp_path / "out"), "--wrap", "sleep 300"],
-                         capture_output=True, text=True, timeout=30, check=True)
+    res = subprocess.run(
+        ["sbatch", "--parsable", "--requeue", "-o", str(tmp_path / "out"), "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     job_id = res.stdout.strip().split(";")[0]
     try:
         wait_until(lambda: show_job(job_id)["JobState"] == "RUNNING", "the sleep job to run", tmp_path, 60)
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)      # Slurm requeues it
-        ok, detail = requeue_job(job_id, restart_count=0)                            # then the task asks again
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)  # Slurm requeues it
+        ok, detail = requeue_job(job_id, restart_count=0)  # then the task asks again
         assert ok and "already requeued by Slurm" in detail, detail
-        assert show_job(job_id)["Restarts"] == "1"                                   # once, not twice
+        assert show_job(job_id)["Restarts"] == "1"  # once, not twice
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     ok, detail = requeue_job("999999", restart_count=0)
@@ -356,7 +475,7 @@ def test_two_nodes(jobs):
     master = re.search(r"rank 0/2 on (n\d), master (n\d):(\d+)", log0)
     assert master and master.group(1) == master.group(2), log0[-2000:]
     other = re.search(rf"rank 1/2 on (n\d), master {master.group(2)}:{master.group(3)}", log1)
-    assert other and other.group(1) != master.group(1), log1[-2000:]     # ranks on two nodes, one master
+    assert other and other.group(1) != master.group(1), log1[-2000:]  # ranks on two nodes, one master
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert any(run_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))
 
@@ -381,7 +500,7 @@ def test_preemption_requeues_and_ends_identical_to_uninterrupted_run(jobs):
     text = logs(run_dir, tail=10**7)
     assert f"stopped on a signal at step {first_stop}" in text
     assert f"resumed from step {first_stop}" in text
-    assert "requeued job" in text                              # our own requeue after the USR2 checkpoint
+    assert "requeued job" in text  # our own requeue after the USR2 checkpoint
     assert result(run_dir, job_id)[0] == "success"
     # No step lost, none done twice differently: identical to the uninterrupted run, bit for bit.
     wait_done(ref_id, ref_dir)
@@ -398,12 +517,13 @@ def test_time_limit_warning_checkpoints_and_requeues(jobs):
     ref_id, ref_dir = jobs["ref"]
     info = wait_done(job_id, run_dir, timeout=360)
     assert info["Restarts"] == "1", info
-    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]           # requeued before the limit, no TIMEOUT
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]  # requeued before the limit, no TIMEOUT
     text = logs(run_dir, tail=10**7)
     # USR2 from --signal=USR2@60: normally it finds the trainer in its loop (checkpoint, our requeue); if the
     # machine is so slow that it comes during start-up, submitit's own handler requeues the job.
-    assert ("received signal 12" in text and "[launcher] requeued job" in text) or \
-        ("Caught signal SIGUSR2" in text and "Requeued job" in text), text[-5000:]
+    assert ("received signal 12" in text and "[launcher] requeued job" in text) or (
+        "Caught signal SIGUSR2" in text and "Requeued job" in text
+    ), text[-5000:]
     wait_done(ref_id, ref_dir)
     assert losses(run_dir) == losses(ref_dir)
 

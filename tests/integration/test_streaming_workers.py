@@ -1,5 +1,6 @@
 """Latent MDS datasets read through DataLoader WORKER PROCESSES (and, for comparison, without): mid-epoch resume and
 corrupt shards. The in-process checks: tests/unit/test_streaming.py."""
+
 from __future__ import annotations
 
 import gc
@@ -40,14 +41,15 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
 
     # Reference: two uninterrupted epochs, no workers. Each loader gets its own local cache dir
     # (remote = the written dataset), as several datasets may not share one.
-    ref_loader, _ = build_streaming_loader(data_cfg(tmp_path / "cache_ref", remote=str(data), num_workers=0),
-                                        batch_size=bs, seed=seed)
+    ref_loader, _ = build_streaming_loader(
+        data_cfg(tmp_path / "cache_ref", remote=str(data), num_workers=0), batch_size=bs, seed=seed
+    )
     ref = [collect(ref_loader) for _ in range(2)]
     del ref_loader
     for ids, _ in ref:
         flat = [i for b in ids for i in b]
         assert sorted(flat) == list(range(ID0, ID0 + n))
-    assert ref[0][0] != ref[1][0]                       # reshuffled per epoch
+    assert ref[0][0] != ref[1][0]  # reshuffled per epoch
     flip_of = [{i: f for b, fb in zip(*ref[e]) for i, f in zip(b, fb)} for e in range(2)]
     assert any(flip_of[0][i] != flip_of[1][i] for i in flip_of[0])
 
@@ -68,7 +70,7 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
     # Resumed run in a fresh loader: exactly the remaining batches, in order, with the same flips.
     cfg_b = data_cfg(tmp_path / "cache_b", remote=str(data), num_workers=workers)
     resumed, _ = build_streaming_loader(cfg_b, batch_size=bs, seed=seed)
-    resumed.load_state_dict(json.loads(json.dumps(state)))        # survives serialisation
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives serialisation
     tail = collect(resumed)
     assert tail[0] == ref[1][0][stop:]
     assert tail[1] == ref[1][1][stop:]
@@ -78,21 +80,21 @@ def test_mid_epoch_resume_gives_the_remaining_samples_and_flips(tmp_path, worker
 def test_corrupt_shard_bytes_name_the_file(tmp_path, hashes, workers):
     path = tmp_path / "ds"
     samples = make_samples(40)
-    with open_writer(path, latent_columns("float16", latent_shape=(C, H, H)), size_limit=1500,
-                     hashes=hashes) as writer:
+    with open_writer(path, latent_columns("float16", latent_shape=(C, H, H)), size_limit=1500, hashes=hashes) as writer:
         for s in samples:
             writer.write({k: (v.astype(np.float16) if isinstance(v, np.ndarray) else v) for k, v in s.items()})
     bad = _shard_files(path)[2]
     data = bytearray(bad.read_bytes())
     if hashes:
         mid = len(data) // 2
-        data[mid:mid + 8] = bytes(255 - b for b in data[mid:mid + 8])
+        data[mid : mid + 8] = bytes(255 - b for b in data[mid : mid + 8])
     else:
-        data[0:4] = b"\x00\x00\x00\x00"                   # break the zstd frame
+        data[0:4] = b"\x00\x00\x00\x00"  # break the zstd frame
     bad.write_bytes(bytes(data))
 
     ds = LatentDataset(local=str(path), latent_norm=False, batch_size=4)
     from streaming import StreamingDataLoader
+
     loader = StreamingDataLoader(ds, batch_size=4, num_workers=workers)
     with pytest.raises(CorruptShardError, match=bad.name):
         collect(loader)

@@ -1,4 +1,5 @@
 """Command-line tools: the training benchmark prints its table; the local launcher rejects bad arguments."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,9 @@ def _run(*args, timeout=300):
 
 
 def test_bench_train_prints_a_table_with_flops():
-    res = _run("tools/bench_train.py", "--batch", "4", "--steps", "2", "--warmup", "1",
-               "--precision", "fp32", "bf16-autocast")
+    res = _run(
+        "tools/bench_train.py", "--batch", "4", "--steps", "2", "--warmup", "1", "--precision", "fp32", "bf16-autocast"
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     header = [h.strip() for h in lines[1].split("|")]
@@ -26,8 +28,18 @@ def test_bench_train_prints_a_table_with_flops():
 
 def test_bench_train_dit_from_a_config_file():
     """--config selects the task and model of an experiment YAML (with overrides); the DiT keeps its analytic FLOPs."""
-    res = _run("tools/bench_train.py", "--config", "configs/tiny_dit.yaml", "model.depth=1", "--batch", "2",
-               "--steps", "1", "--warmup", "1")
+    res = _run(
+        "tools/bench_train.py",
+        "--config",
+        "configs/tiny_dit.yaml",
+        "model.depth=1",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("task dit (tiny_dit: model ") and "FLOPs analytic" in res.stdout
     row = [c.strip() for c in res.stdout.strip().splitlines()[-1].split("|")]

@@ -4,6 +4,7 @@ batch 4 -> 2 micro-batches per rank per step). The trainer is the same as for FS
 
 Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -81,8 +82,13 @@ def test_deepspeed_run_learns_checkpoints_and_exports(ds_reference):
     # tools/export.py (the script) on the run directory: the newest checkpoint, loadable into a freshly built
     # LightningDiT (official key names), EMA and raw weights
     out = ds_reference / "export.pt"
-    res = subprocess.run([sys.executable, "tools/export.py", str(ds_reference), str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "tools/export.py", str(ds_reference), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"step_{TOTAL_STEPS:07d}" in res.stdout
     model = build_model(load_config(ds_reference / "config.yaml").model)

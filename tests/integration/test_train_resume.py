@@ -3,6 +3,7 @@
 The tiny config runs 4 epochs of 4 steps (64 samples, global batch 16) and switches lognorm -> uniform
 timestep sampling at epoch 2 (step 8). A checkpoint is written every 4 steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,16 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _cmd(run_dir: Path, data: Path, nproc: int, overrides) -> list[str]:
-    return [sys.executable, "launchers/local.py", "--nproc", str(nproc), CONFIG,
-            f"data.path={data}", f"run_dir={run_dir}", *overrides]
+    return [
+        sys.executable,
+        "launchers/local.py",
+        "--nproc",
+        str(nproc),
+        CONFIG,
+        f"data.path={data}",
+        f"run_dir={run_dir}",
+        *overrides,
+    ]
 
 
 def _env(**extra) -> dict:
@@ -58,18 +67,27 @@ def _env(**extra) -> dict:
 
 
 def run(run_dir, data, nproc=2, overrides=("wandb.mode=disabled",), **env) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, data, nproc, overrides), cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        _cmd(run_dir, data, nproc, overrides), cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=300
+    )
 
 
 def start(run_dir, data, nproc=2, overrides=("wandb.mode=disabled",), **env) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(run_dir, data, nproc, overrides), cwd=REPO, env=_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        _cmd(run_dir, data, nproc, overrides),
+        cwd=REPO,
+        env=_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def complete_steps(run_dir: Path) -> list[int]:
     """Steps of the run's committed checkpoints, oldest first."""
     from core.checkpoint import complete_checkpoints
+
     return [step for step, _ in complete_checkpoints(run_dir / "checkpoints")]
 
 
@@ -124,6 +142,7 @@ def final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
         elif isinstance(obj, (list, tuple)):
             for i, v in enumerate(obj):
                 walk(f"{prefix}.{i}", v)
+
     walk("", torch.load(out, weights_only=False))
     return flat
 
@@ -155,7 +174,7 @@ def test_reference_run_switches_phase_and_learns(reference):
     # Steps are numbered from 1 after the update; step index 8 (epoch 2.0) is the first uniform one.
     assert [phases[s] for s in range(1, 9)] == [0] * 8
     assert [phases[s] for s in range(9, 17)] == [1] * 8
-    assert complete_steps(reference) == [8, 12, 16]          # keep_last 3
+    assert complete_steps(reference) == [8, 12, 16]  # keep_last 3
     assert (reference / "config.yaml").exists()
 
 
@@ -184,8 +203,9 @@ def test_bit_exact_resume_after_sigkill(dataset, reference, tmp_path):
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(dataset, reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, dataset, overrides=("wandb.mode=disabled", "checkpoint.every_steps=100"),
-                 LLAT_DEBUG_STEP_SLEEP=0.4)
+    proc = start(
+        run_dir, dataset, overrides=("wandb.mode=disabled", "checkpoint.every_steps=100"), LLAT_DEBUG_STEP_SLEEP=0.4
+    )
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2, proc)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
@@ -232,8 +252,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tm
 
 
 def test_bad_config_key_is_a_clear_error(dataset, tmp_path):
-    res = subprocess.run([sys.executable, "train.py", CONFIG, f"data.path={dataset}", "train.global_batchsize=8"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "train.py", CONFIG, f"data.path={dataset}", "train.global_batchsize=8"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "train.global_batchsize" in res.stderr and "global_batch_size" in res.stderr
 

@@ -5,6 +5,7 @@ next-stage warm start from the run's checkpoint, and a tiny VA-VAE whose reconst
 configs/tiny_vavae.yaml at 16 px: its DINOv2 ViT and LPIPS VGG16 are RANDOMLY INITIALISED
 (``random_init: true``), no weight files, no downloads.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,21 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_vavae.yaml"
 # 16 px images (latent 4x8x8), global batch 4 over 32 images: 8 steps per epoch; 12 steps cross the epoch boundary;
 # the GAN terms start at step index 6 (metrics line 7).
-SMALL = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
-         "vavae.disc.n_layers=2", "data.synthetic_num_samples=32", "train.global_batch_size=4",
-         "train.max_steps=12", "vavae.loss.disc_start=6", "wandb.mode=disabled"]
+SMALL = [
+    "data.image_size=16",
+    "vavae.model.resolution=16",
+    "vavae.model.attn_resolutions=[8]",
+    "vavae.disc.n_layers=2",
+    "data.synthetic_num_samples=32",
+    "train.global_batch_size=4",
+    "train.max_steps=12",
+    "vavae.loss.disc_start=6",
+    "wandb.mode=disabled",
+]
 TOTAL = 12
 TIMING_KEYS = {"img_per_s", "step_time_s", "data_wait_frac", "mfu"}
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.usefixtures("one_thread")]
-
 
 
 def _env(**extra) -> dict:
@@ -49,8 +57,7 @@ def _cmd(run_dir: Path, overrides) -> list[str]:
 
 
 def run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(_cmd(run_dir, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -89,9 +96,15 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
     addition either way, so the layouts agree bit for bit — except the logged gradient norms (each rank sums the
     squares of the whole gradient instead of half of it: last-ulp differences; no clipping here, so no effect)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run_dir, ["checkpoint.every_steps=4"]), cwd=REPO,
-                            env=_env(LLAT_DEBUG_STEP_SLEEP=0.5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(run_dir, ["checkpoint.every_steps=4"]),
+        cwd=REPO,
+        env=_env(LLAT_DEBUG_STEP_SLEEP=0.5),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while 4 not in complete_steps(run_dir):
@@ -102,7 +115,7 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
     finally:
         kill_tree(proc)
     killed_at = max(records(run_dir))
-    assert 4 <= killed_at < 8, killed_at                 # the next checkpoint would be step 8
+    assert 4 <= killed_at < 8, killed_at  # the next checkpoint would be step 8
 
     res = run(run_dir, "checkpoint.every_steps=4", "engine.sharding=hybrid", "engine.shard_group_size=1")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -138,8 +151,16 @@ def test_tokenizer_and_next_stage_from_run_checkpoint(reference):
     assert tok.decode(tok.encode(x, sample=True, generator=torch.Generator().manual_seed(0))).shape == x.shape
 
     # Next stage: vavae.init_from=<this checkpoint> warm-starts autoencoder, projection and discriminator.
-    cfg = load_config(REPO / CONFIG, SMALL + [f"vavae.init_from={ckpt}", "vavae.loss.disc_start=1",
-                                              "vavae.vf.cos_margin=0.5", "vavae.vf.distmat_margin=0.25"])
+    cfg = load_config(
+        REPO / CONFIG,
+        SMALL
+        + [
+            f"vavae.init_from={ckpt}",
+            "vavae.loss.disc_start=1",
+            "vavae.vf.cos_margin=0.5",
+            "vavae.vf.distmat_margin=0.25",
+        ],
+    )
     task = VAVAETask(cfg, SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
     specs = task.build_models()
     for k, v in weights.items():
@@ -167,8 +188,16 @@ def test_tiny_vavae_psnr_rises():
     from models.tasks.vavae import VAVAETask
 
     torch.manual_seed(0)
-    cfg = load_config(REPO / CONFIG, SMALL + ["vavae.loss.perceptual_weight=0", "vavae.loss.disc_start=100",
-                                              "optimizer.lr=2e-3", "vavae.disc_optimizer.lr=2e-3"])
+    cfg = load_config(
+        REPO / CONFIG,
+        SMALL
+        + [
+            "vavae.loss.perceptual_weight=0",
+            "vavae.loss.disc_start=100",
+            "optimizer.lr=2e-3",
+            "vavae.disc_optimizer.lr=2e-3",
+        ],
+    )
     task = VAVAETask(cfg, SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
     specs = task.build_models()
     ae, disc = specs["autoencoder"].module, specs["discriminator"].module
@@ -197,6 +226,4 @@ def test_tiny_vavae_psnr_rises():
         assert math.isfinite(float(m["loss"])) and math.isfinite(float(d_loss.detach()))
     after = psnr()
     assert m["d_weight"] > 0 and m["vf_weight"] > 0
-    assert after > before + 4.0, (before, after)          # ~9 dB -> ~15 dB
-
-
+    assert after > before + 4.0, (before, after)  # ~9 dB -> ~15 dB

@@ -5,6 +5,7 @@ one rank through DeepSpeed's universal checkpoint and tools/export.py through th
 
 configs/tiny_vavae.yaml at 16 px: its DINOv2 ViT and LPIPS VGG16 are RANDOMLY INITIALISED (``random_init: true``).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -27,8 +28,13 @@ except ImportError:  # tests/ imported as a package
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
-          "vavae.disc.n_layers=2", "vavae.loss.disc_start=1"]
+TINY16 = [
+    "data.image_size=16",
+    "vavae.model.resolution=16",
+    "vavae.model.attn_resolutions=[8]",
+    "vavae.disc.n_layers=2",
+    "vavae.loss.disc_start=1",
+]
 # Adam's eps raised from 1e-8 for the parity runs only. Several parameters of the autoencoder have a gradient that
 # is zero in exact arithmetic (a conv bias followed by GroupNorm, the attention key bias: softmax is shift-
 # invariant); in fp32 it is rounding noise (~1e-9) that depends on the order of the gradient reduction (FSDP2's
@@ -36,7 +42,7 @@ TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_r
 # and Adam with eps 1e-8 turns it into +-lr updates of arbitrary sign. With eps 1e-2 such noise moves a weight by
 # < 1e-7; both engines run the same (changed) update rule, which is what this test compares.
 PARITY_EPS = ["optimizer.eps=1e-2", "vavae.disc_optimizer.eps=1e-2"]
-STEPS = 3                        # step 0 before disc_start (GAN terms off), steps 1-2 with them
+STEPS = 3  # step 0 before disc_start (GAN terms off), steps 1-2 with them
 
 
 def _train(dist, kind: str, stage: int):
@@ -50,8 +56,10 @@ def _train(dist, kind: str, stage: int):
     cfg = load_config(REPO / CONFIG, TINY16 + PARITY_EPS + [f"engine.kind={kind}", f"engine.zero_stage={stage}"])
     task = VAVAETask(cfg, dist)
     engine = build_engine(cfg.engine, dist)
-    parts = {n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr,
-                               grad_clip=s.grad_clip) for n, s in task.build_models().items()}
+    parts = {
+        n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr, grad_clip=s.grad_clip)
+        for n, s in task.build_models().items()
+    }
     g = torch.Generator().manual_seed(100 + dist.rank)
     log = []
     for step in range(STEPS):
@@ -96,6 +104,7 @@ def test_zero_matches_fsdp2_across_disc_start(fsdp2_run, stage):
 def test_zero3_is_refused_with_the_reason():
     from core.config import ConfigError
     from launchers.experiment import load_config
+
     with pytest.raises(ConfigError, match="engine.zero_stage: the VA-VAE task runs on DeepSpeed ZeRO stage 1 or 2"):
         load_config(REPO / CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=3"])
     load_config(REPO / CONFIG, ["engine.kind=deepspeed", "engine.zero_stage=1"])
@@ -145,9 +154,15 @@ def test_deepspeed_vavae_bit_exact_resume_after_sigkill(ds_reference, tmp_path):
     assert [log[s]["autoencoder/disc_factor"] for s in range(1, TOTAL + 1)] == [0.0] * 6 + [1.0] * 6
     assert all(log[s]["autoencoder/d_weight"] > 0 for s in range(7, TOTAL + 1))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(run_dir, [*DS, "checkpoint.every_steps=4"]), cwd=REPO,
-                            env=_env(LLAT_DEBUG_STEP_SLEEP=0.5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(run_dir, [*DS, "checkpoint.every_steps=4"]),
+        cwd=REPO,
+        env=_env(LLAT_DEBUG_STEP_SLEEP=0.5),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while 4 not in complete_steps(run_dir):
@@ -194,8 +209,14 @@ def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, t
 
     for part in ("autoencoder", "discriminator"):
         out = tmp_path / f"{part}.pt"
-        res = subprocess.run([sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", part],
-                             cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+        res = subprocess.run(
+            [sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", part],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"step_{TOTAL:07d}" in res.stdout
     assert load_vavae_state(tmp_path / "autoencoder.pt").autoencoder

@@ -6,6 +6,7 @@ autoencoder's 8 x 8 latent grid, no latents (tokenizer.kind: none). Random-init 
 (models/dinov2.py), so the extraction's model and the task's online model are the same network. Training runs: global
 batch 4 -> 4 steps per epoch, 8 steps, GAN terms from step index 3.
 """
+
 from __future__ import annotations
 
 import gc
@@ -48,14 +49,31 @@ def dataset(tmp_path_factory) -> Path:
     d = tiny.vavae.vf.dinov2
     grid = tiny.data.image_size // 2 ** (len(tiny.vavae.model.ch_mult) - 1)
     out = tmp_path_factory.mktemp("vavae_features") / "mds"
-    extract(ExtractConfig(
-        out_dir=str(out), images=True, batch_size=8, num_workers=0, progress_bar=False,
-        source=SourceConfig(kind="synthetic", num_samples=NUM_IMAGES,
-                            image_size=tiny.data.image_size, num_classes=tiny.data.synthetic_num_classes,
-                            seed=tiny.seed),
-        tokenizer=TokenizerConfig(kind="none"),
-        features=FeaturesConfig(enabled=True, model=d.model, random_init=True, model_kwargs=d.model_kwargs,
-                                imagenet_norm=d.imagenet_norm, grid=grid)))
+    extract(
+        ExtractConfig(
+            out_dir=str(out),
+            images=True,
+            batch_size=8,
+            num_workers=0,
+            progress_bar=False,
+            source=SourceConfig(
+                kind="synthetic",
+                num_samples=NUM_IMAGES,
+                image_size=tiny.data.image_size,
+                num_classes=tiny.data.synthetic_num_classes,
+                seed=tiny.seed,
+            ),
+            tokenizer=TokenizerConfig(kind="none"),
+            features=FeaturesConfig(
+                enabled=True,
+                model=d.model,
+                random_init=True,
+                model_kwargs=d.model_kwargs,
+                imagenet_norm=d.imagenet_norm,
+                grid=grid,
+            ),
+        )
+    )
     return out
 
 
@@ -66,11 +84,11 @@ def test_online_features_and_vf_loss_equal_the_precomputed_ones(dataset, monkeyp
     from models.tasks.vavae import VAVAETask
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)                 # build_data fills them in from dist (restored after)
+        monkeypatch.delenv(key, raising=False)  # build_data fills them in from dist (restored after)
     base = SMALL + ["vavae.loss.perceptual_weight=0", "vavae.loss.disc_start=0"]
     online = VAVAETask(load_config(REPO / CONFIG, base), _dist())
     pre = VAVAETask(load_config(REPO / CONFIG, base + precomputed(dataset)), _dist())
-    assert pre.vf_model is None and pre.vf_dim == online.vf_dim == 32          # D from the dataset's index.json
+    assert pre.vf_model is None and pre.vf_dim == online.vf_dim == 32  # D from the dataset's index.json
 
     source = pre.build_data(micro_batch_size=4, global_batch_size=4)
     assert source.steps_per_epoch == NUM_IMAGES // 4
@@ -85,10 +103,11 @@ def test_online_features_and_vf_loss_equal_the_precomputed_ones(dataset, monkeyp
     with torch.no_grad():
         torch.testing.assert_close(stored.float(), online.vf_model(x), rtol=2e-3, atol=2e-3)
 
-    specs_o, specs_p = online.build_models(), pre.build_models()           # same seed: same weights and noise
+    specs_o, specs_p = online.build_models(), pre.build_models()  # same seed: same weights and noise
     _, m_o, _ = online.autoencoder_loss(x, specs_o["autoencoder"].module, specs_o["discriminator"].module, step=0)
-    _, m_p, _ = pre.autoencoder_loss(x, specs_p["autoencoder"].module, specs_p["discriminator"].module, step=0,
-                                     features=stored.float())
+    _, m_p, _ = pre.autoencoder_loss(
+        x, specs_p["autoencoder"].module, specs_p["discriminator"].module, step=0, features=stored.float()
+    )
     for key in ("rec", "nll", "kl", "g"):
         assert torch.equal(m_o[key], m_p[key]), key
     for key in ("vf", "vf_cos", "vf_distmat", "vf_weight", "loss"):
@@ -98,8 +117,9 @@ def test_online_features_and_vf_loss_equal_the_precomputed_ones(dataset, monkeyp
         pre.autoencoder_loss(x, specs_p["autoencoder"].module, specs_p["discriminator"].module, step=0)
 
     # vf.features online on the same shards: images only, DINOv2 runs in the loss.
-    online_streaming = VAVAETask(load_config(REPO / CONFIG, base + ["data.kind=streaming", f"data.path={dataset}"]),
-                                 _dist())
+    online_streaming = VAVAETask(
+        load_config(REPO / CONFIG, base + ["data.kind=streaming", f"data.path={dataset}"]), _dist()
+    )
     source = online_streaming.build_data(micro_batch_size=4, global_batch_size=4)
     again = next(source.iterator(epoch=0, step_in_epoch=0))
     del source
@@ -119,8 +139,9 @@ def reference(dataset, tmp_path_factory) -> Path:
 def test_precomputed_run_logs_vf_terms(reference):
     log = records(reference)
     assert sorted(log) == list(range(1, TOTAL + 1))
-    assert [log[s]["autoencoder/disc_factor"] for s in range(1, TOTAL + 1)] == \
-        [0.0] * DISC_START + [1.0] * (TOTAL - DISC_START)
+    assert [log[s]["autoencoder/disc_factor"] for s in range(1, TOTAL + 1)] == [0.0] * DISC_START + [1.0] * (
+        TOTAL - DISC_START
+    )
     for s in log:
         assert log[s]["autoencoder/vf_weight"] > 0 and log[s]["autoencoder/vf"] > 0
         assert all(math.isfinite(log[s][f"autoencoder/{k}"]) for k in ("vf", "vf_cos", "vf_distmat", "loss"))
@@ -148,19 +169,28 @@ def test_config_errors_name_the_keys(dataset, tmp_path):
     from data.streaming import latent_columns, open_writer
     from models.tasks.vavae import VAVAETask
 
-    with pytest.raises(ConfigError, match=r"vavae\.vf\.features: 'precomputed' reads .*set data\.kind=streaming"
-                                          r".*got data\.kind 'synthetic'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"vavae\.vf\.features: 'precomputed' reads .*set data\.kind=streaming"
+        r".*got data\.kind 'synthetic'",
+    ):
         load_config(REPO / CONFIG, SMALL + ["vavae.vf.features=precomputed"])
     with pytest.raises(ConfigError, match=r"data\.random_flip: must be false with vavae\.vf\.features=precomputed"):
         load_config(REPO / CONFIG, SMALL + precomputed(dataset) + ["data.random_flip=true"])
     # 32 px images: a 16 x 16 latent grid, but the stored features are on 8 x 8.
     cfg = load_config(REPO / CONFIG, SMALL + precomputed(dataset) + ["data.image_size=32", "vavae.model.resolution=32"])
-    with pytest.raises(ValueError, match=r"data\.path: the DINOv2 features of .* 8x8 token grid, but the autoencoder's "
-                                         r"latent grid is 16x16 .*features\.grid=16"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.path: the DINOv2 features of .* 8x8 token grid, but the autoencoder's "
+        r"latent grid is 16x16 .*features\.grid=16",
+    ):
         VAVAETask(cfg, _dist())
     images_only = tmp_path / "images_only"
     with open_writer(images_only, latent_columns(with_latents=False, image_size=16)) as writer:
         writer.write({"image": np.zeros((3, 16, 16), np.uint8), "label": 0, "sample_id": 0})
-    with pytest.raises(ValueError, match=r"data\.path: vavae\.vf\.features=precomputed, but the dataset at .* has no "
-                                         r"`features` column"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.path: vavae\.vf\.features=precomputed, but the dataset at .* has no "
+        r"`features` column",
+    ):
         VAVAETask(load_config(REPO / CONFIG, SMALL + precomputed(images_only)), _dist())

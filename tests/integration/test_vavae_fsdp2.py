@@ -3,6 +3,7 @@ accumulation; 1 rank under bf16 autocast). The model itself: tests/unit/test_vav
 
 Every pretrained network here is RANDOMLY INITIALISED (``random_init: true`` in configs/tiny_vavae.yaml).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,11 @@ def _fsdp_grads(module) -> dict[str, torch.Tensor]:
 
 def _full_params(module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return {k: v.detach().clone() for k, v in
-            get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()}
+
+    return {
+        k: v.detach().clone()
+        for k, v in get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()
+    }
 
 
 def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
@@ -48,15 +52,19 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
 
     cfg = load_config(REPO / "configs/tiny_vavae.yaml", overrides)
     autocast = cfg.engine.precision == "bf16-autocast"
-    task, ref_task = VAVAETask(cfg, dist), VAVAETask(cfg, dist)           # same rank -> same noise generator
+    task, ref_task = VAVAETask(cfg, dist), VAVAETask(cfg, dist)  # same rank -> same noise generator
     specs = task.build_models()
     ref = {name: copy.deepcopy(spec.module) for name, spec in specs.items()}
     engine = FSDP2Engine(cfg.engine, dist)
-    parts = {n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr,
-                               grad_clip=s.grad_clip) for n, s in specs.items()}
+    parts = {
+        n: engine.prepare(n, s.module, s.optimizer, s.ema_decay, blocks_attr=s.blocks_attr, grad_clip=s.grad_clip)
+        for n, s in specs.items()
+    }
     ref_parts = {n: LocalPart(n, m) for n, m in ref.items()}
-    ref_opt = {n: build_optimizer([p for p in m.parameters() if p.requires_grad], specs[n].optimizer, dist.device)
-               for n, m in ref.items()}
+    ref_opt = {
+        n: build_optimizer([p for p in m.parameters() if p.requires_grad], specs[n].optimizer, dist.device)
+        for n, m in ref.items()
+    }
     g = torch.Generator().manual_seed(100 + dist.rank)
     diffs = {"weights": 0.0, "grads": 0.0, "params": 0.0, "buffers": 0.0}
     seen = {"d_weight": 0.0, "vf_weight": 0.0}
@@ -71,7 +79,7 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
         for phase in ("autoencoder", "discriminator"):
             ctx = SimpleNamespace(step=step)
             for k, batch in enumerate(batches):
-                with engine.autocast():                          # as the trainer; the reference: the same autocast
+                with engine.autocast():  # as the trainer; the reference: the same autocast
                     loss, m = task.loss(phase, batch, parts, ctx)
                 parts[phase].backward(loss / accum, sync=(k == accum - 1))
                 with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -95,8 +103,11 @@ def _fsdp_vs_unsharded(dist, accum: int, overrides: list[str]):
             ref_opt[phase].step()
             ref_opt[phase].zero_grad(set_to_none=True)
             worst("params", _full_params(parts[phase].module), {k: v for k, v in ref[phase].state_dict().items()})
-    worst("buffers", {n: b for n, b in parts["discriminator"].module.named_buffers()},
-          {n: b.float() if b.is_floating_point() else b for n, b in ref["discriminator"].named_buffers()})
+    worst(
+        "buffers",
+        {n: b for n, b in parts["discriminator"].module.named_buffers()},
+        {n: b.float() if b.is_floating_point() else b for n, b in ref["discriminator"].named_buffers()},
+    )
     return diffs, seen
 
 
@@ -106,8 +117,8 @@ def test_adaptive_weights_under_fsdp2_match_unsharded_reference():
     overrides = TINY16 + ["vavae.loss.disc_start=1"]
     results = run_distributed(_fsdp_vs_unsharded, world_size=2, args=(2, overrides), timeout_s=240)
     for diffs, seen in results:
-        assert seen["d_weight"] > 0 and seen["vf_weight"] > 0, seen        # both adaptive weights were active
-        assert diffs["weights"] < 1e-4, diffs                            # every metric incl. d_weight, vf_weight
+        assert seen["d_weight"] > 0 and seen["vf_weight"] > 0, seen  # both adaptive weights were active
+        assert diffs["weights"] < 1e-4, diffs  # every metric incl. d_weight, vf_weight
         assert diffs["grads"] < 1e-5, diffs
         assert diffs["params"] < 1e-5, diffs
         assert diffs["buffers"] < 1e-6, diffs

@@ -12,6 +12,7 @@ global batch come from the trainer's debug trace (``LLAT_DEBUG_SAMPLE_IDS``, cor
   on this machine and share /dev/shm, which two machines would not: each node gets its own range of streaming's
   shared-memory prefixes (otherwise both "local leaders" would create the same segment).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,22 @@ except ImportError:  # tests/ imported as a package
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
-CKPT_STEP = 3                      # mid-epoch (4 steps per epoch)
+CKPT_STEP = 3  # mid-epoch (4 steps per epoch)
 TOTAL = 6
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _overrides(data: Path, run_dir: Path, max_steps: int = TOTAL) -> list[str]:
-    return [f"data.path={data}", f"run_dir={run_dir}", "wandb.mode=disabled", "data.num_workers=2",
-            f"train.max_steps={max_steps}", f"checkpoint.every_steps={CKPT_STEP}", "checkpoint.keep_last=5"]
+    return [
+        f"data.path={data}",
+        f"run_dir={run_dir}",
+        "wandb.mode=disabled",
+        "data.num_workers=2",
+        f"train.max_steps={max_steps}",
+        f"checkpoint.every_steps={CKPT_STEP}",
+        "checkpoint.keep_last=5",
+    ]
 
 
 def _emulate_own_node(dist):
@@ -70,8 +78,12 @@ def _draws(task) -> dict[str, list]:
     np_rng.set_state(np.random.get_state())
     py_rng = random.Random()
     py_rng.setstate(random.getstate())
-    return {"task": torch.rand(8, generator=g).tolist(), "torch": torch.rand(8, generator=cpu).tolist(),
-            "numpy": np_rng.random_sample(8).tolist(), "python": [py_rng.random() for _ in range(8)]}
+    return {
+        "task": torch.rand(8, generator=g).tolist(),
+        "torch": torch.rand(8, generator=cpu).tolist(),
+        "numpy": np_rng.random_sample(8).tolist(),
+        "python": [py_rng.random() for _ in range(8)],
+    }
 
 
 def _train_runs(dist, jobs, own_node):
@@ -101,8 +113,9 @@ def _train_runs(dist, jobs, own_node):
 
 
 def _run(jobs, world_size, own_node=False):
-    return run_distributed(_train_runs, world_size=world_size, args=(jobs, own_node),
-                           env={"LLAT_DEBUG_SAMPLE_IDS": "1"}, timeout_s=240)
+    return run_distributed(
+        _train_runs, world_size=world_size, args=(jobs, own_node), env={"LLAT_DEBUG_SAMPLE_IDS": "1"}, timeout_s=240
+    )
 
 
 def _resume_dir(src: Path, dst: Path) -> Path:
@@ -146,12 +159,13 @@ def test_resume_on_another_world_size(tmp_path):
     assert r0_step == 0
     batches = read_global_batches(ref)
     assert sorted(batches) == list(range(TOTAL)) and all(len(b) == 16 for b in batches.values())
-    assert sorted(i for s in range(4) for i in batches[s]) == list(range(64))      # epoch 0: every sample once
+    assert sorted(i for s in range(4) for i in batches[s]) == list(range(64))  # epoch 0: every sample once
 
     # 2 -> 1, twice; and a 1-rank run up to its step-3 checkpoint (for 1 -> 2).
     a, b = _resume_dir(ref, tmp_path / "a"), _resume_dir(ref, tmp_path / "b")
-    [runs] = _run([_overrides(data, a), _overrides(data, b), _overrides(data, single, max_steps=CKPT_STEP)],
-                  world_size=1)
+    [runs] = _run(
+        [_overrides(data, a), _overrides(data, b), _overrides(data, single, max_steps=CKPT_STEP)], world_size=1
+    )
     (a_step, a_draws), (b_step, b_draws), (s_step, s_fresh) = runs
     assert (a_step, b_step, s_step) == (CKPT_STEP, CKPT_STEP, 0)
 
@@ -162,15 +176,16 @@ def test_resume_on_another_world_size(tmp_path):
     assert [[step for step, _ in rank] for rank in cde] == [[CKPT_STEP] * 3] * 2
 
     step0 = [r0_fresh, r1_fresh, s_fresh]
-    assert s_fresh == r0_fresh                       # step-0 streams depend on (seed, rank) only
+    assert s_fresh == r0_fresh  # step-0 streams depend on (seed, rank) only
     resumed = {"2->1": [a_draws], "1->2": [cde[0][0][1], cde[1][0][1]]}
     again = {"2->1": [b_draws], "1->2": [cde[0][1][1], cde[1][1][1]]}
     for case, draws in resumed.items():
         assert draws == again[case], f"{case}: a second identical resume drew other values"
         for rank, per_rank in enumerate(draws):
             for stream, values in per_rank.items():
-                assert all(values != fresh[stream] for fresh in step0), \
+                assert all(values != fresh[stream] for fresh in step0), (
                     f"{case}: rank {rank}'s {stream} stream replays the draws of step 0"
+                )
     c0, c1 = resumed["1->2"]
     assert all(c0[s] != c1[s] for s in c0), "the two ranks drew the same values"
 
@@ -192,8 +207,13 @@ def test_seed_for_and_the_task_contract():
     from core.rng import seed_for
     from core.task import Task
 
-    seeds = {seed_for(seed, step, rank, stream) for seed in (0, 1) for step in (0, 1, 600_000) for rank in range(4)
-             for stream in ("torch", "numpy")}
+    seeds = {
+        seed_for(seed, step, rank, stream)
+        for seed in (0, 1)
+        for step in (0, 1, 600_000)
+        for rank in range(4)
+        for stream in ("torch", "numpy")
+    }
     assert len(seeds) == 48 and all(0 <= s < 2**63 for s in seeds)
     assert seed_for(0, 600_000, 3, "torch") == seed_for(0, 600_000, 3, "torch")
 
@@ -209,12 +229,13 @@ def test_seed_for_and_the_task_contract():
 
     from models.tasks.dit import DiTTask
     from models.tasks.vavae import VAVAETask
+
     for cls, stream in ((DiTTask, "dit/timesteps+noise"), (VAVAETask, "vavae/posterior")):
         task = SimpleNamespace(cfg=SimpleNamespace(seed=7), generator=torch.Generator().manual_seed(0))
         cls.reseed(task, 5, 1)
         expected = torch.Generator().manual_seed(seed_for(7, 5, 1, stream))
         assert torch.equal(torch.rand(4, generator=task.generator), torch.rand(4, generator=expected)), cls
 
-    Stateless().reseed(5, 1)                       # nothing to re-seed
+    Stateless().reseed(5, 1)  # nothing to re-seed
     with pytest.raises(NotImplementedError, match="Task.reseed"):
-        Stateful().reseed(5, 1)                    # random state that a resume on another world size would replay
+        Stateful().reseed(5, 1)  # random state that a resume on another world size would replay

@@ -1,5 +1,6 @@
 """core.ema: the fused lerp EMA equals the textbook formula on plain tensors (DTensor shards:
 tests/integration/test_ema_dtensor.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ def test_matches_hand_loop(decay):
 
 def test_decay_zero_copies_and_one_keeps():
     ema, src = _tensors(0), _tensors(1)
-    ema[0][0, 0] = 1e10                        # catastrophic cancellation would break a naive formula
+    ema[0][0, 0] = 1e10  # catastrophic cancellation would break a naive formula
     ema_update_(ema, src, 0.0)
     assert all(torch.equal(e, s) for e, s in zip(ema, src))
     before = [e.clone() for e in ema]
@@ -38,9 +39,9 @@ def test_decay_zero_copies_and_one_keeps():
 def test_no_grad_dtype_and_errors():
     p = torch.nn.Parameter(torch.ones(3))
     ema = torch.zeros(3)
-    ema_update_([ema], [p], 0.5)               # parameters that require grad are fine (no_grad inside)
+    ema_update_([ema], [p], 0.5)  # parameters that require grad are fine (no_grad inside)
     assert not ema.requires_grad and torch.equal(ema, torch.full((3,), 0.5))
-    ema_update_([ema], [torch.ones(3, dtype=torch.bfloat16)], 0.0)   # a lower-precision source is upcast
+    ema_update_([ema], [torch.ones(3, dtype=torch.bfloat16)], 0.0)  # a lower-precision source is upcast
     assert ema.dtype == torch.float32 and torch.equal(ema, torch.ones(3))
     ema_update_([], [], 0.9)
     with pytest.raises(ValueError):
@@ -49,5 +50,3 @@ def test_no_grad_dtype_and_errors():
         ema_update_([ema], [torch.ones(4)], 0.9)
     with pytest.raises(ValueError):
         ema_update_([ema], [torch.ones(3)], 1.5)
-
-

@@ -1,5 +1,6 @@
 """The DeepSpeed config built from the engine config (no process group; the engine on real gloo ranks:
 tests/integration/test_engine_deepspeed.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,11 +8,13 @@ import pytest
 
 def _ds(stage, **kw):
     from core.config import EngineConfig
+
     return EngineConfig(kind="deepspeed", precision=kw.pop("precision", "fp32"), zero_stage=stage, **kw)
 
 
 def test_ds_config_from_engine_config():
     from core.engines.deepspeed import ds_config
+
     cfg = ds_config(_ds(3, precision="bf16", offload_optimizer=True, overlap_comm=False, bucket_size=1001), 4, 0.5)
     z = cfg["zero_optimization"]
     assert z["stage"] == 3 and z["overlap_comm"] is False and z["reduce_bucket_size"] == 1000

@@ -7,6 +7,7 @@ quality, but every code path (torch-fidelity's extractor registry, feature extra
 reference cache, stored statistics, the collective in-loop sampling) is the one Inception goes through.
 The collective in-loop evaluation on 2 gloo ranks: tests/integration/test_evaluate_in_loop.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,9 +45,14 @@ def _write_folder(images: np.ndarray, folder: Path) -> Path:
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     a = _synthetic(64, seed=0)
-    shifted = np.clip(a.astype(np.int16) + 40, 0, 255).astype(np.uint8)      # brighter copies of the same set
-    return SimpleNamespace(root=root, a=a, shifted=shifted, folder_a=_write_folder(a, root / "a"),
-                           folder_shifted=_write_folder(shifted, root / "shifted"))
+    shifted = np.clip(a.astype(np.int16) + 40, 0, 255).astype(np.uint8)  # brighter copies of the same set
+    return SimpleNamespace(
+        root=root,
+        a=a,
+        shifted=shifted,
+        folder_a=_write_folder(a, root / "a"),
+        folder_shifted=_write_folder(shifted, root / "shifted"),
+    )
 
 
 def _scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -75,9 +81,17 @@ def test_fid_self_zero_shifted_positive_and_matches_scipy_and_torch_fidelity(ima
 
     # ... and from torch-fidelity's own pipeline on the two folders with the registered tiny extractor.
     import torch_fidelity
-    ref = torch_fidelity.calculate_metrics(input1=str(images.folder_shifted), input2=str(images.folder_a),
-                                           fid=True, feature_extractor=fid.TINY, cuda=False, cache=False,
-                                           verbose=False, save_cpu_ram=True)
+
+    ref = torch_fidelity.calculate_metrics(
+        input1=str(images.folder_shifted),
+        input2=str(images.folder_a),
+        fid=True,
+        feature_extractor=fid.TINY,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
     assert shifted["fid"] == pytest.approx(ref[torch_fidelity.KEY_METRIC_FID], rel=1e-4)
 
     # A statistics-only reference (ADM layout, here from the tiny extractor) gives the same FID.
@@ -86,20 +100,22 @@ def test_fid_self_zero_shifted_positive_and_matches_scipy_and_torch_fidelity(ima
         assert {"mu", "sigma", "extractor"} <= set(data.files)
     from_stats = fid.evaluate_images(images.shifted, stats_file, metrics=["fid", "kid"], **common)
     assert from_stats["fid"] == pytest.approx(shifted["fid"], rel=1e-9)
-    assert from_stats["skipped"] == ["kid"]          # KID needs reference images
+    assert from_stats["skipped"] == ["kid"]  # KID needs reference images
 
 
 def test_all_metrics_npz_inputs_and_the_reference_cache(images, tmp_path):
-    np.savez(tmp_path / "a.npz", arr_0=images.a)                # ADM layout: arr_0, uint8 N x H x W x 3
+    np.savez(tmp_path / "a.npz", arr_0=images.a)  # ADM layout: arr_0, uint8 N x H x W x 3
     cache = tmp_path / "cache"
-    first = fid.evaluate_images(images.shifted, tmp_path / "a.npz", metrics=["all"], feature_extractor=fid.TINY,
-                                cache_dir=cache)
+    first = fid.evaluate_images(
+        images.shifted, tmp_path / "a.npz", metrics=["all"], feature_extractor=fid.TINY, cache_dir=cache
+    )
     assert not first["reference_cached"]
     for key in ("fid", "sfid", "is", "is_std", "kid", "kid_std", "precision", "recall"):
         assert np.isfinite(first[key]), key
-    self_score = fid.evaluate_images(images.a, tmp_path / "a.npz", metrics=["all"], feature_extractor=fid.TINY,
-                                     cache_dir=cache)
-    assert self_score["reference_cached"]                       # features + statistics came from the cache
+    self_score = fid.evaluate_images(
+        images.a, tmp_path / "a.npz", metrics=["all"], feature_extractor=fid.TINY, cache_dir=cache
+    )
+    assert self_score["reference_cached"]  # features + statistics came from the cache
     assert abs(self_score["fid"]) < 1e-6 and abs(self_score["sfid"]) < 1e-3
     assert self_score["precision"] == 1.0 and self_score["recall"] == 1.0
     assert self_score["sfid"] < first["sfid"] and self_score["kid"] < first["kid"]
@@ -108,8 +124,9 @@ def test_all_metrics_npz_inputs_and_the_reference_cache(images, tmp_path):
     # Changing the reference file (size/mtime) invalidates its cache entry.
     time.sleep(0.01)
     np.savez(tmp_path / "a.npz", arr_0=images.shifted)
-    again = fid.evaluate_images(images.shifted, tmp_path / "a.npz", metrics=["fid"], feature_extractor=fid.TINY,
-                                cache_dir=cache)
+    again = fid.evaluate_images(
+        images.shifted, tmp_path / "a.npz", metrics=["fid"], feature_extractor=fid.TINY, cache_dir=cache
+    )
     assert not again["reference_cached"] and abs(again["fid"]) < 1e-6
 
 
@@ -118,6 +135,7 @@ def test_missing_weights_are_a_clear_error_and_never_a_download(monkeypatch):
 
     def no_download(*a, **k):
         raise AssertionError("tried to download")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     with pytest.raises(ValueError, match=r"eval\.feature_extractor_weights.*weights-inception-2015-12-05"):
         fid.Extractor(fid.INCEPTION, weights=None, metrics=["fid"])
@@ -133,7 +151,7 @@ def test_inception_path_with_a_local_weights_file_and_the_sfid_layer(images, tmp
     Mixed_6d.branch1x1 map in (H, W, C) order (2023-d), IS the logits."""
     import torch_fidelity.feature_extractor_inceptionv3 as inc
 
-    with monkeypatch.context() as m:              # build one with random weights, without any download
+    with monkeypatch.context() as m:  # build one with random weights, without any download
         m.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)
         m.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
         torch.manual_seed(0)
@@ -143,7 +161,7 @@ def test_inception_path_with_a_local_weights_file_and_the_sfid_layer(images, tmp
 
     ex = fid.Extractor(fid.INCEPTION, weights=str(weights), metrics=["fid", "sfid", "is"])
     assert ex.layers == {"fid": "2048", "is": "logits_unbiased", "sfid": "spatial"}
-    batch = torch.from_numpy(images.a[:1]).permute(0, 3, 1, 2).contiguous()    # CPU Inception: ~6 GFLOP/image
+    batch = torch.from_numpy(images.a[:1]).permute(0, 3, 1, 2).contiguous()  # CPU Inception: ~6 GFLOP/image
     maps = {}
     handle = ex.module.Mixed_6d.branch1x1.register_forward_hook(lambda mod, i, o: maps.setdefault("m", o))
     feats = ex(batch)
@@ -166,6 +184,7 @@ def test_custom_extractor_spec_is_registered_with_torch_fidelity(images):
     doubled = fid.evaluate_images(images.shifted, images.a, metrics=["fid"], feature_extractor=spec, use_cache=False)
     assert doubled["fid"] == pytest.approx(4 * base["fid"], rel=1e-6)
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
     assert FEATURE_EXTRACTORS_REGISTRY[spec] is DoubledTiny
 
 
@@ -173,13 +192,31 @@ def test_evaluate_cli_table_and_json(images, tmp_path, capsys):
     from tools import evaluate
 
     out = tmp_path / "m.json"
-    rc = evaluate.main([str(images.folder_shifted), "--reference", str(images.folder_a), "--feature-extractor",
-                        fid.TINY, "--metrics", "fid,is,pr", "--cache-dir", str(tmp_path / "c"), "--json", str(out),
-                        "--num-workers", "0", "--quiet", "--save-stats", str(tmp_path / "s.npz")])
+    rc = evaluate.main(
+        [
+            str(images.folder_shifted),
+            "--reference",
+            str(images.folder_a),
+            "--feature-extractor",
+            fid.TINY,
+            "--metrics",
+            "fid,is,pr",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--json",
+            str(out),
+            "--num-workers",
+            "0",
+            "--quiet",
+            "--save-stats",
+            str(tmp_path / "s.npz"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "FID" in text and "precision" in text and "recall" in text
     import json
+
     result = json.loads(out.read_text())
     assert {"fid", "is", "precision", "recall", "num_samples", "reference"} <= set(result)
     assert (tmp_path / "s.npz").is_file()
@@ -203,12 +240,24 @@ def _eval_cfg(data: Path, run_dir: Path, extra: tuple[str, ...] = ()):
 
     # No data directory and no latent normalisation: identity decoding (explicit; the latents are the images),
     # and the worker processes skip importing MosaicML streaming (slow).
-    return load_config(REPO / "configs/tiny_dit.yaml", [
-        "data.latent_norm=false", "sampling.tokenizer=identity", f"run_dir={run_dir}", "eval.every_epochs=1",
-        "eval.num_samples=20",
-        "eval.batch_size=4", f"eval.reference={data / 'ref'}", f"eval.feature_extractor={fid.TINY}",
-        f"eval.cache_dir={data / 'cache'}", "eval.metrics=[fid,is,pr]", "eval.grid_size=6",
-        "eval.sampling_overrides=[num_steps=4]", *extra])
+    return load_config(
+        REPO / "configs/tiny_dit.yaml",
+        [
+            "data.latent_norm=false",
+            "sampling.tokenizer=identity",
+            f"run_dir={run_dir}",
+            "eval.every_epochs=1",
+            "eval.num_samples=20",
+            "eval.batch_size=4",
+            f"eval.reference={data / 'ref'}",
+            f"eval.feature_extractor={fid.TINY}",
+            f"eval.cache_dir={data / 'cache'}",
+            "eval.metrics=[fid,is,pr]",
+            "eval.grid_size=6",
+            "eval.sampling_overrides=[num_steps=4]",
+            *extra,
+        ],
+    )
 
 
 def _perturbed_model(cfg):
@@ -216,7 +265,7 @@ def _perturbed_model(cfg):
 
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    with torch.no_grad():                    # zero-initialised output layers would make the model a no-op
+    with torch.no_grad():  # zero-initialised output layers would make the model a no-op
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape))
     return model
@@ -228,7 +277,7 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
 
     cfg = _eval_cfg(train_data, tmp_path / "run")
     dist = DistInfo(0, 1, 0, 1, torch.device("cpu"), "none")
-    DiTTask(cfg, dist).check()                      # the start-up check passes on a good section
+    DiTTask(cfg, dist).check()  # the start-up check passes on a good section
     cfg.eval.feature_extractor = fid.INCEPTION
     with pytest.raises(ValueError, match=r"eval\.feature_extractor_weights"):
         DiTTask(cfg, dist).check()
@@ -243,7 +292,6 @@ def test_in_loop_evaluate_setup_error_names_the_key(train_data, tmp_path):
     cfg.eval.sampling_overrides = ["num_stepz=3"]
     with pytest.raises(ValueError, match=r"eval\.sampling_overrides: .*num_stepz.*did you mean 'num_steps'"):
         DiTTask(cfg, dist).check()
-
 
 
 def test_in_loop_evaluate_without_a_tokenizer_fails_at_start_up(train_data, tmp_path):

@@ -1,4 +1,5 @@
 """Image sources and the ADM center crop (data/images.py), the tokenizer interface (data/tokenizers.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_center_crop_box_halving_and_hand_checked_pixel():
     out = center_crop_arr(ramp_image(), 16)
     assert out.size == (16, 16)
     array = np.asarray(out)
-    assert tuple(array[3, 5]) == (4 * (5 + 8) + 1, 8 * 3 + 2, 100)          # (53, 26, 100)
+    assert tuple(array[3, 5]) == (4 * (5 + 8) + 1, 8 * 3 + 2, 100)  # (53, 26, 100)
     assert tuple(array[0, 0]) == (33, 2, 100) and tuple(array[15, 15]) == (4 * 23 + 1, 8 * 15 + 2, 100)
     tensor = to_tensor_normalized(out)
     assert tensor.dtype == torch.float32 and tensor.shape == (3, 16, 16)
@@ -64,6 +65,7 @@ def test_center_crop_bicubic_rounding_and_sizes():
 
 def test_to_tensor_matches_torchvision_bitwise():
     from torchvision import transforms
+
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     reference = transforms.Normalize([0.5] * 3, [0.5] * 3)(transforms.ToTensor()(image))
@@ -87,10 +89,15 @@ def test_scan_image_folder_order_labels_and_ignored(tmp_path):
     records, classes, ignored = scan_image_folder(tmp_path)
     assert classes == ["apple", "zebra"]
     # ImageFolder order: classes sorted, then a sorted os.walk inside each class folder.
-    assert [(r.path[len(str(tmp_path)) + 1:], r.label) for r in records] == [
-        ("apple/d.jpeg", 0), ("apple/sub/c.png", 0), ("zebra/a.JPG", 1), ("zebra/b.png", 1)]
-    assert sorted(i.path for i in ignored) == sorted([str(tmp_path / "apple" / "notes.txt"),
-                                                      str(tmp_path / "stray.png")])
+    assert [(r.path[len(str(tmp_path)) + 1 :], r.label) for r in records] == [
+        ("apple/d.jpeg", 0),
+        ("apple/sub/c.png", 0),
+        ("zebra/a.JPG", 1),
+        ("zebra/b.png", 1),
+    ]
+    assert sorted(i.path for i in ignored) == sorted(
+        [str(tmp_path / "apple" / "notes.txt"), str(tmp_path / "stray.png")]
+    )
     with pytest.raises(FileNotFoundError):
         scan_image_folder(tmp_path / "missing")
 
@@ -114,8 +121,9 @@ def test_dataset_items_bad_files_and_collate(tmp_path):
     truncated.write_bytes(jpeg.read_bytes()[:300])
     text = tmp_path / "fake.png"
     text.write_text("hello")
-    ds = ImageFileDataset([ImageRecord(str(good), 4), ImageRecord(str(truncated), 1), ImageRecord(str(text), 2)],
-                          image_size=16)
+    ds = ImageFileDataset(
+        [ImageRecord(str(good), 4), ImageRecord(str(truncated), 1), ImageRecord(str(text), 2)], image_size=16
+    )
     item = ds[0]
     assert item["sample_id"] == 0 and item["label"] == 4 and item["image"].shape == (3, 16, 16)
     assert torch.equal(item["image"], to_tensor_normalized(center_crop_arr(load_rgb(good), 16)))
@@ -155,4 +163,5 @@ def test_identity_tokenizer_and_registry():
             build_tokenizer("test-half").latent_shape(15)
     finally:
         from data import tokenizers
+
         tokenizers._REGISTRY.pop("test-half")

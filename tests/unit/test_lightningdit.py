@@ -1,4 +1,5 @@
 """LightningDiT: official state-dict layout, hand-checkable numerics, CFG, compile, FLOP count (CPU, fast)."""
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ def n_params(m: nn.Module) -> int:
 # Layout
 # --------------------------------------------------------------------------------------------------
 
+
 def _read_tsv(depth: int = 28) -> dict[str, tuple[tuple[int, ...], str]]:
     rows: dict[str, tuple[tuple[int, ...], str]] = {}
     for line in TSV.read_text().splitlines():
@@ -58,7 +60,7 @@ def _read_tsv(depth: int = 28) -> dict[str, tuple[tuple[int, ...], str]]:
         shape_t = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
         if key.startswith("blocks.0."):  # "blocks.0 stands for blocks.0 .. blocks.27"
             for i in range(depth):
-                rows[f"blocks.{i}." + key[len("blocks.0."):]] = (shape_t, kind)
+                rows[f"blocks.{i}." + key[len("blocks.0.") :]] = (shape_t, kind)
         else:
             rows[key] = (shape_t, kind)
     return rows
@@ -85,10 +87,17 @@ def test_xl1_state_dict_matches_official_tsv():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 674_961_824
 
 
-@pytest.mark.parametrize("name,millions", [
-    ("LightningDiT-XL/2", 675.26), ("LightningDiT-B/2", 130.56), ("LightningDiT-B/1", 130.56),
-    ("LightningDiT-L/2", 458.15), ("LightningDiT-1p0B/1", 1029.40), ("LightningDiT-1p6B/2", 1631.77),
-])
+@pytest.mark.parametrize(
+    "name,millions",
+    [
+        ("LightningDiT-XL/2", 675.26),
+        ("LightningDiT-B/2", 130.56),
+        ("LightningDiT-B/1", 130.56),
+        ("LightningDiT-L/2", 458.15),
+        ("LightningDiT-1p0B/1", 1029.40),
+        ("LightningDiT-1p6B/2", 1631.77),
+    ],
+)
 def test_registry_param_counts(name, millions):
     with torch.device("meta"):
         model = LightningDiT_models[name](**RELEASED)
@@ -137,6 +146,7 @@ def test_meta_build_then_materialise():
 # Numerics of the pieces
 # --------------------------------------------------------------------------------------------------
 
+
 def test_timestep_embedding_raw_t_cos_first():
     t = torch.tensor([0.0, 0.5])
     emb = timestep_embedding(t, 256)
@@ -176,9 +186,9 @@ def test_pos_embed_first_half_is_column():
     assert pe.shape == (G * G, D)
     h, w = 1, 3
     row = pe[h * G + w]
-    assert row[0].item() == pytest.approx(math.sin(w))          # column, sin part, omega_0 = 1
-    assert row[D // 4].item() == pytest.approx(math.cos(w))     # column, cos part
-    assert row[D // 2].item() == pytest.approx(math.sin(h))     # row
+    assert row[0].item() == pytest.approx(math.sin(w))  # column, sin part, omega_0 = 1
+    assert row[D // 4].item() == pytest.approx(math.cos(w))  # column, cos part
+    assert row[D // 2].item() == pytest.approx(math.sin(h))  # row
     assert row[3 * D // 4].item() == pytest.approx(math.cos(h))
     assert row[1].item() == pytest.approx(math.sin(w * 10000 ** (-1 / 4)))
     model = tiny()
@@ -211,8 +221,11 @@ def test_adaln_chunk_order(wo_shift):
 
     block.attn, block.mlp = AttnId(), nn.Identity()
     vals = {"shift_msa": 0.1, "scale_msa": 0.2, "gate_msa": 0.3, "shift_mlp": -0.4, "scale_mlp": 0.5, "gate_mlp": 0.7}
-    order = (["scale_msa", "gate_msa", "scale_mlp", "gate_mlp"] if wo_shift
-             else ["shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp"])
+    order = (
+        ["scale_msa", "gate_msa", "scale_mlp", "gate_mlp"]
+        if wo_shift
+        else ["shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp"]
+    )
     with torch.no_grad():
         lin = block.adaLN_modulation[1]
         lin.weight.zero_()
@@ -262,12 +275,13 @@ def test_checkpointing_matches_plain():
 # CFG
 # --------------------------------------------------------------------------------------------------
 
+
 def test_forward_with_cfg_three_channels_and_interval():
     torch.manual_seed(0)
     model = randomize(tiny()).eval()
     n, s = 2, 4.0
     z = torch.randn(n, 4, 4, 4)
-    x = torch.cat([z, torch.randn_like(z)])               # second half is ignored (model runs on [z, z])
+    x = torch.cat([z, torch.randn_like(z)])  # second half is ignored (model runs on [z, z])
     labels, null = torch.tensor([3, 7]), torch.full((n,), 10)
     t_half = torch.tensor([0.05, 0.6])
     t = torch.cat([t_half, t_half])
@@ -279,7 +293,7 @@ def test_forward_with_cfg_three_channels_and_interval():
         assert out.shape == (2 * n, 4, 4, 4)
         torch.testing.assert_close(out[:n, :3], guided, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[n:, :3], guided, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out[:n, 3:], cond[:, 3:], atol=1e-5, rtol=1e-5)   # no CFG past channel 2
+        torch.testing.assert_close(out[:n, 3:], cond[:, 3:], atol=1e-5, rtol=1e-5)  # no CFG past channel 2
         torch.testing.assert_close(out[n:, 3:], uncond[:, 3:], atol=1e-5, rtol=1e-5)
         # interval: guidance off where t < start (sample 0: t=0.05), on elsewhere (sample 1: t=0.6)
         out_i = model.forward_with_cfg(x, t, y, s, cfg_interval=True, cfg_interval_start=0.1)
@@ -294,9 +308,19 @@ def test_forward_with_cfg_three_channels_and_interval():
 # Builders
 # --------------------------------------------------------------------------------------------------
 
+
 def test_build_model_from_config():
-    cfg = ModelConfig(type="custom", input_size=4, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                      patch_size=2, mlp_ratio=2.0, num_classes=10)
+    cfg = ModelConfig(
+        type="custom",
+        input_size=4,
+        in_channels=4,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        patch_size=2,
+        mlp_ratio=2.0,
+        num_classes=10,
+    )
     m = build_model(cfg)
     assert (m.hidden_size, m.depth, m.num_heads, m.patch_size, m.mlp_ratio) == (64, 2, 4, 2, 2.0)
     assert m.use_swiglu and m.use_rope and m.use_rmsnorm and m.num_patches == 4
@@ -315,7 +339,10 @@ def test_build_model_from_config():
 # FLOPs (torch.compile + Inductor: integration/test_lightningdit_compile.py)
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", [dict(), dict(use_swiglu=False, use_rmsnorm=False, wo_shift=True, learn_sigma=True)])
+
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(use_swiglu=False, use_rmsnorm=False, wo_shift=True, learn_sigma=True)]
+)
 def test_flops_per_image_matches_flop_counter(variant):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode

@@ -1,4 +1,5 @@
 """Checkpoint loading: every accepted layout round-trips strictly; bad files and mismatches fail clearly."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,8 +10,18 @@ import torch
 from models.lightningdit import LightningDiT
 from models.loading import CheckpointReadError, load_checkpoint_state, load_into_model
 
-TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-            use_swiglu=True, use_rope=True, use_rmsnorm=True)
+TINY = dict(
+    input_size=4,
+    patch_size=1,
+    in_channels=4,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    num_classes=10,
+    use_swiglu=True,
+    use_rope=True,
+    use_rmsnorm=True,
+)
 
 
 class NotAllowlisted:
@@ -42,8 +53,15 @@ def same(model: LightningDiT, sd: dict) -> bool:
 def test_official_full_file(tmp_path, weights):
     ema, raw = weights
     path = tmp_path / "0080000.pt"
-    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []},
-                "config": {"model": {"model_type": "LightningDiT-XL/1"}, "train": {"max_steps": 80000}}}, path)
+    torch.save(
+        {
+            "model": raw,
+            "ema": ema,
+            "opt": {"state": {}, "param_groups": []},
+            "config": {"model": {"model_type": "LightningDiT-XL/1"}, "train": {"max_steps": 80000}},
+        },
+        path,
+    )
     for which, expect in [("ema", ema), ("model", raw), ("auto", ema)]:
         model = LightningDiT(**TINY)
         report = load_into_model(model, path, which=which)
@@ -82,7 +100,9 @@ def test_prefixed_keys(tmp_path, weights):
     path = tmp_path / "prefixed.pt"
     prefixed = {f"module._orig_mod.module.{k}": v for k, v in raw.items()}
     # per-block compile / activation-checkpoint wrappers put components in the middle of the key
-    prefixed = {k.replace("blocks.0.", "blocks.0._orig_mod._checkpoint_wrapped_module."): v for k, v in prefixed.items()}
+    prefixed = {
+        k.replace("blocks.0.", "blocks.0._orig_mod._checkpoint_wrapped_module."): v for k, v in prefixed.items()
+    }
     torch.save({"ema": {f"_orig_mod.{k}": v for k, v in ema.items()}, "model": prefixed}, path)
     for which, expect in [("ema", ema), ("model", raw)]:
         m = LightningDiT(**TINY)
@@ -100,8 +120,14 @@ def test_dcp_directory(tmp_path, weights):
     ckpt = tmp_path / "step_0000100"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving locally"
-        dcp.save({"model": {k: v.clone() for k, v in raw.items()}, "ema": {k: v.clone() for k, v in ema.items()},
-                  "optim": {"step": torch.tensor(3.0)}}, checkpoint_id=str(ckpt / "state"))
+        dcp.save(
+            {
+                "model": {k: v.clone() for k, v in raw.items()},
+                "ema": {k: v.clone() for k, v in ema.items()},
+                "optim": {"step": torch.tensor(3.0)},
+            },
+            checkpoint_id=str(ckpt / "state"),
+        )
     for path in (ckpt / "state", ckpt):  # the DCP dir itself, or a step dir holding exactly one
         for which, expect in [("ema", ema), ("model", raw), ("auto", ema)]:
             m = LightningDiT(**TINY)
@@ -116,8 +142,10 @@ def test_dcp_directory(tmp_path, weights):
     engine = tmp_path / "engine_step" / "state"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"model.model": dict(raw), "model.ema": dict(ema), "model.optim": {"lr": torch.tensor(1.0)}},
-                 checkpoint_id=str(engine))
+        dcp.save(
+            {"model.model": dict(raw), "model.ema": dict(ema), "model.optim": {"lr": torch.tensor(1.0)}},
+            checkpoint_id=str(engine),
+        )
     for which, expect in [("ema", ema), ("model", raw), ("auto", ema), ("model.model", raw)]:
         m = LightningDiT(**TINY)
         assert load_into_model(m, engine.parent, which=which).ok
@@ -167,5 +195,3 @@ def test_mismatch_error_lists_everything(tmp_path, weights):
     with pytest.warns(UserWarning, match="does not match"):
         report = load_into_model(m, path, which="ema", strict=False)
     assert not report.ok and torch.equal(m.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
-
-

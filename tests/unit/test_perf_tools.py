@@ -2,6 +2,7 @@
 agrees with the reference sampler, the sampling FLOP count matches FlopCounterMode over a real sampling run, and
 the scaling model's tables (its collective volumes against a REAL 2-rank gloo step, bench_train's launch and the
 compiled VA-VAE: tests/integration/test_perf_tools_distributed.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,7 @@ def _imports():
     from models.fast_sampling import FastEulerSampler, euler_plan, forward_images
     from models.sampling import Sampler
     from tools import bench_extract, bench_sample
+
     return bench_extract, bench_sample, SamplingConfig, FastEulerSampler, euler_plan, forward_images, Sampler
 
 
@@ -46,8 +48,21 @@ def test_bench_sample_table_and_compiled_agrees_with_eager(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     header, rows = _table(out)
-    assert header == ["mode", "precision", "batch", "img/s", "s/batch", "NFE/img", "fwd/img", "GFLOP/img", "MFU",
-                      "peak mem GiB", "max diff", "rel diff", "ok"]
+    assert header == [
+        "mode",
+        "precision",
+        "batch",
+        "img/s",
+        "s/batch",
+        "NFE/img",
+        "fwd/img",
+        "GFLOP/img",
+        "MFU",
+        "peak mem GiB",
+        "max diff",
+        "rel diff",
+        "ok",
+    ]
     assert [(r[0], r[1]) for r in rows] == [("eager", "fp32"), ("compiled", "fp32")]
     for r in rows:
         assert float(r[3]) > 0 and r[5] == "9" and float(r[7]) > 0 and r[12] == "yes"
@@ -74,8 +89,8 @@ def test_fast_eager_path_is_bitwise_the_reference():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = sampler.sample(model, z, y)
     fast = FastEulerSampler(sampler, model, autocast_dtype=torch.bfloat16).sample(z, y)
-    floor = _rel(ref, fp32)                 # the error bf16 itself makes
-    assert 0 < floor < 0.1, floor           # bf16 did run, and stays near fp32
+    floor = _rel(ref, fp32)  # the error bf16 itself makes
+    assert 0 < floor < 0.1, floor  # bf16 did run, and stays near fp32
     assert _rel(fast, ref) <= floor, (_rel(fast, ref), floor)
     # cfg_scale <= 1: guidance off, every step runs the conditional batch only
     plain = Sampler.from_config(SamplingConfig(num_steps=4, cfg_scale=1.0), null_class=10)
@@ -86,6 +101,7 @@ def test_fast_eager_path_is_bitwise_the_reference():
 def test_sampling_flops_match_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     _, bench_sample, SamplingConfig, _, _, forward_images, Sampler = _imports()
     model = _tiny()
     sampler = Sampler.from_config(SamplingConfig(num_steps=10, cfg_interval_start=0.3), null_class=10)
@@ -111,11 +127,10 @@ def test_bench_extract_table_with_counted_flops(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     header, rows = _table(out)
-    assert header[:8] == ["what", "mode", "precision", "batch", "img/s", "ms/batch", "tok GFLOP/img",
-                          "dino GFLOP/img"]
+    assert header[:8] == ["what", "mode", "precision", "batch", "img/s", "ms/batch", "tok GFLOP/img", "dino GFLOP/img"]
     assert rows[0][:4] == ["network", "eager", "fp32", "2"]
     assert float(rows[0][4]) > 0
-    assert float(rows[0][6]) > 0 and float(rows[0][7]) > 0      # the tiny VA-VAE's and ViT's FLOPs were counted
+    assert float(rows[0][6]) > 0 and float(rows[0][7]) > 0  # the tiny VA-VAE's and ViT's FLOPs were counted
 
 
 # ------------------------------------------------------------------------------------------------ scaling model
@@ -139,8 +154,12 @@ def test_scaling_model_table_and_recommendation(capsys):
 # ------------------------------------------------------------------------------------------------ VA-VAE training
 # The tiny VA-VAE at 16 px (PatchGAN with 2 layers: 3 need more than 16 px); every loss term is on (late step).
 TINY_VAVAE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_vavae.yaml")
-VAVAE_SMALL = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
-               "vavae.disc.n_layers=2"]
+VAVAE_SMALL = [
+    "data.image_size=16",
+    "vavae.model.resolution=16",
+    "vavae.model.attn_resolutions=[8]",
+    "vavae.disc.n_layers=2",
+]
 
 
 def _vavae_task(overrides=()):
@@ -148,6 +167,7 @@ def _vavae_task(overrides=()):
 
     from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
+
     cfg = load_config(TINY_VAVAE, VAVAE_SMALL + list(overrides))
     torch.manual_seed(cfg.seed)
     return cfg, VAVAETask(cfg, SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
@@ -157,11 +177,10 @@ def test_flop_counter_counts_through_autograd_grad_on_a_module_input():
     """bench_train's counter = FlopCounterMode without module tracking (whose hooks fail when autograd.grad is taken
     w.r.t. a leaf module input, as the VA-VAE generator term does): checked against a hand count of one conv."""
     from tools.bench_train import flop_counter
+
     conv = torch.nn.Conv2d(3, 5, 3, padding=1)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     with flop_counter() as counter:
         (gx,) = torch.autograd.grad(conv(x).square().sum(), x)
-    fwd = 2 * 2 * 5 * 3 * 9 * 8 * 8                   # 2 FLOPs per multiply-add, B x Cout x Cin x k^2 x H x W
-    assert counter.get_total_flops() == 2 * fwd        # forward + the input gradient (no weight gradient asked)
-
-
+    fwd = 2 * 2 * 5 * 3 * 9 * 8 * 8  # 2 FLOPs per multiply-add, B x Cout x Cin x k^2 x H x W
+    assert counter.get_total_flops() == 2 * fwd  # forward + the input gradient (no weight gradient asked)

@@ -1,5 +1,6 @@
 """core/schedule.py (epoch_of, LR schedules) and the DiT's epoch-based timestep phases and phase-change logger
 (models/transport.py)."""
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,9 @@ def test_descriptions():
 
 # ------------------------------------------------------------------------------------------------ LR
 
+
 def test_lr_constant():
-    cfg = LRScheduleConfig("constant", warmup_steps=100)   # warmup ignored: constant means constant (official)
+    cfg = LRScheduleConfig("constant", warmup_steps=100)  # warmup ignored: constant means constant (official)
     assert [lr_at(s, 2e-4, cfg, 1000) for s in (0, 50, 10**6)] == [2e-4] * 3
 
 
@@ -87,7 +89,7 @@ def test_lr_cosine_hand_computed():
     assert lr(0) == 0.0
     assert lr(5) == pytest.approx(0.5)
     assert lr(10) == pytest.approx(1.0)
-    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))   # 0.868198
+    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))  # 0.868198
     assert lr(60) == pytest.approx(0.55)
     assert lr(110) == pytest.approx(0.1)
     assert lr(500) == pytest.approx(0.1)
@@ -99,6 +101,7 @@ def test_lr_cosine_hand_computed():
 
 # ---------------------------------------------------------------------------------------------- tracker
 
+
 def test_phase_tracker_reports_once_at_the_switch():
     tracker = PhaseTracker(TWO, steps_per_epoch=10, start_step=0)
     messages = {s: m for s in range(30) if (m := tracker.update(s))}
@@ -107,20 +110,21 @@ def test_phase_tracker_reports_once_at_the_switch():
 
 
 def test_phase_tracker_state_from_step_alone_on_resume():
-    after = PhaseTracker(TWO, 10, start_step=25)                 # resumed past the switch: nothing to report
+    after = PhaseTracker(TWO, 10, start_step=25)  # resumed past the switch: nothing to report
     assert after.index == 1 and [after.update(s) for s in range(25, 40)] == [None] * 15
-    before = PhaseTracker(TWO, 10, start_step=15)                # resumed before it: reports it at step 20
+    before = PhaseTracker(TWO, 10, start_step=15)  # resumed before it: reports it at step 20
     assert [s for s in range(15, 30) if before.update(s)] == [20]
 
 
 def test_phase_tracker_lazy_baseline():
-    tracker = PhaseTracker(OFFICIAL)                             # baseline from the first update, silently
+    tracker = PhaseTracker(OFFICIAL)  # baseline from the first update, silently
     assert tracker.update(700_000, 1251) is None
     assert tracker.phase.kind == "uniform"
     tracker = PhaseTracker(OFFICIAL)
     assert tracker.update(600_479, 1251) is None
-    assert tracker.update(600_480, 1251) == ("step 600480 (epoch 480.00): timestep sampling switches "
-                                             "lognorm(0,1) -> uniform")
+    assert tracker.update(600_480, 1251) == (
+        "step 600480 (epoch 480.00): timestep sampling switches lognorm(0,1) -> uniform"
+    )
     with pytest.raises(ValueError):
         PhaseTracker(OFFICIAL).update(0)
 
@@ -139,11 +143,12 @@ def test_dit_task_derives_its_phase_from_the_step_context():
     cfg = SimpleNamespace(transport=TransportConfig(timestep_sampling=TWO), seed=0)
     task = DiTTask(cfg, SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1))
     seen = {}
-    for s in range(15, 30):                                      # resumed at step 15: baseline, then the switch
+    for s in range(15, 30):  # resumed at step 15: baseline, then the switch
         ctx = StepContext(step=s, epoch=s / 10, steps_per_epoch=10)
         seen[s] = (task.on_step(ctx), task.step_metrics(ctx)["timestep_phase"], task.timestep_phase(ctx)[1].kind)
     assert {s: m for s, (m, _, _) in seen.items() if m} == {
-        20: ["step 20 (epoch 2.00): timestep sampling switches lognorm(0,1) -> uniform"]}
+        20: ["step 20 (epoch 2.00): timestep sampling switches lognorm(0,1) -> uniform"]
+    }
     assert [seen[s][1:] for s in (15, 19, 20, 29)] == [(0, "lognorm"), (0, "lognorm"), (1, "uniform"), (1, "uniform")]
-    bench = StepContext(step=10**9, epoch=0.0)                   # no steps_per_epoch (benchmarks): the first phase
+    bench = StepContext(step=10**9, epoch=0.0)  # no steps_per_epoch (benchmarks): the first phase
     assert task.on_step(bench) == [] and task.timestep_phase(bench) == (0, TWO[0])

@@ -1,5 +1,6 @@
 """Latent MDS datasets: real shards written to temporary directories, read back with streaming (in this process;
 through DataLoader worker processes: tests/integration/test_streaming_workers.py)."""
+
 from __future__ import annotations
 
 import gc
@@ -36,7 +37,7 @@ from data.streaming import (
 )
 
 C, H = 4, 4
-ID0 = 1000          # stored sample_id = ID0 + position, so it differs from streaming's index
+ID0 = 1000  # stored sample_id = ID0 + position, so it differs from streaming's index
 
 
 @pytest.fixture(autouse=True)
@@ -51,17 +52,24 @@ def make_samples(n: int, seed: int = 0, channels: int = C, size: int = H) -> lis
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        z = rng.standard_normal((channels, size, size)) * (1 + np.arange(channels))[:, None, None] \
+        z = (
+            rng.standard_normal((channels, size, size)) * (1 + np.arange(channels))[:, None, None]
             + 3 * np.arange(channels)[:, None, None]
-        out.append({"latent": z.astype(np.float32),
-                    "latent_flip": (z[..., ::-1] + 0.5).astype(np.float32),   # distinguishable from latent
-                    "label": i % 10, "sample_id": ID0 + i})
+        )
+        out.append(
+            {
+                "latent": z.astype(np.float32),
+                "latent_flip": (z[..., ::-1] + 0.5).astype(np.float32),  # distinguishable from latent
+                "label": i % 10,
+                "sample_id": ID0 + i,
+            }
+        )
     return out
 
 
 def write(path: Path, n: int, **kw) -> tuple[Path, list[dict]]:
     samples = make_samples(n)
-    kw.setdefault("size_limit", 1500)          # several shards
+    kw.setdefault("size_limit", 1500)  # several shards
     write_latent_dataset(path, samples, **kw)
     return path, samples
 
@@ -76,8 +84,13 @@ def data_cfg(path: Path, **kw) -> DataConfig:
 # -------------------------------------------------------------------------------- schema / round trip
 def test_latent_columns():
     cols = latent_columns("float16", with_features=True, latent_shape=(32, 16, 16), features_shape=(768, 16, 16))
-    assert cols == {"latent": "ndarray:float16:32,16,16", "latent_flip": "ndarray:float16:32,16,16",
-                    "label": "int64", "sample_id": "int64", "features": "ndarray:float16:768,16,16"}
+    assert cols == {
+        "latent": "ndarray:float16:32,16,16",
+        "latent_flip": "ndarray:float16:32,16,16",
+        "label": "int64",
+        "sample_id": "int64",
+        "features": "ndarray:float16:768,16,16",
+    }
     assert latent_columns("float32")["latent"] == "ndarray:float32"
     with pytest.raises(ValueError):
         latent_columns("bfloat16")
@@ -118,8 +131,7 @@ def test_round_trip_values_labels_and_normalisation(tmp_path, dtype):
         z = torch.from_numpy(samples[int(item["sample_id"]) - ID0]["latent"].astype(dtype).astype(np.float32))
         expected = (z - mean[0]) / std[0] * 0.5
         torch.testing.assert_close(item["latent"], expected)
-        torch.testing.assert_close(denormalize_latents(item["latent"], mean[0], std[0], 0.5), z,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(denormalize_latents(item["latent"], mean[0], std[0], 0.5), z, rtol=1e-5, atol=1e-5)
     # Whole dataset normalised: ~zero mean, std = multiplier per channel.
     all_z = torch.stack([norm[i]["latent"] for i in range(norm.num_samples)])
     torch.testing.assert_close(all_z.mean(dim=(0, 2, 3)), torch.zeros(C), atol=1e-4, rtol=0)
@@ -146,10 +158,21 @@ def test_image_dataset_images_features_flips_and_schema_errors(tmp_path):
 
     rng = np.random.default_rng(0)
     columns = latent_columns(with_latents=False, with_features=True, features_shape=(8, 2, 2), image_size=H)
-    assert columns == {"label": "int64", "sample_id": "int64", "features": "ndarray:float16:8,2,2",
-                       "image": "ndarray:uint8:3,4,4"}
-    samples = [{"image": rng.integers(0, 256, (3, H, H), dtype=np.uint8), "label": i % 10, "sample_id": ID0 + i,
-                "features": rng.standard_normal((8, 2, 2)).astype(np.float16)} for i in range(12)]
+    assert columns == {
+        "label": "int64",
+        "sample_id": "int64",
+        "features": "ndarray:float16:8,2,2",
+        "image": "ndarray:uint8:3,4,4",
+    }
+    samples = [
+        {
+            "image": rng.integers(0, 256, (3, H, H), dtype=np.uint8),
+            "label": i % 10,
+            "sample_id": ID0 + i,
+            "features": rng.standard_normal((8, 2, 2)).astype(np.float16),
+        }
+        for i in range(12)
+    ]
     with open_writer(tmp_path / "ds", columns, size_limit=300) as writer:
         for sample in samples:
             writer.write(sample)
@@ -175,7 +198,7 @@ def test_image_dataset_images_features_flips_and_schema_errors(tmp_path):
         ImageDataset(local=str(tmp_path / "ds"), use_features=True, random_flip=True, batch_size=2)
     with pytest.raises(ValueError, match=r"data\.image_size: .*\(3, 4, 4\).*data\.image_size is 8"):
         ImageDataset(local=str(tmp_path / "ds"), image_size=8, batch_size=2)
-    latents, _ = write(tmp_path / "latents", 4)                       # a DiT dataset: no images
+    latents, _ = write(tmp_path / "latents", 4)  # a DiT dataset: no images
     with pytest.raises(ValueError, match=r"data\.path: .*lacks column\(s\) \['image', 'features'\].*images: true"):
         ImageDataset(local=str(latents), use_features=True, batch_size=2)
     gc.collect()
@@ -188,9 +211,9 @@ def test_flip_decision_is_a_fair_deterministic_function():
     assert abs(e0.mean() - 0.5) < 0.015
     assert (e0 == np.array([flip_decision(7, 0, i) for i in ids])).all()
     e1 = np.array([flip_decision(7, 1, i) for i in ids])
-    assert abs((e0 == e1).mean() - 0.5) < 0.02            # independent across epochs
+    assert abs((e0 == e1).mean() - 0.5) < 0.02  # independent across epochs
     s8 = np.array([flip_decision(8, 0, i) for i in ids])
-    assert abs((e0 == s8).mean() - 0.5) < 0.02            # and across seeds
+    assert abs((e0 == s8).mean() - 0.5) < 0.02  # and across seeds
 
 
 def test_dataset_flip_picks_latent_flip(tmp_path):
@@ -203,8 +226,9 @@ def test_dataset_flip_picks_latent_flip(tmp_path):
         flipped = bool(item["flipped"])
         assert flipped == flip_decision(5, 0, sid)
         key = "latent_flip" if flipped else "latent"
-        np.testing.assert_array_equal(item["latent"].numpy(), samples[sid - ID0][key].astype(np.float16)
-                                      .astype(np.float32))
+        np.testing.assert_array_equal(
+            item["latent"].numpy(), samples[sid - ID0][key].astype(np.float16).astype(np.float32)
+        )
         flips.append(flipped)
     assert 0.25 < np.mean(flips) < 0.75
 
@@ -242,7 +266,7 @@ def test_stats_file_round_trip_and_errors(tmp_path):
     mean, std = torch.randn(C), torch.rand(C) + 0.5
     file = save_latent_stats(tmp_path / "ds", mean, std)
     assert file == tmp_path / "ds" / "latents_stats.pt"
-    obj = torch.load(file, weights_only=True)                 # official layout
+    obj = torch.load(file, weights_only=True)  # official layout
     assert set(obj) == {"mean", "std"} and obj["mean"].shape == (1, C, 1, 1)
     m, s = load_latent_stats(tmp_path / "ds")
     torch.testing.assert_close(m.flatten(), mean)
@@ -262,7 +286,7 @@ def test_missing_stats_with_latent_norm_names_config_and_file(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         LatentDataset(local=str(path), latent_norm=True, batch_size=2)
     assert "data.latent_norm" in str(info.value) and str(path / "latents_stats.pt") in str(info.value)
-    LatentDataset(local=str(path), latent_norm=False, batch_size=2)    # fine without normalisation
+    LatentDataset(local=str(path), latent_norm=False, batch_size=2)  # fine without normalisation
 
 
 def test_shape_disagreements_are_reported(tmp_path):
@@ -352,7 +376,7 @@ def test_merge_shard_indexes_and_stats(tmp_path):
 
 def test_streaming_env_is_filled_and_checked(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.setenv(key, "0")      # records the original state, restored after the test
+        monkeypatch.setenv(key, "0")  # records the original state, restored after the test
         monkeypatch.delenv(key)
     info = SimpleNamespace(rank=0, world_size=1, local_rank=0, local_world_size=1)
     ensure_streaming_env(info)

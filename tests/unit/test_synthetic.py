@@ -1,4 +1,5 @@
 """The embedded synthetic dataset: determinism, sizes, folder layout and learnability."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,10 +16,10 @@ def test_deterministic_by_seed_and_index():
     np.testing.assert_array_equal(a, b)
     assert la == lb == 7
     assert not np.array_equal(a, render_image(7, 32, 10, seed=4)[0])
-    assert not np.array_equal(a, render_image(17, 32, 10, seed=3)[0])     # same class, other sample
+    assert not np.array_equal(a, render_image(17, 32, 10, seed=3)[0])  # same class, other sample
     ds = SyntheticImages(20, image_size=32, seed=3, output="uint8")
     np.testing.assert_array_equal(ds[7][0], a)
-    np.testing.assert_array_equal(ds[-13][0], a)                          # negative index
+    np.testing.assert_array_equal(ds[-13][0], a)  # negative index
     with pytest.raises(IndexError):
         ds[20]
 
@@ -36,7 +37,7 @@ def test_sizes_and_output_formats(size):
         assert tensor.min() >= -1.0 and tensor.max() <= 1.0
         expected = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
         torch.testing.assert_close(tensor, expected)
-        assert image.std() > 10                                           # not a blank image
+        assert image.std() > 10  # not a blank image
 
 
 def test_labels_balanced_and_more_classes():
@@ -67,13 +68,14 @@ def test_write_image_folder(tmp_path):
 @pytest.mark.parametrize("size", [16, 32])
 def test_learnable_by_nearest_class_mean(size):
     """Classes differ clearly: a nearest-class-mean classifier on raw pixels generalises."""
+
     def load(lo, hi):
         pairs = [render_image(i, size, 10, seed=0) for i in range(lo, hi)]
         x = np.stack([p[0].astype(np.float32).ravel() / 255.0 for p in pairs])
         return x, np.array([p[1] for p in pairs])
 
-    x_train, y_train = load(0, 1000)           # 100 images per class
-    x_test, y_test = load(5000, 5500)          # held out
+    x_train, y_train = load(0, 1000)  # 100 images per class
+    x_test, y_test = load(5000, 5500)  # held out
     means = np.stack([x_train[y_train == c].mean(axis=0) for c in range(10)])
     dist = ((x_test[:, None, :] - means[None]) ** 2).sum(axis=-1)
     accuracy = (dist.argmin(axis=1) == y_test).mean()

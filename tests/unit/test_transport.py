@@ -1,4 +1,5 @@
 """Linear flow-matching path, MSE + cosine loss, timestep samplers (models/transport.py)."""
+
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ def _gen(seed):
 
 # --------------------------------------------------------------------------- losses, hand computed
 
+
 def test_cosine_loss_orthogonal_parallel_antiparallel_zero():
     # shape (B=1, C=2, H=1, W=4): one 2-vector per spatial position
     pred = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [0.0, 0.0]]).T.reshape(1, 2, 1, 4)
@@ -39,8 +41,8 @@ def test_cosine_loss_orthogonal_parallel_antiparallel_zero():
 def test_mse_known_value_and_per_sample():
     pred = torch.zeros(2, 3, 2, 2)
     targ = torch.zeros(2, 3, 2, 2)
-    targ[0] = 2.0                     # every element off by 2 -> 4
-    targ[1, 0, 0, 0] = 6.0            # one of 12 elements off by 6 -> 36 / 12 = 3
+    targ[0] = 2.0  # every element off by 2 -> 4
+    targ[1, 0, 0, 0] = 6.0  # one of 12 elements off by 6 -> 36 / 12 = 3
     torch.testing.assert_close(mse_per_sample(pred, targ), torch.tensor([4.0, 3.0]))
 
 
@@ -49,8 +51,8 @@ def test_interpolate_and_target():
     x1 = torch.full((2, 1, 1, 1), 2.0)
     t = torch.tensor([0.5, 0.25])
     torch.testing.assert_close(interpolate(x0, x1, t).flatten(), torch.tensor([0.0, -1.0]))
-    torch.testing.assert_close(interpolate(x0, x1, torch.zeros(2)), x0)      # t = 0: noise
-    torch.testing.assert_close(interpolate(x0, x1, torch.ones(2)), x1)       # t = 1: data
+    torch.testing.assert_close(interpolate(x0, x1, torch.zeros(2)), x0)  # t = 0: noise
+    torch.testing.assert_close(interpolate(x0, x1, torch.ones(2)), x1)  # t = 1: data
     torch.testing.assert_close(velocity_target(x0, x1), torch.full((2, 1, 1, 1), 4.0))
 
 
@@ -112,9 +114,11 @@ def test_training_losses_draws_t_then_noise_from_generator():
 
 # --------------------------------------------------------------------------- timestep distributions
 
+
 def _logitnorm_cdf(mean, std):
     def cdf(t):
         return stats.norm.cdf((special.logit(np.asarray(t, dtype=np.float64)) - mean) / std)
+
     return cdf
 
 
@@ -153,8 +157,10 @@ def test_phase_helper_and_errors():
     ph = TimestepPhase("uniform", until_epoch=None)
     assert torch.equal(sample_timesteps_for_phase(10, ph, _gen(1)), sample_timesteps(10, "uniform", generator=_gen(1)))
     ph = TimestepPhase("lognorm", mean=-0.4, std=2.0)
-    assert torch.equal(sample_timesteps_for_phase(10, ph, _gen(1)),
-                       sample_timesteps(10, "lognorm", mean=-0.4, std=2.0, generator=_gen(1)))
+    assert torch.equal(
+        sample_timesteps_for_phase(10, ph, _gen(1)),
+        sample_timesteps(10, "lognorm", mean=-0.4, std=2.0, generator=_gen(1)),
+    )
     with pytest.raises(ValueError):
         sample_timesteps(4, "beta")
     with pytest.raises(ValueError):

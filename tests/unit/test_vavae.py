@@ -4,6 +4,7 @@ adaptive weights under FSDP2 against an unsharded reference on gloo ranks: tests
 Every pretrained network here is RANDOMLY INITIALISED (``random_init: true`` in configs/tiny_vavae.yaml):
 the tests check structure and numerics, not perceptual quality.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 TSV = Path(__file__).resolve().parents[1] / "data" / "vavae_f16d32_state_dict.tsv"
 TINY = dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4, resolution=16)
 # configs/tiny_vavae.yaml at 16 px (4x cheaper than its 32 px): the latent grid is 8 x 8.
-TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
-          "vavae.disc.n_layers=2"]
+TINY16 = [
+    "data.image_size=16",
+    "vavae.model.resolution=16",
+    "vavae.model.attn_resolutions=[8]",
+    "vavae.disc.n_layers=2",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +55,7 @@ def test_f16d32_on_meta_matches_the_official_state_dict():
     ref = _tsv()
     sd = model.state_dict()
     assert len(sd) == len(ref) == 342
-    assert list(sd) == list(ref)                                  # same names, same order
+    assert list(sd) == list(ref)  # same names, same order
     assert {k: list(v.shape) for k, v in sd.items()} == ref
     assert sum(p.numel() for p in model.parameters()) == 69_836_067
     assert model.downsample_factor == 16
@@ -64,15 +69,20 @@ def test_f16d32_on_meta_matches_the_official_state_dict():
 def _official_training_checkpoint(model: VAVAE, path: Path) -> dict[str, torch.Tensor]:
     """The layout of a released VA-VAE Lightning checkpoint, from a randomly initialised model."""
     from models.losses import NLayerDiscriminator
-    sd = {k: v.clone() for k, v in model.state_dict().items()}            # encoder/decoder/quant convs/linear_proj
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}  # encoder/decoder/quant convs/linear_proj
     disc = NLayerDiscriminator(3, 8, 2)
     sd.update({f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()})
-    sd.update({"loss.logvar": torch.zeros(()),
-               "loss.perceptual_loss.scaling_layer.shift": torch.zeros(1, 3, 1, 1),
-               "loss.perceptual_loss.net.slice1.0.weight": torch.zeros(64, 3, 3, 3),
-               "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
-               "foundation_model.model.cls_token": torch.zeros(1, 1, 1024),
-               "foundation_model.model.blocks.0.attn.qkv.weight": torch.zeros(3072, 1024)})
+    sd.update(
+        {
+            "loss.logvar": torch.zeros(()),
+            "loss.perceptual_loss.scaling_layer.shift": torch.zeros(1, 3, 1, 1),
+            "loss.perceptual_loss.net.slice1.0.weight": torch.zeros(64, 3, 3, 3),
+            "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
+            "foundation_model.model.cls_token": torch.zeros(1, 1, 1024),
+            "foundation_model.model.blocks.0.attn.qkv.weight": torch.zeros(3072, 1024),
+        }
+    )
     torch.save({"state_dict": sd, "epoch": 3, "global_step": 1234, "optimizer_states": []}, path)
     return sd
 
@@ -141,6 +151,7 @@ def test_tiny_autoencoder_shapes_and_training_forward():
 
 def test_vavae_tokenizer_from_official_file(tmp_path):
     from data.tokenizers import build_tokenizer
+
     torch.manual_seed(1)
     source = VAVAE(**TINY, vf_dim=16)
     ckpt = tmp_path / "vavae.pt"
@@ -160,12 +171,14 @@ def test_vavae_tokenizer_from_official_file(tmp_path):
 # ------------------------------------------------------------------------------------------ tools/eval_tokenizer
 def test_eval_metrics_psnr_and_ssim_definitions():
     from models.evaluation.reconstruction import gaussian_window, psnr_uint8, ssim, to_uint8
+
     ref = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     rec = ref.clone()
-    rec[0] += 1                                                        # MSE 1 -> 20 log10(255)
+    rec[0] += 1  # MSE 1 -> 20 log10(255)
     torch.testing.assert_close(psnr_uint8(ref, rec), torch.tensor([20 * math.log10(255.0), 100.0]))
-    assert torch.equal(to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])), torch.tensor([0, 128, 255, 255],
-                                                                                   dtype=torch.uint8))
+    assert torch.equal(
+        to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])), torch.tensor([0, 128, 255, 255], dtype=torch.uint8)
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 11, 11, generator=g) * 2 - 1
     y = (x + 0.2 * torch.randn(1, 1, 11, 11, generator=g)).clamp(-1, 1)
@@ -174,10 +187,10 @@ def test_eval_metrics_psnr_and_ssim_definitions():
     w = torch.outer(gaussian_window(), gaussian_window())
     xd, yd = x[0, 0].double(), y[0, 0].double()
     mx, my = (w * xd).sum(), (w * yd).sum()
-    vx, vy = (w * xd * xd).sum() - mx ** 2, (w * yd * yd).sum() - my ** 2
+    vx, vy = (w * xd * xd).sum() - mx**2, (w * yd * yd).sum() - my**2
     cxy = (w * xd * yd).sum() - mx * my
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    expected = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    expected = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     torch.testing.assert_close(ssim(x, y), expected.float().reshape(1))
 
 
@@ -186,13 +199,45 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
 
     from data.synthetic import write_image_folder
     from tools.eval_tokenizer import main
+
     write_image_folder(tmp_path / "images", num_samples=5, image_size=16, num_classes=2)
-    arch = ["embed_dim=4", "ch=32", "ch_mult=[1,2]", "num_res_blocks=1", "attn_resolutions=[8]", "z_channels=4",
-            "resolution=16"]
+    arch = [
+        "embed_dim=4",
+        "ch=32",
+        "ch_mult=[1,2]",
+        "num_res_blocks=1",
+        "attn_resolutions=[8]",
+        "z_channels=4",
+        "resolution=16",
+    ]
     out = tmp_path / "out"
-    assert main(["--random-init", "--arch", *arch, "--images", str(tmp_path / "images"), "--image-size", "16",
-                 "--batch-size", "2", "--num-workers", "0", "--lpips-random-init", "--out-dir", str(out),
-                 "--json", str(tmp_path / "m.json"), "--device", "cpu", "--fid-extractor", "tiny-random"]) == 0
+    assert (
+        main(
+            [
+                "--random-init",
+                "--arch",
+                *arch,
+                "--images",
+                str(tmp_path / "images"),
+                "--image-size",
+                "16",
+                "--batch-size",
+                "2",
+                "--num-workers",
+                "0",
+                "--lpips-random-init",
+                "--out-dir",
+                str(out),
+                "--json",
+                str(tmp_path / "m.json"),
+                "--device",
+                "cpu",
+                "--fid-extractor",
+                "tiny-random",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["num_images"] == 5 and result["posterior"] == "sample"
     assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1 and result["lpips"] > 0
@@ -200,19 +245,35 @@ def test_eval_tokenizer_cli_on_a_folder(tmp_path):
     # rFID by the evaluation code on the written folders: the number models/evaluation/metrics.py gives for them
     # (up to the float summation order of another batch size).
     from models.evaluation.metrics import evaluate_images
+
     direct = evaluate_images(str(out / "rec"), str(out / "ref"), feature_extractor="tiny-random", use_cache=False)
     assert result["rfid"] == pytest.approx(direct["fid"], rel=1e-6) and result["rfid"] > 0
     assert result["rfid_feature_extractor"] == "tiny-random"
-    base = ["--random-init", "--arch", *arch, "--images", str(tmp_path / "images"), "--image-size", "16",
-            "--batch-size", "5", "--num-workers", "0", "--no-lpips", "--device", "cpu"]
-    with pytest.raises(SystemExit):             # rFID compares written folders: --out-dir is required
+    base = [
+        "--random-init",
+        "--arch",
+        *arch,
+        "--images",
+        str(tmp_path / "images"),
+        "--image-size",
+        "16",
+        "--batch-size",
+        "5",
+        "--num-workers",
+        "0",
+        "--no-lpips",
+        "--device",
+        "cpu",
+    ]
+    with pytest.raises(SystemExit):  # rFID compares written folders: --out-dir is required
         main(base + ["--fid-extractor", "tiny-random"])
-    with pytest.raises(Exception, match="--fid-weights"):     # Inception: a local weights file, never a download
+    with pytest.raises(Exception, match="--fid-weights"):  # Inception: a local weights file, never a download
         main(base + ["--out-dir", str(tmp_path / "out2"), "--fid-extractor", "inception-v3-compat"])
 
 
 def test_eval_tokenizer_without_a_tokenizer_names_what_to_pass(tmp_path, capsys):
     from tools.eval_tokenizer import main
+
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--no-lpips"])
     assert "--checkpoint is required" in capsys.readouterr().err

@@ -5,6 +5,7 @@ errors, and the VA-VAE config section.
 LPIPS VGG16, the DINOv2 ViT and every model here are RANDOMLY INITIALISED (random_init / no weight files):
 no downloads, structure and formulas only.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,12 @@ from models.losses import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TINY16 = ["data.image_size=16", "vavae.model.resolution=16", "vavae.model.attn_resolutions=[8]",
-          "vavae.disc.n_layers=2"]
+TINY16 = [
+    "data.image_size=16",
+    "vavae.model.resolution=16",
+    "vavae.model.attn_resolutions=[8]",
+    "vavae.disc.n_layers=2",
+]
 R2 = 1 / math.sqrt(2)
 
 
@@ -59,15 +64,15 @@ def test_vf_terms_on_hand_computed_tensors():
 
 def test_vf_margins_zero_below_margin():
     z, f = _hand_pair()
-    assert distmat_loss(z, f, 0.8) == 0                    # every |S_z - S_F| <= 1/sqrt2 < 0.8
-    assert marginal_cosine_loss(z, f, 1.0) == 0            # 1 - m1 - cos <= 0 for cos >= 0
+    assert distmat_loss(z, f, 0.8) == 0  # every |S_z - S_F| <= 1/sqrt2 < 0.8
+    assert marginal_cosine_loss(z, f, 1.0) == 0  # 1 - m1 - cos <= 0 for cos >= 0
     g = torch.Generator().manual_seed(0)
     zp = torch.randn(2, 8, 3, 3, generator=g, requires_grad=True)
-    feats = zp.detach() * 3.0 + 0.01 * torch.randn(2, 8, 3, 3, generator=g)   # nearly aligned (scale-free)
+    feats = zp.detach() * 3.0 + 0.01 * torch.randn(2, 8, 3, 3, generator=g)  # nearly aligned (scale-free)
     terms = vf_loss(zp, feats, cos_margin=0.05, distmat_margin=0.05)
     assert terms.total == 0
     terms.total.backward()
-    assert torch.all(zp.grad == 0)                         # no gradient inside the margins
+    assert torch.all(zp.grad == 0)  # no gradient inside the margins
     # Without margins the same pair has a small positive loss.
     assert vf_loss(zp, feats, cos_margin=0.0, distmat_margin=0.0).total > 0
     with pytest.raises(ValueError, match="feature grid must be the latent grid"):
@@ -87,6 +92,7 @@ def test_adaptive_weight_clamps_and_detaches():
 def _tiny_task(overrides=()):
     from launchers.experiment import load_config
     from models.tasks.vavae import VAVAETask
+
     cfg = load_config(REPO / "configs/tiny_vavae.yaml", TINY16 + list(overrides))
     dist = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     task = VAVAETask(cfg, dist)
@@ -102,7 +108,7 @@ def test_adaptive_weights_equal_ratio_of_gradient_norms():
     loss, m, _ = task.autoencoder_loss(x, ae, disc, step=0)
     loss.backward()
     task_grads = {n: p.grad.clone() for n, p in ae.named_parameters()}
-    assert all(p.grad is None for p in disc.parameters())      # the generator term never touches D's grads
+    assert all(p.grad is None for p in disc.parameters())  # the generator term never touches D's grads
     ae.zero_grad(set_to_none=True)
 
     # Independently: the official formulas, one full backward per term, reading .grad of the two weights.
@@ -111,7 +117,7 @@ def test_adaptive_weights_equal_ratio_of_gradient_norms():
     recon, mean, logvar, z, z_proj = ae(x, generator=g)
     rec = (x - recon).abs() + lo.perceptual_weight * task.lpips(x, recon)
     nll = rec.sum() / x.shape[0]
-    kl = (0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=[1, 2, 3])).sum() / x.shape[0]
+    kl = (0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=[1, 2, 3])).sum() / x.shape[0]
     gen = -disc(recon).mean()
     feats = task.vf_model(x, grid=z_proj.shape[-2:])
     vf = vf_loss(z_proj, feats, cos_margin=vfc.cos_margin, distmat_margin=vfc.distmat_margin).total
@@ -135,7 +141,7 @@ def test_adaptive_weights_equal_ratio_of_gradient_norms():
     torch.testing.assert_close(m["loss"], total.detach(), rtol=1e-5, atol=0)
     ae.zero_grad(set_to_none=True)
     total.backward()
-    scale = max(float(g.abs().max()) for g in task_grads.values())   # fp32 summation order differs (GAN surrogate)
+    scale = max(float(g.abs().max()) for g in task_grads.values())  # fp32 summation order differs (GAN surrogate)
     for n, p in ae.named_parameters():
         torch.testing.assert_close(p.grad, task_grads[n], rtol=1e-4, atol=1e-6 * scale, msg=lambda s: f"{n}: {s}")
 
@@ -146,7 +152,7 @@ def test_gan_terms_off_before_disc_start_and_vf_switch():
     _, m, recon = task.autoencoder_loss(x, ae, disc, step=4)
     assert m["disc_factor"] == 0 and m["d_weight"] == 0 and m["g"] == 0
     d_loss, dm = task.discriminator_loss(x, recon, disc, step=4)
-    assert d_loss == 0 and d_loss.requires_grad                # zero-gradient Adam steps, as officially
+    assert d_loss == 0 and d_loss.requires_grad  # zero-gradient Adam steps, as officially
     _, m5, recon5 = task.autoencoder_loss(x, ae, disc, step=5)
     assert m5["disc_factor"] == 1 and m5["d_weight"] > 0
     assert task.discriminator_loss(x, recon5, disc, step=5)[0] > 0
@@ -162,12 +168,13 @@ def test_lpips_layout_local_weights_and_values(tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
 
     from models.losses.lpips import vgg16_features
+
     torch.manual_seed(0)
-    features = make_layers(cfgs["D"])                                    # torchvision's vgg16().features
-    assert repr(vgg16_features()) == repr(features)                      # our copy is layer-for-layer the same
+    features = make_layers(cfgs["D"])  # torchvision's vgg16().features
+    assert repr(vgg16_features()) == repr(features)  # our copy is layer-for-layer the same
     vgg_file, lin_file = tmp_path / "vgg16.pth", tmp_path / "lpips_vgg.pth"
     sd = {f"features.{k}": v for k, v in features.state_dict().items()}
-    sd["classifier.0.weight"] = torch.zeros(2, 2)                        # torchvision file: ignored
+    sd["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision file: ignored
     torch.save(sd, vgg_file)
     lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(lins, lin_file)
@@ -176,7 +183,7 @@ def test_lpips_layout_local_weights_and_values(tmp_path):
     keys = lpips.state_dict()
     assert "net.slice1.0.weight" in keys and "net.slice2.5.weight" in keys and "net.slice5.28.weight" in keys
     assert {k for k in keys if k.startswith("lin")} == set(lins) and "scaling_layer.shift" in keys
-    assert sum(p.numel() for p in lpips.net.parameters()) == 14_714_688           # VGG16 conv stack
+    assert sum(p.numel() for p in lpips.net.parameters()) == 14_714_688  # VGG16 conv stack
     assert torch.equal(keys["net.slice4.21.weight"], features[21].weight)
     assert not lpips.training and not any(p.requires_grad for p in lpips.parameters())
 
@@ -201,7 +208,7 @@ def test_patchgan_layout_and_hinge_loss():
     d = NLayerDiscriminator(3, 64, 3)
     shapes = {k: tuple(v.shape) for k, v in d.state_dict().items()}
     assert shapes["main.0.weight"] == (64, 3, 4, 4) and shapes["main.0.bias"] == (64,)
-    assert shapes["main.2.weight"] == (128, 64, 4, 4) and "main.2.bias" not in shapes      # BatchNorm: no bias
+    assert shapes["main.2.weight"] == (128, 64, 4, 4) and "main.2.bias" not in shapes  # BatchNorm: no bias
     assert shapes["main.8.weight"] == (512, 256, 4, 4) and shapes["main.9.running_var"] == (512,)
     assert shapes["main.11.weight"] == (1, 512, 4, 4) and shapes["main.11.bias"] == (1,)
     assert sum(p.numel() for p in d.parameters()) == 2_765_633
@@ -229,6 +236,7 @@ def test_patchgan_layout_and_hinge_loss():
 # --------------------------------------------------------------------------------------- DINOv2, config
 def test_dinov2_wrapper_grid_normalisation_and_missing_weights(tmp_path):
     from models.dinov2 import DINOv2Features
+
     kw = dict(model_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2}, random_init=True)
     torch.manual_seed(0)
     official = DINOv2Features("vit_small_patch14_dinov2", grid=(8, 8), **kw)
@@ -238,9 +246,10 @@ def test_dinov2_wrapper_grid_normalisation_and_missing_weights(tmp_path):
     f = official(x)
     assert f.shape == (2, 32, 8, 8) and official.input_hw == (112, 112)
     assert official(x, grid=(4, 2)).shape == (2, 32, 4, 2)
-    assert not torch.allclose(f, normed(x))                 # [-1, 1] (official) vs ImageNet mean/std
-    tokens = official.model.forward_features(torch.nn.functional.interpolate(
-        x, size=(112, 112), mode="bilinear", align_corners=False))[:, 1:]
+    assert not torch.allclose(f, normed(x))  # [-1, 1] (official) vs ImageNet mean/std
+    tokens = official.model.forward_features(
+        torch.nn.functional.interpolate(x, size=(112, 112), mode="bilinear", align_corners=False)
+    )[:, 1:]
     torch.testing.assert_close(f[:, :, 2, 5], tokens[:, 2 * 8 + 5])
     with pytest.raises(FileNotFoundError, match=r"vavae\.vf\.dinov2\.weights: DINOv2 weights file .*missing\.pth"):
         DINOv2Features("vit_small_patch14_dinov2", str(tmp_path / "missing.pth"), config_key="vavae.vf.dinov2")
@@ -260,7 +269,7 @@ def test_vavae_config_section_and_stage_configs():
 
     tiny = REPO / "configs/tiny_vavae.yaml"
     with pytest.raises(ConfigError, match=r"data\.path: set the MDS dataset directory"):
-        load_config(tiny, ["data.kind=streaming"])              # images (+ DINOv2 features) in MDS shards
+        load_config(tiny, ["data.kind=streaming"])  # images (+ DINOv2 features) in MDS shards
     with pytest.raises(ConfigError, match=r"vavae\.vf\.dinov2\.weights: not set"):
         load_config(tiny, ["vavae.vf.dinov2.random_init=false"])
     # The discriminator may have its own learning rate (the trainer schedules each part from its own base LR).

@@ -2,6 +2,7 @@
 official transform: taming-transformers ``ImagePaths.preprocess_image`` as hustvl/LightningDiT's VA-VAE training uses
 it (PIL -> RGB uint8, albumentations ``SmallestMaxSize(S)`` + ``RandomCrop(S)`` for training / ``CenterCrop(S)`` for
 validation, no flip, ``u / 127.5 - 1``), reimplemented here with albumentations itself (a test-only dependency)."""
+
 from __future__ import annotations
 
 import os
@@ -13,11 +14,12 @@ from PIL import Image
 
 try:
     import albumentations as A
-except ImportError as err:                      # the `test` extra installs it (setup.py, constraints.txt)
+except ImportError as err:  # the `test` extra installs it (setup.py, constraints.txt)
     if os.environ.get("CI") == "true":
         raise
-    pytest.skip(f"albumentations is not installed (pip install -c constraints.txt -e '.[test]'): {err}",
-                allow_module_level=True)
+    pytest.skip(
+        f"albumentations is not installed (pip install -c constraints.txt -e '.[test]'): {err}", allow_module_level=True
+    )
 
 from data.images import (
     ImageRecord,
@@ -30,8 +32,21 @@ from models.tasks.vavae import TrainImages
 S = 16
 # (height, width): landscape/portrait, down- and upscaling, already at S, odd sizes, long sides that round
 # half to even (32x33 -> 16x16.5 -> 16; 32x35 -> 16x17.5 -> 18), short sides where int() would truncate to S-1.
-SHAPES = [(16, 40), (40, 16), (23, 17), (17, 23), (49, 61), (9, 30), (16, 16), (103, 77), (61, 49), (32, 33),
-          (32, 35), (98, 161), (5, 7)]
+SHAPES = [
+    (16, 40),
+    (40, 16),
+    (23, 17),
+    (17, 23),
+    (49, 61),
+    (9, 30),
+    (16, 16),
+    (103, 77),
+    (61, 49),
+    (32, 33),
+    (32, 35),
+    (98, 161),
+    (5, 7),
+]
 
 
 def official_preprocess(path, size: int, random_crop: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +88,8 @@ def test_smallest_max_size_is_albumentations():
         assert ours.dtype == np.uint8 and min(ours.shape[:2]) == size, (h, w)
         np.testing.assert_array_equal(ours, expected, err_msg=f"{h}x{w} -> {size}")
     assert smallest_max_size(np.zeros((16, 20, 3), np.uint8), 16).shape == (16, 20, 3)
-    assert smallest_max_size(np.zeros((32, 35, 3), np.uint8), 16).shape == (16, 18, 3)      # 17.5 -> 18
-    assert smallest_max_size(np.zeros((32, 33, 3), np.uint8), 16).shape == (16, 16, 3)      # 16.5 -> 16
+    assert smallest_max_size(np.zeros((32, 35, 3), np.uint8), 16).shape == (16, 18, 3)  # 17.5 -> 18
+    assert smallest_max_size(np.zeros((32, 33, 3), np.uint8), 16).shape == (16, 16, 3)  # 16.5 -> 16
     with pytest.raises(ValueError, match="size must be >= 1"):
         smallest_max_size(np.zeros((4, 4, 3), np.uint8), 0)
 
@@ -100,8 +115,11 @@ def test_random_crop_is_an_official_random_crop_seeded_per_epoch(tmp_path):
     for index, record in enumerate(records):
         resized = smallest_max_size(np.array(Image.open(record.path).convert("RGB")), S)
         height, width = resized.shape[:2]
-        windows = {(top, left): torch.from_numpy(np.ascontiguousarray(resized[top:top + S, left:left + S]))
-                   for top in range(height - S + 1) for left in range(width - S + 1)}
+        windows = {
+            (top, left): torch.from_numpy(np.ascontiguousarray(resized[top : top + S, left : left + S]))
+            for top in range(height - S + 1)
+            for left in range(width - S + 1)
+        }
         # albumentations' RandomCrop draws from the same set of windows (after the same resize).
         official, _ = official_preprocess(record.path, S, random_crop=True)
         assert any(torch.equal(torch.from_numpy(official), w) for w in windows.values()), record.path
@@ -113,8 +131,8 @@ def test_random_crop_is_an_official_random_crop_seeded_per_epoch(tmp_path):
             found = [pos for pos, w in windows.items() if torch.equal(crop, w)]
             assert found, (record.path, epoch)
             seen.add(found[0])
-            assert torch.equal(dataset[index]["image"], dataset[index]["image"])     # (seed, epoch, index) fixed
-        if index == 0:                     # 16x40: 25 positions along x, every one reachable (ends included)
+            assert torch.equal(dataset[index]["image"], dataset[index]["image"])  # (seed, epoch, index) fixed
+        if index == 0:  # 16x40: 25 positions along x, every one reachable (ends included)
             lefts = {left for _, left in seen}
             assert len(lefts) == width - S + 1 and 0 in lefts and width - S in lefts, sorted(lefts)
     other_seed = TrainImages(records=records, image_size=S, crop="random", seed=8)
