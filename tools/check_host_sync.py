@@ -37,6 +37,8 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from core.metrics import format_table  # noqa: E402
+
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
 
 
@@ -152,6 +154,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = check_host_sync(
         args.out, args.steps, args.log_every, args.overrides, args.config, args.warmup, not args.no_op_counter
     )
+    reads = result["host_reads"]
+    row = {
+        "device": result["device"],
+        "steps checked": result["steps"],
+        "host reads": len(reads) if isinstance(reads, list) else reads,
+        "first read": (str(reads[0])[:80] if isinstance(reads, list) and reads else "-"),
+        "sync-debug error": (str(result["error"])[:80] if result["error"] else "-"),
+        "ok": result["ok"],
+    }
+    print(format_table([row]))
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 
