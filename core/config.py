@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import types
 import typing
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from core.fileio import atomic_write_text
 
 __all__ = [
     # sections of the shared trainer
@@ -699,10 +700,7 @@ def config_to_yaml(cfg: Any) -> str:
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write ``cfg`` as YAML, atomically (temp file + rename); the file loads back with the loader of its schema."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(config_to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, config_to_yaml(cfg))
     return path
 
 

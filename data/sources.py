@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from core.task import DataSource  # noqa: F401  (the protocol these sources implement: the trainer's contract)
+from data.streaming import LatentDataset, build_streaming_loader, steps_per_epoch
 
 
 class StreamingSource:
@@ -38,8 +39,6 @@ class StreamingSource:
         **dataset_kwargs: Any,
     ):
         from streaming.base.util import clean_stale_shared_memory
-
-        from data.streaming import LatentDataset, build_streaming_loader, steps_per_epoch
 
         # Streaming keeps per-dataset state in shared memory; a killed run leaks it. Without a remote the next
         # run simply takes a fresh prefix. With a remote, a leaked entry for the same local directory is an

@@ -75,6 +75,7 @@ import torch
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
 
 from core.fileio import atomic_save_with, atomic_torch_save
+from data.images import uint8_to_normalized
 
 log = logging.getLogger(__name__)
 
@@ -1168,7 +1169,6 @@ class ImageDataset(_ShardDataset):
             )
 
     def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        from data.images import uint8_to_normalized
 
         sid = int(raw["sample_id"])
         array = raw["image"]

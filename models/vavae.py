@@ -39,6 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.checkpoint import resolve_checkpoint_dir
+from data.tokenizers import Tokenizer, register_tokenizer
+from models.loading import _find_dcp_dir, _is_dtensor, load_checkpoint_state
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -496,7 +500,6 @@ def split_vavae_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state
 
 
 def _read_dcp_entry(path: Path, entry: str) -> dict[str, torch.Tensor]:
-    from models.loading import load_checkpoint_state
 
     return load_checkpoint_state(path, which=entry)
 
@@ -508,7 +511,6 @@ def load_vavae_state(path: Union[str, Path]) -> VAVAEStateParts:
     * our run's checkpoint directory (``<run>/checkpoints/step_N`` or its ``state/``): the FSDP2 engine's
       ``autoencoder.model`` (autoencoder + ``linear_proj``) and, when present, ``discriminator.model``.
     """
-    from models.loading import _find_dcp_dir, load_checkpoint_state
 
     path = Path(path)
     if not path.exists():
@@ -588,7 +590,6 @@ def load_vavae_weights(
 
 
 def _load_state(model: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
-    from models.loading import _is_dtensor
 
     model_sd = model.state_dict()
     if any(_is_dtensor(v) for v in model_sd.values()):
@@ -617,7 +618,6 @@ def _run_model_config(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _build_tokenizer_class():
-    from data.tokenizers import Tokenizer, register_tokenizer
 
     @register_tokenizer("vavae")
     class VAVAETokenizer(Tokenizer):
@@ -635,8 +635,6 @@ def _build_tokenizer_class():
             super().__init__()
             arch = f16d32_config()
             if checkpoint and Path(checkpoint).is_dir() and not (Path(checkpoint) / ".metadata").is_file():
-                from core.checkpoint import resolve_checkpoint_dir
-
                 checkpoint = str(resolve_checkpoint_dir(checkpoint))  # a run dir -> its newest checkpoint
             if checkpoint and Path(checkpoint).is_dir():
                 found = _run_model_config(Path(checkpoint))

@@ -745,7 +745,16 @@ def _constraint(name: str) -> Optional[str]:
     return None
 
 
-def prepare(wheel_dir: Path, python_version: str) -> int:
+def prepare(
+    wheel_dir: Path,
+    python_version: str,
+    dists: tuple[str, ...] = PREPARE_DISTS,
+    build: tuple[str, ...] = ("deepspeed",),
+    dry_run: bool = False,
+) -> int | list[list[str]]:
+    """Gather into ``wheel_dir`` the wheels of ``dists`` for CPython ``python_version`` on x86-64 Linux (pip
+    download, binary only, no dependencies) and build those of ``build`` from source (pip wheel, DeepSpeed ships
+    only as source), then write ``install.sh``. ``dry_run``: return the pip commands instead of running them."""
     import importlib.metadata as md
 
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -763,7 +772,8 @@ def prepare(wheel_dir: Path, python_version: str) -> int:
     ]
     pip = [sys.executable, "-m", "pip"]
     failed = []
-    for name in PREPARE_DISTS:
+    planned: list[list[str]] = []
+    for name in dists:
         version = _constraint(name)
         if version is None:
             try:
@@ -785,17 +795,26 @@ def prepare(wheel_dir: Path, python_version: str) -> int:
             str(wheel_dir),
             spec,
         ]
+        if dry_run:
+            planned.append(cmd)
+            continue
         print("+", " ".join(cmd[3:]), flush=True)
         if subprocess.run(cmd).returncode != 0 and version is not None:
             print(f"no {python_version} wheel of {spec}: the newest one of {name} instead", flush=True)
             cmd[-1] = name  # e.g. zstd 1.5.7.2 has no cp312 manylinux wheel
             if subprocess.run(cmd).returncode != 0:
                 failed.append(spec)
-    ds = f"deepspeed=={_constraint('deepspeed') or md.version('deepspeed')}"
-    cmd = [*pip, "wheel", "--no-deps", "-w", str(wheel_dir), ds]
-    print("+", " ".join(cmd[3:]), flush=True)
-    if subprocess.run(cmd, env={**os.environ, "DS_BUILD_OPS": "0"}).returncode != 0:
-        failed.append(ds)
+    for name in build:
+        spec = f"{name}=={_constraint(name) or md.version(name)}"
+        cmd = [*pip, "wheel", "--no-deps", "-w", str(wheel_dir), spec]
+        if dry_run:
+            planned.append(cmd)
+            continue
+        print("+", " ".join(cmd[3:]), flush=True)
+        if subprocess.run(cmd, env={**os.environ, "DS_BUILD_OPS": "0"}).returncode != 0:
+            failed.append(spec)
+    if dry_run:
+        return planned
     script = wheel_dir / "install.sh"
     script.write_text(
         "#!/bin/sh\n"

@@ -63,8 +63,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from core.checkpoint import complete_checkpoints
+from core.config import config_to_dict
 from core.distributed import barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_temporary
+from data.streaming import denormalize_latents, load_latent_stats
+from data.tokenizers import available_tokenizers, build_tokenizer
+from models.sampling import Sampler
 
 __all__ = [
     "IDENTITY",
@@ -109,7 +114,6 @@ class SamplingError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ model loading
 def _latest_checkpoint(run_dir: Path) -> Path:
-    from core.checkpoint import complete_checkpoints
 
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
@@ -159,7 +163,6 @@ def tokenizer_spec(tokenizer: str = "", data_dir: Optional[Path] = None) -> dict
     """``{"kind", "kwargs"}`` of the tokenizer that decodes the latents (module doc): ``tokenizer`` (the value of
     ``sampling.tokenizer``) when given, else the one ``data_dir``'s ``manifest.json`` records. Cheap: no weights
     are read. Raises ValueError / FileNotFoundError naming ``sampling.tokenizer`` when there is none."""
-    from data.tokenizers import available_tokenizers
 
     data_dir = Path(data_dir) if data_dir not in (None, "") else None
     manifest = data_dir / "manifest.json" if data_dir is not None else None
@@ -244,14 +247,12 @@ def latent_decoder(
     ``data_dir``: the training data (statistics + ``manifest.json`` naming the tokenizer), None or "" for none.
     ``tokenizer`` / ``latent_stats``: the values of ``sampling.tokenizer`` / ``sampling.latent_stats`` (module
     doc), which take precedence over what ``data_dir`` holds. The returned function carries ``tokenizer_kind``."""
-    from data.tokenizers import build_tokenizer
 
     data_dir = Path(data_dir) if data_dir not in (None, "") else None
     mean = std = None
     stats = _stats_source(latent_norm, latent_stats, data_dir)
     if stats is not None:
         # (data.streaming imports MosaicML streaming, a slow import: only when statistics are needed)
-        from data.streaming import denormalize_latents, load_latent_stats
 
         try:
             mean, std = (s.to(device) for s in load_latent_stats(stats))
@@ -295,7 +296,6 @@ def check_decoding(cfg) -> None:
 @torch.no_grad()
 def sample_class_grid(cfg, model, decode, per_class: int, seed: int = 0, device: str = "cpu") -> np.ndarray:
     """A uint8 image grid (H, W, 3): one row per class, `per_class` samples per row."""
-    from models.sampling import Sampler
 
     n_cls = cfg.model.num_classes
     sampler = Sampler.from_config(cfg.sampling, null_class=n_cls)
@@ -458,7 +458,6 @@ def write_npz(files: Sequence[Path], path: Path) -> Path:
 
 
 def _settings(cfg, ckpt: Path, which: str, seed: int, labels: str) -> dict[str, Any]:
-    from core.config import config_to_dict
 
     return {
         "scheme": SCHEME,
@@ -484,7 +483,6 @@ def _decode_settings(cfg) -> dict[str, Any]:
 
 def _sampler_settings(sampling) -> dict[str, Any]:
     """The sampler part of ``sampling`` (the decoding keys are recorded under ``data``, see ``_decode_settings``)."""
-    from core.config import config_to_dict
 
     return {k: v for k, v in config_to_dict(sampling).items() if k not in ("tokenizer", "latent_stats")}
 
@@ -523,7 +521,6 @@ def sample_to_folder(
 ) -> dict[str, Any]:
     """Sample images 0..num-1 into ``out_dir/{i:06d}.png`` (skipping existing ones), on every rank of the
     process group (if any); then, on rank 0, pack them into ``npz`` when given. Returns a summary (rank 0)."""
-    from models.sampling import Sampler
 
     rank, world = rank_and_world()
     out_dir = Path(out_dir)

@@ -32,6 +32,28 @@ from typing import Any, Optional
 
 import torch
 
+from core.config import ConfigError, apply_overrides, config_to_dict, resolve_run_dir
+from core.distributed import all_gather_object, broadcast_object
+from core.fileio import atomic_write_json
+from models.evaluation.generation import (
+    check_decoding,
+    chunk_range,
+    decoder_from_config,
+    image_grid,
+    sample_indices,
+    save_png,
+)
+from models.evaluation.metrics import (
+    Extractor,
+    Reference,
+    check_weights,
+    compute_metrics,
+    normalize_metrics,
+    reference_data,
+    resolve_extractor,
+)
+from models.sampling import Sampler, describe_sampling
+
 log = logging.getLogger("llat")
 
 __all__ = ["InLoopEvaluator", "check_eval_config"]
@@ -39,7 +61,6 @@ __all__ = ["InLoopEvaluator", "check_eval_config"]
 
 def _sampling_config(cfg):
     """``cfg.sampling`` with ``eval.sampling_overrides`` applied (ValueError naming that key)."""
-    from core.config import ConfigError, apply_overrides
 
     sampling_cfg = copy.deepcopy(cfg)
     try:
@@ -56,8 +77,6 @@ def check_eval_config(cfg) -> None:
     ec = cfg.eval
     if not ec.every_epochs:
         return
-    from models.evaluation.generation import check_decoding
-    from models.evaluation.metrics import Reference, check_weights, normalize_metrics, resolve_extractor
 
     normalize_metrics(ec.metrics, key="eval.metrics")
     check_decoding(_sampling_config(cfg))
@@ -86,9 +105,6 @@ class InLoopEvaluator:
     def evaluate(self, part: Any, step: int) -> dict[str, Any]:
         """Sample and score with ``part.ema`` (else ``part.module``); collective, every rank (module doc)."""
         import torch.distributed as tdist
-
-        from core.distributed import broadcast_object
-        from models.evaluation.generation import chunk_range, sample_indices
 
         ev = self._setup()
         ec = self.cfg.eval
@@ -156,10 +172,6 @@ class InLoopEvaluator:
         rank."""
         if self._state is not None:
             return self._state
-        from core.distributed import all_gather_object
-        from models.evaluation.generation import decoder_from_config
-        from models.evaluation.metrics import Extractor, Reference, normalize_metrics, reference_data
-        from models.sampling import Sampler, describe_sampling
 
         ec = self.cfg.eval
         state: dict[str, Any] = {}
@@ -195,11 +207,6 @@ class InLoopEvaluator:
     def _finish(self, ev: dict[str, Any], gathered: list, grid: list, step: int, seconds: float) -> dict:
         """Rank 0: metrics from the gathered features, grid + JSON under <run_dir>/eval, W&B image."""
         import sys
-
-        from core.config import config_to_dict, resolve_run_dir
-        from core.fileio import atomic_write_json
-        from models.evaluation.generation import image_grid, save_png
-        from models.evaluation.metrics import compute_metrics
 
         parts = [g for g in gathered if g]
         index = torch.cat([g["_index"] for g in parts])

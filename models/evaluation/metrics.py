@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.fileio import atomic_torch_save, atomic_write_bytes
+from data.images import center_crop_arr
 
 __all__ = [
     "INCEPTION",
@@ -395,8 +396,6 @@ class ImageSet(torch.utils.data.Dataset):
             with Image.open(self.files[i]) as img:
                 img = img.convert("RGB")
                 if self.center_crop:
-                    from data.images import center_crop_arr
-
                     img = center_crop_arr(img, self.center_crop)
                 arr = np.asarray(img, dtype=np.uint8)
             return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from data.images import IMG_EXTENSIONS, center_crop_arr, load_rgb, to_tensor_normalized
 from models.evaluation.generation import to_uint8
+from models.evaluation.metrics import evaluate_images
 
 log = logging.getLogger("eval_tokenizer")
 
@@ -81,7 +83,6 @@ def ssim(
 # ------------------------------------------------------------------------------------------------ data
 def list_images(root: Path, key: str = "--images") -> list[Path]:
     """Every image file under ``root`` (recursive, following links, sorted)."""
-    from data.images import IMG_EXTENSIONS
 
     if not root.is_dir():
         raise FileNotFoundError(f"{key}: {root} is not a directory")
@@ -101,7 +102,6 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from data.images import center_crop_arr, load_rgb, to_tensor_normalized
 
         try:
             return to_tensor_normalized(center_crop_arr(load_rgb(self.files[i]), self.size)), i
@@ -129,7 +129,6 @@ def rfid(
     """FID of the reconstructions against the references, both PNG folders, by the evaluation code
     (models/evaluation/metrics.py: one FID implementation — feature extractor, weights, statistics — for samples
     and reconstructions)."""
-    from models.evaluation.metrics import evaluate_images
 
     result = evaluate_images(
         str(recon_dir),

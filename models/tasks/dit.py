@@ -9,8 +9,11 @@ import torch
 from core.config import Checks
 from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
+from data.sources import StreamingSource
 from models.dit_config import TimestepPhase, check_dit_task
+from models.evaluation.in_loop import InLoopEvaluator, check_eval_config
 from models.lightningdit import build_model
+from models.loading import load_into_model
 from models.transport import PhaseTracker, Transport, timestep_phase_at
 
 
@@ -36,8 +39,6 @@ class DiTTask(Task):
     def build_models(self) -> dict[str, PartSpec]:
         model = build_model(self.cfg.model)
         if self.cfg.model.init_from:
-            from models.loading import load_into_model
-
             load_into_model(model, self.cfg.model.init_from, which="ema", strict=True)
         self._flops = model.flops_per_image(training=True)
         return {
@@ -54,7 +55,6 @@ class DiTTask(Task):
         return ["model"]
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
-        from data.sources import StreamingSource
 
         m = self.cfg.model
         return StreamingSource(
@@ -128,14 +128,11 @@ class DiTTask(Task):
 
     def check(self) -> None:
         """Cheap, local checks of the ``eval`` section (models/evaluation/in_loop.check_eval_config)."""
-        from models.evaluation.in_loop import check_eval_config
 
         check_eval_config(self.cfg)
 
     def _evaluator(self):
         if self._eval is None:
-            from models.evaluation.in_loop import InLoopEvaluator
-
             m = self.cfg.model
             self._eval = InLoopEvaluator(
                 self.cfg, self.dist, num_classes=m.num_classes, latent_shape=(m.in_channels, m.input_size, m.input_size)

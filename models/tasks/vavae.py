@@ -70,6 +70,11 @@ from torch.utils.data import Dataset
 from core.config import Checks
 from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
+from data.images import load_rgb, read_file_list, scan_image_folder, smallest_max_size, uint8_to_normalized
+from data.sources import MapSource, StreamingSource
+from data.streaming import ImageDataset, parse_ndarray_encoding, read_columns
+from data.synthetic import SyntheticImages
+from models.dinov2 import DINOv2Features
 from models.losses import (
     NLayerDiscriminator,
     adaptive_weight,
@@ -141,8 +146,6 @@ class TrainImages(Dataset):
             image, label = self.synthetic[index]
             tensor = image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
         else:
-            from data.images import load_rgb, smallest_max_size, uint8_to_normalized
-
             record = self.records[index]
             try:
                 pixels = smallest_max_size(np.array(load_rgb(record.path), dtype=np.uint8), self.image_size)
@@ -168,8 +171,6 @@ class TrainImages(Dataset):
 def build_image_dataset(data_cfg, seed: int) -> TrainImages:
     """The training dataset of an image ``data`` section ("images" folder / file list, or "synthetic")."""
     if data_cfg.kind == "synthetic":
-        from data.synthetic import SyntheticImages
-
         synthetic = SyntheticImages(
             data_cfg.synthetic_num_samples,
             image_size=data_cfg.image_size,
@@ -180,8 +181,6 @@ def build_image_dataset(data_cfg, seed: int) -> TrainImages:
             synthetic=synthetic, image_size=data_cfg.image_size, random_flip=data_cfg.random_flip, seed=seed
         )
     if data_cfg.kind == "images":
-        from data.images import read_file_list, scan_image_folder
-
         path = Path(data_cfg.path)
         if path.is_file():
             records = read_file_list(path)
@@ -208,7 +207,6 @@ def build_image_dataset(data_cfg, seed: int) -> TrainImages:
 
 def EpochMapSource(dataset: TrainImages, **kwargs):  # noqa: N802 - a class factory
     """``data.sources.MapSource`` that tells the dataset its epoch before iterating (per-epoch crops/flips)."""
-    from data.sources import MapSource
 
     class _EpochMapSource(MapSource):
         def iterator(self, epoch: int, step_in_epoch: int):
@@ -234,7 +232,6 @@ def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 def _precomputed_features_dim(data_cfg, grid: tuple[int, int]) -> int:
     """D of the dataset's ``features`` column [D, h, w] (read from its index.json), checked against the latent grid."""
-    from data.streaming import parse_ndarray_encoding, read_columns
 
     columns = read_columns(data_cfg.path, data_cfg.remote)
     where = data_cfg.remote or data_cfg.path
@@ -289,8 +286,6 @@ class VAVAETask(Task):
                 ).to(self.device)
             self.vf_model = None
             if v.vf.enabled and not self.precomputed:
-                from models.dinov2 import DINOv2Features
-
                 d = v.vf.dinov2
                 self.vf_model = DINOv2Features(
                     d.model,
@@ -379,9 +374,6 @@ class VAVAETask(Task):
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
         if self.cfg.data.kind == "streaming":  # stored images (+ their DINOv2 features) in MDS shards
-            from data.sources import StreamingSource
-            from data.streaming import ImageDataset
-
             return StreamingSource(
                 self.cfg.data,
                 micro_batch_size=micro_batch_size,
