@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,13 @@ for _path in (TESTS / "integration", TESTS / "unit", TESTS, REPO):  # REPO ends 
     sys.path.insert(0, str(_path))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# DeepSpeed's CPU shared-memory comm op (an inference kernel) is not built: ~40 s per fresh extensions directory
+# (README "DeepSpeed on CPU"). Whatever else JIT-builds does so in a directory of this run, so that a process killed
+# mid-build never leaves a lock that blocks a later run.
+os.environ.setdefault("LLAT_DEEPSPEED_SHM_COMM", "0")
+_OWN_EXTENSIONS_DIR = "TORCH_EXTENSIONS_DIR" not in os.environ
+if _OWN_EXTENSIONS_DIR:
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="llat-torch-extensions-")
 
 
 def pytest_collection_finish(session):
@@ -52,10 +61,12 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop the shared ranks of tests/dist_utils.py (also done at exit)."""
+    """Stop the shared ranks of tests/dist_utils.py (also done at exit); remove this run's extensions directory."""
     for name in ("dist_utils", "tests.dist_utils"):
         if name in sys.modules:
             sys.modules[name].close_gangs()
+    if _OWN_EXTENSIONS_DIR:
+        shutil.rmtree(os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -151,6 +151,9 @@ def part_dir(ckpt_dir: Path, name: str) -> Path:
     return Path(ckpt_dir) / DS_DIR / name
 
 
+SHM_COMM_ENV = "LLAT_DEEPSPEED_SHM_COMM"  # "0": do not build DeepSpeed's CPU shared-memory comm op (CPU runs only)
+
+
 def _import_deepspeed(device: torch.device, strict: bool = True):
     """Import DeepSpeed with the accelerator matching ``device`` (``DS_ACCELERATOR=cpu`` for CPU/gloo runs)."""
     if device.type == "cpu":
@@ -158,6 +161,11 @@ def _import_deepspeed(device: torch.device, strict: bool = True):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if device.type == "cpu" and os.environ.get(SHM_COMM_ENV, "1") == "0":
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op (an inference kernel; ZeRO's collectives
+        # go through the gloo group either way). Marking it incompatible skips the build (~40 s per fresh
+        # extensions directory, and no stale build lock after a kill): deepspeed.comm then falls back to torch.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accel = get_accelerator().device_name()
     if strict and accel != device.type:
         raise RuntimeError(
