@@ -17,9 +17,12 @@ class Registry:
     """Names -> things. ``kind`` names the things in errors and ``key`` the config key that chose one, e.g.
     ``Registry("task")``: ``get("x")`` raises ``ValueError("task: unknown task 'x'; known: 'dit', 'vavae'")``."""
 
-    def __init__(self, kind: str, key: Optional[str] = None) -> None:
+    def __init__(self, kind: str, key: Optional[str] = None, *, unknown: Optional[str] = None) -> None:
         self.kind = kind
         self.key = key or kind
+        # The error for an unknown name: a format string with {key}, {kind}, {name}, {known} ("'a', 'b'") and
+        # {expected} ("'a' or 'b'").
+        self.unknown = unknown or "{key}: unknown {kind} {name!r}; known: {known}"
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str, target: Any = None) -> Any:
@@ -42,8 +45,11 @@ class Registry:
     def get(self, name: str) -> Any:
         """The thing registered as ``name`` (imported now if the entry is lazy)."""
         if name not in self._entries:
-            known = ", ".join(repr(n) for n in self._entries)
-            raise ValueError(f"{self.key}: unknown {self.kind} {name!r}; known: {known}")
+            names = [repr(n) for n in self._entries]
+            expected = " or ".join(filter(None, [", ".join(names[:-1]), *names[-1:]]))
+            raise ValueError(
+                self.unknown.format(key=self.key, kind=self.kind, name=name, known=", ".join(names), expected=expected)
+            )
         target = self._entries[name]
         if isinstance(target, str):
             module, _, attr = target.partition(":")

@@ -6,10 +6,10 @@ The interface and the helpers every engine shares are in ``core.engines.base``; 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from core.engines.base import Engine, LocalPart, PartSpec, TrainedPart, build_optimizer
+from core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.config import EngineConfig
@@ -28,31 +28,21 @@ __all__ = [
 ]
 
 # engine.kind -> "module:Class" (imported on first use)
-ENGINES: dict[str, str] = {
-    "fsdp2": "core.engines.fsdp2:FSDP2Engine",
-    "deepspeed": "core.engines.deepspeed:DeepSpeedEngine",
-}
+ENGINES = Registry("engine", key="engine.kind", unknown="{key}: unknown {kind} {name!r} (expected {expected})")
+ENGINES.register("fsdp2", "core.engines.fsdp2:FSDP2Engine")
+ENGINES.register("deepspeed", "core.engines.deepspeed:DeepSpeedEngine")
 
 
 def register_engine(kind: str, target: str) -> None:
     """Make ``engine.kind: <kind>`` build the class named by ``target`` (``"package.module:Class"``)."""
     if ":" not in target:
         raise ValueError(f"register_engine({kind!r}): target must be 'module:Class', got {target!r}")
-    ENGINES[kind] = target
-
-
-def _known() -> str:
-    names = [repr(k) for k in ENGINES]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    ENGINES.register(kind, target)
 
 
 def engine_class(kind: str) -> type[Engine]:
     """The engine class registered for ``kind`` (imports its module)."""
-    target = ENGINES.get(kind)
-    if target is None:
-        raise ValueError(f"engine.kind: unknown engine {kind!r} (expected {_known()})")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return ENGINES.get(kind)
 
 
 def build_engine(cfg: EngineConfig, dist: DistInfo, **kwargs: Any) -> Engine:
