@@ -1169,7 +1169,6 @@ class ImageDataset(_ShardDataset):
             )
 
     def _to_training_sample(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-
         sid = int(raw["sample_id"])
         array = raw["image"]
         if (

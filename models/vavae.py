@@ -500,7 +500,6 @@ def split_vavae_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state
 
 
 def _read_dcp_entry(path: Path, entry: str) -> dict[str, torch.Tensor]:
-
     return load_checkpoint_state(path, which=entry)
 
 
@@ -590,7 +589,6 @@ def load_vavae_weights(
 
 
 def _load_state(model: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
-
     model_sd = model.state_dict()
     if any(_is_dtensor(v) for v in model_sd.values()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -618,7 +616,6 @@ def _run_model_config(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _build_tokenizer_class():
-
     @register_tokenizer("vavae")
     class VAVAETokenizer(Tokenizer):
         """VA-VAE as a ``data.tokenizers.Tokenizer``: ``build_tokenizer("vavae", checkpoint=PATH)``.

@@ -114,7 +114,6 @@ class SamplingError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ model loading
 def _latest_checkpoint(run_dir: Path) -> Path:
-
     found = complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -458,7 +457,6 @@ def write_npz(files: Sequence[Path], path: Path) -> Path:
 
 
 def _settings(cfg, ckpt: Path, which: str, seed: int, labels: str) -> dict[str, Any]:
-
     return {
         "scheme": SCHEME,
         "checkpoint": str(Path(ckpt).resolve()),

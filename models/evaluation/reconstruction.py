@@ -102,7 +102,6 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-
         try:
             return to_tensor_normalized(center_crop_arr(load_rgb(self.files[i]), self.size)), i
         except Exception as err:  # noqa: BLE001 - report and skip

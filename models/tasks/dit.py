@@ -55,7 +55,6 @@ class DiTTask(Task):
         return ["model"]
 
     def build_data(self, *, micro_batch_size: int, global_batch_size: int):
-
         m = self.cfg.model
         return StreamingSource(
             self.cfg.data,
