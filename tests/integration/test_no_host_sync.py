@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 try:
     from dist_utils import ToyModel, run_distributed
+    from test_engine_fsdp2 import _data, _full_optim, _state
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import ToyModel, run_distributed
+    from tests.integration.test_engine_fsdp2 import _data, _full_optim, _state
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -84,35 +86,6 @@ def test_ema_update_gated_on_device_same_bits():
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2 step
-def _data(n=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
-
-
-def _full(module):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return {
-        k: v.detach().clone()
-        for k, v in get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)).items()
-    }
-
-
-def _full_optim(part):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    sd = get_optimizer_state_dict(part.module, part.optimizer, options=StateDictOptions(full_state_dict=True))
-    return {f"{k}.{n}": v.detach().clone() for k, st in sd["state"].items() for n, v in st.items()}
-
-
-def _state(part):
-    return {
-        **{f"model.{k}": v for k, v in _full(part.module).items()},
-        **{f"ema.{k}": v for k, v in _full(part.ema).items()},
-        **{f"optim.{k}": v for k, v in _full_optim(part).items()},
-    }
-
-
 def _assert_equal(got, ref, what):
     assert got.keys() == ref.keys(), what
     for k in ref:
