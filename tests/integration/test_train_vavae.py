@@ -77,6 +77,30 @@ def reference(tmp_path_factory) -> Path:
     return run_dir
 
 
+def kill_after_checkpoint(run_dir: Path, overrides: list[str], step: int, timeout: float) -> int:
+    """Start the training (0.5 s per step), SIGKILL its whole process tree once the step-``step`` checkpoint is
+    complete; returns the last step it logged."""
+    proc = subprocess.Popen(
+        _cmd(run_dir, overrides),
+        cwd=REPO,
+        env=_env(LLAT_DEBUG_STEP_SLEEP=0.5),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + timeout
+        while step not in complete_steps(run_dir):
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+            assert time.time() < deadline, f"timed out waiting for the step-{step} checkpoint"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)
+    return max(records(run_dir))
+
+
 def test_reference_run_crosses_disc_start(reference):
     log = records(reference)
     assert sorted(log) == list(range(1, TOTAL + 1))
@@ -96,25 +120,7 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
     addition either way, so the layouts agree bit for bit — except the logged gradient norms (each rank sums the
     squares of the whole gradient instead of half of it: last-ulp differences; no clipping here, so no effect)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(run_dir, ["checkpoint.every_steps=4"]),
-        cwd=REPO,
-        env=_env(LLAT_DEBUG_STEP_SLEEP=0.5),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while 4 not in complete_steps(run_dir):
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-            assert time.time() < deadline, "timed out waiting for the step-4 checkpoint"
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc)
-    killed_at = max(records(run_dir))
+    killed_at = kill_after_checkpoint(run_dir, ["checkpoint.every_steps=4"], 4, timeout=240)
     assert 4 <= killed_at < 8, killed_at  # the next checkpoint would be step 8
 
     res = run(run_dir, "checkpoint.every_steps=4", "engine.sharding=hybrid", "engine.shard_group_size=1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +18,10 @@ import torch
 
 try:
     from dist_utils import run_distributed
-    from test_train_resume import complete_steps, kill_tree
-    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
+    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
-    from tests.integration.test_train_resume import complete_steps, kill_tree
-    from tests.integration.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, records
+    from tests.integration.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,25 +151,7 @@ def test_deepspeed_vavae_bit_exact_resume_after_sigkill(ds_reference, tmp_path):
     assert [log[s]["autoencoder/disc_factor"] for s in range(1, TOTAL + 1)] == [0.0] * 6 + [1.0] * 6
     assert all(log[s]["autoencoder/d_weight"] > 0 for s in range(7, TOTAL + 1))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        _cmd(run_dir, [*DS, "checkpoint.every_steps=4"]),
-        cwd=REPO,
-        env=_env(LLAT_DEBUG_STEP_SLEEP=0.5),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while 4 not in complete_steps(run_dir):
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-            assert time.time() < deadline, "timed out waiting for the step-4 checkpoint"
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc)
-    assert 4 <= max(records(run_dir)) < 8
+    assert 4 <= kill_after_checkpoint(run_dir, [*DS, "checkpoint.every_steps=4"], 4, timeout=300) < 8
     res = _run(run_dir, "checkpoint.every_steps=4")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "resumed from step 4" in res.stdout + res.stderr
