@@ -42,8 +42,9 @@ from core.metrics import format_table  # noqa: E402
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
 
 
-def write_toy_latents(out: Path, n: int = 64) -> Path:
-    """``n`` class-dependent 3x16x16 'latents' with their flips as MDS shards at ``out`` (the tiny DiT's input)."""
+def write_toy_latents(out: Path, n: int = 64, size_limit: int = 1 << 20) -> Path:
+    """``n`` class-dependent 3x16x16 'latents' with their flips (sample ids 0..n-1) as MDS shards of at most
+    ``size_limit`` bytes at ``out`` (the tiny DiT's input; the tests' toy dataset too)."""
     from data.streaming import write_latent_dataset
 
     if (out / "index.json").exists():
@@ -55,7 +56,7 @@ def write_toy_latents(out: Path, n: int = 64) -> Path:
             img = rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.5 + (i % 10 - 4.5) / 5
             yield {"latent": img, "latent_flip": img[:, :, ::-1].copy(), "label": i % 10, "sample_id": i}
 
-    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=1 << 20)
+    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=size_limit)
     return out
 
 

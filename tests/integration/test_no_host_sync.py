@@ -17,7 +17,6 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,11 @@ import torch.nn.functional as F
 try:
     from dist_utils import ToyModel, run_distributed
     from test_engine_fsdp2 import _data, _full_optim, _state
+    from test_train_resume import write_toy_latents
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import ToyModel, run_distributed
     from tests.integration.test_engine_fsdp2 import _data, _full_optim, _state
+    from tests.integration.test_train_resume import write_toy_latents
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -158,23 +159,11 @@ def test_fsdp2_fused_step_skips_nonfinite_on_device_same_bits_no_host_read():
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
-def _write_toy_latents(out: Path) -> Path:
-    from data.streaming import write_latent_dataset
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(64):
-            img = rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.5 + (i % 10 - 4.5) / 5
-            yield {"latent": img, "latent_flip": img[:, :, ::-1].copy(), "label": i % 10, "sample_id": i}
-
-    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=4096)
-    return out
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return _write_toy_latents(tmp_path_factory.mktemp("data") / "mds")
+    return write_toy_latents(tmp_path_factory.mktemp("data") / "mds")
 
 
 def _trainer_worker(dist, data, run_dir, overrides, nan_steps, signal_step):

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from tools import check_host_sync
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"
 TOTAL_STEPS = 16
@@ -28,18 +30,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def write_toy_latents(out: Path) -> Path:
     """64 class-dependent 3x16x16 'latents' (identity tokenizer) with their flips, as MDS shards at ``out``."""
-    from data.streaming import write_latent_dataset
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(64):
-            label = i % 10
-            img = rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.5 + (label - 4.5) / 5
-            yield {"latent": img, "latent_flip": img[:, :, ::-1].copy(), "label": label, "sample_id": i}
-
-    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=4096)
-    return out
+    return check_host_sync.write_toy_latents(out, 64, size_limit=4096)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,10 @@ import torch
 
 try:
     from dist_utils import run_distributed
+    from test_train_resume import write_toy_latents
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
+    from tests.integration.test_train_resume import write_toy_latents
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -129,21 +131,6 @@ def _resume_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _write_toy_latents(out: Path) -> Path:
-    """64 class-dependent 3x16x16 'latents' with their flips (sample ids 0..63) as MDS shards at ``out``."""
-    from data.streaming import write_latent_dataset
-
-    rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(64):
-            img = rng.normal(size=(3, 16, 16)).astype(np.float32) * 0.5 + (i % 10 - 4.5) / 5
-            yield {"latent": img, "latent_flip": img[:, :, ::-1].copy(), "label": i % 10, "sample_id": i}
-
-    write_latent_dataset(out, samples(), latent_dtype="float32", size_limit=4096)
-    return out
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     return {rec["step"]: rec["loss"] for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
@@ -151,7 +138,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_resume_on_another_world_size(tmp_path):
     from core.sample_trace import read_global_batches
 
-    data = _write_toy_latents(tmp_path / "mds")
+    data = write_toy_latents(tmp_path / "mds")
     ref, single = tmp_path / "ref", tmp_path / "single"
 
     # The uninterrupted run on 2 ranks (one node); its step-3 checkpoint is resumed below.
