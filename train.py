@@ -3,7 +3,7 @@
 Run it through a launcher, e.g. `python launchers/local.py --nproc 2 configs/tiny_dit.yaml [key=value ...]`
 (or torchrun / Slurm); a single process also works: `python train.py configs/tiny_dit.yaml`.
 Exit codes: 0 finished, 75 stopped on SIGTERM/SIGUSR1 after writing a checkpoint (requeue me),
-2 bad configuration.
+2 bad configuration or a run directory that another live job owns (core/joblock.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     args = parser.parse_args(argv)
 
+    from core.joblock import exit_with_launcher
+
+    exit_with_launcher()  # a rank of launchers/local.py ends with its launcher
+
     from core.config import ConfigError
     from launchers.experiment import load_config, validate
 
@@ -27,7 +31,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from core.distributed import init_distributed, teardown
+    from core.config import resolve_run_dir
+    from core.distributed import broadcast_object, init_distributed, teardown
+    from core.joblock import RunDirBusy, RunDirLock
     from core.metrics import setup_console_logging
     from core.trainer import Trainer
     from models.tasks import build_task
@@ -35,7 +41,19 @@ def main(argv=None) -> int:
     dist = init_distributed()
     setup_console_logging(dist.rank)
     trainer = None
+    lock = None
     try:
+        # One job per run directory: rank 0 holds its lock for the whole training (core/joblock.py).
+        busy = None
+        if dist.is_main:
+            try:
+                lock = RunDirLock(resolve_run_dir(cfg)).acquire()
+            except RunDirBusy as err:
+                busy = str(err)
+        busy = broadcast_object(busy)
+        if busy:
+            print(f"error: {busy}", file=sys.stderr)
+            return 2
         try:
             validate(cfg, world_size=dist.world_size)
             trainer = Trainer(cfg, dist, build_task(cfg, dist))
@@ -47,6 +65,8 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         teardown()
 
 

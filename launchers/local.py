@@ -4,7 +4,12 @@
 
 Each rank runs `train.py CONFIG [overrides]` with the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT, ...). The launcher's exit code is 0 when every rank finished, 75 when the job
-stopped on a signal after checkpointing (requeue), otherwise the first failing rank's code.
+stopped on a signal after checkpointing (requeue), 2 when another live job owns the run directory, otherwise the
+first failing rank's code.
+
+One job per run directory (core/joblock.py): the launcher refuses to start when a live job holds the run
+directory's lock (rank 0 of a training holds it), naming that job; its ranks get ``LLAT_LAUNCHER_PID`` and ask the
+kernel to kill them when the launcher dies (even by SIGKILL, which torch's elastic agent cannot pass on).
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(REPO))
+
+from core.joblock import LAUNCHER_PID_ENV  # noqa: E402
+
 REQUEUE_EXIT_CODE = 75
 
 
@@ -41,8 +51,26 @@ def parse_args(argv=None):
     return args
 
 
+def _run_dir_owner(config: str, overrides: list[str]) -> str | None:
+    """The refusal message when a live job owns the run directory of this experiment, else None (also when the
+    config does not load: the ranks report that)."""
+    from core.config import ConfigError, resolve_run_dir
+    from core.joblock import lock_owner
+    from launchers.experiment import load_config
+
+    try:
+        cfg = load_config(config, overrides, check=False)
+    except (ConfigError, OSError):
+        return None
+    return lock_owner(resolve_run_dir(cfg))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    owner = _run_dir_owner(args.config, args.overrides)
+    if owner:
+        print(f"error: {owner}", file=sys.stderr)
+        return 2
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -58,6 +86,7 @@ def main(argv=None) -> int:
         start_method="spawn",
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks exit when this process dies (core/joblock.py)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # SIGUSR1/SIGUSR2 to the launcher are forwarded to the ranks, which checkpoint and exit 75.
     from torch.distributed.elastic.multiprocessing.api import SignalException
