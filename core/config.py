@@ -127,9 +127,12 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    # online: streams to the W&B server (needs WANDB_API_KEY or `wandb login`); offline: files under
+    # <run_dir>/wandb/ only, uploaded later with `wandb sync <run_dir>/wandb/offline-run-*` (README)
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "lightning-latent"
-    entity: Optional[str] = None
+    entity: Optional[str] = None  # team or user; None: the API key's default entity
+    group: Optional[str] = None  # W&B run group, e.g. a sweep or an ablation
     tags: list[str] = field(default_factory=list)
 
 

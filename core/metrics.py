@@ -1,14 +1,19 @@
 """Metrics: throughput/MFU bookkeeping and the logging backends (console, JSONL file, W&B).
 
 Only rank 0 writes. The W&B run id lives in `<run_dir>/wandb_run_id` so that a resumed job (after a
-preemption or a requeue) continues the same W&B run; `metrics.jsonl` is cut back to the resumed step so
-that it always describes one uninterrupted run.
+preemption, a requeue or on another world size) continues the same W&B run (``resume="allow"``, same id: one W&B
+run per training, not per job); `metrics.jsonl` is cut back to the resumed step so that it always describes one
+uninterrupted run. The W&B run plots against ``epoch`` (``define_metric``), keeps the best in-loop FID in its summary
+(``eval/fid`` with ``summary="min"``) and, beside it, ``best/*``: every ``eval/*`` value of that best evaluation with
+its step and epoch (what the leaderboard reads of an online run). ``open_run_of_dir`` resumes the W&B run of a run
+directory from another process (the final evaluation, ``models/evaluation/final.py``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -20,6 +25,9 @@ from typing import Any, Optional
 import torch
 
 from core.fileio import atomic_write_text
+
+WANDB_ID_FILE = "wandb_run_id"
+BEST_METRIC = "eval/fid"  # the metric whose minimum marks a run's best evaluation (summary "min", best/*)
 
 log = logging.getLogger("llat")
 
@@ -90,25 +98,8 @@ class MetricLogger:
         atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
 
     def _init_wandb(self, wandb_cfg, run_name: str, config_dict: dict):
-        import wandb
-
-        id_file = self.run_dir / "wandb_run_id"
-        if id_file.exists():
-            run_id = id_file.read_text().strip()
-        else:
-            run_id = uuid.uuid4().hex[:8]  # W&B run ids: short [a-z0-9] strings
-            id_file.write_text(run_id)
-        return wandb.init(
-            project=wandb_cfg.project,
-            entity=wandb_cfg.entity,
-            name=run_name,
-            id=run_id,
-            resume="allow",
-            dir=str(self.run_dir),
-            mode=wandb_cfg.mode,
-            config=config_dict,
-            tags=list(wandb_cfg.tags),
-        )
+        self._best, self._epoch = _best_so_far(self.jsonl_path)
+        return open_wandb_run(self.run_dir, wandb_cfg, run_name, config_dict)
 
     @property
     def wandb_run(self):
@@ -121,6 +112,7 @@ class MetricLogger:
         self._jsonl.write(json.dumps(rec) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            self._track_best(rec)
         if console:
             parts = []
             for k, v in rec.items():
@@ -128,6 +120,16 @@ class MetricLogger:
                     continue
                 parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
             log.info("step %d | %s", step, " ".join(parts))
+
+    def _track_best(self, rec: dict[str, Any]) -> None:
+        if isinstance(rec.get("epoch"), (int, float)):
+            self._epoch = rec["epoch"]
+        value = rec.get(BEST_METRIC)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value >= self._best:
+            return
+        self._best = value
+        best = {"best/" + k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("eval/")}
+        self._wandb.summary.update({**best, "best/step": rec["step"], "best/epoch": self._epoch})
 
     def event(self, message: str) -> None:
         """A one-off, human-readable event (phase switch, resume, checkpoint)."""
@@ -146,6 +148,59 @@ class MetricLogger:
             except Exception as err:  # e.g. the W&B service got the job's SIGTERM (preemption / requeue)
                 log.warning("W&B run did not close cleanly (%s); its files are in %s", err, self.run_dir / "wandb")
             self._wandb = None
+
+
+def _best_so_far(jsonl: Path) -> tuple[float, Optional[float]]:
+    """(lowest BEST_METRIC, last epoch) of the kept lines of a resumed run's metrics.jsonl."""
+    best, epoch = math.inf, None
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            epoch = rec.get("epoch", epoch)
+            value = rec.get(BEST_METRIC)
+            if isinstance(value, (int, float)) and value < best:
+                best = value
+    return best, epoch
+
+
+def wandb_run_id(run_dir: Path, create: bool = False) -> Optional[str]:
+    """The W&B run id of a run directory (``<run_dir>/wandb_run_id``); a new one is stored when ``create``."""
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    if not create:
+        return None
+    run_id = uuid.uuid4().hex[:8]  # W&B run ids: short [a-z0-9] strings
+    atomic_write_text(id_file, run_id)
+    return run_id
+
+
+def open_wandb_run(run_dir: Path, wandb_cfg, run_name: str, config_dict: Optional[dict] = None, job_type=None):
+    """Start or resume (``resume="allow"``, the run directory's stored id) the W&B run of a run directory, with
+    entity, project, group and tags from ``wandb_cfg`` (the ``wandb:`` section); epoch is the x-axis of every
+    metric and the summary keeps the lowest ``eval/fid``."""
+    import wandb
+
+    run = wandb.init(
+        project=wandb_cfg.project,
+        entity=wandb_cfg.entity,
+        group=wandb_cfg.group,
+        tags=list(wandb_cfg.tags),
+        name=run_name,
+        id=wandb_run_id(run_dir, create=True),
+        resume="allow",
+        dir=str(run_dir),
+        mode=wandb_cfg.mode,
+        config=config_dict,
+        job_type=job_type,
+    )
+    run.define_metric("epoch")
+    run.define_metric("*", step_metric="epoch")
+    run.define_metric(BEST_METRIC, step_metric="epoch", summary="min,last")
+    return run
 
 
 class Throughput:

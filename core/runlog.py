@@ -14,7 +14,13 @@ Sources, for a run directory (``read_run_dir``):
    resumed run (one per start, same run id) are merged in time order; a later value for a step wins.
 2. Fallback when a run has no readable W&B file (``wandb.mode=disabled``, or a format this reader does not
    know): ``<run_dir>/metrics.jsonl`` and ``<run_dir>/config.yaml``, written by the trainer next to ``wandb/``.
-3. Always, when present: ``<run_dir>/eval/step_*.json``, the records of the in-loop evaluation (``RunData.evals``).
+3. Always, when present: ``<run_dir>/eval/step_*.json``, the records of the in-loop evaluation (``RunData.evals``),
+   and ``<run_dir>/eval/final.json``, the final evaluation (``tools/evaluate.py --run-dir``; ``RunData.final``).
+
+An online project (``read_online_project``) is read with ONE query (``wandb.Api().runs``): config and summary of
+every run, de-duplicated by run id. The trainer's summary holds what the leaderboard needs without a history query
+(core/metrics.py): ``best/*`` (every ``eval/*`` value of the best in-loop evaluation, its step and epoch), ``epoch``
+and ``_step`` (the last logged), ``final/*`` (the final evaluation).
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ class RunData:
     history: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> metrics logged at that step
     summary: dict[str, Any] = field(default_factory=dict)
     evals: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> eval/step_*.json record
+    final: dict[str, Any] = field(default_factory=dict)  # the final evaluation: metric -> value (eval/final.json)
     run_dir: Optional[str] = None
 
 
@@ -207,7 +214,19 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
             run.evals[int(rec["step"])] = rec
         except (ValueError, KeyError, OSError):
             continue
+    run.final = final_metrics(run.summary)
+    final_file = run_dir / "eval" / "final.json"
+    if final_file.is_file():
+        try:
+            run.final.update(json.loads(final_file.read_text()).get("metrics") or {})
+        except (ValueError, OSError, AttributeError) as err:
+            print(f"warning: {final_file}: {err}", file=sys.stderr)
     return run
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """``final/<metric>`` values of a W&B summary, as metric -> value."""
+    return {k[len("final/") :]: v for k, v in summary.items() if k.startswith("final/")}
 
 
 def discover_runs(roots: Sequence[Path]) -> list[RunData]:
@@ -231,21 +250,29 @@ def discover_runs(roots: Sequence[Path]) -> list[RunData]:
     return runs
 
 
-def read_online_project(path: str, keys: Sequence[str], max_runs: int = 500) -> list[RunData]:
-    """Runs of a W&B project ``entity/project`` through the public API (needs network access and an API key):
-    config, summary and the history of ``keys`` (each scanned with ``_step``)."""
+def read_online_project(path: str, max_runs: int = 500) -> list[RunData]:
+    """Runs of a W&B project ``entity/project`` through the public API (needs network access and an API key), with
+    one query for the whole project: config and summary of each run (de-duplicated by run id); the history is
+    rebuilt from the summary: the best in-loop evaluation (``best/*`` at ``best/step``) and the last step."""
     import wandb
 
     api = wandb.Api()
-    out = []
-    for i, r in enumerate(api.runs(path)):
-        if i >= max_runs:
+    out: dict[str, RunData] = {}
+    for r in api.runs(path, per_page=min(max_runs, 1000)):
+        if len(out) >= max_runs:
             break
-        run = RunData(
-            run_id=r.id, name=r.name, source=f"wandb:{path}/{r.id}", config=dict(r.config), summary=dict(r.summary)
-        )
-        for key in keys:
-            for row in r.scan_history(keys=["_step", key]):
-                run.history.setdefault(int(row["_step"]), {})[key] = row[key]
-        out.append(run)
-    return out
+        if r.id in out:  # a run listed twice (pages shifted while reading)
+            continue
+        summary = dict(r.summary)
+        run = RunData(run_id=r.id, name=r.name, source=f"wandb:{path}/{r.id}", config=dict(r.config), summary=summary)
+        best_step = summary.get("best/step")
+        if isinstance(best_step, (int, float)):
+            row = {f"eval/{k[len('best/') :]}": v for k, v in summary.items() if k.startswith("best/")}
+            row["epoch"] = summary.get("best/epoch")
+            run.history[int(best_step)] = {k: v for k, v in row.items() if k not in ("eval/step", "eval/epoch")}
+        last = summary.get("_step")
+        if isinstance(last, (int, float)):
+            run.history.setdefault(int(last), {}).setdefault("epoch", summary.get("epoch"))
+        run.final = final_metrics(summary)
+        out[r.id] = run
+    return list(out.values())

@@ -17,6 +17,11 @@ Reference features are cached under ``--cache-dir`` (default ``eval.cache_dir``,
 ``~/.cache/lightning_latent/fid``), keyed by the reference's path, size and mtime and the extractor's weights.
 The Inception weights come from a local file only (``--weights`` or ``eval.feature_extractor_weights``).
 See models/evaluation/metrics.py for the details (sFID layer, agreement with ADM's TensorFlow evaluator).
+
+The final evaluation of a training run: ``--run-dir runs/xl`` also writes the result to ``runs/xl/eval/final.json``
+and logs it (``final/fid``, ``final/is``, ``final/precision``, ``final/recall``, ...) to that training's own W&B run,
+resumed by the id stored in the run directory (models/evaluation/final.py); the leaderboard shows it beside the
+in-loop FID.
 """
 
 from __future__ import annotations
@@ -70,6 +75,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the result as JSON to this file ('-': stdout only)")
     p.add_argument("--save-stats", default=None, help="also write the samples' ADM-layout statistics to this .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="the training run these samples come from: write eval/final.json there and log the result to its W&B run",
+    )
+    p.add_argument(
+        "--wandb-mode",
+        choices=("online", "offline", "disabled"),
+        default=None,
+        help="with --run-dir: W&B mode for logging the result (default: the run's wandb.mode)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -128,6 +144,16 @@ def main(argv=None) -> int:
     result["time_s"] = round(time.time() - t0, 2)
     if args.save_stats:
         result["saved_statistics"] = str(fid.save_statistics(args.save_stats, feats, ex))
+    if args.run_dir:
+        from models.evaluation.final import record_final_evaluation
+
+        try:
+            record = record_final_evaluation(args.run_dir, result, wandb_mode=args.wandb_mode)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        where = f" and W&B run {record['wandb_run_id']}" if record.get("wandb_run_id") else ""
+        print(f"recorded in {Path(args.run_dir) / 'eval' / 'final.json'}{where}", file=sys.stderr)
     if args.json == "-":
         print(json.dumps(result, indent=2))
         return 0

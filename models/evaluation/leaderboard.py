@@ -4,7 +4,11 @@ The library behind ``tools/leaderboard.py``. Runs are read by ``core.runlog`` (W
 ``metrics.jsonl``; plus the in-loop evaluation's ``eval/step_*.json``). Per run: every in-loop evaluation
 (``eval/fid`` ...) with its step; epochs come from the trainer's ``epoch`` metric (epoch = step /
 steps_per_epoch). The run's row shows its best (lowest) FID and the IS, precision and recall of that same
-evaluation. Runs without an FID are listed last.
+evaluation. Runs without an FID are listed last. Beside the in-loop FID (``FID in-loop``, on ``N`` samples, e.g.
+FID-10K) the row shows the run's final evaluation when it has one (``FID final`` on ``N final`` samples, e.g. the
+FID-50K of ``tools/evaluate.py --run-dir``, with its IS and precision/recall). Runs read from several places (a run
+directory and its synced online copy) are one row: de-duplicated by W&B run id. ``log_wandb_table`` logs the table
+to W&B as a ``wandb.Table``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from core.runlog import RunData, discover_runs, read_online_project
 from models.sampling import describe_sampling
 
 __all__ = [
+    "COLUMNS",
     "METRIC_KEYS",
-    "ONLINE_KEYS",
     "Row",
     "collect_runs",
+    "dedupe_runs",
     "format_table",
+    "log_wandb_table",
     "markdown_table",
     "plot_fid",
     "rank_rows",
@@ -34,7 +40,6 @@ __all__ = [
 ]
 
 METRIC_KEYS = ("fid", "sfid", "is", "kid", "precision", "recall")
-ONLINE_KEYS = tuple(["epoch"] + [f"eval/{k}" for k in METRIC_KEYS + ("num_samples", "cfg_scale")])
 
 
 def _apply_sampling_overrides(sampling: dict, overrides: Sequence[str]) -> dict:
@@ -70,6 +75,11 @@ class Row:
     num_samples: Optional[int]
     last_step: Optional[int]
     source: str
+    final_fid: Optional[float] = None  # the final evaluation (eval/final.json / summary final/*), e.g. FID-50K
+    final_is: Optional[float] = None
+    final_precision: Optional[float] = None
+    final_recall: Optional[float] = None
+    final_num_samples: Optional[int] = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch or step, FID)
     curve_in_epochs: bool = True
 
@@ -118,6 +128,8 @@ def summarize(run: RunData) -> Row:
     if cfg_scale is None and sampling:
         cfg_scale = _num(sampling.get("cfg_scale"))
     n = best.get("eval/num_samples") if best else None
+    final = run.final or {}
+    final_n = _num(final.get("num_samples"))
     return Row(
         run=run.name or run.run_id,
         run_id=run.run_id,
@@ -136,6 +148,11 @@ def summarize(run: RunData) -> Row:
         source=run.source,
         curve=curve,
         curve_in_epochs=ratio is not None,
+        final_fid=_num(final.get("fid")),
+        final_is=_num(final.get("is")),
+        final_precision=_num(final.get("precision")),
+        final_recall=_num(final.get("recall")),
+        final_num_samples=int(final_n) if final_n is not None else None,
     )
 
 
@@ -151,11 +168,16 @@ COLUMNS = [
     ("tokenizer", "tokenizer"),
     ("epochs", "epochs"),
     ("steps", "steps"),
-    ("FID", "fid"),
+    ("FID in-loop", "fid"),
+    ("N", "num_samples"),
+    ("FID final", "final_fid"),
+    ("N final", "final_num_samples"),
     ("IS", "is_"),
     ("precision", "precision"),
     ("recall", "recall"),
-    ("N", "num_samples"),
+    ("IS final", "final_is"),
+    ("precision final", "final_precision"),
+    ("recall final", "final_recall"),
     ("sampler", "sampler"),
     ("CFG", "cfg"),
 ]
@@ -167,11 +189,11 @@ def _cell(row: Row, attr: Optional[str], rank: int) -> str:
     v = getattr(row, attr)
     if v is None:
         return "-"
-    if attr == "fid":
+    if attr in ("fid", "final_fid"):
         return f"{v:.3f}"
-    if attr in ("is_",):
+    if attr in ("is_", "final_is"):
         return f"{v:.2f}"
-    if attr in ("precision", "recall"):
+    if attr in ("precision", "recall", "final_precision", "final_recall"):
         return f"{v:.3f}"
     if attr == "epochs":
         return f"{v:.2f}"
@@ -272,15 +294,61 @@ def _plot_pil(series: Sequence[Row], path: Path, xlabel: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ one call
 def collect_runs(roots: Sequence[Path], projects: Sequence[str] = ()) -> list[RunData]:
-    """Every run under ``roots`` and, through the W&B API, of ``projects`` (a project that cannot be read is a
-    warning: offline use must not need the network)."""
+    """Every run under ``roots`` and, through the W&B API (one query per project), of ``projects``, de-duplicated by
+    run id (``dedupe_runs``); a project that cannot be read is a warning: offline use must not need the network."""
     runs = discover_runs(roots)
     for project in projects:
         try:
-            runs += read_online_project(project, ONLINE_KEYS)
+            runs += read_online_project(project)
         except Exception as err:  # noqa: BLE001 - offline use must not need the network
             print(f"warning: cannot read W&B project {project}: {type(err).__name__}: {err}", file=sys.stderr)
-    return runs
+    return dedupe_runs(runs)
+
+
+def dedupe_runs(runs: Sequence[RunData]) -> list[RunData]:
+    """One run per W&B run id: a run directory (full history, eval records) wins over the online copy of the same
+    run, which only adds final-evaluation values the directory lacks; of two run directories the first wins."""
+    out: dict[str, RunData] = {}
+    for run in runs:
+        key = run.run_id or run.source
+        kept = out.setdefault(key, run)
+        if kept is run:
+            continue
+        if kept.run_dir is None and run.run_dir is not None:
+            out[key], run = run, kept
+        for k, v in run.final.items():
+            out[key].final.setdefault(k, v)
+    return list(out.values())
+
+
+def log_wandb_table(
+    rows: Sequence[Row],
+    project: str,
+    entity: Optional[str] = None,
+    mode: str = "online",
+    out_dir: Optional[Path] = None,
+    name: str = "leaderboard",
+) -> Path:
+    """Log the leaderboard as a ``wandb.Table`` (key ``leaderboard``; the columns of the Markdown table, raw values,
+    None where missing) in a W&B run of its own (``job_type="leaderboard"``, files under ``out_dir``); returns the
+    run's local directory."""
+    import wandb
+
+    columns = [title for title, _ in COLUMNS]
+    data = [[i + 1] + [getattr(r, attr) for _, attr in COLUMNS[1:]] for i, r in enumerate(rows)]
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        job_type="leaderboard",
+        name=name,
+        mode=mode,
+        dir=str(out_dir) if out_dir else None,
+    )
+    try:
+        run.log({"leaderboard": wandb.Table(columns=columns, data=data)})
+        return Path(run.dir).parent
+    finally:
+        run.finish()
 
 
 def write_leaderboard(rows: Sequence[Row], out: Path, plot: bool = True) -> list[Path]:

@@ -149,7 +149,9 @@ def test_leaderboard_ranks_runs_and_writes_table_markdown_and_plot(runs, capsys)
     for name in RUNS:
         assert name in table
     md = (out / "leaderboard.md").read_text().splitlines()
-    assert md[0].startswith("| # | run | model | tokenizer | epochs | steps | FID | IS | precision | recall")
+    assert md[0].startswith(
+        "| # | run | model | tokenizer | epochs | steps | FID in-loop | N | FID final | N final | IS"
+    )
     assert len(md) == 2 + len(RUNS)
     from PIL import Image
 
