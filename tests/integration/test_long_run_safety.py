@@ -59,7 +59,7 @@ def _train(dist, data, run_dir, overrides, nan_at=(), spike_at=(), crash_at=None
         if position in nan_at:
             value = value * float("nan")
         if position in spike_at:
-            value = value * 1000.0
+            value, metrics = value * 1000.0, {**metrics, "loss": metrics["loss"] * 1000.0}
         return value, metrics
 
     trainer.task.loss = patched
