@@ -36,6 +36,7 @@ __all__ = [
     # sections of the shared trainer
     "OptimizerConfig",
     "LRScheduleConfig",
+    "RollbackConfig",
     "TrainConfig",
     "EngineConfig",
     "CheckpointConfig",
@@ -82,6 +83,25 @@ class LRScheduleConfig:
 
 
 @dataclass
+class RollbackConfig:
+    """``train.rollback``: on a failure, restore the last good checkpoint in-process instead of stopping.
+
+    A failure is a streak of ``on_nonfinite_streak`` non-finite steps or (``loss_spike_factor``) a logged loss above
+    that factor times the mean of the previous ``loss_window`` logged losses. The data the run saw between the
+    restored checkpoint and the failure is skipped (the data position runs that many steps ahead of the optimizer
+    step from then on, recorded in every later checkpoint); the LR is multiplied by ``lr_scale`` for
+    ``lr_scale_steps`` steps; after ``max_rollbacks`` rollbacks the run stops with an error."""
+
+    enabled: bool = False
+    max_rollbacks: int = 3
+    on_nonfinite_streak: Optional[int] = 3  # None: non-finite steps never roll back (max_consecutive_nonfinite stops)
+    loss_spike_factor: Optional[float] = None  # None: no loss-spike detection
+    loss_window: int = 10  # logged losses the spike is compared with (needs that many first)
+    lr_scale: float = 1.0  # LR multiplier after a rollback ...
+    lr_scale_steps: int = 0  # ... for this many steps
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 1024
     micro_batch_size: Optional[int] = None  # per rank; None = global / world (no accumulation)
@@ -92,6 +112,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10  # NaN/inf guard: skip bad steps, stop after this many in a row
     log_every: int = 100
     progress_bar: bool = True
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
 
 
 @dataclass
@@ -123,6 +144,10 @@ class CheckpointConfig:
     keep_every: Optional[int] = None  # ... plus every checkpoint whose step is a multiple of N
     async_save: bool = False
     resume: bool = True  # auto-resume from the newest complete checkpoint in run_dir
+    # Resume (or fork) once from a kept checkpoint: a step number of this run's checkpoints or a checkpoint
+    # directory (any run's step_N). Newer checkpoints of this run are set aside (renamed), nothing is deleted; a
+    # requeue of the run resumes from its own newest checkpoint (the choice is recorded in checkpoints/RESUMED_FROM).
+    resume_from: Union[int, str, None] = None
 
 
 @dataclass
@@ -630,6 +655,29 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
     checks.positive(t.grad_clip, "train.grad_clip", allow_none=True)
     checks.positive(t.max_consecutive_nonfinite, "train.max_consecutive_nonfinite")
     checks.positive(t.log_every, "train.log_every")
+    r = t.rollback
+    if r.enabled:
+        checks.positive(r.max_rollbacks, "train.rollback.max_rollbacks")
+        checks.positive(r.on_nonfinite_streak, "train.rollback.on_nonfinite_streak", allow_none=True)
+        checks.need(
+            r.on_nonfinite_streak is None or r.on_nonfinite_streak <= t.max_consecutive_nonfinite,
+            "train.rollback.on_nonfinite_streak",
+            f"must be <= train.max_consecutive_nonfinite ({t.max_consecutive_nonfinite}), got {r.on_nonfinite_streak}",
+            ("train.max_consecutive_nonfinite",),
+        )
+        checks.need(
+            r.loss_spike_factor is None or r.loss_spike_factor > 1,
+            "train.rollback.loss_spike_factor",
+            f"must be > 1 (or null), got {r.loss_spike_factor!r}",
+        )
+        checks.positive(r.loss_window, "train.rollback.loss_window")
+        checks.positive(r.lr_scale, "train.rollback.lr_scale")
+        checks.need(r.lr_scale_steps >= 0, "train.rollback.lr_scale_steps", f"must be >= 0, got {r.lr_scale_steps}")
+        checks.need(
+            r.on_nonfinite_streak is not None or r.loss_spike_factor is not None,
+            "train.rollback.enabled",
+            "set train.rollback.on_nonfinite_streak or train.rollback.loss_spike_factor (nothing would roll back)",
+        )
     if world_size is not None:
         checks.errors.extend(world_errors(cfg, world_size))
 
@@ -674,6 +722,10 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
     checks.positive(c.every_minutes, "checkpoint.every_minutes", allow_none=True)
     checks.positive(c.keep_last, "checkpoint.keep_last")
     checks.positive(c.keep_every, "checkpoint.keep_every", allow_none=True)
+    if isinstance(c.resume_from, int):
+        checks.need(c.resume_from >= 0, "checkpoint.resume_from", f"a step must be >= 0, got {c.resume_from}")
+    elif isinstance(c.resume_from, str):
+        checks.need(bool(c.resume_from.strip()), "checkpoint.resume_from", "must be a step or a checkpoint path")
 
 
 # --- Dumping ------------------------------------------------------------------------------------------------------

@@ -17,12 +17,21 @@ No host syncs between log steps (core/hostsync.py): a non-finite update is skipp
 skipped-step counters live on the device and are read on log steps, before checkpoints and evaluation, and at the
 end (the consecutive non-finite limit is enforced at most ``train.log_every - 1`` steps late, for the step at which
 it was reached); the stop agreement is a CPU all-reduce started at one step and read at the next.
+
+Rollback (``train.rollback``): where the counters are read, a streak of ``on_nonfinite_streak`` non-finite steps (or,
+on a log step, a loss spike) restores the newest checkpoint before the failure in-process (the engine's load path,
+``CheckpointManager.restore_before``; newer checkpoints are set aside), skips the data the run read since that
+checkpoint (``data_offset``: the data position is ``step + data_offset``, kept in every later checkpoint and in
+``<run_dir>/rollbacks.jsonl``, so a resume reproduces it), scales the LR for a while and logs the event; after
+``max_rollbacks`` rollbacks it raises ``RollbackLimitError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,14 +39,15 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from core.checkpoint import CheckpointManager
 from core.config import config_to_dict, derived, resolve_run_dir, save_config
-from core.distributed import DistInfo
+from core.distributed import DistInfo, barrier, broadcast_object
 from core.engines import build_engine
+from core.fileio import atomic_write_text
 from core.hostsync import NonFiniteCounter, StopAgreement
 from core.metrics import MetricLogger, Throughput, peak_flops
 from core.rng import reseed_global, rng_state, seed_everything, set_rng_state
@@ -53,6 +63,13 @@ REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class RollbackLimitError(RuntimeError):
+    """A failure that a rollback cannot handle: ``train.rollback.max_rollbacks`` reached, or no checkpoint to restore."""
+
+
+ROLLBACK_LOG = "rollbacks.jsonl"  # in the run directory: one JSON line per rollback (train.rollback)
 
 
 @dataclass
@@ -133,14 +150,26 @@ class Trainer:
         self.step = 0
         self.nonfinite_streak = 0
         self.skipped_steps = 0
-        if cfg.checkpoint.resume:
-            extra = self.checkpoints.load_latest(self.parts)
+        # Rollback state (train.rollback): the data position is step + data_offset; the LR is scaled before
+        # lr_scale_until; rollback_events: how many events of ROLLBACK_LOG this state includes.
+        self.data_offset = 0
+        self.lr_scale_until = 0
+        self.rollback_events = 0
+        self.loss_history: list[float] = []
+        self._rollback_log = self.run_dir / ROLLBACK_LOG
+        rb = cfg.train.rollback
+        self._nonfinite_limit = (
+            rb.on_nonfinite_streak
+            if rb.enabled and rb.on_nonfinite_streak is not None
+            else cfg.train.max_consecutive_nonfinite
+        )
+        if cfg.checkpoint.resume or cfg.checkpoint.resume_from is not None:
+            extra = self.checkpoints.resume(self.parts, cfg.checkpoint.resume_from)
             if extra is not None:
                 self._restore(extra)
+                self._replay_rollbacks()
         # Device-side copies of the two counters above (read back by _sync_nonfinite) and the stop agreement.
-        self.nonfinite = NonFiniteCounter(
-            dist.device, cfg.train.max_consecutive_nonfinite, self.nonfinite_streak, self.skipped_steps
-        )
+        self.nonfinite = NonFiniteCounter(dist.device, self._nonfinite_limit, self.nonfinite_streak, self.skipped_steps)
         self._stop_agreement = StopAgreement(dist.world_size)
 
         self.metrics = MetricLogger(
@@ -171,6 +200,10 @@ class Trainer:
             "data": self.data.state_dict(),
             "nonfinite_streak": self.nonfinite_streak,
             "skipped_steps": self.skipped_steps,
+            "data_offset": self.data_offset,
+            "lr_scale_until": self.lr_scale_until,
+            "rollback_events": self.rollback_events,
+            "loss_history": list(self.loss_history),
             "config": config_to_dict(self.cfg),
             "world_size": self.dist.world_size,
         }
@@ -180,6 +213,10 @@ class Trainer:
         self.data.load_state_dict(extra["data"])
         self.nonfinite_streak = int(extra.get("nonfinite_streak", 0))
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.data_offset = int(extra.get("data_offset", 0))
+        self.lr_scale_until = int(extra.get("lr_scale_until", 0))
+        self.rollback_events = int(extra.get("rollback_events", 0))
+        self.loss_history = [float(v) for v in extra.get("loss_history", [])]
         if extra.get("world_size_changed"):
             # Per-rank random streams cannot map onto a new world size: fresh ones for the global generators and
             # the task's own, derived from (seed, step, rank) (core/rng.py), so that the continuation neither
@@ -195,6 +232,101 @@ class Trainer:
             set_rng_state(extra["rng"])
             self.task.load_state_dict(extra["task"])
         log.info("resumed from step %d", self.step)
+
+    # ------------------------------------------------------------------ rollback
+    def _read_rollback_log(self) -> list[dict[str, Any]]:
+        """The events of ROLLBACK_LOG (rank 0 reads, every rank gets them). Collective."""
+        events = None
+        if self.dist.is_main:
+            path = self._rollback_log
+            events = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        return broadcast_object(events)
+
+    def _replay_rollbacks(self) -> None:
+        """After a resume: apply the rollbacks recorded after the checkpoint was written that restored this very
+        checkpoint (the run rolled back to it and stopped before its next checkpoint), so that the data skip and the
+        LR scaling are the same as in the run that rolled back. Collective."""
+        events = self._read_rollback_log()
+        for event in events[self.rollback_events :]:
+            if int(event["to_step"]) == self.step:
+                self._apply_rollback_event(event)
+                log.warning("resume: re-applied rollback %d (data offset %d)", event["rollback"], self.data_offset)
+
+    def _apply_rollback_event(self, event: dict[str, Any]) -> None:
+        self.data_offset = int(event["data_offset"])
+        self.lr_scale_until = int(event["lr_scale_until"])
+        self.rollback_events = int(event["rollback"])
+
+    def _rollback(self, reason: str, good_step: int) -> None:
+        """Collective: restore the newest checkpoint at or before ``good_step`` in-process, skip the data read since
+        then, log the event; raise RollbackLimitError when ``max_rollbacks`` is reached or nothing can be restored."""
+        rb = self.cfg.train.rollback
+        failed_at, offset = self.step, self.data_offset
+        events = self._read_rollback_log()
+        if len(events) >= rb.max_rollbacks:
+            raise RollbackLimitError(
+                f"{reason}; gave up after {len(events)} rollback(s) (train.rollback.max_rollbacks={rb.max_rollbacks}, "
+                f"see {self._rollback_log})"
+            )
+        extra = self.checkpoints.restore_before(good_step, self.parts)
+        if extra is None:
+            raise RollbackLimitError(f"{reason}; no checkpoint at or before step {good_step} to roll back to")
+        self._restore(extra)
+        event = {
+            "rollback": len(events) + 1,
+            "reason": reason,
+            "failed_at": failed_at,
+            "to_step": self.step,
+            "skipped_data_steps": failed_at - self.step,
+            "data_offset": offset + failed_at - self.step,
+            "lr_scale": rb.lr_scale,
+            "lr_scale_until": self.step + rb.lr_scale_steps,
+            "time": time.time(),
+        }
+        if self.dist.is_main:
+            old = self._rollback_log.read_text() if self._rollback_log.is_file() else ""
+            atomic_write_text(self._rollback_log, old + json.dumps(event) + "\n")
+        barrier()
+        self._apply_rollback_event(event)
+        self.nonfinite = NonFiniteCounter(
+            self.dist.device, self._nonfinite_limit, self.nonfinite_streak, self.skipped_steps
+        )
+        self.metrics.log(
+            failed_at,
+            {
+                "rollback/count": event["rollback"],
+                "rollback/to_step": self.step,
+                "rollback/skipped_data_steps": event["skipped_data_steps"],
+            },
+        )
+        self.metrics.event(
+            f"rollback {event['rollback']}/{rb.max_rollbacks} at step {failed_at}: {reason}; restored step "
+            f"{self.step}, skipping {event['skipped_data_steps']} step(s) of data (data offset "
+            f"{event['data_offset']})"
+            + (f", LR x{rb.lr_scale} until step {event['lr_scale_until']}" if rb.lr_scale_steps else "")
+        )
+
+    def _loss_spike(self, metrics: dict[str, torch.Tensor]) -> Optional[str]:
+        """On a log step: the loss-spike failure (train.rollback.loss_spike_factor), or None (the loss joins the
+        window). A host read, done where the step is logged anyway."""
+        rb = self.cfg.train.rollback
+        if not (rb.enabled and rb.loss_spike_factor):
+            return None
+        key = "loss" if "loss" in metrics else next((k for k in metrics if k.endswith("/loss")), None)
+        if key is None:
+            return None
+        value = float(metrics[key])
+        history = self.loss_history
+        if len(history) >= rb.loss_window and math.isfinite(value):
+            mean = sum(history) / len(history)
+            if value > rb.loss_spike_factor * mean:
+                return (
+                    f"loss spike: {key}={value:.4g} > {rb.loss_spike_factor} x {mean:.4g} (the mean of the last "
+                    f"{len(history)} logged values)"
+                )
+        if math.isfinite(value):
+            self.loss_history = (history + [value])[-rb.loss_window :]
+        return None
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -216,9 +348,10 @@ class Trainer:
         """Non-blocking poll of the stop agreement (no device sync): True on every rank at the same step."""
         return self._stop_agreement.poll(self._stop_requested)
 
-    def _sync_nonfinite(self) -> None:
+    def _sync_nonfinite(self) -> Optional[tuple[str, int]]:
         """Read the device's skipped-step counters (a host sync: log steps, checkpoints, evaluation, the end), log the
-        steps skipped since the last read, and raise if the consecutive limit was reached at some step."""
+        steps skipped since the last read, and raise if the consecutive limit was reached at some step; with
+        ``train.rollback`` on non-finite streaks, return ``(reason, last good step)`` instead."""
         state = self.nonfinite.read()
         new = state.skipped - self.skipped_steps
         self.nonfinite_streak, self.skipped_steps = state.streak, state.skipped
@@ -231,12 +364,20 @@ class Trainer:
                 state.skipped,
             )
         if state.tripped_step is not None:
+            rb = self.cfg.train.rollback
+            if rb.enabled and rb.on_nonfinite_streak is not None:
+                reason = (
+                    f"{rb.on_nonfinite_streak} consecutive steps with a non-finite loss/gradient at step "
+                    f"{state.tripped_step} (train.rollback.on_nonfinite_streak={rb.on_nonfinite_streak})"
+                )
+                return reason, state.tripped_step - rb.on_nonfinite_streak
             limit = self.cfg.train.max_consecutive_nonfinite
             raise NonFiniteLossError(
                 f"{limit} consecutive steps with a non-finite loss/gradient at step {state.tripped_step} "
                 f"(train.max_consecutive_nonfinite={limit}); "
                 f"try a lower optimizer.lr, train.grad_clip, or model.use_qknorm=true"
             )
+        return None
 
     # ------------------------------------------------------------------ loop
     def _next_micro_batches(self, it) -> tuple[list[dict[str, torch.Tensor]], float]:
@@ -258,9 +399,15 @@ class Trainer:
         interval = max(1, round(every * self.steps_per_epoch))
         return self.step % interval == 0 or self.step == self.total_steps
 
-    def _save(self) -> None:
-        self._sync_nonfinite()  # current counters in the checkpoint; never save past the limit
+    def _save(self) -> bool:
+        """Checkpoint the current step, unless the counters (read first: current counters in the checkpoint; never
+        save past the limit) call for a rollback: then roll back instead and return False."""
+        failure = self._sync_nonfinite()
+        if failure is not None:
+            self._rollback(*failure)
+            return False
         self.checkpoints.save(self.step, self.parts, self._extra_state())
+        return True
 
     def train(self) -> TrainResult:
         cfg = self.cfg
@@ -278,8 +425,10 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         exit_code = 0
         while self.step < self.total_steps:
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            # The data position runs data_offset steps ahead of the optimizer step after a rollback.
+            epoch, step_in_epoch = divmod(self.step + self.data_offset, self.steps_per_epoch)
             it = self.data.iterator(epoch, step_in_epoch)
+            rolled_back = False
             for _ in range(step_in_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
@@ -291,6 +440,8 @@ class Trainer:
                 # Each part follows the schedule relative to its own base LR (VA-VAE: autoencoder and
                 # discriminator); the logged `lr` is the one of `optimizer.lr`.
                 scale = lr_at(self.step, 1.0, cfg.lr_schedule, self.total_steps)
+                if self.step < self.lr_scale_until:  # after a rollback (train.rollback.lr_scale)
+                    scale *= cfg.train.rollback.lr_scale
                 lr = scale * cfg.optimizer.lr
                 for name, part in self.parts.items():
                     part.set_lr(scale * self._base_lr[name])
@@ -301,7 +452,15 @@ class Trainer:
                 self.step += 1
                 self.throughput.add(cfg.train.global_batch_size, data_wait)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self._sync_nonfinite()
+                    failure = self._sync_nonfinite()
+                    if failure is None:
+                        spike = self._loss_spike(metrics)
+                        if spike is not None:  # the last log step was fine: restore no later than it
+                            failure = (spike, self.step - cfg.train.log_every)
+                    if failure is not None:
+                        self._rollback(*failure)
+                        rolled_back = True
+                        break
                     record = {
                         **metrics,
                         "lr": lr,
@@ -318,7 +477,11 @@ class Trainer:
                 if self._debug_step_sleep:
                     time.sleep(self._debug_step_sleep)
                 if self._eval_due():
-                    self._sync_nonfinite()
+                    failure = self._sync_nonfinite()
+                    if failure is not None:
+                        self._rollback(*failure)
+                        rolled_back = True
+                        break
                     results = self.task.evaluate(self.parts, self.step)
                     if results:
                         self.metrics.log(self.step, {f"eval/{k}": v for k, v in results.items()})
@@ -327,7 +490,7 @@ class Trainer:
                     stopping = self._any_rank_stopping()
                 is_last = self.step == self.total_steps
                 if stopping or self.checkpoints.should_save(self.step, is_last):
-                    self._save()
+                    rolled_back = not self._save()
                 if stopping:
                     self.checkpoints.close()
                     self.metrics.event(
@@ -335,6 +498,8 @@ class Trainer:
                         f"exit code {REQUEUE_EXIT_CODE} (requeue)"
                     )
                     exit_code = REQUEUE_EXIT_CODE
+                    break
+                if rolled_back:
                     break
             del it
             if exit_code:

@@ -64,6 +64,10 @@ class StreamingSource:
         self.num_canonical_nodes = (self.loader.state_dict() or {}).get("num_canonical_nodes")
 
     def iterator(self, epoch: int, step_in_epoch: int) -> Iterator[dict[str, Any]]:
+        # Streaming treats a resume state for an epoch before the one it would start next as stale (and starts the
+        # next epoch from its beginning): an epoch entered again in this process (a rollback, core/trainer.py)
+        # must not be.
+        self.dataset.next_epoch = epoch
         self.loader.load_state_dict(
             {
                 "epoch": epoch,

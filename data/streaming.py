@@ -59,10 +59,12 @@ Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import struct
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -756,8 +758,10 @@ class _ShardDataset(StreamingDataset):
         self._iter_epoch: Optional[int] = None
         self._shard_error: Optional[CorruptShardError] = None
         self._local_shards: set[int] = set()  # shards this process has seen prepared (raw file present)
+        self._verified_shards: set[int] = set()  # shards whose decompressed file this process checked (_verify_shard)
 
         auto_hash = validate_hash == "auto"
+        self._hash_wanted = auto_hash or validate_hash is not None  # _verify_shard
         if remote is None:
             index = _read_index(self.data_dir)
             for shard in index["shards"]:
@@ -926,6 +930,45 @@ class _ShardDataset(StreamingDataset):
                 f"(see the traceback logged above)"
             )
 
+    def _verify_shard(self, shard_id: int, sample_id: int) -> None:
+        """Check the shard's decompressed file against the hash its index.json records, once per file version and node.
+
+        Streaming checks a shard's hash only when it downloads or decompresses it; a decompressed file already in
+        place (a later run, a shared dataset directory) is trusted. Here the first process of a node that reads from
+        a shard hashes it (xxh64: GB/s) and leaves a marker in the node's temporary directory keyed by path, size,
+        mtime and expected hash, so the other ranks and loader workers of the node skip it, and a file rewritten
+        since is checked again. Raises ``CorruptShardError`` naming the shard file and the sample being read."""
+        reader = self.shards[shard_id]
+        raw = reader.file_pairs[0][0]
+        hashes = dict(raw.hashes or {})
+        algo = "xxh64" if "xxh64" in hashes else (sorted(hashes)[0] if hashes else None)
+        if algo is None:
+            self._verified_shards.add(shard_id)
+            return
+        path = Path(self.streams[self.stream_per_shard[shard_id]].local) / raw.basename
+        st = path.stat()
+        key = hashlib.sha1(
+            f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{algo}:{hashes[algo]}".encode()
+        ).hexdigest()
+        marker = Path(tempfile.gettempdir()) / "llat-verified-shards" / key
+        if not marker.exists():
+            from streaming.base.hashing import get_hash
+
+            if get_hash(algo, path.read_bytes()) != hashes[algo]:
+                self._abort_iteration()
+                self._shard_error = CorruptShardError(
+                    f"shard file {path} (shard {shard_id} of {self.data_dir}) fails its {algo} checksum recorded in "
+                    f"index.json: the file is damaged (found reading sample {sample_id}); restore it or delete the "
+                    f"decompressed file to have it decompressed again from its compressed copy"
+                )
+                raise self._shard_error
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError:  # no marker: checked again by the next process, no harm
+                pass
+        self._verified_shards.add(shard_id)
+
     # ---- items
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         if self._shard_error is not None:
@@ -941,6 +984,10 @@ class _ShardDataset(StreamingDataset):
             shard_id, _ = self.spanner[sample_id]
             self._shard_error = self._describe(shard_id, e, f"reading sample {sample_id} of {self.data_dir}")
             raise self._shard_error from e
+        if self._hash_wanted:
+            shard_id, _ = self.spanner[sample_id]
+            if shard_id not in self._verified_shards:
+                self._verify_shard(shard_id, sample_id)
         try:
             return self._to_training_sample(raw)
         except (ValueError, KeyError, TypeError) as e:
@@ -979,8 +1026,10 @@ class LatentDataset(_ShardDataset):
         flip_seed: int = 0,
         stats_path: Optional[Union[str, Path]] = None,
         expected_shape: Optional[Sequence[int]] = None,
+        num_classes: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.latent_norm = bool(latent_norm)
         self.latent_multiplier = float(latent_multiplier)
         self.use_features = bool(use_features)
@@ -1091,7 +1140,20 @@ class LatentDataset(_ShardDataset):
         }
         if self.use_features:
             item["features"] = _writable_tensor(raw["features"])
+        _check_values(item, sid, self.num_classes, "latent")
         return item
+
+
+def _check_values(item: dict[str, Any], sid: int, num_classes: Optional[int], key: str) -> None:
+    """Damaged values that decode fine: a label outside [0, num_classes), non-finite latents or features. Raises
+    ValueError (``get_item`` names the shard file and the sample)."""
+    label = int(item["label"])
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"sample_id {sid}: label {label} is outside [0, {num_classes}) (model.num_classes)")
+    for name in (key, "features"):
+        value = item.get(name)
+        if value is not None and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"sample_id {sid}: non-finite values in {name!r}")
 
 
 class ImageDataset(_ShardDataset):
@@ -1187,6 +1249,7 @@ class ImageDataset(_ShardDataset):
         }
         if self.use_features:
             item["features"] = _writable_tensor(raw["features"])
+        _check_values(item, sid, None, "image")
         return item
 
 

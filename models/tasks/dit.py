@@ -63,6 +63,7 @@ class DiTTask(Task):
             seed=self.cfg.seed,
             dist=self.dist,
             expected_shape=(m.in_channels, m.input_size, m.input_size),
+            num_classes=m.num_classes,
         )
 
     def timestep_phase(self, ctx: StepContext) -> tuple[int, TimestepPhase]:
