@@ -13,8 +13,8 @@ normalised alike) and ``OUT/holdout.json`` records the source, the rule and the 
 The held-out ids are a pure function of the source's sample ids and the rule: ``--val-ids`` names them; with
 ``--val-fraction f`` they are the ``round(f * N)`` (at least 1) ids with the smallest ``splitmix64`` hash of
 (seed, id) — a uniform, class-blind choice that does not depend on the storage order, the shard size or the
-number of extraction ranks. ``SRC`` is read through streaming with ``SRC`` as its remote and a temporary local
-cache, so ``SRC`` itself is never written to. The copy costs the dataset's size on disk once.
+number of extraction ranks. ``SRC`` is read straight from its shard files (``read_mds_samples``), never written
+to. The copy costs the dataset's size on disk once.
 """
 
 from __future__ import annotations
@@ -23,16 +23,24 @@ import argparse
 import hashlib
 import json
 import shutil
+import struct
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 from core.fileio import atomic_write_json
-from data.streaming import STATS_FILENAME, _splitmix64, ensure_streaming_env, open_writer, read_columns
+from data.streaming import (
+    INDEX_FILENAME,
+    STATS_FILENAME,
+    _SampleDecoder,
+    _splitmix64,
+    open_writer,
+    read_columns,
+)
 
-__all__ = ["HOLDOUT_FILE", "choose_heldout", "main", "read_holdout", "split_dataset"]
+__all__ = ["HOLDOUT_FILE", "choose_heldout", "main", "read_holdout", "read_mds_samples", "split_dataset"]
 
 HOLDOUT_FILE = "holdout.json"
 _MASK64 = (1 << 64) - 1
@@ -64,14 +72,33 @@ def choose_heldout(
     return chosen
 
 
-def _samples(src: Path, cache: Path):
-    """Every raw sample of the MDS dataset ``src`` in its stored order (streaming, ``src`` as the remote)."""
-    from streaming import StreamingDataset
+def read_mds_samples(directory: Union[str, Path]) -> Iterator[dict[str, Any]]:
+    """Every raw sample (column -> decoded value) of the local MDS dataset ``directory``, in its stored order.
 
-    ensure_streaming_env(None)
-    dataset = StreamingDataset(remote=str(src), local=str(cache), shuffle=False, batch_size=1, replication=None)
-    for i in range(dataset.num_samples):
-        yield dataset.get_item(i)
+    Read directly from the shard files (a compressed shard is decompressed in memory; nothing is written), without
+    a StreamingDataset and so without streaming's shared memory: for small sequential reads (the split here, the
+    held-out set of the validation loss), not for training."""
+    from streaming.base.compression import decompress
+
+    directory = Path(directory)
+    index = json.loads((directory / INDEX_FILENAME).read_text())
+    for shard in index["shards"]:
+        raw = directory / shard["raw_data"]["basename"]
+        if raw.is_file():
+            data = raw.read_bytes()
+        else:
+            zipped = shard.get("zip_data") or {}
+            if not zipped or not (directory / zipped["basename"]).is_file():
+                raise FileNotFoundError(f"{directory}: shard {shard['raw_data']['basename']} is missing")
+            data = decompress(shard["compression"], (directory / zipped["basename"]).read_bytes())
+        decode = _SampleDecoder(SimpleNamespace(**{k: shard[k] for k in _COLUMN_KEYS}))
+        (count,) = struct.unpack_from("<I", data, 0)
+        offsets = struct.unpack_from(f"<{count + 1}I", data, 4)
+        for i in range(count):
+            yield decode(bytearray(data[offsets[i] : offsets[i + 1]]))
+
+
+_COLUMN_KEYS = ("column_names", "column_encodings", "column_sizes")
 
 
 def split_dataset(
@@ -89,16 +116,15 @@ def split_dataset(
         raise ValueError(f"{src}: no sample_id column")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty")
-    with tempfile.TemporaryDirectory(prefix="holdout-") as tmp:
-        all_ids = [int(s["sample_id"]) for s in _samples(src, Path(tmp) / "ids")]
-        val_ids = choose_heldout(all_ids, fraction=fraction, ids=ids, seed=seed)
-        held = set(val_ids)
-        counts = {"train": 0, "val": 0}
-        with open_writer(out / "train", columns) as train, open_writer(out / "val", columns) as val:
-            for sample in _samples(src, Path(tmp) / "copy"):
-                sid = int(sample["sample_id"])
-                (val if sid in held else train).write(sample)
-                counts["val" if sid in held else "train"] += 1
+    all_ids = [int(s["sample_id"]) for s in read_mds_samples(src)]
+    val_ids = choose_heldout(all_ids, fraction=fraction, ids=ids, seed=seed)
+    held = set(val_ids)
+    counts = {"train": 0, "val": 0}
+    with open_writer(out / "train", columns) as train, open_writer(out / "val", columns) as val:
+        for sample in read_mds_samples(src):
+            sid = int(sample["sample_id"])
+            (val if sid in held else train).write(sample)
+            counts["val" if sid in held else "train"] += 1
     if (src / STATS_FILENAME).is_file():
         for split in ("train", "val"):
             shutil.copyfile(src / STATS_FILENAME, out / split / STATS_FILENAME)

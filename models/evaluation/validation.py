@@ -4,8 +4,9 @@
 ``{"val_loss": mean, "val_loss/t0.000": ..., ...}`` for the weights ``which`` of ``part`` (``"ema"``, ``"ema_1"``,
 ..., ``"model"``). ``DiTTask.evaluate`` calls it every ``eval.val_every_epochs`` for every EMA and the raw weights.
 
-* Data: the held-out samples ``data.val_path`` (an MDS dataset kept out of ``data.path``: data/holdout.py), read
-  once with the training reader's normalisation (``LatentDataset``: the statistics of ``data.path``, no flips), in
+* Data: the held-out samples ``data.val_path`` (a local MDS dataset kept out of ``data.path``: data/holdout.py),
+  read once straight from the shard files (``data.holdout.read_mds_samples``: no streaming shared memory) with the
+  training reader's normalisation (``LatentDataset``'s ops, the statistics of ``data.path``; never flipped), in
   their stored order.
 * Timesteps: ``eval.val_timesteps`` K points evenly spaced in [0, 1] (``t_k = k / (K - 1)``; t = 0 noise, t = 1
   data). Noise: one draw of shape (K, C, H, W) per sample from a CPU generator seeded by
@@ -65,38 +66,40 @@ class ValidationLoss:
         """This rank's chunks of the held-out set: latents, labels, sample ids, noise (read once)."""
         if self._data is not None:
             return self._data
-        from data.streaming import STATS_FILENAME, LatentDataset, ensure_streaming_env
+        from data.holdout import read_mds_samples
+        from data.streaming import STATS_FILENAME, load_latent_stats
 
         d = self.cfg.data
-        ensure_streaming_env(self.dist)
-        stats = Path(d.path) / STATS_FILENAME if d.latent_norm else None
-        dataset = LatentDataset(
-            local=d.val_path,
-            latent_norm=d.latent_norm,
-            latent_multiplier=d.latent_multiplier,
-            random_flip=False,
-            stats_path=stats,
-            expected_shape=self.latent_shape,
-            shuffle=False,
-            batch_size=1,
-            replication=None,
-        )
-        n, b, k = dataset.num_samples, self.cfg.eval.val_batch_size, len(self.t)
+        mean = std = None
+        if d.latent_norm:  # the training reader's normalisation (LatentDataset), with data.path's statistics
+            mean, std = (t.reshape(-1, 1, 1) for t in load_latent_stats(Path(d.path) / STATS_FILENAME))
+        samples = list(read_mds_samples(d.val_path))
+        n, b, k = len(samples), self.cfg.eval.val_batch_size, len(self.t)
+        if n == 0:
+            raise ValueError(f"data.val_path: {d.val_path} holds no samples")
         chunks = []
         for c in self._chunks(n):
             idx = list(range(c * b, min((c + 1) * b, n)))
-            items = [dataset.get_item(i) for i in idx]
-            ids = [int(it["sample_id"]) for it in items]
-            noise = [
-                torch.randn((k, *self.latent_shape), generator=torch.Generator().manual_seed(self._noise_seed(i)))
-                for i in ids
-            ]
+            latents, labels, noise = [], [], []
+            for i in idx:
+                raw = samples[i]
+                z = torch.from_numpy(raw["latent"].copy())
+                if tuple(z.shape) != self.latent_shape:
+                    raise ValueError(
+                        f"data.val_path: latents of {d.val_path} have shape {tuple(z.shape)}, the model expects "
+                        f"{self.latent_shape}"
+                    )
+                z = torch.sub(z, mean).div_(std) if mean is not None else z.to(torch.float32, copy=True)
+                latents.append(z.mul_(d.latent_multiplier))
+                labels.append(torch.tensor(int(raw["label"]), dtype=torch.long))
+                g = torch.Generator().manual_seed(self._noise_seed(int(raw["sample_id"])))
+                noise.append(torch.randn((k, *self.latent_shape), generator=g))
             pad = b - len(idx)
             chunks.append(
                 {
                     "index": torch.tensor(idx, dtype=torch.long),
-                    "latent": torch.stack([it["latent"] for it in items] + [items[-1]["latent"]] * pad),
-                    "label": torch.stack([it["label"] for it in items] + [items[-1]["label"]] * pad),
+                    "latent": torch.stack(latents + [latents[-1]] * pad),
+                    "label": torch.stack(labels + [labels[-1]] * pad),
                     "noise": torch.stack(noise + [noise[-1]] * pad, dim=1),  # [K, B, C, H, W]
                 }
             )
