@@ -57,7 +57,8 @@ and 3 partition gradients as they are produced, so they reduce-scatter on every 
 
 EMA. For every stage the EMA is kept *partitioned exactly like the fp32 master weights*: one fp32 tensor per
 ZeRO flat partition (``single_partition_of_fp32_groups`` for stages 1/2, ``fp32_groups_flat_partition`` for
-the bf16 stage-1 optimizer, ``fp32_partitioned_groups_flat`` for stage 3), updated with one fused
+the bf16 stage-1 optimizer, ``fp32_partitioned_groups_flat`` for stage 3; one such EMA per decay of
+``train.ema_decays``: ``part.emas``, ``part.ema`` the first, saved in ``ema.pt`` as ``ema`` and ``emas``), updated with one fused
 ``torch._foreach_lerp_`` over the local partitions after each applied step — the EMA of the fp32 master
 weights, like FSDP2's, with no communication. Memory: 4 bytes x parameters / world size per rank (same as the
 FSDP2 engine; less than a full copy per rank), on the CPU when the optimizer is offloaded. ``part.ema`` is a

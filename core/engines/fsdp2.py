@@ -12,7 +12,8 @@ Wrapping (``FSDP2Engine.prepare``), in this order:
    a unit, for models without repeated blocks (the VA-VAE autoencoder and discriminator are single units);
 4. the EMA is sharded the same way (per block + root, no mixed precision, no checkpointing/compile), so
    each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
-   fused op over local shards, with no communication.
+   fused op over local shards, with no communication. Several decays (``train.ema_decays``): one such EMA per
+   decay (``part.emas``; ``part.ema`` is the first), saved as ``<part>.ema``, ``<part>.ema_1``, ...
 
 Device mesh (``engine.sharding``): ``"full"`` shards every unit over all ranks (1-D mesh ``("shard",)``);
 ``"hybrid"`` (HSDP) builds a 2-D mesh ``("replicate", "shard")`` of shape (world / G, G) with
