@@ -391,7 +391,18 @@ def checkpoint_ema_keys(ckpt_dir: PathLike, part: str = "model") -> list[str]:
 
         saved = torch.load(part_dir(ckpt_dir, part) / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
         keys = (["ema"] if saved["ema"] is not None else []) + sorted(saved.get("emas") or {})
-    return sorted(keys, key=lambda k: (k != "ema", int(k[4:]) if k[4:].isdigit() else 0))
+    return sorted(keys, key=_ema_order)
+
+
+def _ema_order(key: str) -> tuple[bool, int]:
+    return key != "ema", int(key[4:]) if key[4:].isdigit() else 0
+
+
+def _check_ema_choice(ema: str, available: list[str], ckpt_dir: Path, part: str) -> None:
+    if ema != "all" and available:
+        from core.ema import ema_index
+
+        ema_index(ema, len(available), f"{ckpt_dir} part {part!r}")  # ValueError naming the EMAs there are
 
 
 def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> dict[str, dict[str, torch.Tensor]]:
@@ -404,19 +415,19 @@ def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> d
     ``"ema"`` (the official layout, what ``load_into_model(which="ema")`` reads); ``"all"`` keeps every EMA under
     its own name instead."""
     from core.checkpoint import resolve_checkpoint_dir
-    from core.ema import ema_index
 
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
-    available = checkpoint_ema_keys(ckpt_dir, part)
-    if ema != "all" and available:
-        ema_index(ema, len(available), f"{ckpt_dir} part {part!r}")  # ValueError naming the EMAs there are
-    wanted = available if ema == "all" else [ema] if available else []
     if checkpoint_engine(ckpt_dir) == "fsdp2":
-        state = _fsdp2_state_dicts(ckpt_dir, part, wanted)
+        available = checkpoint_ema_keys(ckpt_dir, part)
+        _check_ema_choice(ema, available, ckpt_dir, part)
+        state = _fsdp2_state_dicts(ckpt_dir, part, available if ema == "all" else [ema] if available else [])
     else:
         from core.engines.deepspeed import consolidated_state_dicts
 
-        state = consolidated_state_dicts(ckpt_dir, part)
+        state = consolidated_state_dicts(ckpt_dir, part)  # every EMA (ema.pt holds them all)
+        available = sorted((k for k in state if k != "model"), key=_ema_order)
+        _check_ema_choice(ema, available, ckpt_dir, part)
+    wanted = available if ema == "all" else [ema] if available else []
     out = {"model": state["model"]}
     if ema == "all":
         out.update({k: state[k] for k in wanted})
