@@ -43,6 +43,7 @@ __all__ = [
     "WandbConfig",
     "check_training_config",
     "world_errors",
+    "train_ema_decays",
     # machinery
     "ConfigError",
     "COMMAND_LINE",
@@ -108,6 +109,9 @@ class TrainConfig:
     epochs: Optional[float] = 800.0  # stop after this many epochs ...
     max_steps: Optional[int] = None  # ... or this many optimizer steps (whichever comes first)
     ema_decay: float = 0.9999
+    # Several EMAs, one per decay (e.g. [0.9999, 0.99995]): each sharded, checkpointed, evaluated and exportable;
+    # the first is the primary EMA. null: the one EMA of `ema_decay` (its shorthand). Set, it replaces ema_decay.
+    ema_decays: Optional[list[float]] = None
     grad_clip: Optional[float] = None  # max grad norm; None = off (official)
     max_consecutive_nonfinite: int = 10  # NaN/inf guard: skip bad steps, stop after this many in a row
     log_every: int = 100
@@ -597,6 +601,11 @@ class Checks:
         return [(key, problem) for key, problem, _ in self.errors]
 
 
+def train_ema_decays(t: TrainConfig) -> list[float]:
+    """The EMA decays of ``train``: ``ema_decays`` when set, else ``[ema_decay]`` (its one-element shorthand)."""
+    return [float(d) for d in t.ema_decays] if t.ema_decays else [float(t.ema_decay)]
+
+
 def world_errors(cfg: Any, world_size: int) -> list[tuple[str, str, tuple[str, ...]]]:
     """Batch-split problems of ``cfg.train`` on ``world_size`` ranks (``(key, problem, related)``)."""
     gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -652,6 +661,13 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
     checks.positive(t.epochs, "train.epochs", allow_none=True)
     checks.positive(t.max_steps, "train.max_steps", allow_none=True)
     checks.unit(t.ema_decay, "train.ema_decay")
+    if t.ema_decays is not None:
+        checks.need(len(t.ema_decays) > 0, "train.ema_decays", "needs at least one decay (null: train.ema_decay)")
+        for j, decay in enumerate(t.ema_decays):
+            checks.unit(decay, f"train.ema_decays[{j}]")
+        checks.need(
+            len(set(t.ema_decays)) == len(t.ema_decays), "train.ema_decays", f"has repeated decays: {t.ema_decays}"
+        )
     checks.positive(t.grad_clip, "train.grad_clip", allow_none=True)
     checks.positive(t.max_consecutive_nonfinite, "train.max_consecutive_nonfinite")
     checks.positive(t.log_every, "train.log_every")

@@ -66,3 +66,37 @@ def ema_update_(
             # fp32(1 - decay) exactly as the float path rounds it (opmath of a float tensor), times 0 or 1.
             weights[key] = apply.to(device=e.device, dtype=e.dtype) * (1.0 - float(decay))
     torch._foreach_lerp_(ema_local, src_local, [weights[(e.dtype, e.device)] for e in ema_local])
+
+
+# ---------------------------------------------------------------------------------------------------- several EMAs
+def ema_decay_list(ema_decay: Optional[float | Sequence[float]]) -> list[float]:
+    """The EMA decays of a part: ``None`` -> ``[]`` (no EMA), a float -> ``[decay]``, a sequence -> its floats.
+
+    A part keeps one EMA per decay (``train.ema_decays``); the first is the primary EMA (``part.ema``, the one
+    evaluated, sampled and exported by default, and the one a checkpoint written before several EMAs existed holds)."""
+    if ema_decay is None:
+        return []
+    if isinstance(ema_decay, (int, float)):
+        return [float(ema_decay)]
+    return [float(d) for d in ema_decay]
+
+
+def ema_key(index: int) -> str:
+    """The name of EMA ``index`` of a part: ``"ema"`` for the primary one, ``"ema_<index>"`` for the others. It is
+    the ``which`` of ``TrainedPart.full_state_dict`` / ``full_model``, the checkpoint entry (``<part>.ema_1``) and
+    the prefix of the EMA's in-loop metrics (``eval/ema_1/fid``)."""
+    return "ema" if index == 0 else f"ema_{index}"
+
+
+def ema_index(which: str, count: int, owner: str = "part") -> int:
+    """The index of EMA ``which`` (``"ema"``, ``"ema_<i>"``) among ``count`` EMAs; ValueError naming the choices."""
+    index = None
+    if which == "ema":
+        index = 0
+    elif which.startswith("ema_") and which[4:].isdigit():
+        index = int(which[4:])
+    if index is None or index >= count:
+        choices = [ema_key(i) for i in range(count)]
+        what = f"EMAs {choices}" if choices else "no EMA (ema_decay is None)"
+        raise ValueError(f"{owner}: no EMA {which!r}: it has {what}")
+    return index

@@ -83,8 +83,12 @@ class Task:
         DiT's ``timestep_phase``; not averaged over micro-batches."""
         return {}
 
-    def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:
-        """In-loop evaluation (collective; every `eval.every_epochs`): metrics to log, e.g. FID of EMA samples."""
+    def evaluate(
+        self, parts: dict[str, Any], step: int, kinds: frozenset[str] = frozenset({"samples"})
+    ) -> dict[str, Any]:
+        """In-loop evaluation (collective): metrics to log (the trainer prefixes ``eval/``). ``kinds``: what is due,
+        ``"samples"`` every ``eval.every_epochs`` (e.g. FID of EMA samples), ``"val"`` every
+        ``eval.val_every_epochs`` (e.g. a validation loss)."""
         return {}
 
     def loss(

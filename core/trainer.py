@@ -392,12 +392,19 @@ class Trainer:
         """One optimizer step over all phases; returns metrics and whether every update was finite (on the device)."""
         return train_step(self.task, self.engine, self.parts, batches, ctx)
 
-    def _eval_due(self) -> bool:
-        every = self.cfg.eval.every_epochs
-        if not every:
-            return False
-        interval = max(1, round(every * self.steps_per_epoch))
-        return self.step % interval == 0 or self.step == self.total_steps
+    def _eval_due(self) -> frozenset[str]:
+        """The evaluations due after this step: ``"samples"`` every ``eval.every_epochs`` (in-loop FID ...), ``"val"``
+        every ``eval.val_every_epochs`` (a validation loss), each also at the last step; empty when none is."""
+        due = set()
+        for kind, every in (
+            ("samples", self.cfg.eval.every_epochs),
+            ("val", getattr(self.cfg.eval, "val_every_epochs", None)),
+        ):
+            if every:
+                interval = max(1, round(every * self.steps_per_epoch))
+                if self.step % interval == 0 or self.step == self.total_steps:
+                    due.add(kind)
+        return frozenset(due)
 
     def _save(self) -> bool:
         """Checkpoint the current step, unless the counters (read first: current counters in the checkpoint; never
@@ -476,13 +483,14 @@ class Trainer:
                     bar.update(1)
                 if self._debug_step_sleep:
                     time.sleep(self._debug_step_sleep)
-                if self._eval_due():
+                due = self._eval_due()
+                if due:
                     failure = self._sync_nonfinite()
                     if failure is not None:
                         self._rollback(*failure)
                         rolled_back = True
                         break
-                    results = self.task.evaluate(self.parts, self.step)
+                    results = self.task.evaluate(self.parts, self.step, due)
                     if results:
                         self.metrics.log(self.step, {f"eval/{k}": v for k, v in results.items()})
                 with self.step_guard():

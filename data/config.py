@@ -20,6 +20,9 @@ class DataConfig:
     kind: Literal["streaming", "images", "synthetic"] = "streaming"
     path: str = ""  # local MDS directory (or the local cache of `remote`)
     remote: Optional[str] = None  # optional remote for streaming (s3://..., gs://...)
+    # DiT validation loss (eval.val_every_epochs): local MDS directory of the held-out samples, kept out of `path`
+    # (data/holdout.py writes both: OUT/train and OUT/val)
+    val_path: str = ""
     latent_norm: bool = True  # per-channel (z - mean) / std with the stats stored with the dataset
     latent_multiplier: float = 1.0
     random_flip: bool = True  # pick latent_flip (VA-VAE streaming: flip the image) with p = 0.5

@@ -69,6 +69,11 @@ class EvalConfig:
     labels: Literal["uniform", "balanced"] = "uniform"  # uniform random labels (official) or i mod num_classes
     sampling_overrides: list[str] = field(default_factory=list)  # e.g. ["num_steps=50"]: the in-loop sampler only
     grid_size: int = 64  # samples shown in the logged grid (0 = no grid)
+    # Validation loss (models/evaluation/validation.py): flow-matching MSE of the held-out samples (data.val_path)
+    # at `val_timesteps` evenly spaced t in [0, 1], noise fixed per sample id (seed: eval.seed), EMA(s) and raw weights
+    val_every_epochs: Optional[float] = None  # None = no validation loss
+    val_timesteps: int = 8
+    val_batch_size: int = 64  # per forward (fixed: the losses do not depend on the number of ranks)
 
 
 def check_transport_config(t: TransportConfig, checks: Checks) -> None:
@@ -113,6 +118,9 @@ def check_sampling_config(sm: SamplingConfig, checks: Checks) -> None:
 def check_eval_config(ev: EvalConfig, checks: Checks) -> None:
     """Sizes of the in-loop evaluation (its files and metric names: ``DiTTask.check`` at start-up)."""
     checks.positive(ev.every_epochs, "eval.every_epochs", allow_none=True)
+    checks.positive(ev.val_every_epochs, "eval.val_every_epochs", allow_none=True)
+    checks.need(ev.val_timesteps >= 2, "eval.val_timesteps", f"must be >= 2, got {ev.val_timesteps}")
+    checks.positive(ev.val_batch_size, "eval.val_batch_size")
     checks.positive(ev.num_samples, "eval.num_samples")
     checks.positive(ev.batch_size, "eval.batch_size")
 
@@ -120,6 +128,13 @@ def check_eval_config(ev: EvalConfig, checks: Checks) -> None:
 def check_dit_task(cfg: Any, checks: Checks) -> None:
     """What the DiT task needs of the experiment ``cfg`` beyond its sections' own checks."""
     d = cfg.data
+    if cfg.eval.val_every_epochs:
+        checks.need(
+            bool(cfg.data.val_path),
+            "data.val_path",
+            "eval.val_every_epochs needs the held-out samples (python -m data.holdout SRC OUT: data.val_path=OUT/val)",
+            ("eval.val_every_epochs",),
+        )
     checks.need(
         d.kind == "streaming",
         "data.kind",

@@ -358,9 +358,9 @@ def checkpoint_engine(ckpt_dir: Path) -> str:
     raise FileNotFoundError(f"{ckpt_dir}: not an FSDP2 (state/.metadata) or DeepSpeed (deepspeed/) checkpoint")
 
 
-def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.Tensor]]:
+def _fsdp2_state_dicts(ckpt_dir: Path, part: str, emas: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
-    for which in ("model", "ema"):
+    for which in ["model"] + emas:
         try:
             _, sd = _load_our_checkpoint_dir(ckpt_dir / "state", f"{part}.{which}")
         except ValueError:
@@ -372,19 +372,68 @@ def _fsdp2_state_dicts(ckpt_dir: Path, part: str) -> dict[str, dict[str, torch.T
     return out
 
 
-def export_state(ckpt_dir: PathLike, part: str = "model") -> dict[str, dict[str, torch.Tensor]]:
-    """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in checkpoint directory
-    ``ckpt_dir`` (a run or ``checkpoints/`` directory: its newest complete checkpoint), written by either engine:
-    fp32 CPU tensors under the model's own (official) key names. FSDP2: read with ``_load_our_checkpoint_dir``
-    (DCP's local reader, full tensors, optimizer never read); DeepSpeed: ``consolidated_state_dicts``."""
+def checkpoint_ema_keys(ckpt_dir: PathLike, part: str = "model") -> list[str]:
+    """The EMAs of ``part`` stored in checkpoint directory ``ckpt_dir`` (``["ema", "ema_1", ...]``, one per
+    ``train.ema_decays`` entry; ``[]`` without EMA), written by either engine. Reads metadata only."""
     from core.checkpoint import resolve_checkpoint_dir
 
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     if checkpoint_engine(ckpt_dir) == "fsdp2":
-        return _fsdp2_state_dicts(ckpt_dir, part)
-    from core.engines.deepspeed import consolidated_state_dicts
+        import torch.distributed.checkpoint as dcp
 
-    return consolidated_state_dicts(ckpt_dir, part)
+        metadata = dcp.FileSystemReader(str(ckpt_dir / "state")).read_metadata()
+        if not metadata.planner_data:  # no entry names recorded: try the primary EMA only
+            return ["ema"]
+        tops = {str(p[0]) for p in metadata.planner_data.values() if p}
+        keys = [t[len(part) + 1 :] for t in tops if t.startswith(f"{part}.ema")]
+    else:
+        from core.engines.deepspeed import EMA_FILE, part_dir
+
+        saved = torch.load(part_dir(ckpt_dir, part) / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
+        keys = (["ema"] if saved["ema"] is not None else []) + sorted(saved.get("emas") or {})
+    return sorted(keys, key=_ema_order)
+
+
+def _ema_order(key: str) -> tuple[bool, int]:
+    return key != "ema", int(key[4:]) if key[4:].isdigit() else 0
+
+
+def _check_ema_choice(ema: str, available: list[str], ckpt_dir: Path, part: str) -> None:
+    if ema != "all" and available:
+        from core.ema import ema_index
+
+        ema_index(ema, len(available), f"{ckpt_dir} part {part!r}")  # ValueError naming the EMAs there are
+
+
+def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in checkpoint directory
+    ``ckpt_dir`` (a run or ``checkpoints/`` directory: its newest complete checkpoint), written by either engine:
+    fp32 CPU tensors under the model's own (official) key names. FSDP2: read with ``_load_our_checkpoint_dir``
+    (DCP's local reader, full tensors, optimizer never read); DeepSpeed: ``consolidated_state_dicts``.
+
+    ``ema``: which of the part's EMAs (``train.ema_decays``: ``"ema"``, ``"ema_1"``, ...) is written under
+    ``"ema"`` (the official layout, what ``load_into_model(which="ema")`` reads); ``"all"`` keeps every EMA under
+    its own name instead."""
+    from core.checkpoint import resolve_checkpoint_dir
+
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
+    if checkpoint_engine(ckpt_dir) == "fsdp2":
+        available = checkpoint_ema_keys(ckpt_dir, part)
+        _check_ema_choice(ema, available, ckpt_dir, part)
+        state = _fsdp2_state_dicts(ckpt_dir, part, available if ema == "all" else [ema] if available else [])
+    else:
+        from core.engines.deepspeed import consolidated_state_dicts
+
+        state = consolidated_state_dicts(ckpt_dir, part)  # every EMA (ema.pt holds them all)
+        available = sorted((k for k in state if k != "model"), key=_ema_order)
+        _check_ema_choice(ema, available, ckpt_dir, part)
+    wanted = available if ema == "all" else [ema] if available else []
+    out = {"model": state["model"]}
+    if ema == "all":
+        out.update({k: state[k] for k in wanted})
+    elif wanted:
+        out["ema"] = state[ema]
+    return out
 
 
 def save_export(state: dict, out: PathLike) -> Path:

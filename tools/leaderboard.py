@@ -26,7 +26,7 @@ from models.evaluation.leaderboard import (
     format_table,
     log_wandb_table,
     rank_rows,
-    summarize,
+    summarize_emas,
     write_leaderboard,
 )
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if not runs:
         print("no runs found under " + ", ".join(map(str, roots)) if roots else "no runs found", file=sys.stderr)
         return 1
-    rows = rank_rows([summarize(r) for r in runs])
+    rows = rank_rows([row for r in runs for row in summarize_emas(r)])
     print(format_table(rows))
     out = args.out or (roots[0] if roots else Path("."))
     written = write_leaderboard(rows, out, plot=not args.no_plot)

@@ -18,7 +18,7 @@ import abc
 import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from core.config import EngineConfig, OptimizerConfig
+from core.ema import ema_decay_list, ema_index, ema_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.distributed import DistInfo
@@ -57,7 +58,7 @@ class PartSpec:
 
     module: nn.Module
     optimizer: OptimizerConfig
-    ema_decay: Optional[float] = None
+    ema_decay: Optional[float | Sequence[float]] = None  # one EMA per decay (the first: `ema`)
     blocks_attr: Optional[str] = "blocks"  # attribute holding the repeated blocks (sharding / AC / compile unit)
     grad_clip: Optional[float] = None
     # Sub-modules whose forward the engine compiles (engine.compile) inside the part's sharding unit(s), for models
@@ -77,10 +78,11 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def check_ema_decay(name: str, ema_decay: Optional[float]) -> None:
-    """``ema_decay`` is None (no EMA) or in [0, 1]."""
-    if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"{name}: ema_decay must be in [0, 1], got {ema_decay}")
+def check_ema_decay(name: str, ema_decay: Optional[float | Sequence[float]]) -> None:
+    """``ema_decay`` is None (no EMA), a decay in [0, 1] or a sequence of such decays (one EMA each)."""
+    for decay in ema_decay_list(ema_decay):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"{name}: ema_decay must be in [0, 1], got {decay}")
 
 
 def cast_to_fp32_(model: nn.Module) -> None:
@@ -172,7 +174,7 @@ class TrainedPart(abc.ABC):
         module: nn.Module,
         ema: Optional[nn.Module],
         optimizer: Optional[torch.optim.Optimizer],
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         device: torch.device,
         skeleton: Optional[nn.Module] = None,
     ):
@@ -180,9 +182,20 @@ class TrainedPart(abc.ABC):
         self.module = module
         self.ema = ema
         self.optimizer = optimizer
-        self.ema_decay = ema_decay
+        # One EMA per decay (train.ema_decays); the first is `ema`, the others follow in `emas` (core/ema.py).
+        self.ema_decays = ema_decay_list(ema_decay)
+        self.ema_decay = self.ema_decays[0] if self.ema_decays else None
+        self.emas: list[nn.Module] = [ema] if ema is not None else []
         self.device = device
         self.skeleton = skeleton  # meta_skeleton of the model before wrapping (full_model)
+
+    def ema_keys(self) -> list[str]:
+        """The names of the part's EMAs, one per decay: ``["ema", "ema_1", ...]`` (``core.ema.ema_key``)."""
+        return [ema_key(i) for i in range(len(self.ema_decays))]
+
+    def ema_module(self, which: str) -> nn.Module:
+        """EMA ``which`` (``"ema"``, ``"ema_<i>"``) as the engine holds it; ValueError naming the EMAs there are."""
+        return self.emas[ema_index(which, len(self.emas), self.name)]
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
@@ -215,7 +228,8 @@ class TrainedPart(abc.ABC):
     def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
         """Collective: the model's full (unsharded) fp32 state dict on the CPU, with the model's own key names.
 
-        ``which``: ``"model"`` (the trained weights) or ``"ema"``. With ``rank0_only`` the other ranks get ``{}``."""
+        ``which``: ``"model"`` (the trained weights), ``"ema"`` or another EMA ``"ema_<i>"`` (``ema_keys``). With
+        ``rank0_only`` the other ranks get ``{}``."""
 
     @contextlib.contextmanager
     def full_model(self, which: str = "ema", rank0_only: bool = False) -> Iterator[Optional[nn.Module]]:
@@ -224,8 +238,8 @@ class TrainedPart(abc.ABC):
         sharding (the forward is local: ranks may call it different numbers of times). With ``rank0_only`` the
         other ranks get ``None``. The copy is this context's own: it is dropped on exit, and changing it does not
         change the part."""
-        if which == "ema" and self.ema is None:
-            raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
+        if which != "model":
+            self.ema_module(which)  # ValueError naming the EMAs there are
         if self.skeleton is None:
             raise RuntimeError(f"{self.name}: the engine kept no model skeleton for full_model")
         state = self.full_state_dict(which, rank0_only=rank0_only)
@@ -265,11 +279,7 @@ class LocalPart(TrainedPart):
 
     @torch.no_grad()
     def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
-        module = self.ema if which == "ema" else self.module
-        if which not in ("model", "ema"):
-            raise ValueError(f"{self.name}: full_state_dict(which={which!r}): expected 'model' or 'ema'")
-        if module is None:
-            raise ValueError(f"{self.name}: no EMA")
+        module = self.module if which == "model" else self.ema_module(which)
         if rank0_only and not _is_main_rank():
             return {}
         return {
@@ -280,9 +290,7 @@ class LocalPart(TrainedPart):
     @contextlib.contextmanager
     def full_model(self, which: str = "ema", rank0_only: bool = False) -> Iterator[Optional[nn.Module]]:
         """The module itself (no copy), in eval mode for the context (its mode is restored on exit)."""
-        module = self.ema if which == "ema" else self.module
-        if module is None:
-            raise ValueError(f"{self.name}: no EMA")
+        module = self.module if which == "model" else self.ema_module(which)
         if rank0_only and not _is_main_rank():
             yield None
             return
@@ -316,7 +324,7 @@ class Engine(abc.ABC):
         name: str,
         model: nn.Module,
         optim_cfg: OptimizerConfig,
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         blocks_attr: Optional[str] = "blocks",
         *,
         grad_clip: Optional[float] = None,

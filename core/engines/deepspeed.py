@@ -57,7 +57,8 @@ and 3 partition gradients as they are produced, so they reduce-scatter on every 
 
 EMA. For every stage the EMA is kept *partitioned exactly like the fp32 master weights*: one fp32 tensor per
 ZeRO flat partition (``single_partition_of_fp32_groups`` for stages 1/2, ``fp32_groups_flat_partition`` for
-the bf16 stage-1 optimizer, ``fp32_partitioned_groups_flat`` for stage 3), updated with one fused
+the bf16 stage-1 optimizer, ``fp32_partitioned_groups_flat`` for stage 3; one such EMA per decay of
+``train.ema_decays``: ``part.emas``, ``part.ema`` the first, saved in ``ema.pt`` as ``ema`` and ``emas``), updated with one fused
 ``torch._foreach_lerp_`` over the local partitions after each applied step — the EMA of the fp32 master
 weights, like FSDP2's, with no communication. Memory: 4 bytes x parameters / world size per rank (same as the
 FSDP2 engine; less than a full copy per rank), on the CPU when the optimizer is offloaded. ``part.ema`` is a
@@ -112,7 +113,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -122,7 +123,7 @@ from torch import nn
 
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo, barrier, raise_if_any_rank_failed
-from core.ema import ema_update_
+from core.ema import ema_index, ema_key, ema_update_
 from core.engines.base import (
     Engine,
     TrainedPart,
@@ -382,7 +383,7 @@ class DeepSpeedPart(TrainedPart):
         name: str,
         ds_engine,
         base_optimizer: torch.optim.Optimizer,
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         state_keys: list[str],
         frozen: dict[str, torch.Tensor],
         device: torch.device,
@@ -405,7 +406,9 @@ class DeepSpeedPart(TrainedPart):
             self._alias[canonical_name(n)] = first.setdefault(id(p), canonical_name(n))
         self._buffers = {canonical_name(n): b for n, b in inner.named_buffers()}
         self.layout = _Layout(ds_engine, first)
-        self.ema = ZeroShardedEMA(self.layout.flats(ds_engine)) if ema_decay is not None else None
+        # One partitioned EMA per decay (train.ema_decays); the first is `ema`.
+        self.emas = [ZeroShardedEMA(self.layout.flats(ds_engine)) for _ in self.ema_decays]
+        self.ema = self.emas[0] if self.emas else None
 
     # ------------------------------------------------------------------ training
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
@@ -446,8 +449,10 @@ class DeepSpeedPart(TrainedPart):
         applied = self.engine.was_step_applied()
         if not applied:  # a finite norm cannot be skipped with fp32/bf16; be explicit (on device)
             norm = torch.where(torch.isfinite(norm), float("inf"), norm)
-        if applied and self.ema is not None:
-            ema_update_(self.ema.flats, self.layout.flats(self.engine), self.ema_decay)
+        if applied:
+            masters = self.layout.flats(self.engine)
+            for ema, decay in zip(self.emas, self.ema_decays):
+                ema_update_(ema.flats, masters, decay)
         return norm
 
     def set_reshard_after_forward(self, reshard: bool) -> None:
@@ -473,10 +478,8 @@ class DeepSpeedPart(TrainedPart):
         masters = self.layout.flats(self.engine)
         if which == "model":
             return masters
-        if which == "ema":
-            if self.ema is None:
-                raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
-            return self.ema.flats
+        if which.startswith("ema"):
+            return self.emas[ema_index(which, len(self.emas), self.name)].flats
         state = self.engine.optimizer.optimizer.state  # the torch optimizer's state, keyed by the flat partitions
         return [state[m][which] if m in state else torch.zeros_like(m) for m in masters]
 
@@ -543,15 +546,17 @@ class DeepSpeedPart(TrainedPart):
         return out
 
     @torch.no_grad()
-    def load_ema_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Not collective: write this rank's EMA partitions from a full EMA state dict (any world size)."""
-        if self.ema is None:
+    def load_ema_state_dict(self, sd: dict[str, torch.Tensor], which: str = "ema") -> None:
+        """Not collective: write this rank's partitions of EMA ``which`` from a full EMA state dict (any world
+        size)."""
+        if not self.emas:
             return
+        ema = self.emas[ema_index(which, len(self.emas), self.name)]
         missing = [k for k in self.layout.order if k not in sd]
         if missing:
             raise KeyError(f"{self.name}: EMA state dict lacks {missing[:10]}")
         # Start from the master weights (also fills the alignment padding), then overwrite every fragment.
-        self.ema.flats = [f.detach().clone() for f in self.layout.flats(self.engine)]
+        ema.flats = [f.detach().clone() for f in self.layout.flats(self.engine)]
         for name in self.layout.order:
             src = sd[name]
             if tuple(src.shape) != tuple(self.layout.shapes[name]):
@@ -560,7 +565,7 @@ class DeepSpeedPart(TrainedPart):
                 )
             flat = src.reshape(-1)
             for fi, fs, ps, n in self.layout.fragments[name]:
-                self.ema.flats[fi][fs : fs + n].copy_(flat[ps : ps + n])
+                ema.flats[fi][fs : fs + n].copy_(flat[ps : ps + n])
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -615,7 +620,7 @@ class DeepSpeedEngine(Engine):
         name: str,
         model: nn.Module,
         optim_cfg: OptimizerConfig,
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         blocks_attr: Optional[str] = "blocks",
         *,
         grad_clip: Optional[float] = None,
@@ -685,11 +690,13 @@ class DeepSpeedEngine(Engine):
             assert isinstance(part, DeepSpeedPart), f"{name}: not a DeepSpeed part"
             root = part_dir(ckpt_dir, name)
             part.engine.save_checkpoint(str(root), tag=TAG, client_state=self._client_state(part), save_latest=True)
-            ema = part.full_state_dict("ema") if part.ema is not None else None
+            emas = [part.full_state_dict(key) for key in part.ema_keys()]
             if self.dist.is_main:
                 atomic_torch_save(
                     {
-                        "ema": ema,
+                        "ema": emas[0] if emas else None,
+                        # train.ema_decays[1:] (absent in checkpoints from before several EMAs)
+                        "emas": {ema_key(i): sd for i, sd in enumerate(emas) if i > 0},
                         "frozen": dict(part.frozen),
                         "meta": {
                             "part": name,
@@ -698,6 +705,7 @@ class DeepSpeedEngine(Engine):
                             "world_size": self.dist.world_size,
                             "state_keys": part.state_keys,
                             "ema_decay": part.ema_decay,
+                            "ema_decays": list(part.ema_decays),
                         },
                     },
                     root / EMA_FILE,
@@ -791,6 +799,15 @@ class DeepSpeedEngine(Engine):
                 if saved["ema"] is None:
                     raise ValueError(f"{root / EMA_FILE}: the checkpoint has no EMA but part {name!r} has one")
                 part.load_ema_state_dict(saved["ema"])
+                for key in part.ema_keys()[1:]:
+                    sd = (saved.get("emas") or {}).get(key)
+                    if sd is None:
+                        if self.dist.is_main:
+                            log.warning(
+                                "%s: no %s in the checkpoint: it starts as a copy of the primary EMA", root, key
+                            )
+                        sd = saved["ema"]
+                    part.load_ema_state_dict(sd, key)
 
 
 # ---------------------------------------------------------------------------------------------------- offline
@@ -823,4 +840,6 @@ def consolidated_state_dicts(ckpt_dir: Path, part: str = "model") -> dict[str, d
     out = {"model": model}
     if saved["ema"] is not None:
         out["ema"] = {k: saved["ema"][k].detach().contiguous() for k in keys}
+    for key, sd in (saved.get("emas") or {}).items():  # train.ema_decays[1:]
+        out[key] = {k: sd[k].detach().contiguous() for k in keys}
     return out

@@ -12,7 +12,8 @@ Wrapping (``FSDP2Engine.prepare``), in this order:
    a unit, for models without repeated blocks (the VA-VAE autoencoder and discriminator are single units);
 4. the EMA is sharded the same way (per block + root, no mixed precision, no checkpointing/compile), so
    each rank's EMA shard lines up element for element with its weight shard and the EMA update is one
-   fused op over local shards, with no communication.
+   fused op over local shards, with no communication. Several decays (``train.ema_decays``): one such EMA per
+   decay (``part.emas``; ``part.ema`` is the first), saved as ``<part>.ema``, ``<part>.ema_1``, ...
 
 Device mesh (``engine.sharding``): ``"full"`` shards every unit over all ranks (1-D mesh ``("shard",)``);
 ``"hybrid"`` (HSDP) builds a 2-D mesh ``("replicate", "shard")`` of shape (world / G, G) with
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
@@ -68,7 +70,7 @@ from torch.distributed.tensor import DTensor
 
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo
-from core.ema import ema_update_
+from core.ema import ema_decay_list, ema_key, ema_update_
 from core.engines.base import (
     Engine,
     TrainedPart,
@@ -98,27 +100,29 @@ class FSDP2Part(TrainedPart):
         module: nn.Module,
         ema: Optional[nn.Module],
         optimizer: torch.optim.Optimizer,
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         grad_clip: Optional[float],
         device: torch.device,
         skeleton: Optional[nn.Module] = None,
+        extra_emas: Sequence[nn.Module] = (),
     ):
         super().__init__(name, module, ema, optimizer, ema_decay, device, skeleton)
+        self.emas += list(extra_emas)  # train.ema_decays[1:], sharded like `ema`
+        if len(self.emas) != len(self.ema_decays):
+            raise ValueError(f"{name}: {len(self.emas)} EMA modules for {len(self.ema_decays)} EMA decays")
         self.grad_clip = grad_clip
         self.trainable = [p for p in module.parameters() if p.requires_grad]
-        self._ema_dst: list[torch.Tensor] = []
-        self._ema_src: list[torch.Tensor] = []
-        if ema is not None:
-            # Every named parameter, frozen ones included (the official EMA averages all of them).
-            src = {canonical_name(n): p for n, p in module.named_parameters()}
-            dst = {canonical_name(n): p for n, p in ema.named_parameters()}
+        # Every named parameter, frozen ones included (the official EMA averages all of them).
+        src = {canonical_name(n): p for n, p in module.named_parameters()}
+        self._ema_src: list[torch.Tensor] = list(src.values())
+        self._ema_dsts: list[list[torch.Tensor]] = []  # per EMA, in the order of _ema_src
+        for e in self.emas:
+            dst = {canonical_name(n): p for n, p in e.named_parameters()}
             if src.keys() != dst.keys():
                 raise RuntimeError(f"{name}: EMA and model parameters differ: {sorted(src.keys() ^ dst.keys())[:10]}")
-            for key, p in src.items():
-                # DTensor parameters; ema_update_ works on their local shards, which line up because
-                # FSDP2 shards both modules identically (same shapes, same mesh).
-                self._ema_dst.append(dst[key])
-                self._ema_src.append(p)
+            # DTensor parameters; ema_update_ works on their local shards, which line up because
+            # FSDP2 shards both modules identically (same shapes, same mesh).
+            self._ema_dsts.append([dst[key] for key in src])
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         self.module.set_requires_gradient_sync(sync)
@@ -181,8 +185,8 @@ class FSDP2Part(TrainedPart):
             finally:
                 del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and self.ema_decay is not None:
-            ema_update_(self._ema_dst, self._ema_src, self.ema_decay, apply=finite)
+        for dst, decay in zip(self._ema_dsts, self.ema_decays):
+            ema_update_(dst, self._ema_src, decay, apply=finite)
         return norm
 
     def set_reshard_after_forward(self, reshard: bool) -> None:
@@ -195,11 +199,7 @@ class FSDP2Part(TrainedPart):
     @torch.no_grad()
     def full_state_dict(self, which: str = "model", rank0_only: bool = True) -> dict[str, torch.Tensor]:
         """Collective (all-gathers every unit): the full fp32 state dict on the CPU, the model's own key names."""
-        if which not in ("model", "ema"):
-            raise ValueError(f"{self.name}: full_state_dict(which={which!r}): expected 'model' or 'ema'")
-        module = self.module if which == "model" else self.ema
-        if module is None:
-            raise ValueError(f"{self.name}: no EMA (ema_decay is None)")
+        module = self.module if which == "model" else self.ema_module(which)
         # cpu_offload=True: only rank 0 gets the tensors; else every rank gets them on its device.
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
         if rank0_only and tdist.is_initialized() and tdist.get_rank() != 0:
@@ -327,7 +327,7 @@ class FSDP2Engine(Engine):
         name: str,
         model: nn.Module,
         optim_cfg: OptimizerConfig,
-        ema_decay: Optional[float],
+        ema_decay: Optional[float | Sequence[float]],
         blocks_attr: Optional[str] = "blocks",
         *,
         grad_clip: Optional[float] = None,
@@ -338,11 +338,12 @@ class FSDP2Engine(Engine):
         check_ema_decay(name, ema_decay)
         cast_to_fp32_(model)  # fp32 master weights, always
         skeleton = meta_skeleton(model)
-        ema = None
-        if ema_decay is not None:
+        emas = []
+        for _ in ema_decay_list(ema_decay):  # one EMA per decay (train.ema_decays), each a copy of the fp32 model
             ema = copy.deepcopy(model)
             ema.requires_grad_(False)
             ema.eval()
+            emas.append(ema)
         device = self.dist.device
         model.to(device)
         self._shard(
@@ -353,24 +354,26 @@ class FSDP2Engine(Engine):
             self.cfg.compile,
             tuple(compile_attrs),
         )
-        if ema is not None:
+        for ema in emas:
             ema.to(device)
             self._shard(ema, blocks_attr, MixedPrecisionPolicy(), False, False)
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], optim_cfg, device)
-        return FSDP2Part(name, model, ema, optimizer, ema_decay, grad_clip, device, skeleton)
+        return FSDP2Part(
+            name, model, emas[0] if emas else None, optimizer, ema_decay, grad_clip, device, skeleton, emas[1:]
+        )
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
     def _state_dict(parts: dict[str, TrainedPart]) -> dict[str, Any]:
-        """Sharded (DTensor) state of every part, keyed ``<name>.model/.ema/.optim`` (collective-free)."""
+        """Sharded (DTensor) state of every part, keyed ``<name>.model/.ema/.ema_<i>/.optim`` (collective-free)."""
         state: dict[str, Any] = {}
         for name, part in parts.items():
             assert isinstance(part, FSDP2Part), f"{name}: not an FSDP2 part"
             msd, osd = get_state_dict(part.module, part.optimizer, options=StateDictOptions())
             state[f"{name}.model"] = msd
             state[f"{name}.optim"] = osd
-            if part.ema is not None:
-                state[f"{name}.ema"] = get_model_state_dict(part.ema, options=StateDictOptions())
+            for i, ema in enumerate(part.emas):
+                state[f"{name}.{ema_key(i)}"] = get_model_state_dict(ema, options=StateDictOptions())
         return state
 
     def _async_group(self):
@@ -408,10 +411,23 @@ class FSDP2Engine(Engine):
         return self._pending is None or self._pending.done()
 
     def load(self, ckpt_dir: Path, parts: dict[str, TrainedPart]) -> None:
-        """Collective. Restore model, EMA and optimizer of every part (written by any number of ranks)."""
+        """Collective. Restore model, EMAs and optimizer of every part (written by any number of ranks).
+
+        An EMA the checkpoint lacks (``train.ema_decays`` grew since it was written, e.g. a checkpoint from before
+        several EMAs) starts as a copy of the part's primary EMA, with a warning; the primary EMA must be there."""
         self.wait()
         ckpt_dir = Path(ckpt_dir)
         state = self._state_dict(parts)
+        saved = _saved_entries(ckpt_dir / "state")
+        added = {
+            f"{name}.{ema_key(i)}"
+            for name, part in parts.items()
+            for i in range(1, len(part.emas))
+            if f"{name}.{ema_key(i)}" not in saved
+        }
+        for key in sorted(added):
+            log.warning("%s: no %s in the checkpoint: it starts as a copy of the primary EMA", ckpt_dir, key)
+            del state[key]
         dcp.load(state, checkpoint_id=str(ckpt_dir / "state"))
         for name, part in parts.items():
             set_state_dict(
@@ -421,5 +437,26 @@ class FSDP2Engine(Engine):
                 optim_state_dict=state[f"{name}.optim"],
                 options=StateDictOptions(),
             )
-            if part.ema is not None:
-                set_model_state_dict(part.ema, state[f"{name}.ema"], options=StateDictOptions())
+            for i, ema in enumerate(part.emas):
+                key = f"{name}.{ema_key(i)}"
+                if key in added:
+                    with torch.no_grad():
+                        for dst, src in zip(ema.parameters(), part.ema.parameters()):
+                            _local(dst).copy_(_local(src))
+                else:
+                    set_model_state_dict(ema, state[key], options=StateDictOptions())
+
+
+def _saved_entries(dcp_dir: Path) -> set[str]:
+    """The top-level entries (``<part>.model``, ``<part>.ema_1``, ...) of the DCP checkpoint in ``dcp_dir``, plus
+    every dotted prefix of its flattened keys (enough to ask whether an entry is there)."""
+    metadata = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    planner_data = metadata.planner_data or {}
+    tops: set[str] = set()
+    for key in metadata.state_dict_metadata:
+        path = planner_data.get(key)
+        if path:
+            tops.add(str(path[0]))
+        pieces = key.split(".")
+        tops.update(".".join(pieces[:n]) for n in range(1, len(pieces)))
+    return tops

@@ -102,9 +102,13 @@ class InLoopEvaluator:
         check_eval_config(self.cfg)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, part: Any, step: int) -> dict[str, Any]:
-        """Sample and score with ``part.ema`` (else ``part.module``); collective, every rank (module doc)."""
+    def evaluate(self, part: Any, step: int, which: Optional[str] = None) -> dict[str, Any]:
+        """Sample and score with ``part.ema`` (else ``part.module``), or the weights ``which`` (another EMA
+        ``"ema_1"``, ...: its record goes to ``<run_dir>/eval/<which>/``); collective, every rank (module doc)."""
         import torch.distributed as tdist
+
+        primary = "ema" if getattr(part, "ema", None) is not None else "model"
+        which = which or primary
 
         ev = self._setup()
         ec = self.cfg.eval
@@ -112,7 +116,7 @@ class InLoopEvaluator:
         # A plain copy of the full EMA (else raw) weights on every rank, whatever the engine and its sharding
         # (a collective gather, then local forwards: adaptive samplers may call it different numbers of times).
         full = contextlib.ExitStack()
-        model = full.enter_context(part.full_model("ema" if getattr(part, "ema", None) is not None else "model"))
+        model = full.enter_context(part.full_model(which))
         was_training = model.training  # the raw weights (no EMA) are in training mode: label dropout
         model.eval()
         rank, world = self.dist.rank, self.dist.world_size
@@ -158,7 +162,8 @@ class InLoopEvaluator:
         outcome: tuple[Optional[dict], Optional[str]] = (None, None)
         if rank == 0:
             try:
-                outcome = (self._finish(ev, gathered, grid, step, time.perf_counter() - t0), None)
+                sub = None if which == primary else which
+                outcome = (self._finish(ev, gathered, grid, step, time.perf_counter() - t0, sub), None)
             except Exception as err:  # noqa: BLE001 - every rank must learn about it
                 outcome = (None, f"{type(err).__name__}: {err}")
         result, error = broadcast_object(outcome) if world > 1 else outcome
@@ -204,8 +209,11 @@ class InLoopEvaluator:
         self._state = state
         return state
 
-    def _finish(self, ev: dict[str, Any], gathered: list, grid: list, step: int, seconds: float) -> dict:
-        """Rank 0: metrics from the gathered features, grid + JSON under <run_dir>/eval, W&B image."""
+    def _finish(
+        self, ev: dict[str, Any], gathered: list, grid: list, step: int, seconds: float, sub: Optional[str] = None
+    ) -> dict:
+        """Rank 0: metrics from the gathered features, grid + JSON under <run_dir>/eval (``sub``: another EMA's,
+        under <run_dir>/eval/<sub>), W&B image."""
         import sys
 
         parts = [g for g in gathered if g]
@@ -225,7 +233,7 @@ class InLoopEvaluator:
             "timestep_shift": float(s.timestep_shift),
             "time_s": round(seconds, 3),
         }
-        out_dir = resolve_run_dir(self.cfg) / "eval"
+        out_dir = resolve_run_dir(self.cfg) / "eval" / (sub or "")
         out_dir.mkdir(parents=True, exist_ok=True)
         grid_path = None
         if grid:
@@ -245,6 +253,7 @@ class InLoopEvaluator:
             "labels": self.cfg.eval.labels,
             "seed": self.cfg.eval.seed,
             "grid": str(grid_path) if grid_path else None,
+            **({"weights": sub} if sub else {}),
         }
         atomic_write_json(out_dir / f"step_{step:07d}.json", record, indent=2)
         wandb = sys.modules.get("wandb")  # the trainer's W&B run, when one is active in this process
@@ -252,7 +261,14 @@ class InLoopEvaluator:
         if run is not None:
             try:
                 if grid_path is not None:
-                    run.log({"eval/samples": wandb.Image(str(grid_path), caption=ev["describe"])}, step=step)
+                    run.log(
+                        {
+                            f"eval/{sub + '/' if sub else ''}samples": wandb.Image(
+                                str(grid_path), caption=ev["describe"]
+                            )
+                        },
+                        step=step,
+                    )
                 run.summary.update(
                     {
                         "eval/sampler": ev["describe"],
@@ -264,8 +280,9 @@ class InLoopEvaluator:
             except Exception as err:  # noqa: BLE001 - logging must never stop training
                 log.warning("eval: could not log the sample grid to W&B: %s", err)
         log.info(
-            "eval step %d: %s (%s, %.0f s)",
+            "eval step %d%s: %s (%s, %.0f s)",
             step,
+            f" ({sub})" if sub else "",
             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
             ev["describe"],
             seconds,

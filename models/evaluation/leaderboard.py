@@ -9,6 +9,13 @@ FID-10K) the row shows the run's final evaluation when it has one (``FID final``
 FID-50K of ``tools/evaluate.py --run-dir``, with its IS and precision/recall). Runs read from several places (a run
 directory and its synced online copy) are one row: de-duplicated by W&B run id. ``log_wandb_table`` logs the table
 to W&B as a ``wandb.Table``.
+
+evaluation. Runs without an FID are listed last.
+
+Several EMAs (``train.ema_decays``): ``summarize_emas`` gives one row per EMA (its decay in the ``EMA`` column), from
+the primary EMA's ``eval/fid`` and the others' ``eval/ema_<i>/fid``. The validation loss (``eval/val_loss``,
+``eval/ema_<i>/val_loss``; models/evaluation/validation.py) of the same evaluation step is shown beside the FID (the
+newest one when the row has no FID).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ __all__ = [
     "plot_fid",
     "rank_rows",
     "summarize",
+    "summarize_emas",
     "write_leaderboard",
 ]
 
@@ -82,6 +90,8 @@ class Row:
     final_num_samples: Optional[int] = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch or step, FID)
     curve_in_epochs: bool = True
+    ema: str = ""  # the EMA's decay (several EMAs: train.ema_decays); "" for the run's only EMA
+    val_loss: Optional[float] = None  # validation loss at the row's step (else the newest)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("is_",)}
@@ -105,8 +115,26 @@ def _num(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-def summarize(run: RunData) -> Row:
-    """The leaderboard row of a run (its best FID evaluation)."""
+def _ema_prefixes(run: RunData) -> list[tuple[str, str]]:
+    """(metric prefix, decay label) of every EMA of the run: ``("", ...)`` for the primary one, ``("ema_1/", ...)``
+    for the others (``train.ema_decays``)."""
+    train = run.config.get("train") or {}
+    decays = train.get("ema_decays") or [train.get("ema_decay")]
+    if len(decays) < 2:
+        return [("", "")]
+    return [
+        ("" if i == 0 else f"ema_{i}/", f"{d:g}" if isinstance(d, (int, float)) else str(d))
+        for i, d in enumerate(decays)
+    ]
+
+
+def summarize_emas(run: RunData) -> list[Row]:
+    """One leaderboard row per EMA of the run (``summarize`` of each)."""
+    return [summarize(run, prefix, label) for prefix, label in _ema_prefixes(run)]
+
+
+def summarize(run: RunData, prefix: str = "", ema: str = "") -> Row:
+    """The leaderboard row of a run (its best FID evaluation); ``prefix``: another EMA's metrics (``"ema_1/"``)."""
     hist = run.history
     ratio = None  # epochs per step, from the trainer's `epoch` metric
     for step in sorted(hist, reverse=True):
@@ -114,9 +142,14 @@ def summarize(run: RunData) -> Row:
         if step > 0 and e is not None and e > 0:
             ratio = e / step
             break
-    evals = sorted((s, r) for s, r in hist.items() if _num(r.get("eval/fid")) is not None)
-    curve = [((s * ratio) if ratio else s, float(r["eval/fid"])) for s, r in evals]
-    best_step, best = min(evals, key=lambda sr: float(sr[1]["eval/fid"])) if evals else (None, {})
+    fid_key = f"eval/{prefix}fid"
+    evals = sorted((s, r) for s, r in hist.items() if _num(r.get(fid_key)) is not None)
+    curve = [((s * ratio) if ratio else s, float(r[fid_key])) for s, r in evals]
+    best_step, best = min(evals, key=lambda sr: float(sr[1][fid_key])) if evals else (None, {})
+    val_key = f"eval/{prefix}val_loss"
+    vals = sorted((s, _num(r.get(val_key))) for s, r in hist.items() if _num(r.get(val_key)) is not None)
+    val_loss = dict(vals).get(best_step) if best_step is not None else (vals[-1][1] if vals else None)
+    best = {k.replace(f"eval/{prefix}", "eval/", 1): v for k, v in best.items()} if prefix else best
     cfg = run.config
     sampling = dict(cfg.get("sampling") or {})
     sampling = _apply_sampling_overrides(sampling, (cfg.get("eval") or {}).get("sampling_overrides") or [])
@@ -131,6 +164,8 @@ def summarize(run: RunData) -> Row:
     final = run.final or {}
     final_n = _num(final.get("num_samples"))
     return Row(
+        ema=ema,
+        val_loss=val_loss,
         run=run.name or run.run_id,
         run_id=run.run_id,
         model=_model_name(cfg),
@@ -157,7 +192,17 @@ def summarize(run: RunData) -> Row:
 
 
 def rank_rows(rows: Sequence[Row]) -> list[Row]:
-    return sorted(rows, key=lambda r: (r.fid is None, r.fid if r.fid is not None else 0.0, r.run))
+    """By FID (rows without one last, by validation loss), then run name."""
+    return sorted(
+        rows,
+        key=lambda r: (
+            r.fid is None,
+            r.fid if r.fid is not None else 0.0,
+            r.val_loss is None,
+            r.val_loss if r.val_loss is not None else 0.0,
+            r.run,
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -178,6 +223,8 @@ COLUMNS = [
     ("IS final", "final_is"),
     ("precision final", "final_precision"),
     ("recall final", "final_recall"),
+    ("val loss", "val_loss"),
+    ("EMA", "ema"),
     ("sampler", "sampler"),
     ("CFG", "cfg"),
 ]
@@ -193,6 +240,10 @@ def _cell(row: Row, attr: Optional[str], rank: int) -> str:
         return f"{v:.3f}"
     if attr in ("is_", "final_is"):
         return f"{v:.2f}"
+    if attr == "val_loss":
+        return f"{v:.4f}"
+    if attr == "ema" and not v:
+        return "-"
     if attr in ("precision", "recall", "final_precision", "final_recall"):
         return f"{v:.3f}"
     if attr == "epochs":
@@ -241,7 +292,7 @@ def plot_fid(rows: Sequence[Row], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for r in series:
         xs, ys = zip(*r.curve)
-        ax.plot(xs, ys, marker="o", label=f"{r.run} ({r.model})")
+        ax.plot(xs, ys, marker="o", label=f"{r.run} ({r.model}{', EMA ' + r.ema if r.ema else ''})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FID (in-loop)")
     ax.set_title("FID vs training epochs")

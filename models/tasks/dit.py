@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from core.config import Checks
+from core.config import Checks, train_ema_decays
 from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from data.sources import StreamingSource
 from models.dit_config import TimestepPhase, check_dit_task
 from models.evaluation.in_loop import InLoopEvaluator, check_eval_config
+from models.evaluation.validation import ValidationLoss, evaluate_dit
 from models.lightningdit import build_model
 from models.loading import load_into_model
 from models.transport import PhaseTracker, Transport, timestep_phase_at
@@ -35,6 +36,7 @@ class DiTTask(Task):
         self.generator.manual_seed(cfg.seed * 1_000_003 + dist.rank)
         self._flops = None
         self._eval = None  # models.evaluation.in_loop.InLoopEvaluator, built on first use
+        self._val = None  # models.evaluation.validation.ValidationLoss, built on first use
 
     def build_models(self) -> dict[str, PartSpec]:
         model = build_model(self.cfg.model)
@@ -45,7 +47,7 @@ class DiTTask(Task):
             "model": PartSpec(
                 module=model,
                 optimizer=self.cfg.optimizer,
-                ema_decay=self.cfg.train.ema_decay,
+                ema_decay=train_ema_decays(self.cfg.train),
                 blocks_attr="blocks",
                 grad_clip=self.cfg.train.grad_clip,
             )
@@ -121,10 +123,12 @@ class DiTTask(Task):
         self.generator.manual_seed(seed_for(self.cfg.seed, step, rank, "dit/timesteps+noise"))
 
     # ------------------------------------------------------------------ in-loop evaluation
-    def evaluate(self, parts: dict[str, Any], step: int) -> dict[str, Any]:
-        """Sample ``eval.num_samples`` images with the EMA weights and score them (collective, every rank):
-        models/evaluation/in_loop.py."""
-        return self._evaluator().evaluate(parts["model"], step)
+    def evaluate(
+        self, parts: dict[str, Any], step: int, kinds: frozenset[str] = frozenset({"samples"})
+    ) -> dict[str, Any]:
+        """Collective, every rank: models/evaluation/validation.evaluate_dit (in-loop FID of every EMA, the
+        validation loss)."""
+        return evaluate_dit(self, parts["model"], step, kinds)
 
     def check(self) -> None:
         """Cheap, local checks of the ``eval`` section (models/evaluation/in_loop.check_eval_config)."""
@@ -138,3 +142,9 @@ class DiTTask(Task):
                 self.cfg, self.dist, num_classes=m.num_classes, latent_shape=(m.in_channels, m.input_size, m.input_size)
             )
         return self._eval
+
+    def _validator(self):
+        if self._val is None:
+            m = self.cfg.model
+            self._val = ValidationLoss(self.cfg, self.dist, latent_shape=(m.in_channels, m.input_size, m.input_size))
+        return self._val
