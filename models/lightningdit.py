@@ -578,8 +578,8 @@ class LightningDiT(nn.Module):
         x = self.unpatchify(x)  # (N, C_out, H, W)
         if self.learn_sigma:
             x = x[:, : self.in_channels]
-        if return_repa:
-            return x, self.repa_projector(tokens)
+        if return_repa:  # cloned: the Linear's 3-D output is a view, which FSDP2 warns about as a module output
+            return x, self.repa_projector(tokens).clone()
         return x
 
     def forward_with_cfg(

@@ -21,7 +21,7 @@ except ImportError:  # tests/ imported as a package
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
 CKPT, TOTAL, Z = 2, 4, 8
-ENGINES = ("fsdp2",)
+ENGINES = ("fsdp2", "deepspeed")
 
 pytestmark = pytest.mark.timeout(300)
 
