@@ -226,3 +226,15 @@ def test_repa_refuses_a_dataset_without_flip_features(tmp_path, _clean_shared_me
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['features_flip'\].*features\.flip=true"):
         LatentDataset(local=str(tmp_path / "ds"), pair_flip_features=True, batch_size=1)
     gc.collect()
+
+
+def test_leaderboard_names_a_repa_run():
+    from models.evaluation.leaderboard import _model_name
+
+    plain = {"model": {"type": "LightningDiT-XL/1"}, "repa": {"enabled": False, "depth": 8}}
+    assert _model_name(plain) == "LightningDiT-XL/1"
+    repa = {
+        "model": {"type": "LightningDiT-XL/1"},
+        "repa": {"enabled": True, "encoder": "dinov2-b", "depth": 8, "weight": 0.5},
+    }
+    assert _model_name(repa) == "LightningDiT-XL/1 + REPA(dinov2-b, depth 8, weight 0.5)"
