@@ -7,7 +7,8 @@ MDS shards.
 
 For every image: ``latent`` = encode(x), ``latent_flip`` = encode(hflip(x)) (the official pipeline's two
 passes), ``label``, ``sample_id`` (the image's global index); with ``features.enabled``, ``features`` = DINOv2
-patch tokens of x as float16 [D, h, w] on the latent grid (or the ``features.grid`` x ``features.grid`` grid);
+patch tokens of x as float16 [D, h, w] on the latent grid (or the ``features.grid`` x ``features.grid`` grid),
+and with ``features.flip`` also ``features_flip`` = those of hflip(x) (REPA's targets for ``latent_flip``);
 with ``images``, ``image`` = x itself as uint8 [3, S, S] (the exact crop the tokenizer and DINOv2 saw, not
 flipped). data/streaming.py has the schema. ``tokenizer.kind: none`` stores no latents (and no statistics): a
 dataset of images + DINOv2 features for VA-VAE training with precomputed features (``vavae.vf.features:
@@ -149,6 +150,8 @@ class FeaturesConfig:
     imagenet_norm: bool = False  # official: [-1, 1] input without ImageNet mean/std
     grid: Optional[int] = None  # token grid side (input resized to patch * grid); None = latent grid.
     #                                          VA-VAE features: the trained autoencoder's grid (256 px / 16 = 16)
+    flip: bool = False  # also `features_flip`: the features of the horizontally flipped image (REPA targets)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resize to patch * grid (REPA: bicubic)
 
 
 @dataclass
@@ -312,6 +315,7 @@ def build_features(cfg: FeaturesConfig, grid: tuple[int, int]) -> FeatureExtract
         grid=grid,
         imagenet_norm=cfg.imagenet_norm,
         model_kwargs=cfg.model_kwargs,
+        interpolation=cfg.interpolation,
         config_key="features",
     )
 
@@ -395,7 +399,7 @@ class _ChunkWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         self.writer.write(record)
-        arrays = [record[k] for k in ("latent", "latent_flip", "features", "image") if k in record]
+        arrays = [record[k] for k in ("latent", "latent_flip", "features", "features_flip", "image") if k in record]
         self.ids.append(int(record["sample_id"]))
         self.digests.append(_sample_digest(int(record["sample_id"]), int(record["label"]), arrays))
 
@@ -519,6 +523,9 @@ def _plan(
                     "model_kwargs": f.model_kwargs,
                     "imagenet_norm": f.imagenet_norm,
                     "shape": list(features_shape or []),
+                    # only when set, so that a job started before these options existed still resumes
+                    **({"flip": True} if f.flip else {}),
+                    **({"interpolation": f.interpolation} if f.interpolation != "bilinear" else {}),
                 },
                 "image_shape": [3, cfg.source.image_size, cfg.source.image_size] if cfg.images else None,
                 "seed": cfg.seed,
@@ -597,6 +604,7 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
         features_shape=features_shape,
         with_latents=tokenizer is not None,
         image_size=cfg.source.image_size if cfg.images else None,
+        with_flip_features=features is not None and cfg.features.flip,
     )
     plan = _plan(cfg, source, world, latent_shape, features_shape)
     _check_plan(out, plan, rank)
@@ -806,14 +814,19 @@ def _encode_and_write(
             if tokenizer is not None
             else None
         )
-        feats = features(x) if features is not None else None
+        feats = None
+        if features is not None:  # one forward over the images and (features.flip) their flips
+            feats = features(torch.cat([x, torch.flip(x, dims=[-1])]) if cfg.features.flip else x)
     columns: dict[str, np.ndarray] = {}
     if z is not None:
         z = z.to(torch.float32).cpu().numpy().astype(dtype)
         columns["latent"], columns["latent_flip"] = z[:n], z[n:]
         writer.moments.update(z[:n])  # exact stats of the stored (non-flipped) values
     if feats is not None:
-        columns["features"] = feats.to(torch.float32).cpu().numpy().astype(np.float16)
+        feats = feats.to(torch.float32).cpu().numpy().astype(np.float16)
+        columns["features"] = feats[:n]
+        if cfg.features.flip:
+            columns["features_flip"] = feats[n:]
     if cfg.images:
         columns["image"] = _to_uint8_exact(batch["image"]).numpy()
     labels, ids = batch["label"].tolist(), batch["sample_id"].tolist()

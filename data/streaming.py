@@ -10,6 +10,8 @@ it, every column but label and sample_id optional there):
     sample_id     int64                               global image index (resume checks, dedup)
     features      ndarray:float16[:D,h,w]             DINOv2 patch tokens of the (non-flipped) image on an h x w
                                                       token grid (VA-VAE: the autoencoder's latent grid)
+    features_flip ndarray:float16[:D,h,w]             DINOv2 patch tokens of the horizontally flipped image
+                                                      (REPA: the targets of ``latent_flip``)
     image         ndarray:uint8:3,S,S                 the image itself: the exact S x S crop the tokenizer and
                                                       DINOv2 saw, not flipped (VA-VAE training)
 
@@ -31,8 +33,9 @@ Reading (``LatentDataset`` / ``ImageDataset`` / ``build_streaming_loader``):
   p = 0.5, decided by a hash of (seed, epoch, stored sample_id) -- no RNG state, so order *and* flips are
   identical after a mid-epoch resume with any number of workers. The epoch is the one streaming itself
   iterates (recorded when ``__iter__`` starts the epoch, including the epoch restored by
-  ``load_state_dict``). Stored features belong to the non-flipped image: ``ImageDataset`` refuses flips when
-  it reads them.
+  ``load_state_dict``). ``features`` belong to the non-flipped image: ``ImageDataset`` refuses flips when
+  it reads them; ``LatentDataset`` returns ``features_flip`` with ``latent_flip`` when the dataset has that column
+  (``pair_flip_features``: required, REPA).
 * Checks: required columns present (the error names data.path and the missing column), every shard with
   the same columns, fixed shapes against what the model expects (up front, else per sample).
 * Distribution: streaming finds rank and world from the environment variables RANK, WORLD_SIZE,
@@ -139,13 +142,14 @@ def latent_columns(
     features_dtype: str = "float16",
     with_latents: bool = True,
     image_size: Optional[int] = None,
+    with_flip_features: bool = False,
 ) -> dict[str, str]:
     """MDS column spec of the dataset (see the schema above).
 
     The dtype is always part of the encoding. With ``latent_shape`` (C, H, W) / ``features_shape``
     (D, h, w) the shape is fixed too (no per-sample header, and the reader can check it up front).
     ``with_latents=False`` leaves out latent/latent_flip; ``image_size`` S adds the ``image`` column
-    (uint8 [3, S, S]).
+    (uint8 [3, S, S]); ``with_flip_features`` adds ``features_flip`` (the features of the flipped image, REPA).
     """
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
@@ -159,6 +163,8 @@ def latent_columns(
         if features_dtype not in LATENT_DTYPES:
             raise ValueError(f"features_dtype must be one of {LATENT_DTYPES}, got {features_dtype!r}")
         columns["features"] = _ndarray_encoding(features_dtype, features_shape)
+        if with_flip_features:
+            columns["features_flip"] = columns["features"]
     if image_size is not None:
         columns["image"] = _ndarray_encoding("uint8", (3, image_size, image_size))
     return columns
@@ -232,7 +238,8 @@ def write_latent_dataset(
     fixed_shape: bool = True,
     exist_ok: bool = False,
 ) -> WrittenDataset:
-    """Write samples (dicts with latent, latent_flip, label, sample_id[, features]) as MDS shards.
+    """Write samples (dicts with latent, latent_flip, label, sample_id[, features[, features_flip]]) as MDS shards
+    (``features_flip`` is written when ``with_features`` and the first sample has it).
 
     Arrays may be numpy or torch, any float dtype; they are stored as ``latent_dtype``. With
     ``compute_stats`` the exact per-channel mean/std of the stored (non-flipped) latents is saved
@@ -247,19 +254,22 @@ def write_latent_dataset(
         raise ValueError(f"write_latent_dataset({str(out_dir)!r}): no samples to write") from None
     latent_shape = tuple(_as_numpy(first["latent"]).shape)
     features_shape = tuple(_as_numpy(first["features"]).shape) if with_features else None
+    flip_features = with_features and "features_flip" in first
     columns = latent_columns(
         latent_dtype,
         with_features,
         latent_shape=latent_shape if fixed_shape else None,
         features_shape=features_shape if fixed_shape else None,
+        with_flip_features=flip_features,
     )
     moments = RunningMoments() if compute_stats else None
     count = 0
     with open_writer(out_dir, columns, size_limit, exist_ok=exist_ok) as writer:
         for sample in _chain_first(first, iterator):
             missing = [k for k in ("latent", "latent_flip", "label", "sample_id") if k not in sample]
-            if with_features and "features" not in sample:
-                missing.append("features")
+            missing += [
+                k for k in ("features",) * with_features + ("features_flip",) * flip_features if k not in sample
+            ]
             if missing:
                 raise KeyError(f"write_latent_dataset: sample #{count} lacks {missing}")
             latent = _as_numpy(sample["latent"], latent_dtype)
@@ -277,6 +287,8 @@ def write_latent_dataset(
             }
             if with_features:
                 record["features"] = _as_numpy(sample["features"], "float16")
+            if flip_features:
+                record["features_flip"] = _as_numpy(sample["features_flip"], "float16")
             writer.write(record)
             if moments is not None:
                 moments.update(latent[None])
@@ -1008,6 +1020,8 @@ class LatentDataset(_ShardDataset):
     Args (besides StreamingDataset's keyword arguments, e.g. shuffle, shuffle_seed, batch_size, and
     ``_ShardDataset``'s local, remote, validate_hash):
         latent_norm, latent_multiplier, random_flip, use_features: as ``DataConfig``.
+        pair_flip_features: require ``features_flip`` (with ``random_flip``) and read features (REPA).
+        expected_features_shape: (D, h, w) the REPA projector needs; checked against the data.
         flip_seed: seed of the flip decision (the experiment seed).
         stats_path: statistics file or directory; default ``local/latents_stats.pt`` (fetched from
             ``remote`` when missing locally).
@@ -1027,12 +1041,19 @@ class LatentDataset(_ShardDataset):
         stats_path: Optional[Union[str, Path]] = None,
         expected_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
+        pair_flip_features: bool = False,
+        expected_features_shape: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> None:
         self.num_classes = None if num_classes is None else int(num_classes)
         self.latent_norm = bool(latent_norm)
         self.latent_multiplier = float(latent_multiplier)
-        self.use_features = bool(use_features)
+        self.use_features = bool(use_features) or bool(pair_flip_features)
+        self.pair_flip_features = bool(pair_flip_features)
+        self.expected_features_shape = (
+            tuple(int(d) for d in expected_features_shape) if expected_features_shape is not None else None
+        )
+        self._flip_features = False  # read `features_flip` for flipped samples (set by the schema check)
         self.expected_shape = tuple(int(d) for d in expected_shape) if expected_shape is not None else None
         self.mean: Optional[torch.Tensor] = None
         self.std: Optional[torch.Tensor] = None
@@ -1081,12 +1102,30 @@ class LatentDataset(_ShardDataset):
             ["latent", "label", "sample_id"]
             + (["latent_flip"] if self.random_flip else [])
             + (["features"] if self.use_features else [])
+            + (["features_flip"] if self.pair_flip_features and self.random_flip else [])
         )
 
     def _missing_hint(self, missing: Sequence[str]) -> str:
+        if "features_flip" in missing:
+            return (
+                " (REPA pairs a flipped latent with the features of the flipped image: extract with "
+                "features.enabled=true features.flip=true, or set data.random_flip=false)"
+            )
         return " (set data.use_features=false or extract DINOv2 features)" if "features" in missing else ""
 
     def _check_encodings(self, encodings: Mapping[str, str]) -> None:
+        # Flipped latents meet the features of the flipped image whenever the dataset has them.
+        self._flip_features = self.use_features and self.random_flip and "features_flip" in encodings
+        if self.expected_features_shape is not None:
+            for column in ("features", "features_flip"):
+                if column not in encodings:
+                    continue
+                _, shape = parse_ndarray_encoding(encodings[column])
+                if shape is not None and tuple(shape) != self.expected_features_shape:
+                    raise ValueError(
+                        f"data.path: column {column!r} of {self.data_dir} has shape {tuple(shape)} but the model "
+                        f"needs {self.expected_features_shape} (repa.z_dim / repa.encoder, the DiT token grid)"
+                    )
         for column in ("latent", "latent_flip"):
             if column not in encodings:
                 continue
@@ -1139,7 +1178,13 @@ class LatentDataset(_ShardDataset):
             "flipped": _scalar(flipped, np.bool_),
         }
         if self.use_features:
-            item["features"] = _writable_tensor(raw["features"])
+            features = raw["features_flip" if flipped and self._flip_features else "features"]
+            if self.expected_features_shape is not None and tuple(features.shape) != self.expected_features_shape:
+                raise ValueError(
+                    f"data.path: features of sample_id {sid} in {self.data_dir} have shape {tuple(features.shape)} "
+                    f"but the model needs {self.expected_features_shape} (repa.z_dim / repa.encoder, the token grid)"
+                )
+            item["features"] = _writable_tensor(features)
         _check_values(item, sid, self.num_classes, "latent")
         return item
 

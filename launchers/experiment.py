@@ -1,7 +1,7 @@
 """The experiment config: one YAML per training run, assembled from the sections of every layer.
 
 Each section is defined (and checked) next to the code that owns it: the trainer's sections in core/config.py,
-``data`` in data/config.py, ``model`` in models/lightningdit.py, ``transport``/``sampling``/``eval`` in
+``data`` in data/config.py, ``model`` in models/lightningdit.py, ``transport``/``sampling``/``eval``/``repa`` in
 models/dit_config.py, ``vavae`` in models/vavae_config.py, ``launcher`` in launchers/config.py. The loader
 (``load_config``: YAML, dotted CLI overrides, types and unknown keys checked, errors naming the file or the command
 line, the dotted key and the problem) is core/config.py's; ``validate`` runs every section's checks, then the
@@ -32,9 +32,11 @@ from data.config import DataConfig, check_data_config
 from launchers.config import LauncherConfig
 from models.dit_config import (
     EvalConfig,
+    RepaConfig,
     SamplingConfig,
     TransportConfig,
     check_eval_config,
+    check_repa_config,
     check_sampling_config,
     check_transport_config,
 )
@@ -64,6 +66,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)  # Slurm settings (launchers/slurm.py)
     vavae: VAVAEConfig = field(default_factory=VAVAEConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)  # REPA alignment of the DiT (models/repa.py); off
 
 
 def config_from_dict(data: dict | None, source: str = "<dict>") -> ExperimentConfig:
@@ -96,6 +99,7 @@ def _collect_errors(cfg: ExperimentConfig, world_size: int | None) -> list[tuple
     check_data_config(cfg.data, checks)
     check_training_config(cfg, checks, world_size)  # optimizer, lr_schedule, train, engine, checkpoint
     check_sampling_config(cfg.sampling, checks)
+    check_repa_config(cfg.repa, checks)
     if cfg.task in TASKS:
         TASKS.get(cfg.task).check_config(cfg, checks)
     return checks.errors

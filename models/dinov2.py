@@ -10,7 +10,7 @@
   from a fixed seed (``RANDOM_INIT_SEED``, whatever the global RNG), so that every process that builds the same
   model (extraction job, every training rank) gets the same random network. A missing file is a
   ``FileNotFoundError`` naming ``<config_key>.weights``.
-* Input: resized (bilinear, align_corners=False) to ``patch * grid`` so that the token grid equals the
+* Input: resized (bilinear, or ``interpolation="bicubic"`` as REPA; align_corners=False) to ``patch * grid`` so that the token grid equals the
   latent grid (224 px for patch 14 and a 16 x 16 latent, the official VA-VAE setting). The official code
   feeds the [-1, 1] image *without* ImageNet mean/std normalisation (a known minor bug, hustvl/LightningDiT
   #78); ``imagenet_norm=True`` maps [-1, 1] -> [0, 1] and applies the ImageNet mean/std instead.
@@ -94,6 +94,7 @@ class DINOv2Features(FeatureExtractor):
         grid: Sequence[int] = (16, 16),
         imagenet_norm: bool = False,
         model_kwargs: Optional[dict[str, Any]] = None,
+        interpolation: str = "bilinear",
         config_key: str = "dinov2",
     ) -> None:
         super().__init__()
@@ -130,6 +131,9 @@ class DINOv2Features(FeatureExtractor):
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
         self.dim = int(vit.num_features)
         self.imagenet_norm = bool(imagenet_norm)
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"{config_key}.interpolation: 'bilinear' or 'bicubic', got {interpolation!r}")
+        self.interpolation = interpolation
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
@@ -142,7 +146,7 @@ class DINOv2Features(FeatureExtractor):
         size = self.input_size((h, w))
         x = images.to(torch.float32)
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False)
         if self.imagenet_norm:
             x = ((x + 1.0) * 0.5 - self.mean) / self.std
         tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]

@@ -1,5 +1,6 @@
-"""The DiT's config sections (``transport``, ``sampling``, ``eval``; ``model`` is ``models.lightningdit.ModelConfig``)
-with their value checks, and the DiT task's own checks of the shared sections (``check_dit_task``)."""
+"""The DiT's config sections (``transport``, ``sampling``, ``eval``, ``repa``; ``model`` is
+``models.lightningdit.ModelConfig``) with their value checks, and the DiT task's own checks of the shared sections
+(``check_dit_task``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ __all__ = [
     "TransportConfig",
     "SamplingConfig",
     "EvalConfig",
+    "RepaConfig",
+    "REPA_ENCODERS",
     "check_transport_config",
     "check_sampling_config",
     "check_eval_config",
+    "check_repa_config",
+    "repa_z_dim",
     "check_dit_task",
 ]
 
@@ -74,6 +79,44 @@ class EvalConfig:
     val_every_epochs: Optional[float] = None  # None = no validation loss
     val_timesteps: int = 8
     val_batch_size: int = 64  # per forward (fixed: the losses do not depend on the number of ranks)
+
+
+# REPA encoders: name -> (timm model the extraction job runs (data/extract.py `features.model`), feature width).
+REPA_ENCODERS = {
+    "dinov2-b": ("vit_base_patch14_dinov2.lvd142m", 768),  # REPA's default (dinov2-vit-b)
+    "dinov2-l": ("vit_large_patch14_dinov2.lvd142m", 1024),  # the VA-VAE's foundation model
+}
+
+
+@dataclass
+class RepaConfig:
+    """REPA (arXiv 2410.06940; models/repa.py): align the tokens after block ``depth`` with DINOv2 patch features
+    stored beside the latents (data/extract.py ``features.enabled`` + ``features.flip``). Off by default."""
+
+    enabled: bool = False
+    encoder: str = "dinov2-b"  # a REPA_ENCODERS name: the encoder whose features the dataset holds
+    z_dim: Optional[int] = None  # feature width; None = the encoder's (768 / 1024); set it for other extractors
+    depth: int = 8  # tokens after this block (1-based; REPA's default for 28-block XL models)
+    weight: float = 0.5  # loss = diffusion loss + weight * REPA loss (REPA's proj_coeff)
+    projector_dim: int = 2048  # MLP hidden width: Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, z_dim)
+
+
+def repa_z_dim(r: RepaConfig) -> int:
+    """The feature width the projector outputs (``repa.z_dim`` or the encoder's)."""
+    return int(r.z_dim) if r.z_dim is not None else REPA_ENCODERS[r.encoder][1]
+
+
+def check_repa_config(r: RepaConfig, checks: Checks) -> None:
+    """Sizes and the encoder name of the ``repa`` section (its fit to the model: ``check_dit_task``)."""
+    checks.need(
+        r.encoder in REPA_ENCODERS,
+        "repa.encoder",
+        f"unknown encoder {r.encoder!r}; known: {', '.join(REPA_ENCODERS)}",
+    )
+    checks.positive(r.z_dim, "repa.z_dim", allow_none=True)
+    checks.positive(r.depth, "repa.depth")
+    checks.positive(r.projector_dim, "repa.projector_dim")
+    checks.need(r.weight >= 0, "repa.weight", f"must be >= 0, got {r.weight!r}")
 
 
 def check_transport_config(t: TransportConfig, checks: Checks) -> None:
@@ -141,3 +184,33 @@ def check_dit_task(cfg: Any, checks: Checks) -> None:
         f"the DiT task trains on latent MDS shards (data.kind 'streaming'), got {d.kind!r}",
         ("task",),
     )
+    r = getattr(cfg, "repa", None)
+    if r is not None and r.enabled:
+        depth = _model_depth(cfg.model)
+        checks.need(
+            depth is None or r.depth <= depth,
+            "repa.depth",
+            f"must be at most the model's depth {depth}, got {r.depth}",
+            ("model.type", "model.depth"),
+        )
+        checks.need(
+            d.use_features,
+            "data.use_features",
+            "repa.enabled needs the stored DINOv2 features: set data.use_features=true (the dataset must hold "
+            "`features` and, with data.random_flip, `features_flip`: data/extract.py features.enabled/flip)",
+            ("repa.enabled",),
+        )
+
+
+def _model_depth(m: Any) -> Optional[int]:
+    """Number of blocks of ``model`` (a registry type or custom); None for an unknown type (reported elsewhere)."""
+    if m.type == "custom":
+        return m.depth
+    from models.lightningdit import LightningDiT_models
+
+    if m.type not in LightningDiT_models:
+        return None
+    import torch
+
+    with torch.device("meta"):
+        return LightningDiT_models[m.type](input_size=m.input_size, in_channels=m.in_channels).depth

@@ -551,22 +551,35 @@ class LightningDiT(nn.Module):
             return None, None
         return self.feat_rope.freqs_cos, self.feat_rope.freqs_sin
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    repa_depth: Optional[int] = None  # set with the `repa_projector` submodule by models/repa.py:attach_repa
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_repa: bool = False
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The velocity (N, C, H, W); with ``return_repa`` also the REPA projection (N, T, z_dim) of the tokens after
+        block ``repa_depth`` (models/repa.py; run inside this forward so that engines see the projector's use)."""
+        if return_repa and self.repa_depth is None:
+            raise ValueError("return_repa=True needs a REPA projector (models.repa.attach_repa)")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         rope_cos, rope_sin = self.rope()
         ckpt = self.use_checkpoint and torch.is_grad_enabled()
-        for block in self.blocks:
+        tokens = None
+        for i, block in enumerate(self.blocks):
             if ckpt:
                 x = checkpoint(block, x, c, rope_cos, rope_sin, use_reentrant=False)
             else:
                 x = block(x, c, rope_cos, rope_sin)
+            if return_repa and i + 1 == self.repa_depth:
+                tokens = x
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         x = self.unpatchify(x)  # (N, C_out, H, W)
         if self.learn_sigma:
             x = x[:, : self.in_channels]
+        if return_repa:  # cloned: the Linear's 3-D output is a view, which FSDP2 warns about as a module output
+            return x, self.repa_projector(tokens).clone()
         return x
 
     def forward_with_cfg(

@@ -16,7 +16,8 @@ wrapper path components that never name real modules (``_orig_mod``, ``_checkpoi
 ``_fsdp_wrapped_module``) are removed wherever they appear (per-block compile / activation checkpointing).
 
 ``load_into_model`` compares against the model's own state dict and, on any mismatch, raises a
-``ValueError`` listing missing, unexpected and mis-shaped keys together with the file path.
+``ValueError`` listing missing, unexpected and mis-shaped keys together with the file path. A REPA projector in the
+file (``repa_projector.*``) is ignored when the model has none (sampling from a REPA run's checkpoint).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any, Union
 
 import torch
 import torch.nn as nn
+
+from models.repa import REPA_PREFIX, strip_repa
 
 __all__ = [
     "CheckpointReadError",
@@ -322,6 +325,8 @@ def load_into_model(
             f"materialise it first (model.to_empty(device=...); model.init_weights())"
         )
     entry, sd = _load_with_source(path, which, allow_pickle=allow_pickle)
+    if not any(k.startswith(REPA_PREFIX) for k in model_sd):
+        sd = strip_repa(sd)  # a REPA run's training checkpoint into the plain model: the projector is not needed
     report = compare_state(model_sd, sd, str(path), entry)
     if not report.ok:
         if strict:
@@ -367,7 +372,7 @@ def _fsdp2_state_dicts(ckpt_dir: Path, part: str, emas: list[str]) -> dict[str, 
             if which == "ema":  # a part trained without EMA
                 continue
             raise
-        sd = clean_state_dict(sd, source=str(ckpt_dir))
+        sd = strip_repa(clean_state_dict(sd, source=str(ckpt_dir)))
         out[which] = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in sd.items()}
     return out
 
@@ -409,7 +414,9 @@ def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> d
     """``{"model": sd, "ema": sd}`` (``ema`` only if the part has one) of ``part`` in checkpoint directory
     ``ckpt_dir`` (a run or ``checkpoints/`` directory: its newest complete checkpoint), written by either engine:
     fp32 CPU tensors under the model's own (official) key names. FSDP2: read with ``_load_our_checkpoint_dir``
-    (DCP's local reader, full tensors, optimizer never read); DeepSpeed: ``consolidated_state_dicts``.
+    (DCP's local reader, full tensors, optimizer never read); DeepSpeed: ``consolidated_state_dicts``. A REPA
+    projector (``repa_projector.*``, models/repa.py) is a training-only head: it is dropped, so the export loads
+    into the plain model.
 
     ``ema``: which of the part's EMAs (``train.ema_decays``: ``"ema"``, ``"ema_1"``, ...) is written under
     ``"ema"`` (the official layout, what ``load_into_model(which="ema")`` reads); ``"all"`` keeps every EMA under
@@ -424,7 +431,8 @@ def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> d
     else:
         from core.engines.deepspeed import consolidated_state_dicts
 
-        state = consolidated_state_dicts(ckpt_dir, part)  # every EMA (ema.pt holds them all)
+        # every EMA (ema.pt holds them all)
+        state = {k: strip_repa(sd) for k, sd in consolidated_state_dicts(ckpt_dir, part).items()}
         available = sorted((k for k in state if k != "model"), key=_ema_order)
         _check_ema_choice(ema, available, ckpt_dir, part)
     wanted = available if ema == "all" else [ema] if available else []

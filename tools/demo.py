@@ -16,6 +16,10 @@
   5. sample:  one row per class from the EMA weights of the last checkpoint, decoded by the VA-VAE -> PNG grid
   6. leaderboard: the DiT run ranked by FID, a Markdown table and a plot of FID against epochs
 
+``--repa``: the same with REPA (README "REPA"): the extraction also stores DINOv2 features of each image and of its
+flip (a tiny RANDOMLY INITIALISED DINOv2: a pipeline check), and the DiT trains with configs/demo_dit_repa.yaml into
+``dit_repa`` (data in ``data_repa``); the leaderboard shows it beside the plain run when that exists.
+
 Everything lands under --out (default runs/demo); the last lines say where.
 """
 
@@ -32,6 +36,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+REPA_CONFIG = "configs/demo_dit_repa.yaml"
+# The extraction's features for --repa: DINOv2 of each image and of its flip on the latent grid, ImageNet-normalised
+# and bicubic-resized as REPA; a tiny RANDOMLY INITIALISED ViT (32-d, the config's repa.z_dim), no download.
+REPA_FEATURES = [
+    "features.enabled=true",
+    "features.flip=true",
+    "features.model=vit_small_patch14_dinov2",
+    "features.random_init=true",
+    "features.model_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+    "features.imagenet_norm=true",
+    "features.interpolation=bicubic",
+]
 
 
 def run_stage(title: str, cmd: list[str]) -> None:
@@ -68,9 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=None, help="override the DiT config's epochs")
     p.add_argument("--per-class", type=int, default=10, help="samples per class in the grid")
     p.add_argument("--eval-every", type=float, default=6.0, help="in-loop evaluation every this many epochs")
+    p.add_argument("--repa", action="store_true", help="train with REPA on stored DINOv2 features (see above)")
     args = p.parse_args(argv)
+    if args.repa and args.config == "configs/demo_dit.yaml":
+        args.config = REPA_CONFIG
     out = args.out if args.out.is_absolute() else REPO / args.out
     vavae_dir, data_dir, run_dir, grid = out / "vavae", out / "data", out / "dit", out / "samples.png"
+    if args.repa:
+        data_dir, run_dir, grid = out / "data_repa", out / "dit_repa", out / "samples_repa.png"
     reference, board = out / "reference", out / "leaderboard"
     py = sys.executable
     t0 = time.time()
@@ -131,6 +154,7 @@ def main(argv=None) -> int:
             f"source.num_samples={args.num_samples}",
             "tokenizer.kind=vavae",
             f"tokenizer.kwargs={{checkpoint: '{tokenizer_ckpt}'}}",
+            *(REPA_FEATURES if args.repa else []),
         ],
     )
     channels, size, _ = latent_shape(data_dir)
@@ -150,7 +174,7 @@ def main(argv=None) -> int:
     if args.epochs is not None:
         train_overrides.append(f"train.epochs={args.epochs}")
     run_stage(
-        "4/6 train LightningDiT on the latents (FSDP2, 2 ranks)",
+        "4/6 train LightningDiT on the latents (FSDP2, 2 ranks" + (", REPA)" if args.repa else ")"),
         [py, "launchers/local.py", "--nproc", str(args.nproc), args.config, *train_overrides],
     )
     run_stage(
@@ -160,7 +184,13 @@ def main(argv=None) -> int:
 
     run_stage(
         "6/6 leaderboard (FID of the in-loop evaluations)",
-        [py, "tools/leaderboard.py", str(run_dir), "--out", str(board)],
+        [
+            py,
+            "tools/leaderboard.py",
+            *[str(d) for d in (out / "dit", out / "dit_repa") if d == run_dir or (d / "metrics.jsonl").exists()],
+            "--out",
+            str(board),
+        ],
     )
 
     recon = json.loads((out / "vavae_reconstruction.json").read_text())

@@ -103,8 +103,13 @@ def _model_name(config: Mapping[str, Any]) -> str:
     m = config.get("model") or {}
     kind = m.get("type", "?")
     if kind == "custom":
-        return f"custom d{m.get('depth', '?')} h{m.get('hidden_size', '?')} p{m.get('patch_size', '?')}"
-    return str(kind)
+        name = f"custom d{m.get('depth', '?')} h{m.get('hidden_size', '?')} p{m.get('patch_size', '?')}"
+    else:
+        name = str(kind)
+    repa = config.get("repa") or {}
+    if repa.get("enabled"):  # a REPA run is its own row, and says so
+        name += f" + REPA({repa.get('encoder', '?')}, depth {repa.get('depth', '?')}, weight {repa.get('weight', '?')})"
+    return name
 
 
 def _num(v: Any) -> Optional[float]:

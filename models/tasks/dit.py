@@ -1,4 +1,4 @@
-"""LightningDiT training task: flow-matching loss (MSE + cosine) on precomputed latents."""
+"""LightningDiT training task: flow-matching loss (MSE + cosine) on precomputed latents (+ REPA: models/repa.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from core.config import Checks, train_ema_decays
 from core.rng import seed_for
 from core.task import PartSpec, StepContext, Task
 from data.sources import StreamingSource
-from models.dit_config import TimestepPhase, check_dit_task
+from models.dit_config import TimestepPhase, check_dit_task, repa_z_dim
 from models.evaluation.in_loop import InLoopEvaluator, check_eval_config
 from models.evaluation.validation import ValidationLoss, evaluate_dit
 from models.lightningdit import build_model
 from models.loading import load_into_model
+from models.repa import RepaCapture, attach_repa, features_to_tokens, repa_loss_per_sample
 from models.transport import PhaseTracker, Transport, timestep_phase_at
 
 
@@ -43,6 +44,10 @@ class DiTTask(Task):
         if self.cfg.model.init_from:
             load_into_model(model, self.cfg.model.init_from, which="ema", strict=True)
         self._flops = model.flops_per_image(training=True)
+        r = self.cfg.repa
+        if r.enabled:  # after init_from: the projector is new (an official checkpoint has none)
+            projector = attach_repa(model, r.depth, r.projector_dim, repa_z_dim(r))
+            self._flops += 3 * model.num_patches * projector.flops_per_token()  # forward + backward
         return {
             "model": PartSpec(
                 module=model,
@@ -66,7 +71,20 @@ class DiTTask(Task):
             dist=self.dist,
             expected_shape=(m.in_channels, m.input_size, m.input_size),
             num_classes=m.num_classes,
+            **self._repa_data_kwargs(),
         )
+
+    def _repa_data_kwargs(self) -> dict[str, Any]:
+        """REPA: the stored features must be those of the image whose latent is read (``features_flip`` for
+        ``latent_flip``) and hold one ``z_dim`` vector per DiT token."""
+        if not self.cfg.repa.enabled:
+            return {}
+        return {"pair_flip_features": True, "expected_features_shape": self._repa_features_shape()}
+
+    def _repa_features_shape(self) -> tuple[int, int, int]:
+        with torch.device("meta"):
+            grid = build_model(self.cfg.model).grid_size
+        return (repa_z_dim(self.cfg.repa), grid, grid)
 
     def timestep_phase(self, ctx: StepContext) -> tuple[int, TimestepPhase]:
         """(index, phase) of ``transport.timestep_sampling`` in force at ``ctx.step``; the first phase without
@@ -92,22 +110,36 @@ class DiTTask(Task):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1 = batch["latent"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
+        model = parts[phase].module
+        if self.cfg.repa.enabled:  # the model also returns the projected tokens of block repa.depth
+            model = RepaCapture(model)
         terms = self.transport.training_losses(
-            parts[phase].module, x1, {"y": y}, phase=self.timestep_phase(ctx)[1], generator=self.generator
+            model, x1, {"y": y}, phase=self.timestep_phase(ctx)[1], generator=self.generator
         )
         loss = terms["loss"].mean()
         metrics = {"loss": loss.detach(), "mse": terms["mse"].mean().detach(), "cos": terms["cos"].mean().detach()}
+        if self.cfg.repa.enabled:
+            target = features_to_tokens(batch["features"].to(self.device, non_blocking=True).float())
+            proj_loss = repa_loss_per_sample(model.projected, target).mean()
+            metrics["diffusion_loss"] = metrics["loss"]
+            metrics["repa_loss"] = proj_loss.detach()
+            loss = loss + self.cfg.repa.weight * proj_loss
+            metrics["loss"] = loss.detach()
         return loss, metrics
 
     def example_batch(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Random latents (N(0, 1), the normalised latent scale) and class labels."""
+        """Random latents (N(0, 1), the normalised latent scale) and class labels (+ REPA features)."""
         m = self.cfg.model
-        return {
+        batch = {
             "latent": torch.randn(
                 batch_size, m.in_channels, m.input_size, m.input_size, device=self.device, generator=generator
             ),
             "label": torch.randint(0, m.num_classes, (batch_size,), device=self.device, generator=generator),
         }
+        if self.cfg.repa.enabled:  # stored DINOv2 features (float16, as in the shards)
+            shape = (batch_size, *self._repa_features_shape())
+            batch["features"] = torch.randn(shape, device=self.device, generator=generator).half()
+        return batch
 
     def flops_per_image(self):
         return self._flops
