@@ -14,7 +14,8 @@ Sources, for a run directory (``read_run_dir``):
    resumed run (one per start, same run id) are merged in time order; a later value for a step wins.
 2. Fallback when a run has no readable W&B file (``wandb.mode=disabled``, or a format this reader does not
    know): ``<run_dir>/metrics.jsonl`` and ``<run_dir>/config.yaml``, written by the trainer next to ``wandb/``.
-3. Always, when present: ``<run_dir>/eval/step_*.json``, the records of the in-loop evaluation (``RunData.evals``).
+3. Always, when present: ``<run_dir>/eval/step_*.json``, the records of the in-loop evaluation and of evaluations
+   recorded by a pipeline (``RunData.evals``); their metrics also join the history as ``eval/<name>``.
 """
 
 from __future__ import annotations
@@ -207,6 +208,14 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
             run.evals[int(rec["step"])] = rec
         except (ValueError, KeyError, OSError):
             continue
+        # The metrics of a record join the history as eval/<name>: an in-loop record repeats what was logged; a
+        # record of a separate evaluation (launchers/pipeline.py record_evaluation: it names its "samples") is
+        # the only place its numbers are, and wins.
+        values = run.history.setdefault(int(rec["step"]), {})
+        for key, value in (rec.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if rec.get("samples") or f"eval/{key}" not in values:
+                    values[f"eval/{key}"] = value
     return run
 
 

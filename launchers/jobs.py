@@ -76,8 +76,9 @@ import submitit
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEUE_EXIT_CODE = 75  # core.trainer.REQUEUE_EXIT_CODE (not imported: that would import torch)
-JOB_KINDS = ("train", "extract", "evaluate")
+JOB_KINDS = ("train", "extract", "sample", "evaluate")
 EVALUATE_ENTRY = REPO / "tools" / "evaluate.py"
+SAMPLE_ENTRY = REPO / "tools" / "sample.py"
 # Job states in which Slurm has taken the job back (or is about to start it again).
 _REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 
@@ -203,12 +204,16 @@ class SlurmTask(submitit.helpers.Checkpointable):
         max_requeues: int,
         overrides: Sequence[str] = (),
         config_path: Optional[str] = None,
+        record: Optional[dict[str, str]] = None,
     ):
         if kind not in JOB_KINDS:
             raise ValueError(f"unknown job kind {kind!r}; expected one of {', '.join(JOB_KINDS)}")
         self.kind = kind
         self.config_yaml = config_yaml  # resolved config (train / extract); "" -> use config_path
         self.config_path = config_path  # evaluate: the user's file, passed through with the overrides
+        # evaluate in a pipeline: {"run_dir", "samples", "json"}: record the result as an evaluation of the run
+        # (launchers/pipeline.py: record_evaluation), so that the leaderboard shows it
+        self.record = dict(record) if record else None
         self.overrides = list(overrides)
         self.run_dir = run_dir
         self.max_requeues = int(max_requeues)
@@ -267,7 +272,16 @@ class SlurmTask(submitit.helpers.Checkpointable):
                 )
             from tools.evaluate import main  # type: ignore[import-not-found]
 
-            return int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
+            code = int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
+            if code == 0 and self.record:
+                from launchers.pipeline import record_evaluation
+
+                print(f"[launcher] recorded as an evaluation of the run: {record_evaluation(**self.record)}")
+            return code
+        if self.kind == "sample":  # tools/sample.py SOURCE [its arguments]: sharded over the ranks, resumable
+            from tools.sample import main as sample_main
+
+            return int(sample_main(list(self.overrides)) or 0)
         with tempfile.TemporaryDirectory(prefix="llat-job-") as tmp:
             path = Path(tmp) / f"{self.kind}_config.yaml"
             path.write_text(self.config_yaml, encoding="utf-8")
