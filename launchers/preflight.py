@@ -104,6 +104,7 @@ class Preflight:
     def __init__(self, produced: Iterable[Path] = ()):
         self.problems: list[Problem] = []
         self.produced: list[tuple[Path, str]] = []
+        self._reported: set[str] = set()  # paths already reported missing / not writable: reported once
         for p in produced:
             self.add_produced(p, "an earlier stage")
 
@@ -133,7 +134,9 @@ class Preflight:
         if self.produced_by(path):
             return path
         if not path.exists():
-            self.problem(source, key, f"{what} not found: {path}", fix)
+            if str(path) not in self._reported:
+                self._reported.add(str(path))
+                self.problem(source, key, f"{what} not found: {path}", fix)
             return None
         if kind == "file" and not path.is_file():
             self.problem(source, key, f"{what} is not a file: {path}", fix)
@@ -147,9 +150,14 @@ class Preflight:
         probe = p
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
+        if f"w:{probe}" in self._reported:
+            return
+        self._reported.add(f"w:{probe}")
         if probe.exists() and not probe.is_dir():
             self.problem(source, key, f"{probe} is not a directory, so {p} cannot be created", "choose another path")
-        elif not os.access(probe, os.W_OK | os.X_OK):
+        elif os.access(probe, os.W_OK | os.X_OK):
+            self._reported.discard(f"w:{probe}")
+        else:
             self.problem(
                 source,
                 key,

@@ -425,9 +425,11 @@ def resolve_job(
     world_size: int,
     launcher: Optional[LauncherConfig] = None,
     tool_args: Sequence[str] = (),
+    sample_overrides: Optional[Sequence[str]] = None,
 ) -> ResolvedJob:
     """The job's config with every path absolute (launchers/preflight.py); ``overrides`` are the config's dotted
-    overrides, ``tool_args`` the arguments passed through to tools/sample.py / tools/evaluate.py."""
+    overrides, ``tool_args`` the arguments passed through to tools/sample.py / tools/evaluate.py; a sample job passes
+    ``sample_overrides`` (default: ``overrides``) to tools/sample.py, which applies them to the run's config."""
     from core.config import config_to_yaml, resolve_run_dir
 
     if kind == "train":
@@ -470,7 +472,7 @@ def resolve_job(
             cfg.name,
             run_dir / "samples",
             "",
-            overrides=[str(run_dir), *overrides, *args],
+            overrides=[str(run_dir), *(overrides if sample_overrides is None else sample_overrides), *args],
             cfg=cfg,
             writes=f"samples {_option(args, '--out')}" + (f" + {_option(args, '--npz')}" if "--npz" in args else ""),
         )
@@ -760,12 +762,24 @@ def _partition_problem(pf: Any, lc: LauncherConfig, dry_run: bool) -> None:
     try:
         warning = check_partition(lc.partition, dry_run)
     except LaunchError as err:
-        if err.code != 2:
-            raise
+        if err.code != 2:  # Slurm cannot be reached: reported after the input problems (launch_refusal)
+            pf.unreachable = err
+            return
         pf.problem("launcher", "partition", str(err).removeprefix("--partition: "), "pick one of the partitions")
         return
     if warning:
         print(warning, file=sys.stderr)
+
+
+def launch_refusal(pf: Any) -> Optional[LaunchError]:
+    """The error that stops a submission: every preflight problem (exit code 2), else Slurm out of reach (3)."""
+    from launchers.preflight import format_problems
+
+    unreachable = getattr(pf, "unreachable", None)
+    if pf.problems:
+        note = f"\n(also: {unreachable})" if unreachable is not None else ""
+        return LaunchError(format_problems(pf.problems) + note)
+    return unreachable
 
 
 def _require_slurm() -> None:
@@ -835,8 +849,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str], tool_args: list[str], d
                 file=sys.stderr,
             )
         return 0
-    if pf.problems:
-        raise LaunchError(format_problems(pf.problems))
+    refusal = launch_refusal(pf)
+    if refusal is not None:
+        raise refusal
     _require_slurm()
     if not args.force:
         running = active_job(folder)
@@ -932,7 +947,9 @@ def plan_pipeline(args: argparse.Namespace, pf: Any) -> tuple[Any, list[Planned]
         tool += ["--batch-size", str(o.get("batch_size", 64)), "--seed", str(o.get("seed", 0))]
         tool += ["--labels", str(o.get("labels", "uniform")), "--which", str(o.get("which", "ema"))]
         lc = launcher_for("sample", tsection, ss.launcher, st.config, tdata)
-        job = resolve_job("sample", tdata, [*tov, *ss.overrides], st.config, lc.world_size, lc, tool_args=tool)
+        job = resolve_job(
+            "sample", tdata, [*tov, *ss.overrides], st.config, lc.world_size, lc, tool, sample_overrides=ss.overrides
+        )
         plans.append(Planned("sample", lc, job, "stages.sample", "complete" if npz.is_file() else "submit"))
         if "evaluate" in pc.stages:
             es = pc.stages["evaluate"]
@@ -992,8 +1009,9 @@ def pipeline_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 file=sys.stderr,
             )
         return 0
-    if pf.problems:
-        raise LaunchError(format_problems(pf.problems))
+    refusal = launch_refusal(pf)
+    if refusal is not None:
+        raise refusal
     if any(p.status == "submit" for p in plans):
         _require_slurm()
         code, snap = _take_snapshot(state_dir / "code", not args.no_snapshot)

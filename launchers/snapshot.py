@@ -77,6 +77,8 @@ def take_snapshot(repo: Path, parent: Path) -> tuple[Path, dict[str, Any]]:
     shutil.rmtree(tmp, ignore_errors=True)
     count = 0
     for rel in _files(repo):
+        if any(f"/{d}/code/" in f"/{rel}" for d in ("slurm", "pipeline")):
+            continue  # earlier snapshots of a run directory inside the checkout
         src = repo / rel
         if not src.is_file() or src.is_symlink() and not src.exists():
             continue  # deleted but still tracked, or a dangling link
