@@ -1,19 +1,29 @@
-"""Submit a training, extraction or evaluation job to Slurm (through submitit): one task per GPU.
+"""Submit a training, extraction, sampling or evaluation job to Slurm (through submitit), or a whole pipeline.
 
-    python launchers/slurm.py CONFIG [--nodes N] [--gpus-per-node G] [--partition P] [--time MIN] [--account A]
-                              [--qos Q] [--constraint C] [--dry-run] [--job train|extract|evaluate] [key=value ...]
+    python launchers/slurm.py [train|extract|sample|evaluate] CONFIG [--nodes N] [--gpus-per-node G]
+                              [--partition P] [--time MIN] [--account A] [--qos Q] [--constraint C]
+                              [--after JOBID] [--profile FILE] [--no-snapshot] [--dry-run] [key=value ...]
+                              [-- tool arguments (sample: tools/sample.py, evaluate: tools/evaluate.py)]
+    python launchers/slurm.py pipeline PIPELINE.yaml [--nodes N] [--dry-run] [same launcher flags]
 
-Slurm settings come from the CLI, else from ``launcher.*`` overrides, else from a ``launcher:`` section of the
-config (see ``LauncherConfig``), else from the defaults. The job's logs and submitit's files go to
-``<run_dir>/slurm/`` (train: ``run_dir`` of the config, default ``runs/<name>``; extract: ``out_dir``).
+(``--job KIND`` after the config works as well.) Slurm settings come from the CLI, else from ``launcher.*``
+overrides, else from a ``launcher:`` section of the config (see ``LauncherConfig``), else from the cluster profile
+(launchers/config.py: ``--profile``, ``$LLAT_SLURM_PROFILE``, ``~/.config/lightning_latent/slurm.yaml``), else
+from the defaults. Before anything is submitted, every input the job reads is checked (launchers/preflight.py:
+all problems at once, nothing submitted when there is one) and the code is copied (launchers/snapshot.py): the
+job and all its requeues run that copy. The job's logs and submitit's files go to ``<run_dir>/slurm/``
+(train: ``run_dir`` of the config, default ``runs/<name>``; extract: ``out_dir``; sample:
+``<run_dir>/samples/slurm``; evaluate: ``<run_dir>/eval/slurm``). ``pipeline`` submits extract -> train ->
+sample -> evaluate with ``afterok`` dependencies, skipping complete stages (launchers/pipeline.py).
 Each task runs ``launchers.jobs.SlurmTask``: it exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR (the first
 host of the job) / MASTER_PORT (derived from the job id) from ``submitit.JobEnvironment`` and calls ``train.main``
-(or ``data.extract.main``). A training job that gets the pre-timeout signal (``--signal-delay`` seconds before its
-time limit), a preemption SIGTERM or an ``scontrol requeue`` checkpoints at the next step boundary and is requeued
-with the same run directory, where it resumes from the newest complete checkpoint (see launchers/jobs.py).
+(or ``data.extract.main``, ``tools.sample.main``, ``tools.evaluate.main``). A training job that gets the
+pre-timeout signal (``--signal-delay`` seconds before its time limit), a preemption SIGTERM or an ``scontrol
+requeue`` checkpoints at the next step boundary and is requeued with the same run directory, where it resumes
+from the newest complete checkpoint (see launchers/jobs.py); extraction and sampling resume from what they wrote.
 
-Exit codes: 0 submitted (or printed, with --dry-run), 2 bad arguments or configuration, 3 Slurm unavailable or
-the submission failed.
+Exit codes: 0 submitted (or printed, with --dry-run), 2 bad arguments, configuration or preflight problems, 3 Slurm
+unavailable or the submission failed.
 """
 
 from __future__ import annotations
