@@ -49,7 +49,8 @@ after every process of the previous run has ended. No step is lost: the requeue 
 committed the checkpoint of the step it stopped at, and a requeued run resumes from the newest complete
 checkpoint in the same run directory. A signal that arrives outside the training loop (model building, data
 set-up) is handled by submitit as described above; nothing has been trained since the last checkpoint then.
-The extraction job has no handler of its own: submitit's requeues it and it resumes from its complete chunks.
+The extraction and sampling jobs have no handler of their own: submitit's requeues them and they resume from what
+they wrote (complete chunks; the PNGs already written).
 
 Slurm signals every process of the job step, not only the tasks: ``shield_helper_processes`` keeps helper
 processes (W&B service, multiprocessing's resource tracker, spawned data-loader workers) from dying of

@@ -289,7 +289,7 @@ def check_train(pf: Preflight, source: str, cfg: Any, run_dir: Path) -> None:
                 pf.need(source, f"vavae.lpips.{key}", value, "LPIPS weights", "give the local LPIPS weight files")
         if v.init_from:
             pf.need(source, "vavae.init_from", v.init_from, "checkpoint to start from", "fix the path", kind="any")
-    if cfg.model.init_from if hasattr(cfg, "model") and hasattr(cfg.model, "init_from") else None:
+    if getattr(getattr(cfg, "model", None), "init_from", None):
         pf.need(
             source,
             "model.init_from",
