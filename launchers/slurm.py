@@ -1007,12 +1007,16 @@ def pipeline_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     after = list(args.after or [])
     if args.dry_run:
         code = REPO if args.no_snapshot else preview_code_dir(state_dir)
+        deps = after
         for plan in plans:
             print(f"# ======== stage {plan.kind}: {plan.status}{f' (job {plan.job_id})' if plan.job_id else ''}")
             if plan.status == "submit":
-                print_dry_run(plan, after or (["<previous stage>"] if plan is not plans[0] else []), code)
+                print_dry_run(plan, deps, code)
+                deps = [f"<{plan.kind} job>"]
             else:
                 print(f"# writes {plan.job.writes}")
+                if plan.status == "queued":
+                    deps = [str(plan.job_id)]
         if pf.problems:
             print(
                 format_problems(pf.problems).replace("nothing was submitted", "a submission would refuse"),

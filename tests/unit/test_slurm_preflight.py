@@ -267,3 +267,14 @@ def test_record_evaluation_makes_a_leaderboard_row(tmp_path):
     rows = [summarize(r) for r in collect_runs([tmp_path])]
     assert len(rows) == 1 and rows[0].fid == 12.5 and rows[0].steps == 8 and rows[0].num_samples == 40
     assert rows[0].epochs == 2.0
+
+
+def test_shipped_synthetic_pipeline_loads():
+    """(configs/pipeline_imagenet_xl.yaml names configs/extract_imagenet256_vavae.yaml, shipped with the ImageNet
+    extraction; it is checked the same way where that file exists: test_pipeline_file_errors covers the errors.)"""
+    from launchers.pipeline import load_pipeline
+
+    os.chdir(REPO)
+    pc = load_pipeline("configs/pipeline_synthetic.yaml")
+    assert list(pc.stages) == ["extract", "train", "sample", "evaluate"] and pc.name == "synthetic"
+    assert pc.stages["sample"].options["num"] == 40
