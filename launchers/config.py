@@ -1,11 +1,14 @@
-"""The ``launcher:`` section of an experiment config: Slurm settings read by launchers/slurm.py."""
+"""The ``launcher:`` section of an experiment config (Slurm settings read by launchers/slurm.py) and the cluster
+profile: site settings (partition, account, QoS, constraint, setup lines) that every launcher command reads."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["LauncherConfig"]
+__all__ = ["JOB_KINDS", "LauncherConfig", "merge_launcher", "profile_path", "split_profile"]
 
 
 @dataclass
@@ -40,3 +43,56 @@ class LauncherConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.num_tasks_per_node
+
+
+# ------------------------------------------------------------------------------------------ cluster profile
+PROFILE_ENV = "LLAT_SLURM_PROFILE"
+DEFAULT_PROFILE = Path("~/.config/lightning_latent/slurm.yaml")
+JOB_KINDS = ("train", "extract", "sample", "evaluate")
+
+
+def profile_path(explicit: Optional[str] = None) -> Optional[Path]:
+    """The cluster profile every launcher command reads: ``--profile PATH``, else ``$LLAT_SLURM_PROFILE``, else
+    ``~/.config/lightning_latent/slurm.yaml`` when it exists; ``none`` (flag or variable) reads none."""
+    value = explicit if explicit is not None else os.environ.get(PROFILE_ENV)
+    if value is not None:
+        if value.strip().lower() in ("", "none"):
+            return None
+        return Path(value).expanduser()
+    default = DEFAULT_PROFILE.expanduser()
+    return default if default.is_file() else None
+
+
+def split_profile(data: Any, source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(settings for every job, per-kind settings) of a profile's YAML mapping::
+
+    partition: gpu          # any LauncherConfig field
+    account: my-project
+    setup: [module load cuda/12.4]
+    kinds:                  # per job kind, on top of the above
+      evaluate: {time_min: 120}
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a cluster profile is a mapping of launcher settings")
+    data = dict(data)
+    kinds = data.pop("kinds", None) or {}
+    if not isinstance(kinds, dict) or any(k not in JOB_KINDS for k in kinds):
+        bad = sorted(set(kinds) - set(JOB_KINDS)) if isinstance(kinds, dict) else kinds
+        raise ValueError(f"{source}: kinds: expected a mapping of {', '.join(JOB_KINDS)}, got {bad!r}")
+    return data, {k: dict(v or {}) for k, v in kinds.items()}
+
+
+def merge_launcher(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; ``setup`` lines are concatenated and ``additional_parameters`` merged."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key == "setup" and isinstance(value, list):
+                out["setup"] = [*out.get("setup", []), *value]
+            elif key == "additional_parameters" and isinstance(value, dict):
+                out["additional_parameters"] = {**out.get("additional_parameters", {}), **value}
+            else:
+                out[key] = value
+    return out

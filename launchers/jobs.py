@@ -49,7 +49,8 @@ after every process of the previous run has ended. No step is lost: the requeue 
 committed the checkpoint of the step it stopped at, and a requeued run resumes from the newest complete
 checkpoint in the same run directory. A signal that arrives outside the training loop (model building, data
 set-up) is handled by submitit as described above; nothing has been trained since the last checkpoint then.
-The extraction job has no handler of its own: submitit's requeues it and it resumes from its complete chunks.
+The extraction and sampling jobs have no handler of their own: submitit's requeues them and they resume from what
+they wrote (complete chunks; the PNGs already written).
 
 Slurm signals every process of the job step, not only the tasks: ``shield_helper_processes`` keeps helper
 processes (W&B service, multiprocessing's resource tracker, spawned data-loader workers) from dying of
@@ -76,8 +77,9 @@ import submitit
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEUE_EXIT_CODE = 75  # core.trainer.REQUEUE_EXIT_CODE (not imported: that would import torch)
-JOB_KINDS = ("train", "extract", "evaluate")
+JOB_KINDS = ("train", "extract", "sample", "evaluate")
 EVALUATE_ENTRY = REPO / "tools" / "evaluate.py"
+SAMPLE_ENTRY = REPO / "tools" / "sample.py"
 # Job states in which Slurm has taken the job back (or is about to start it again).
 _REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 
@@ -268,6 +270,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
             from tools.evaluate import main  # type: ignore[import-not-found]
 
             return int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
+        if self.kind == "sample":  # tools/sample.py SOURCE [its arguments]: sharded over the ranks, resumable
+            from tools.sample import main as sample_main
+
+            return int(sample_main(list(self.overrides)) or 0)
         with tempfile.TemporaryDirectory(prefix="llat-job-") as tmp:
             path = Path(tmp) / f"{self.kind}_config.yaml"
             path.write_text(self.config_yaml, encoding="utf-8")

@@ -336,7 +336,8 @@ def test_dry_run_prints_sbatch_script_and_resolved_config(tmp_path):
         "#SBATCH --requeue",
         f"#SBATCH --output={run_dir}/slurm/%j_0_log.out",
         "module load cuda",
-        f"export PYTHONPATH={REPO}",
+        f"export PYTHONPATH={run_dir}/slurm/code/",  # the code snapshot taken at submission (launchers/snapshot.py)
+        "export PYTHONSAFEPATH=1",
     ):
         assert line in out, f"{line!r} not in:\n{out}"
     assert re.search(
@@ -393,9 +394,13 @@ def test_evaluate_job_passes_its_arguments_through():
         env={"SLURM_CONF": "/nonexistent"},
     )
     assert "#SBATCH --ntasks-per-node=1" in res.stdout and "#SBATCH --gpus-per-node=1" in res.stdout
-    assert f"tools/evaluate.py samples.npz --json m.json --config {REPO / CONFIG}" in res.stdout
+    # relative paths are made absolute (the job reads what the preflight checked); the config is the resolved one
+    assert re.search(
+        rf"tools/evaluate.py {REPO}/samples.npz --json {REPO}/m.json --config \S+/eval/slurm/evaluate_config.yaml",
+        res.stdout,
+    ), res.stdout
     res = launch(CONFIG, "--job", "evaluate", "--dry-run", check=False)
-    assert res.returncode == 2 and "give tools/evaluate.py's arguments after `--`" in res.stderr
+    assert res.returncode == 2 and "give tools/evaluate.py's arguments after `--`" in res.stderr, res.stderr
 
 
 def test_missing_config_is_a_clear_error():

@@ -23,7 +23,7 @@ from launchers.experiment import ExperimentConfig, config_from_dict, load_config
 from models.dit_config import TimestepPhase
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("extract_"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith(("extract_", "pipeline_")))
 XL = ROOT / "configs" / "lightningdit_xl.yaml"
 XL64 = ROOT / "configs" / "lightningdit_xl_64ep.yaml"
 TINY = ROOT / "configs" / "tiny_dit.yaml"
