@@ -858,7 +858,7 @@ def _finalize(
         if chunk in remote_done and not (directory / CHUNK_META).is_file():
             remote.fetch_chunk_meta(chunk)  # type: ignore[union-attr]
         meta = _read_chunk_meta(directory)
-        if meta is None:
+        if meta is None or (remote is not None and chunk not in remote_done):  # with a remote: complete there
             missing += 1
         else:
             metas.append(meta)
