@@ -134,7 +134,7 @@ class Progress:
 
     def _emit(self) -> None:
         self._last = time.monotonic()
-        if logging.getLogger().handlers and self.log.isEnabledFor(logging.INFO):
+        if self.log.hasHandlers() and self.log.isEnabledFor(logging.INFO):
             self.log.info("%s", self.line())
         else:  # logging not set up for INFO (a plain command line): the line must still reach the job's log
             print(self.line(), file=sys.stderr, flush=True)
