@@ -207,8 +207,9 @@ def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_ran
     s3_server.delete(bucket, f"imagenet/chunk{torn:06d}/shard.00000.mds.zstd")
 
     # Another number of ranks (1), as task 0 then task 1 of a job array (chunk c belongs to task c % 2).
-    def run_task(task: int):
-        return extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON, f"remote={remote}"]), array=(task, 2))
+    def run_task(task: int, *extra: str):
+        overrides = [f"out_dir={out}", *COMMON, f"remote={remote}", *extra]
+        return extract(load_extract_config(CONFIG, overrides), array=(task, 2))
 
     def size(c: int) -> int:
         return len(range(10 * c, min(10 * c + 10, N)))
@@ -219,12 +220,14 @@ def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_ran
     assert not partial() or all(int(p.name[10:]) % 2 for p in partial())  # task 0 removed only its partials
     odd_complete = all(c in done for c in range(1, 10, 2)) and torn % 2 == 0
     assert first.finalized == odd_complete and (out / "index.json").exists() == odd_complete
-    second = run_task(1)
+    second = run_task(1, "keep_local=false")  # its new chunks keep only their metadata locally once uploaded
     assert second.written_this_run == sum(size(c) for c in range(1, 10, 2) if c not in done)
+    for c in range(1, 10, 2):
+        shards = list((out / f"chunk{c:06d}").glob("shard.*"))
+        assert bool(shards) == (c in done and c != torn), c  # uploaded by this run: shards deleted
+        assert (out / f"chunk{c:06d}" / "chunk.json").is_file() and (out / f"chunk{c:06d}" / "index.json").is_file()
     assert second.finalized and second.num_samples == N and not partial()
     assert _remote_chunks(s3_server, bucket) == set(range(10))
-    for chunk in done_at_kill:  # untouched since the kill
-        assert chunk.is_dir()
 
     a, b = read_manifest(reference), read_manifest(out)
     for key in ("num_samples", "sample_ids_sha256", "content_sha256", "stats", "num_skipped", "num_chunks"):
@@ -241,6 +244,7 @@ def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_ran
     )
     assert json.loads(s3_server.read(bucket, "imagenet/index.json")) == json.loads((out / "index.json").read_text())
     expected = {int(s["sample_id"]): s for s in read_raw(reference)}
+    assert len(expected) == N
     got = read_remote(remote, tmp_path / "cache")
     assert sorted(got) == list(range(N))
     for sid, sample in expected.items():
