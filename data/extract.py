@@ -540,16 +540,36 @@ class _Remote:
             for shard in _shard_files(directory):
                 (directory / shard).unlink(missing_ok=True)
 
+    def read_json(self, relative: str) -> Optional[dict[str, Any]]:
+        """A JSON file of the remote, or None when it has none."""
+        from streaming.base.storage.download import CloudDownloader
+
+        if not any(
+            key.endswith(f"/{relative}") or key == relative for key in self.uploader.list_objects(relative) or []
+        ):
+            return None
+        tmp = self.out / f".tmp-remote-{os.getpid()}-{relative}"
+        try:
+            CloudDownloader.direct_download(f"{self.url}/{relative}", str(tmp), 60)
+            return json.loads(tmp.read_text(encoding="utf-8"))
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def fetch_chunk_meta(self, chunk: int) -> None:
-        """A chunk complete only on the remote: its index.json and chunk.json into ``out`` (no shards)."""
-        from streaming.base.storage.download import download_file
+        """A chunk complete only on the remote: its index.json and chunk.json into ``out/chunkNNNNNN/`` (no shards),
+        renamed into place complete (another array task may be doing the same)."""
+        from streaming.base.storage.download import CloudDownloader
 
         name = _chunk_name(chunk)
-        (self.out / name).mkdir(parents=True, exist_ok=True)
+        tmp = self.out / f".tmp-{name}-meta-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         for filename in (INDEX_FILENAME, CHUNK_META):
-            tmp = self.out / name / f".tmp-{filename}"
-            download_file(f"{self.url}/{name}/{filename}", str(tmp), 60)
-            os.replace(tmp, self.out / name / filename)
+            CloudDownloader.direct_download(f"{self.url}/{name}/{filename}", str(tmp / filename), 60)
+        try:
+            os.rename(tmp, self.out / name)
+        except OSError:  # already there (fetched by another task, or metadata of a keep_local=false chunk)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ================================================================================================= results
@@ -608,23 +628,33 @@ def _plan(
     )
 
 
-def _check_plan(out: Path, plan: dict[str, Any]) -> None:
-    """Write the plan, or compare it with the one on disk (rank 0); ExtractError on a mismatch."""
+def _check_plan(out: Path, plan: dict[str, Any], remote: Optional[_Remote] = None) -> None:
+    """Write the plan, or compare it with the one on disk (rank 0); ExtractError on a mismatch. With a remote, the
+    same with the remote's copy (uploaded at the first start), so a new node cannot add chunks of other settings."""
     path = out / PLAN_FILENAME
     if not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, plan)
-        return
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ExtractError(f"out_dir: {path} is unreadable ({err}); remove it or use another out_dir") from None
+    _compare_plans(old, plan, f"out_dir: {out}")
+    if remote is not None:
+        theirs = remote.read_json(PLAN_FILENAME)
+        if theirs is None:
+            remote.upload(PLAN_FILENAME)
+        else:
+            _compare_plans(theirs, plan, f"remote: {remote.url}")
+
+
+def _compare_plans(old: dict[str, Any], plan: dict[str, Any], where: str) -> None:
     if old != plan:
         diffs = [
             f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)
         ]
         raise ExtractError(
-            f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with the same "
+            f"{where} holds a job with different settings ({'; '.join(diffs)}). Resume with the same "
             f"source, chunk_size, tokenizer, features, images, latent_dtype and seed (any number of ranks or "
             f"array tasks), or choose another out_dir"
         )
@@ -759,8 +789,9 @@ def extract(cfg: ExtractConfig, dist: Any = None, array: Optional[tuple[int, int
     assignment: dict[str, Any] = {}
     if rank == 0:
         try:
-            _check_plan(out, plan)
+            out.mkdir(parents=True, exist_ok=True)
             remote = _Remote(out, cfg.remote) if cfg.remote else None
+            _check_plan(out, plan, remote)
             assignment = _assign(cfg, out, num_items, task_chunks, remote)
         except Exception as err:  # noqa: BLE001 - every rank must learn about it
             assignment = {"error": f"{type(err).__name__}: {err}" if not isinstance(err, ExtractError) else str(err)}

@@ -251,6 +251,18 @@ def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_ran
         for column in ("latent", "latent_flip", "label"):
             np.testing.assert_array_equal(got[sid][column], sample[column], err_msg=f"sample {sid}: {column}")
 
+    # A new node with an empty out_dir: every chunk is complete on the remote, so nothing is extracted again (the
+    # chunks' metadata are fetched), and the merged files are the same.
+    fresh = tmp_path / "fresh"
+    again = extract(load_extract_config(CONFIG, [f"out_dir={fresh}", *COMMON, f"remote={remote}"]))
+    assert again.finalized and again.written_this_run == 0 and again.num_samples == N
+    assert read_manifest(fresh)["content_sha256"] == a["content_sha256"] and not list(fresh.glob("chunk*/shard.*"))
+    with pytest.raises(
+        ExtractError, match=r"remote: s3://.*/imagenet holds a job with different settings \(chunk_size"
+    ):
+        extract(
+            load_extract_config(CONFIG, [f"out_dir={tmp_path / 'other'}", *COMMON, f"remote={remote}", "chunk_size=12"])
+        )
     # A restart with other chunk contents is refused instead of mixing them.
     with pytest.raises(ExtractError, match=r"chunk_size: 10 -> 12"):
         extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON, "chunk_size=12"]))
