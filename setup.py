@@ -35,6 +35,7 @@ setup(
         "timm>=1.0.12",
         "torchdiffeq>=0.2.4",
         "mosaicml-streaming>=0.11",
+        "boto3>=1.28",  # S3 (data.remote, extraction's remote): streaming's S3 client
         "zstandard>=0.22",
         "wandb>=0.18",
         "submitit>=1.5",
@@ -43,8 +44,16 @@ setup(
         "psutil>=5.9",
         "opencv-python-headless>=4.9",  # cv2.resize: the official VA-VAE training resize (data/images.py)
     ],
-    # albumentations: the official VA-VAE transform, checked against ours (tests/unit/test_vavae_preprocessing.py)
+    # albumentations: the official VA-VAE transform, checked against ours (tests/unit/test_vavae_preprocessing.py);
+    # moto[server]: a real S3 HTTP endpoint on localhost for the object-store tests (tests/s3_utils.py)
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "albumentations>=1.4", "ruff>=0.15", "import-linter>=2.1"]
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "albumentations>=1.4",
+            "ruff>=0.15",
+            "import-linter>=2.1",
+            "moto[server]>=5.0",
+        ]
     },
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from core.config import Checks
 
@@ -30,6 +30,12 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     predownload: Optional[int] = None
+    # streaming from `remote` (s3://bucket/prefix, gs://...; credentials and endpoint from the standard environment
+    # variables, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / S3_ENDPOINT_URL, never from a config file):
+    cache_limit: Optional[Union[int, str]] = None  # bound on the local cache at `path` (bytes or "50gb"); shards
+    #                                                beyond it are evicted (least recently used) and fetched again
+    download_retry: int = 2  # attempts per shard download
+    download_timeout: float = 60.0  # seconds per shard download
     # image kinds ("images", "synthetic"; VA-VAE training)
     image_size: int = 256  # training crop size ("streaming": the stored image size)
     image_crop: Literal["random", "center"] = "random"  # official: SmallestMaxSize + RandomCrop (val: center)
@@ -42,3 +48,22 @@ def check_data_config(d: DataConfig, checks: Checks) -> None:
     checks.need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     checks.positive(d.latent_multiplier, "data.latent_multiplier")
     checks.positive(d.predownload, "data.predownload", allow_none=True)
+    checks.need(d.download_retry >= 0, "data.download_retry", f"must be >= 0, got {d.download_retry}")
+    checks.positive(d.download_timeout, "data.download_timeout")
+    if d.cache_limit is not None:
+        try:
+            from streaming.base.util import bytes_to_int
+
+            limit = bytes_to_int(d.cache_limit)
+        except ValueError:
+            limit = None
+        checks.need(
+            limit is not None and limit > 0,
+            "data.cache_limit",
+            f"must be a size in bytes or with a unit such as 50gb, got {d.cache_limit!r}",
+        )
+        checks.need(
+            bool(d.remote),
+            "data.cache_limit",
+            "needs data.remote: shards evicted from the cache at data.path are fetched again from the remote",
+        )

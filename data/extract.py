@@ -4,6 +4,7 @@ MDS shards.
     python -m data.extract configs/extract_synthetic.yaml [key=value ...]                 # one process
     python -m torch.distributed.run --nproc_per_node 8 data/extract.py CONFIG [key=value ...]
     python launchers/local.py --nproc 8 --entry data/extract.py CONFIG [key=value ...]
+    python data/extract.py CONFIG --array slurm [key=value ...]            # one task of a Slurm job array
 
 For every image: ``latent`` = encode(x), ``latent_flip`` = encode(hflip(x)) (the official pipeline's two
 passes), ``label``, ``sample_id`` (the image's global index); with ``features.enabled``, ``features`` = DINOv2
@@ -16,23 +17,37 @@ precomputed``; configs/extract_vavae_features.yaml), where pixel-space latents w
 Sources: an ImageNet-style folder or a file list (data/images.py: ADM center crop, [-1, 1]) or the embedded
 synthetic images (data/synthetic.py).
 
-Distribution and output layout. Rank r of W takes the strided indices r, r+W, r+2W, ... (no padding, so no
-duplicates) and cuts its list into chunks of ``chunk_size`` consecutive entries. Each chunk is one MDS
-directory, written as ``out/rank{r:05d}/.tmp-chunk{c:06d}/`` and renamed to ``chunk{c:06d}/`` once complete
-(shards, ``index.json`` and ``chunk.json``: sample ids, per-sample digests, skipped files and the chunk's
-``RunningMoments`` state, all fsynced first). At the end each rank merges its chunk indexes into
-``rank{r:05d}/index.json`` and rank 0 merges those into ``out/index.json`` (streaming's ``merge_index``), so
-``out`` is a plain MDS dataset for ``data.streaming.LatentDataset`` (or ``ImageDataset``). Rank 0 also writes
+Chunks and output layout. The images are cut into chunks of ``chunk_size`` consecutive indices (chunk c: images
+c*chunk_size ...), the same whatever the number of ranks. A job (or one task of a job array) lists the chunks it
+has to do (all; an array task i of n: those with c % n == i) that are not complete yet, and rank r of W takes every
+W-th of them. Each chunk is one MDS directory, written as ``out/.tmp-chunk{c:06d}/`` and renamed to
+``chunk{c:06d}/`` once complete (shards, ``index.json`` and ``chunk.json``: sample ids, per-sample digests,
+skipped files and the chunk's ``RunningMoments`` state, all fsynced first). When every chunk is complete, rank 0
+of the job (or of the array task) that finished last merges the chunk indexes into ``out/index.json``, so
+``out`` is a plain MDS dataset for ``data.streaming.LatentDataset`` (or ``ImageDataset``), and writes
 ``latents_stats.pt`` when there are latents (exact per-channel mean/std over every stored non-flipped latent,
-merged from the per-chunk moments) and ``manifest.json`` (counts, skipped and ignored files, checksums, stats,
-config).
+merged from the per-chunk moments in chunk order) and ``manifest.json`` (counts, skipped and ignored files,
+checksums, stats, config).
 
-Resume. ``out/extract_plan.json`` records what fixes the chunk contents (source fingerprint, world size,
-chunk size, tokenizer, features and their grid, images, dtype, seed); a restarted job must match it. It deletes
-``.tmp-*`` (partial) chunks, skips complete ones and redoes the rest, so no image is lost or written twice: the
-manifest's ``sample_ids_sha256`` (sorted ids) and ``content_sha256`` (per-sample digests in id order) are the same
-as for an uninterrupted run. Posterior samples (``tokenizer.sample``) are drawn from a generator seeded per chunk,
-so a redone chunk draws the same noise.
+Resume. ``out/extract_plan.json`` records what fixes the chunk contents (source fingerprint, chunk size,
+tokenizer, features and their grid, images, dtype, seed); a restarted job must match it, with any number of ranks
+and as one job or an array. It deletes its ``.tmp-*`` (partial) chunks, skips complete ones and redoes the rest,
+so no image is lost or written twice: the manifest's ``sample_ids_sha256`` (sorted ids) and ``content_sha256``
+(per-sample digests in id order) and the shards' contents are the same as for an uninterrupted run. Posterior
+samples (``tokenizer.sample``) are drawn from a generator seeded per chunk, so a redone chunk draws the same noise
+on any rank.
+
+Job array (``--array I/N`` or ``--array slurm``: the Slurm array task's index and count; or the config keys
+``array_index``/``array_count``): task I extracts its chunks; the task that completes the last chunk of the job
+writes the merged files; re-running any task when all chunks are complete only writes them.
+
+Object store (``remote: s3://bucket/prefix``, streaming's uploaders; credentials and endpoint from the standard
+environment variables AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL / AWS_ENDPOINT_URL): each chunk is
+uploaded as soon as it is committed, its ``chunk.json`` last (a chunk is complete on the remote when that file is
+there), and ``index.json`` is uploaded after the statistics and the manifest. A kill mid-upload leaves a chunk
+complete locally and incomplete remotely: the next run uploads it again. With ``keep_local: false`` the shard
+files are deleted locally after their upload (``out_dir`` keeps only the metadata); chunks complete only on the
+remote count as done.
 
 Bad files (corrupt images, non-images with an image extension) are skipped and reported with their paths;
 files without an image extension are listed as ignored. Neither stops the job.
@@ -54,7 +69,6 @@ if __name__ == "__main__" and not __package__:
     sys.exit(_main())
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -62,7 +76,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -71,8 +85,9 @@ import numpy as np
 import torch
 
 from core.config import Checks, ConfigError, config_to_dict, load_typed_config
-from core.distributed import all_gather_object, barrier, raise_if_any_rank_failed, rank_and_world
+from core.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_write_json, fsync_dir
+from core.progress import Progress
 from data.features import FeatureExtractor, build_feature_extractor
 from data.images import (
     IMG_EXTENSIONS,
@@ -85,7 +100,7 @@ from data.images import (
     scan_image_folder,
     uint8_to_normalized,
 )
-from data.streaming import RunningMoments, latent_columns, merge_shard_indexes, open_writer, save_latent_stats
+from data.streaming import STATS_FILENAME, RunningMoments, latent_columns, open_writer, save_latent_stats
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,8 +112,9 @@ MANIFEST_FILENAME = "manifest.json"
 CHUNK_META = "chunk.json"
 INDEX_FILENAME = "index.json"  # MDS index (streaming's name)
 DEFAULT_SIZE_LIMIT = 1 << 26  # bytes of uncompressed samples per shard (streaming's default)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks of consecutive images, independent of the number of ranks
 _CHUNK_RE = re.compile(r"^chunk(\d{6})$")
+_REMOTE_CHUNK_RE = re.compile(r"(?:^|/)chunk(\d{6})/chunk\.json$")
 
 __all__ = [
     "ExtractConfig",
@@ -113,6 +129,7 @@ __all__ = [
     "extract",
     "load_extract_config",
     "main",
+    "parse_array",
     "read_manifest",
 ]
 
@@ -171,6 +188,13 @@ class ExtractConfig:
     tf32: bool = True  # official extraction runs with TF32 on
     progress_bar: bool = True
     throttle_s: float = 0.0  # sleep after each batch (testing kill/resume); 0 = off
+    # Object store: every committed chunk and, at the end, the merged index/statistics/manifest are uploaded to
+    # `remote` (s3://bucket/prefix; credentials and endpoint from AWS_* / S3_ENDPOINT_URL, never from a config).
+    remote: Optional[str] = None
+    keep_local: bool = True  # with remote: keep the shard files in out_dir after their upload (False: metadata only)
+    # Job array: this task extracts the chunks c with c % array_count == array_index (CLI: --array I/N | slurm)
+    array_index: Optional[int] = None
+    array_count: int = 1
 
 
 def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
@@ -231,6 +255,19 @@ def check_extract_config(cfg: ExtractConfig) -> list[tuple[str, str]]:
     need(cfg.shard_size_limit > 0, "shard_size_limit", f"must be > 0, got {cfg.shard_size_limit}")
     need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     need(cfg.throttle_s >= 0, "throttle_s", f"must be >= 0, got {cfg.throttle_s}")
+    need(cfg.array_count >= 1, "array_count", f"must be >= 1, got {cfg.array_count}")
+    need(
+        cfg.array_index is None or 0 <= cfg.array_index < cfg.array_count,
+        "array_index",
+        f"must be null or in 0..{cfg.array_count - 1} (array_count), got {cfg.array_index}",
+    )
+    if cfg.remote is not None:
+        need(
+            "://" in cfg.remote and not cfg.remote.startswith("file://"),
+            "remote",
+            f"must be an object-store URL such as s3://bucket/prefix, got {cfg.remote!r}",
+        )
+    need(cfg.remote is not None or cfg.keep_local, "keep_local", "false needs a remote (the shards would be lost)")
     return checks.pairs()
 
 
@@ -360,8 +397,9 @@ def _chunk_name(chunk: int) -> str:
     return f"chunk{chunk:06d}"
 
 
-def _rank_name(rank: int) -> str:
-    return f"rank{rank:05d}"
+def _chunk_items(chunk: int, chunk_size: int, num_items: int) -> range:
+    """The source indices of a chunk: consecutive, the same whatever the number of ranks or array tasks."""
+    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_items))
 
 
 def _sample_digest(sample_id: int, label: int, arrays: Sequence[np.ndarray]) -> str:
@@ -373,25 +411,16 @@ def _sample_digest(sample_id: int, label: int, arrays: Sequence[np.ndarray]) -> 
 
 
 class _ChunkWriter:
-    """One chunk: MDS shards in ``.tmp-chunkNNNNNN`` and its metadata; ``commit`` renames it into place."""
+    """One chunk: MDS shards in ``out/.tmp-chunkNNNNNN`` and its metadata; ``commit`` renames it into place."""
 
-    def __init__(
-        self,
-        rank_dir: Path,
-        rank: int,
-        chunk: int,
-        positions: tuple[int, int],
-        sample_ids: list[int],
-        columns: dict[str, str],
-        size_limit: int,
-    ) -> None:
-        self.rank, self.chunk = rank, chunk
-        self.final = rank_dir / _chunk_name(chunk)
-        self.tmp = rank_dir / f".tmp-{_chunk_name(chunk)}"
+    def __init__(self, out: Path, chunk: int, items: range, columns: dict[str, str], size_limit: int) -> None:
+        self.chunk = chunk
+        self.final = out / _chunk_name(chunk)
+        self.tmp = out / f".tmp-{_chunk_name(chunk)}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.writer = open_writer(self.tmp, columns, size_limit)
-        self.positions = positions
-        self.expected = set(sample_ids)
+        self.items = items
+        self.expected = set(items)
         self.moments = RunningMoments()
         self.ids: list[int] = []
         self.digests: list[str] = []
@@ -416,9 +445,8 @@ class _ChunkWriter:
             )
         meta = {
             "format": FORMAT_VERSION,
-            "rank": self.rank,
             "chunk": self.chunk,
-            "positions": list(self.positions),
+            "items": [self.items.start, self.items.stop],
             "num_items": len(self.expected),
             "count": len(self.ids),
             "sample_ids": self.ids,
@@ -448,35 +476,104 @@ def _read_chunk_meta(chunk_dir: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-@contextlib.contextmanager
-def _quiet_streaming_merge() -> Iterator[None]:
-    """merge_index logs a warning per call ("temporary folder", "directory exists"): keep the console clean."""
-
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "temporary folder" not in record.getMessage()
-
-    upload = logging.getLogger("streaming.base.storage.upload")
-    old = upload.level
-    upload.setLevel(logging.ERROR)
-    drop = _Drop()
-    logging.getLogger().addFilter(drop)
+def _shard_files(chunk_dir: Path) -> list[str]:
+    """The shard file names the chunk's MDS index lists (the compressed file when there is one)."""
     try:
-        yield
-    finally:
-        upload.setLevel(old)
-        logging.getLogger().removeFilter(drop)
+        index = json.loads((chunk_dir / INDEX_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [(s.get("zip_data") or s["raw_data"])["basename"] for s in index.get("shards", [])]
 
 
-def _merge_index(directory: Path, subdirs: list[str]) -> bool:
-    """(Re)write ``directory/index.json`` over ``subdirs``; remove a stale one when there is nothing to merge."""
-    index = directory / INDEX_FILENAME
-    index.unlink(missing_ok=True)  # merge_index refuses to overwrite
-    if not subdirs:
-        return False
-    with _quiet_streaming_merge():
-        merge_shard_indexes(directory, subdirs)
-    return True
+def _merge_index(out: Path, chunks: list[str]) -> None:
+    """``out/index.json`` over the chunk directories (as streaming's merge_index: basenames prefixed with the
+    chunk's directory), written atomically, so array tasks that finish together cannot tear it."""
+    shards: list[dict[str, Any]] = []
+    for name in chunks:
+        index = json.loads((out / name / INDEX_FILENAME).read_text(encoding="utf-8"))
+        for shard in index["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{name}/{shard[key]['basename']}"
+            shards.append(shard)
+    atomic_write_json(out / INDEX_FILENAME, {"version": 2, "shards": shards})
+
+
+# ================================================================================================== remote
+class _Remote:
+    """Uploads of committed chunks and of the merged files to ``remote`` (streaming's uploaders: s3://, gs://,
+    ...; endpoint and credentials from the standard environment variables, e.g. AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL). A chunk's ``chunk.json`` is uploaded after its shards: on the
+    remote, a chunk is complete when its ``chunk.json`` is there, so a kill mid-upload leaves it incomplete and
+    the next run uploads it again."""
+
+    def __init__(self, out: Path, remote: str) -> None:
+        from streaming.base.storage.upload import CloudUploader
+
+        self.out, self.url = out, remote.rstrip("/")
+        upload_log = logging.getLogger("streaming.base.storage.upload")
+        old = upload_log.level
+        upload_log.setLevel(logging.ERROR)  # "directory exists and not empty": it does, by design
+        try:
+            self.uploader = CloudUploader.get((str(out), self.url), keep_local=True, exist_ok=True, retry=3)
+        except Exception as err:  # noqa: BLE001 - name the key
+            raise ExtractError(f"remote: cannot use {remote}: {type(err).__name__}: {err}") from err
+        finally:
+            upload_log.setLevel(old)
+
+    def complete_chunks(self) -> set[int]:
+        keys = self.uploader.list_objects() or []
+        found = set()
+        for key in keys:
+            match = _REMOTE_CHUNK_RE.search(key)
+            if match:
+                found.add(int(match.group(1)))
+        return found
+
+    def upload(self, relative: str) -> None:
+        self.uploader.upload_file(relative)
+
+    def upload_chunk(self, chunk: int, keep_local: bool) -> None:
+        name = _chunk_name(chunk)
+        directory = self.out / name
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.name != CHUNK_META:
+                self.upload(f"{name}/{path.name}")
+        self.upload(f"{name}/{CHUNK_META}")  # last: the chunk's commit point on the remote
+        if not keep_local:
+            for shard in _shard_files(directory):
+                (directory / shard).unlink(missing_ok=True)
+
+    def read_json(self, relative: str) -> Optional[dict[str, Any]]:
+        """A JSON file of the remote, or None when it has none."""
+        from streaming.base.storage.download import CloudDownloader
+
+        if not any(
+            key.endswith(f"/{relative}") or key == relative for key in self.uploader.list_objects(relative) or []
+        ):
+            return None
+        tmp = self.out / f".tmp-remote-{os.getpid()}-{relative}"
+        try:
+            CloudDownloader.direct_download(f"{self.url}/{relative}", str(tmp), 60)
+            return json.loads(tmp.read_text(encoding="utf-8"))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def fetch_chunk_meta(self, chunk: int) -> None:
+        """A chunk complete only on the remote: its index.json and chunk.json into ``out/chunkNNNNNN/`` (no shards),
+        renamed into place complete (another array task may be doing the same)."""
+        from streaming.base.storage.download import CloudDownloader
+
+        name = _chunk_name(chunk)
+        tmp = self.out / f".tmp-{name}-meta-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for filename in (INDEX_FILENAME, CHUNK_META):
+            CloudDownloader.direct_download(f"{self.url}/{name}/{filename}", str(tmp / filename), 60)
+        try:
+            os.rename(tmp, self.out / name)
+        except OSError:  # already there (fetched by another task, or metadata of a keep_local=false chunk)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ================================================================================================= results
@@ -492,6 +589,10 @@ class ExtractResult:
     std: Optional[torch.Tensor]
     elapsed_s: float
     manifest: Optional[dict[str, Any]]  # rank 0 only
+    remote: Optional[str] = None
+    array: tuple[int, int] = (0, 1)  # (task, tasks) of a job array
+    finalized: bool = False  # every chunk complete: index.json, statistics and manifest written
+    remaining_chunks: int = 0  # not finalized: chunks other array tasks still have to extract
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -501,7 +602,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 
 # ===================================================================================================== job
 def _plan(
-    cfg: ExtractConfig, source: Any, world: int, latent_shape: Sequence[int], features_shape: Optional[Sequence[int]]
+    cfg: ExtractConfig, source: Any, latent_shape: Sequence[int], features_shape: Optional[Sequence[int]]
 ) -> dict[str, Any]:
     f = cfg.features
     return json.loads(
@@ -510,7 +611,6 @@ def _plan(
                 "format": FORMAT_VERSION,
                 "num_items": len(source),
                 "source_fingerprint": _source_fingerprint(source),
-                "world_size": world,
                 "chunk_size": cfg.chunk_size,
                 "tokenizer": config_to_dict(cfg.tokenizer),
                 "latent_shape": list(latent_shape) if latent_shape is not None else None,
@@ -535,43 +635,123 @@ def _plan(
     )
 
 
-def _check_plan(out: Path, plan: dict[str, Any], rank: int) -> None:
-    """Rank 0 writes the plan or compares it with the one on disk; every rank raises on a mismatch."""
-    error = None
-    if rank == 0:
-        path = out / PLAN_FILENAME
-        if path.is_file():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as err:
-                old, error = None, f"out_dir: {path} is unreadable ({err}); remove it or use another out_dir"
-            if old is not None and old != plan:
-                diffs = [
-                    f"{k}: {old.get(k)!r} -> {plan.get(k)!r}"
-                    for k in sorted(set(old) | set(plan))
-                    if old.get(k) != plan.get(k)
-                ]
-                error = (
-                    f"out_dir: {out} holds a job with different settings ({'; '.join(diffs)}). Resume with "
-                    f"the same source, world size, chunk_size, tokenizer, features, images, latent_dtype and "
-                    f"seed, or choose another out_dir"
-                )
+def _check_plan(out: Path, plan: dict[str, Any], remote: Optional[_Remote] = None) -> None:
+    """Write the plan, or compare it with the one on disk (rank 0); ExtractError on a mismatch. With a remote, the
+    same with the remote's copy (uploaded at the first start), so a new node cannot add chunks of other settings."""
+    path = out / PLAN_FILENAME
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, plan)
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ExtractError(f"out_dir: {path} is unreadable ({err}); remove it or use another out_dir") from None
+    _compare_plans(old, plan, f"out_dir: {out}")
+    if remote is not None:
+        theirs = remote.read_json(PLAN_FILENAME)
+        if theirs is None:
+            remote.upload(PLAN_FILENAME)
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, plan)
-    raise_if_any_rank_failed(error, ExtractError)
+            _compare_plans(theirs, plan, f"remote: {remote.url}")
 
 
-def _chunk_seed(seed: int, rank: int, chunk: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, chunk]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+def _compare_plans(old: dict[str, Any], plan: dict[str, Any], where: str) -> None:
+    if old != plan:
+        diffs = [
+            f"{k}: {old.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)
+        ]
+        raise ExtractError(
+            f"{where} holds a job with different settings ({'; '.join(diffs)}). Resume with the same "
+            f"source, chunk_size, tokenizer, features, images, latent_dtype and seed (any number of ranks or "
+            f"array tasks), or choose another out_dir"
+        )
 
 
-def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def parse_array(spec: str, environ: Optional[dict[str, str]] = None) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N); ``"slurm"`` -> this Slurm array task's (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN,
+    SLURM_ARRAY_TASK_COUNT)."""
+    env = os.environ if environ is None else environ
+    if spec.strip().lower() == "slurm":
+        try:
+            task, first, count = (
+                int(env[k]) for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+            )
+        except (KeyError, ValueError):
+            raise ConfigError(
+                "--array slurm: SLURM_ARRAY_TASK_ID/_MIN/_COUNT are not set (not a Slurm job array task)"
+            ) from None
+        index = task - first
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not match:
+            raise ConfigError(f"--array: expected I/N (task I of N, 0-based) or 'slurm', got {spec!r}")
+        index, count = int(match.group(1)), int(match.group(2))
+    if not 0 <= index < count:
+        raise ConfigError(f"--array: task {index} is not in 0..{count - 1}")
+    return index, count
+
+
+def _assign(
+    cfg: ExtractConfig, out: Path, num_items: int, task_chunks: list[int], remote: Optional[_Remote]
+) -> dict[str, Any]:
+    """Rank 0: which chunks of this task to extract and which complete ones still to upload; removes the partial
+    chunks of this task (not those of other array tasks, which may be writing them now)."""
+    num_chunks = math.ceil(num_items / cfg.chunk_size)
+    remote_done = remote.complete_chunks() if remote is not None else set()
+    ours = set(task_chunks)
+    complete_local: set[int] = set()
+    for entry in sorted(out.iterdir()) if out.is_dir() else []:
+        tmp = entry.name.startswith(".tmp-")
+        match = _CHUNK_RE.match(entry.name[len(".tmp-") :] if tmp else entry.name)
+        if not match:
+            continue
+        chunk = int(match.group(1))
+        if chunk >= num_chunks:
+            raise ExtractError(
+                f"out_dir: {entry} does not belong to this job's plan ({num_chunks} chunks); remove it or use "
+                f"another out_dir"
+            )
+        if tmp:
+            if chunk in ours:
+                log.info("removing partial chunk %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            continue
+        meta = _read_chunk_meta(entry)
+        expected = len(_chunk_items(chunk, cfg.chunk_size, num_items))
+        if meta is None or meta.get("num_items") != expected:
+            raise ExtractError(
+                f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of {num_chunks}); remove it "
+                f"or use another out_dir"
+            )
+        if chunk in remote_done or all((entry / f).is_file() for f in _shard_files(entry)):
+            complete_local.add(chunk)
+        elif chunk in ours:  # metadata only, shards neither here nor on the remote: redo it
+            log.warning("chunk %s lacks shard files and is not on the remote: extracting it again", entry)
+            shutil.rmtree(entry)
+    complete = complete_local | remote_done
+    return {
+        "todo": [c for c in task_chunks if c not in complete],
+        "upload": sorted(c for c in complete_local - remote_done if c in ours) if remote is not None else [],
+        "fetch": sorted(c for c in remote_done - complete_local if c in ours),
+        "done_before": len([c for c in task_chunks if c in complete]),
+    }
+
+
+def extract(cfg: ExtractConfig, dist: Any = None, array: Optional[tuple[int, int]] = None) -> ExtractResult:
     """Run (or resume) the extraction described by ``cfg`` on this rank. Collective when a process group is
-    initialised (every rank calls it); without one it is a single-process job."""
+    initialised (every rank calls it); without one it is a single-process job. ``array=(i, n)``: only the
+    chunks ``c`` with ``c % n == i`` (one task of a job array; default: ``cfg.array_index``/``array_count``);
+    the task that completes the last chunk writes the merged index, statistics and manifest."""
     problems = check_extract_config(cfg)
     if problems:
         raise ConfigError("\n".join(f"config: {k}: {p}" for k, p in problems))
+    if array is None:
+        array = (cfg.array_index, cfg.array_count) if cfg.array_index is not None else (0, 1)
+    task, num_tasks = array
     t_start = time.time()
     rank, world = rank_and_world()
     device = _resolve_device(cfg.device, dist)
@@ -606,124 +786,140 @@ def extract(cfg: ExtractConfig, dist: Any = None) -> ExtractResult:
         image_size=cfg.source.image_size if cfg.images else None,
         with_flip_features=features is not None and cfg.features.flip,
     )
-    plan = _plan(cfg, source, world, latent_shape, features_shape)
-    _check_plan(out, plan, rank)
-
-    # -- this rank's work: strided indices, cut into chunks; complete chunks are skipped, partial ones removed
+    plan = _plan(cfg, source, latent_shape, features_shape)
     num_items = len(source)
-    mine = range(rank, num_items, world)
-    num_chunks = math.ceil(len(mine) / cfg.chunk_size)
-    rank_dir = out / _rank_name(rank)
-    rank_dir.mkdir(parents=True, exist_ok=True)
-    complete: set[int] = set()
-    error: Optional[str] = None
-    for entry in sorted(rank_dir.iterdir()):
-        if entry.name.startswith(".tmp-"):
-            log.info("removing partial chunk %s", entry)
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            continue
-        match = _CHUNK_RE.match(entry.name)
-        if not match:
-            continue
-        chunk = int(match.group(1))
-        meta = _read_chunk_meta(entry)
-        if (
-            chunk >= num_chunks
-            or meta is None
-            or meta.get("num_items") != len(mine[chunk * cfg.chunk_size : (chunk + 1) * cfg.chunk_size])
-        ):
-            error = error or (
-                f"out_dir: {entry} does not belong to this job's plan (chunk {chunk} of "
-                f"{num_chunks}); remove it or use another out_dir"
-            )
-        complete.add(chunk)
-    raise_if_any_rank_failed(error, ExtractError)
-    pending = [c for c in range(num_chunks) if c not in complete]
-    batches: list[list[int]] = []
-    batch_chunk: list[int] = []
-    for chunk in pending:
-        ids = list(mine[chunk * cfg.chunk_size : (chunk + 1) * cfg.chunk_size])
-        for i in range(0, len(ids), cfg.batch_size):
-            batches.append(ids[i : i + cfg.batch_size])
-            batch_chunk.append(chunk)
-    done_items = len(mine) - sum(len(b) for b in batches)
+    num_chunks = math.ceil(num_items / cfg.chunk_size)
+    task_chunks = [c for c in range(num_chunks) if c % num_tasks == task]
+
+    # -- this task's work: rank 0 checks the plan and the chunks on disk (and on the remote), every rank takes
+    #    every world-th chunk of what is left (so any number of ranks can resume any job)
+    remote: Optional[_Remote] = None
+    assignment: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remote = _Remote(out, cfg.remote) if cfg.remote else None
+            _check_plan(out, plan, remote)
+            assignment = _assign(cfg, out, num_items, task_chunks, remote)
+        except Exception as err:  # noqa: BLE001 - every rank must learn about it
+            assignment = {"error": f"{type(err).__name__}: {err}" if not isinstance(err, ExtractError) else str(err)}
+    assignment = broadcast_object(assignment)
+    if "error" in assignment:
+        raise ExtractError(assignment["error"])
+    if rank != 0 and cfg.remote:
+        remote = _Remote(out, cfg.remote)
+    todo, uploads = assignment["todo"][rank::world], assignment["upload"][rank::world]
     if rank == 0:
         log.info(
-            "extract: %d images, %d rank(s), %d chunk(s) of <= %d per rank; rank 0: %d chunk(s) done, %d to do",
+            "extract: %d images in %d chunk(s) of <= %d%s; %d rank(s); %d chunk(s) done, %d to do%s",
             num_items,
-            world,
             num_chunks,
             cfg.chunk_size,
-            len(complete),
-            len(pending),
+            f"; array task {task} of {num_tasks}: {len(task_chunks)} chunk(s)" if num_tasks > 1 else "",
+            world,
+            assignment["done_before"],
+            len(assignment["todo"]),
+            f", {len(assignment['upload'])} to upload to {cfg.remote}" if assignment["upload"] else "",
         )
+    if remote is not None:
+        for chunk in uploads:  # committed locally by a run killed before (or during) their upload
+            remote.upload_chunk(chunk, cfg.keep_local)
+        if rank == 0:
+            for chunk in assignment["fetch"]:
+                remote.fetch_chunk_meta(chunk)
 
     # -- the loop
     written = 0
-    if batches:
-        written = _run_batches(
-            cfg,
-            source,
-            tokenizer,
-            features,
-            columns,
-            rank,
-            rank_dir,
-            mine,
-            batches,
-            batch_chunk,
-            done_items,
-            device,
-            world,
-        )
+    if todo:
+        written = _run_batches(cfg, source, tokenizer, features, columns, out, todo, device, rank, world, remote)
 
-    # -- finish: per-rank index + moments, then rank 0 merges everything
-    barrier()
-    metas = []
-    for chunk in range(num_chunks):
-        meta = _read_chunk_meta(rank_dir / _chunk_name(chunk))
-        if meta is None:
-            raise ExtractError(f"chunk {rank_dir / _chunk_name(chunk)} is missing after the extraction loop")
-        metas.append(meta)
-    moments = RunningMoments()
-    for meta in metas:
-        moments.merge(_moments_from_json(meta["moments"]))
-    has_data = _merge_index(rank_dir, [_chunk_name(m["chunk"]) for m in metas if m["count"] > 0])
-    summaries = all_gather_object(
-        {"rank": rank, "has_data": has_data, "count": sum(m["count"] for m in metas), "written": written}
-    )
-    total = moments.merge_across_ranks()
-    num_samples = sum(s["count"] for s in summaries)
-    if num_samples == 0:
-        raise ExtractError(f"source: none of the {num_items} images could be read (see the skipped files above)")
-    stats = total.to_tensor_stats() if tokenizer is not None else {"mean": None, "std": None}
-    manifest = None
-    if rank == 0:
-        _merge_index(out, [_rank_name(s["rank"]) for s in summaries if s["has_data"]])
-        if tokenizer is not None:
-            save_latent_stats(out, stats["mean"], stats["std"])
-        manifest = _write_manifest(cfg, out, source, plan, world, total, columns, time.time() - t_start)
-    barrier()
-    skipped = manifest["skipped"] if manifest else []
-    ignored = [{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])]
+    # -- finish: when every chunk of the job is complete (this was the last task), rank 0 merges them
+    summaries = all_gather_object({"written": written})
     result = ExtractResult(
         out_dir=str(out),
         num_items=num_items,
-        num_samples=num_samples,
+        num_samples=0,
         written_this_run=sum(s["written"] for s in summaries),
-        skipped=skipped,
-        ignored=ignored,
-        mean=stats["mean"],
-        std=stats["std"],
+        skipped=[],
+        ignored=[{"path": i.path, "reason": i.reason} for i in getattr(source, "ignored", [])],
+        mean=None,
+        std=None,
         elapsed_s=time.time() - t_start,
-        manifest=manifest,
+        manifest=None,
+        remote=cfg.remote,
+        array=(task, num_tasks),
     )
+    final: dict[str, Any] = {}
+    if rank == 0:
+        try:
+            final = _finalize(
+                cfg, out, source, plan, world, columns, num_chunks, tokenizer is not None, remote, t_start
+            )
+        except Exception as err:  # noqa: BLE001 - every rank must learn about it
+            final = {"error": f"{type(err).__name__}: {err}" if not isinstance(err, ExtractError) else str(err)}
+    final = broadcast_object(final)
+    if "error" in final:
+        raise ExtractError(final["error"])
+    result.num_samples = final["num_samples"]
+    result.finalized = final["finalized"]
+    result.remaining_chunks = final.get("remaining", 0)
+    if final["finalized"]:
+        manifest = final["manifest"]
+        result.skipped = manifest["skipped"]
+        result.mean, result.std = final["mean"], final["std"]
+        result.manifest = manifest if rank == 0 else None
+    result.elapsed_s = time.time() - t_start
     if rank == 0:
         _print_summary(result)
+    barrier()
     return result
+
+
+def _finalize(
+    cfg: ExtractConfig,
+    out: Path,
+    source: Any,
+    plan: dict[str, Any],
+    world: int,
+    columns: dict[str, str],
+    num_chunks: int,
+    has_latents: bool,
+    remote: Optional[_Remote],
+    t_start: float,
+) -> dict[str, Any]:
+    """Rank 0: if every chunk is complete, the merged index, statistics and manifest (uploaded to the remote,
+    index.json last); otherwise how many chunks other tasks still have to do."""
+    remote_done = remote.complete_chunks() if remote is not None else set()
+    metas: list[dict[str, Any]] = []
+    missing = 0
+    for chunk in range(num_chunks):
+        directory = out / _chunk_name(chunk)
+        if chunk in remote_done and not (directory / CHUNK_META).is_file():
+            remote.fetch_chunk_meta(chunk)  # type: ignore[union-attr]
+        meta = _read_chunk_meta(directory)
+        if meta is None or (remote is not None and chunk not in remote_done):  # with a remote: complete there
+            missing += 1
+        else:
+            metas.append(meta)
+    if missing:
+        count = sum(m["count"] for m in metas)
+        return {"finalized": False, "num_samples": count, "remaining": missing}
+    moments = RunningMoments()
+    for meta in metas:
+        moments.merge(_moments_from_json(meta["moments"]))
+    num_samples = sum(m["count"] for m in metas)
+    if num_samples == 0:
+        raise ExtractError(f"source: none of the {len(source)} images could be read (see the skipped files above)")
+    _merge_index(out, [_chunk_name(m["chunk"]) for m in metas if m["count"] > 0])
+    stats = moments.to_tensor_stats() if has_latents else {"mean": None, "std": None}
+    if has_latents:
+        save_latent_stats(out, stats["mean"], stats["std"])
+    manifest = _write_manifest(cfg, out, source, plan, world, metas, moments, columns, time.time() - t_start)
+    if remote is not None:
+        for name in [PLAN_FILENAME, STATS_FILENAME if has_latents else None, MANIFEST_FILENAME, INDEX_FILENAME]:
+            if name:
+                remote.upload(name)  # index.json last: the remote dataset is complete once it is there
+    return {"finalized": True, "num_samples": num_samples, "manifest": manifest, **stats}
 
 
 def _run_batches(
@@ -732,18 +928,23 @@ def _run_batches(
     tokenizer: Optional[Tokenizer],
     features: Optional[FeatureExtractor],
     columns: dict[str, str],
-    rank: int,
-    rank_dir: Path,
-    mine: range,
-    batches: list[list[int]],
-    batch_chunk: list[int],
-    done_items: int,
+    out: Path,
+    chunks: list[int],
     device: torch.device,
+    rank: int,
     world: int,
+    remote: Optional[_Remote],
 ) -> int:
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
+    num_items = len(source)
+    batches: list[list[int]] = []
+    batch_chunk: list[int] = []
+    for chunk in chunks:
+        ids = list(_chunk_items(chunk, cfg.chunk_size, num_items))
+        for i in range(0, len(ids), cfg.batch_size):
+            batches.append(ids[i : i + cfg.batch_size])
+            batch_chunk.append(chunk)
     loader_kwargs: dict[str, Any] = {}
     if cfg.num_workers > 0:
         loader_kwargs["prefetch_factor"] = 4
@@ -757,25 +958,23 @@ def _run_batches(
     )
     last_of_chunk = {chunk: i for i, chunk in enumerate(batch_chunk)}
     dtype = np.dtype(cfg.latent_dtype)
-    progress = tqdm(
-        total=len(mine),
-        initial=done_items,
+    progress = Progress(
+        sum(len(b) for b in batches),
+        desc=f"extract (rank 0 of {world}, its {len(chunks)} chunk(s))",
         unit="img",
-        dynamic_ncols=True,
-        smoothing=0.1,
-        desc=f"extract (rank 0 of {world})",
-        disable=rank != 0 or not cfg.progress_bar,
+        enabled=rank == 0 and cfg.progress_bar,
+        logger=log,
     )
     writer: Optional[_ChunkWriter] = None
     generator: Optional[torch.Generator] = None
     written = skipped = 0
-    try:
+    with progress:
         for i, batch in enumerate(loader):
             chunk = batch_chunk[i]
             if writer is None:
-                lo, hi = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, len(mine))
-                writer = _ChunkWriter(rank_dir, rank, chunk, (lo, hi), list(mine[lo:hi]), columns, cfg.shard_size_limit)
-                generator = torch.Generator(device=device).manual_seed(_chunk_seed(cfg.seed, rank, chunk))
+                items = _chunk_items(chunk, cfg.chunk_size, num_items)
+                writer = _ChunkWriter(out, chunk, items, columns, cfg.shard_size_limit)
+                generator = torch.Generator(device=device).manual_seed(_chunk_seed(cfg.seed, chunk))
             if cfg.throttle_s:
                 time.sleep(cfg.throttle_s)  # with the chunk's .tmp directory open, for kill tests
             for bad in batch["bad"]:
@@ -783,16 +982,15 @@ def _run_batches(
                 writer.skip(bad)
                 skipped += 1
             if batch["image"] is not None:
-                n = _encode_and_write(cfg, batch, tokenizer, features, writer, generator, device, dtype)
-                written += n
+                written += _encode_and_write(cfg, batch, tokenizer, features, writer, generator, device, dtype)
             progress.update(len(batch["bad"]) + int(batch["sample_id"].numel()))
             if skipped:
-                progress.set_postfix(skipped=skipped, refresh=False)
+                progress.set_postfix(skipped=skipped)
             if last_of_chunk[chunk] == i:
                 writer.commit()
                 writer = None
-    finally:
-        progress.close()
+                if remote is not None:
+                    remote.upload_chunk(chunk, cfg.keep_local)
     return written
 
 
@@ -855,6 +1053,7 @@ def _write_manifest(
     source: Any,
     plan: dict[str, Any],
     world: int,
+    metas: list[dict[str, Any]],
     total: RunningMoments,
     columns: dict[str, str],
     elapsed: float,
@@ -862,21 +1061,11 @@ def _write_manifest(
     ids: list[int] = []
     digests: list[str] = []
     skipped: list[dict[str, Any]] = []
-    chunks = 0
-    for rank in range(world):
-        rank_dir = out / _rank_name(rank)
-        if not rank_dir.is_dir():
-            continue
-        for entry in sorted(rank_dir.iterdir()):
-            if not _CHUNK_RE.match(entry.name):
-                continue
-            meta = _read_chunk_meta(entry)
-            if meta is None:
-                raise ExtractError(f"chunk {entry} has no readable {CHUNK_META}")
-            ids.extend(meta["sample_ids"])
-            digests.extend(meta["digests"])
-            skipped.extend(meta["skipped"])
-            chunks += 1
+    for meta in metas:
+        ids.extend(meta["sample_ids"])
+        digests.extend(meta["digests"])
+        skipped.extend(meta["skipped"])
+    chunks = len(metas)
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     sorted_ids = np.asarray(ids, dtype="<i8")[order]
     if len(np.unique(sorted_ids)) != len(sorted_ids):
@@ -923,11 +1112,22 @@ def _write_manifest(
 
 def _print_summary(result: ExtractResult) -> None:
     rate = result.written_this_run / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    if not result.finalized:
+        task, tasks = result.array
+        print(
+            f"extract: array task {task} of {tasks} done ({result.written_this_run} written by this run in "
+            f"{result.elapsed_s:.1f} s, {rate:.1f} img/s); {result.remaining_chunks} chunk(s) of other tasks remain: "
+            f"the task that completes the last one writes index.json, statistics and manifest",
+            flush=True,
+        )
+        return
     lines = [
         f"extract: {result.num_samples} of {result.num_items} images in {result.out_dir} "
         f"({result.written_this_run} written by this run in {result.elapsed_s:.1f} s, {rate:.1f} img/s)",
         f"extract: {len(result.skipped)} skipped (unreadable)" + (":" if result.skipped else ""),
     ]
+    if result.remote:
+        lines.append(f"extract: uploaded to {result.remote}")
     lines += [f"  skipped sample {s['sample_id']}: {s['path']}: {s['error']}" for s in result.skipped]
     if result.ignored:
         lines.append(f"extract: {len(result.ignored)} ignored (not images):")
@@ -947,9 +1147,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Extract tokenizer latents (+ flips, DINOv2 features) to MDS.")
     parser.add_argument("config", help="extraction YAML (e.g. configs/extract_synthetic.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. source.num_samples=512 out_dir=/tmp/x")
+    parser.add_argument(
+        "--array",
+        default=os.environ.get("LLAT_EXTRACT_ARRAY") or None,
+        help="run as task I of an N-task job array: 'I/N' (0-based) or 'slurm' (SLURM_ARRAY_TASK_ID/_MIN/_COUNT); "
+        "default: $LLAT_EXTRACT_ARRAY, else the config's array_index/array_count",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_extract_config(args.config, args.overrides)
+        if args.array:
+            cfg.array_index, cfg.array_count = parse_array(args.array)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

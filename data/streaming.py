@@ -1393,6 +1393,9 @@ def build_streaming_loader(
         batch_size=batch_size,
         predownload=cfg.predownload,
         replication=None,
+        cache_limit=getattr(cfg, "cache_limit", None),
+        download_retry=getattr(cfg, "download_retry", 2),
+        download_timeout=getattr(cfg, "download_timeout", 60.0),
         **kwargs,
     )
     workers = int(cfg.num_workers)

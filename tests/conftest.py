@@ -151,3 +151,14 @@ def local_slurm(tmp_path_factory) -> LocalSlurm:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP endpoint on localhost (moto server mode, tests/s3_utils.py); the AWS environment variables
+    point at it for the rest of the session."""
+    from s3_utils import start_s3_server, stop_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    stop_s3_server(server)

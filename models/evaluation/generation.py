@@ -67,6 +67,7 @@ from core.checkpoint import complete_checkpoints
 from core.config import config_to_dict
 from core.distributed import barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_temporary
+from core.progress import Progress
 from data.streaming import denormalize_latents, load_latent_stats
 from data.tokenizers import available_tokenizers, build_tokenizer
 from models.sampling import Sampler
@@ -544,12 +545,8 @@ def sample_to_folder(
     latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     debug_sleep = float(os.environ.get("LLAT_DEBUG_SAMPLE_SLEEP", "0") or 0)
 
-    bar = None
     todo = sum(len(chunk_range(c, batch_size, num)) for c in pending)
-    if rank == 0 and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=todo, unit="img", dynamic_ncols=True, desc=f"sampling ({world} rank(s))")
+    bar = Progress(todo, desc=f"sampling ({world} rank(s))", unit="img", enabled=rank == 0 and progress, logger=log)
     t0 = time.perf_counter()
     written = 0
     for c in mine:
@@ -563,13 +560,11 @@ def sample_to_folder(
             if not path.exists():
                 write_png_atomic(arr, path)
                 written += 1
-        if bar is not None:
-            bar.update(min(len(indices) * world, bar.total - bar.n))
+        bar.update(min(len(indices) * world, bar.total - bar.n))
         if debug_sleep:
             time.sleep(debug_sleep)
     elapsed = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
+    bar.close()
     barrier()
     summary: dict[str, Any] = {
         "out": str(out_dir),

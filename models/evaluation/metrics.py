@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.fileio import atomic_torch_save, atomic_write_bytes
+from core.progress import Progress
 from data.images import center_crop_arr
 
 __all__ = [
@@ -483,19 +484,12 @@ def extract_features(
         total = len(dataset)
     else:
         batches, total = images, None
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, leave=False)
     parts: dict[str, list[torch.Tensor]] = {}
-    for batch in batches:
-        for k, v in extractor(batch).items():
-            parts.setdefault(k, []).append(v)
-        if bar is not None:
+    with Progress(total, desc=desc, unit="img", enabled=progress, leave=False) as bar:
+        for batch in batches:
+            for k, v in extractor(batch).items():
+                parts.setdefault(k, []).append(v)
             bar.update(len(batch))
-    if bar is not None:
-        bar.close()
     if not parts:
         return {k: torch.zeros(0, 0) for k in extractor.feature_names}
     return {k: torch.cat(v) for k, v in parts.items()}

@@ -1,13 +1,14 @@
 """The extraction job (data/extract.py) on 2 REAL ranks started by ``python -m torch.distributed.run``; the resume
 test SIGKILLs the whole job (launcher and ranks, each rank being its own process group under torch elastic) after
 some chunks are complete, and starts it again. The single-process checks: tests/unit/test_extract.py.
+The resume test uploads to S3 (moto's server on localhost) and finishes the job on 1 rank as a 2-task job array.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -87,12 +88,10 @@ def kill_job(proc: subprocess.Popen) -> None:
 def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
     out, log = two_rank_run
     assert f"extract: {N} of {N} images" in log
-    # Per-rank chunk sets, merged into one index.
-    assert sorted(p.name for p in (out / "rank00000").iterdir() if p.name.startswith("chunk")) == [
-        f"chunk{c:06d}" for c in range(5)
-    ]
+    # Chunks of consecutive images (independent of the number of ranks), merged into one index.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("chunk")) == [f"chunk{c:06d}" for c in range(10)]
     index = json.loads((out / "index.json").read_text())
-    assert {s["zip_data"]["basename"].split("/")[0] for s in index["shards"]} == {"rank00000", "rank00001"}
+    assert {s["zip_data"]["basename"].split("/")[0] for s in index["shards"]} == {f"chunk{c:06d}" for c in range(10)}
     assert all(s["compression"] == "zstd" for s in index["shards"])
 
     samples = read_raw(out)
@@ -105,11 +104,11 @@ def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
         assert torch.equal(latent, images[sid])  # identity tokenizer, float32 storage
         assert torch.equal(flip, torch.flip(latent, dims=[-1]))
         assert int(s["label"]) == sid % CLASSES
-    # Rank r holds the strided indices r, r+2, ...; its chunk 1 is its positions 10..19.
-    meta = json.loads((out / "rank00000" / "chunk000001" / "chunk.json").read_text())
-    assert meta["sample_ids"] == list(range(20, 40, 2))
-    meta = json.loads((out / "rank00001" / "chunk000004" / "chunk.json").read_text())
-    assert meta["sample_ids"] == list(range(81, 96, 2))
+    # Chunk c holds the images 10c .. 10c + 9 (the last one 90 .. 95), whichever rank wrote it.
+    meta = json.loads((out / "chunk000001" / "chunk.json").read_text())
+    assert meta["sample_ids"] == list(range(10, 20)) and meta["items"] == [10, 20]
+    meta = json.loads((out / "chunk000009" / "chunk.json").read_text())
+    assert meta["sample_ids"] == list(range(90, 96))
 
     # Statistics: one numpy pass over all images (float64) == merged per-chunk moments.
     x = images.numpy().astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
@@ -142,12 +141,35 @@ def test_two_ranks_every_image_once_flips_stats_and_reader(two_rank_run):
     del loader, dataset
 
 
-def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_path):
+def read_remote(remote: str, cache: Path) -> dict[int, dict]:
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    ds = StreamingDataset(remote=remote, local=str(cache), shuffle=False, batch_size=1)
+    try:
+        return {int(s["sample_id"]): s for s in (ds[i] for i in range(len(ds)))}
+    finally:
+        del ds
+        gc.collect()
+
+
+def _remote_chunks(s3_server, bucket: str) -> set[int]:
+    return {int(k.split("/")[-2][5:]) for k in s3_server.keys(bucket) if k.endswith("/chunk.json")}
+
+
+def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_rank_run, s3_server, tmp_path):
+    """SIGKILL a 2-rank job that uploads to S3 (moto server, tests/s3_utils.py) after some chunks are complete;
+    finish it on ONE rank as task 0 then task 1 of a 2-task job array: the local and the remote dataset equal the
+    uninterrupted 2-rank run's. A kill *during* a chunk's upload is reproduced by removing that chunk's commit
+    marker (chunk.json, uploaded last) and a shard from the bucket after the kill: the state such a kill leaves."""
     reference, _ = two_rank_run
+    bucket = s3_server.new_bucket("extract")
+    remote = f"s3://{bucket}/imagenet"
     out = tmp_path / "killed"
     # throttle_s slows each batch so the job is still running when we kill it.
     proc = subprocess.Popen(
-        torchrun_cmd(out, "throttle_s=0.12"),
+        torchrun_cmd(out, "throttle_s=0.12", f"remote={remote}"),
         cwd=REPO,
         env=run_env(),
         stdout=subprocess.PIPE,
@@ -156,12 +178,12 @@ def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_p
     )
 
     def complete() -> list[Path]:
-        return sorted(out.glob("rank*/chunk*"))
+        return sorted(out.glob("chunk*"))
 
     def partial() -> list[Path]:
-        return sorted(out.glob("rank*/.tmp-chunk*"))
+        return sorted(out.glob(".tmp-chunk*"))
 
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     try:
         while not (len(complete()) >= 3 and partial()):
             assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
@@ -177,23 +199,70 @@ def test_sigkill_mid_job_then_restart_gives_the_same_dataset(two_rank_run, tmp_p
     assert complete() == done_at_kill and partial() == partial_at_kill
     assert 3 <= len(done_at_kill) < 10 and partial_at_kill, (done_at_kill, partial_at_kill)
     assert not (out / "manifest.json").exists() and not (out / "index.json").exists()
+    done = {int(p.name[5:]) for p in done_at_kill}
+    uploaded = _remote_chunks(s3_server, bucket)
+    assert uploaded and uploaded <= done and "imagenet/index.json" not in s3_server.keys(bucket)
+    torn = min(uploaded)  # killed mid-upload: committed locally, incomplete on the remote
+    s3_server.delete(bucket, f"imagenet/chunk{torn:06d}/chunk.json")
+    s3_server.delete(bucket, f"imagenet/chunk{torn:06d}/shard.00000.mds.zstd")
 
-    restart = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
-    assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
-    written = int(re.search(r"\((\d+) written by this run", restart.stdout).group(1))
-    assert 0 < written <= N - 10 * len(done_at_kill) + 2  # complete chunks were not redone
-    assert not partial()  # partial chunks were removed and redone
-    for chunk in done_at_kill:  # untouched since the kill
-        assert chunk.is_dir()
+    # Another number of ranks (1), as task 0 then task 1 of a job array (chunk c belongs to task c % 2).
+    def run_task(task: int, *extra: str):
+        overrides = [f"out_dir={out}", *COMMON, f"remote={remote}", *extra]
+        return extract(load_extract_config(CONFIG, overrides), array=(task, 2))
+
+    def size(c: int) -> int:
+        return len(range(10 * c, min(10 * c + 10, N)))
+
+    first = run_task(0)
+    assert first.written_this_run == sum(size(c) for c in range(0, 10, 2) if c not in done)  # complete ones kept
+    assert set(range(0, 10, 2)) <= _remote_chunks(s3_server, bucket)  # the torn chunk uploaded again if even
+    assert not partial() or all(int(p.name[10:]) % 2 for p in partial())  # task 0 removed only its partials
+    odd_complete = all(c in done for c in range(1, 10, 2)) and torn % 2 == 0
+    assert first.finalized == odd_complete and (out / "index.json").exists() == odd_complete
+    second = run_task(1, "keep_local=false")  # its new chunks keep only their metadata locally once uploaded
+    assert second.written_this_run == sum(size(c) for c in range(1, 10, 2) if c not in done)
+    for c in range(1, 10, 2):
+        shards = list((out / f"chunk{c:06d}").glob("shard.*"))
+        assert bool(shards) == (c in done and c != torn), c  # uploaded by this run: shards deleted
+        assert (out / f"chunk{c:06d}" / "chunk.json").is_file() and (out / f"chunk{c:06d}" / "index.json").is_file()
+    assert second.finalized and second.num_samples == N and not partial()
+    assert _remote_chunks(s3_server, bucket) == set(range(10))
 
     a, b = read_manifest(reference), read_manifest(out)
-    for key in ("num_samples", "sample_ids_sha256", "content_sha256", "stats", "num_skipped"):
+    for key in ("num_samples", "sample_ids_sha256", "content_sha256", "stats", "num_skipped", "num_chunks"):
         assert a[key] == b[key], key
+    assert a["world_size"] == 2 and b["world_size"] == 1
     ma, sa = load_latent_stats(reference)
     mb, sb = load_latent_stats(out)
     assert torch.equal(ma, mb) and torch.equal(sa, sb)
-    assert sorted(int(s["sample_id"]) for s in read_raw(out)) == list(range(N))
+    # The remote is the complete dataset: the merged files (index.json as written locally), every sample equal to
+    # the uninterrupted run's.
+    keys = s3_server.keys(bucket, "imagenet/")
+    assert {f"imagenet/{n}" for n in ("index.json", "manifest.json", "latents_stats.pt", "extract_plan.json")} <= set(
+        keys
+    )
+    assert json.loads(s3_server.read(bucket, "imagenet/index.json")) == json.loads((out / "index.json").read_text())
+    expected = {int(s["sample_id"]): s for s in read_raw(reference)}
+    assert len(expected) == N
+    got = read_remote(remote, tmp_path / "cache")
+    assert sorted(got) == list(range(N))
+    for sid, sample in expected.items():
+        for column in ("latent", "latent_flip", "label"):
+            np.testing.assert_array_equal(got[sid][column], sample[column], err_msg=f"sample {sid}: {column}")
 
-    # A restart with another world size (here 1 process) is refused instead of mixing layouts.
-    with pytest.raises(ExtractError, match=r"world_size: 2 -> 1"):
-        extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON]))
+    # A new node with an empty out_dir: every chunk is complete on the remote, so nothing is extracted again (the
+    # chunks' metadata are fetched), and the merged files are the same.
+    fresh = tmp_path / "fresh"
+    again = extract(load_extract_config(CONFIG, [f"out_dir={fresh}", *COMMON, f"remote={remote}"]))
+    assert again.finalized and again.written_this_run == 0 and again.num_samples == N
+    assert read_manifest(fresh)["content_sha256"] == a["content_sha256"] and not list(fresh.glob("chunk*/shard.*"))
+    with pytest.raises(
+        ExtractError, match=r"remote: s3://.*/imagenet holds a job with different settings \(chunk_size"
+    ):
+        extract(
+            load_extract_config(CONFIG, [f"out_dir={tmp_path / 'other'}", *COMMON, f"remote={remote}", "chunk_size=12"])
+        )
+    # A restart with other chunk contents is refused instead of mixing them.
+    with pytest.raises(ExtractError, match=r"chunk_size: 10 -> 12"):
+        extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON, "chunk_size=12"]))
