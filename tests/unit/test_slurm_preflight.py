@@ -246,12 +246,15 @@ def test_pipeline_file_errors(tmp_path, body, message):
     assert code == 2 and message in err, err
 
 
-def test_shipped_synthetic_pipeline_loads():
-    """(configs/pipeline_imagenet_xl.yaml names configs/extract_imagenet256_vavae.yaml, shipped with the ImageNet
-    extraction; it is checked the same way where that file exists: test_pipeline_file_errors covers the errors.)"""
+def test_shipped_pipelines_load():
     from launchers.pipeline import load_pipeline
 
     os.chdir(REPO)
     pc = load_pipeline("configs/pipeline_synthetic.yaml")
     assert list(pc.stages) == ["extract", "train", "sample", "evaluate"] and pc.name == "synthetic"
     assert pc.stages["sample"].options["num"] == 40
+    xl = load_pipeline("configs/pipeline_imagenet_xl.yaml")
+    assert list(xl.stages) == ["extract", "train", "sample", "evaluate"]
+    assert xl.stages["sample"].options["num"] == 50000
+    assert Path(xl.stages["extract"].config).name == "extract_imagenet256_vavae.yaml"
+    assert Path(xl.stages["train"].config).name == "lightningdit_xl.yaml"
