@@ -472,8 +472,7 @@ def resolve_job(
         if _option(args, "--out") is None:
             out = run_dir / "samples" / f"fid{num}"
             args += ["--out", str(out), "--npz", str(out.with_suffix(".npz"))]
-        if "--no-progress" not in args:
-            args.append("--no-progress")
+        # (no --no-progress: off a terminal the sampler writes periodic progress lines, core/progress.py)
         args = _absolute_args(args, SAMPLE_PATH_OPTIONS)
         assert SAMPLE_ENTRY.exists(), SAMPLE_ENTRY
         return ResolvedJob(
