@@ -316,6 +316,20 @@ class _Layout:
         """This rank's fp32 master partitions (fetched each time: loading may replace the tensors)."""
         return list(getattr(ds_engine.optimizer, self.flat_attr))
 
+    @torch.no_grad()
+    def zero_padding_(self, ds_engine) -> None:
+        """Zero the elements of this rank's partitions that hold no parameter element. ZeRO-3 pads the last rank's
+        partition of every parameter whose size is not a multiple of the world size, and DeepSpeed 0.19 leaves that
+        padding uninitialised in the fp32 partitions (``torch.empty``): checkpoints of two identical runs would
+        differ there. The padding never receives a gradient, so Adam keeps it at 0 (the moments stay 0)."""
+        for fi, flat in enumerate(self.flats(ds_engine)):
+            covered = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            for fragments in self.fragments.values():
+                for f, fs, _, n in fragments:
+                    if f == fi:
+                        covered[fs : fs + n] = True
+            flat.view(-1).masked_fill_(~covered, 0.0)
+
 
 # ---------------------------------------------------------------------------------------------------- EMA
 class ZeroShardedEMA(nn.Module):
@@ -444,6 +458,7 @@ class DeepSpeedPart(TrainedPart):
             self._alias[canonical_name(n)] = first.setdefault(id(p), canonical_name(n))
         self._buffers = {canonical_name(n): b for n, b in inner.named_buffers()}
         self.layout = _Layout(ds_engine, first)
+        self.layout.zero_padding_(ds_engine)
         self.ema = ZeroShardedEMA(self.layout.flats(ds_engine)) if ema_decay is not None else None
 
     # ------------------------------------------------------------------ training
