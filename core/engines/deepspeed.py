@@ -321,7 +321,8 @@ class _Layout:
         """Zero the elements of this rank's partitions that hold no parameter element. ZeRO-3 pads the last rank's
         partition of every parameter whose size is not a multiple of the world size, and DeepSpeed 0.19 leaves that
         padding uninitialised in the fp32 partitions (``torch.empty``): checkpoints of two identical runs would
-        differ there. The padding never receives a gradient, so Adam keeps it at 0 (the moments stay 0)."""
+        differ there. The padding never receives a gradient, so Adam keeps it at 0 (the moments stay 0). Stages 1/2
+        already zero their alignment padding (a no-op there)."""
         for fi, flat in enumerate(self.flats(ds_engine)):
             covered = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
             for fragments in self.fragments.values():
