@@ -138,6 +138,9 @@ class EngineConfig:
     offload_optimizer: bool = False
     overlap_comm: bool = True
     bucket_size: int = 500_000_000
+    # ZeRO-3: parameters of at most this many elements stay gathered on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold; None = DeepSpeed's default, 1e5). 0 partitions every parameter.
+    zero3_persistence_threshold: Optional[int] = None
 
 
 @dataclass
@@ -706,6 +709,11 @@ def check_training_config(cfg: Any, checks: Checks, world_size: int | None = Non
             f"must be 1, 2 or 3 with engine.kind=deepspeed, got {e.zero_stage}",
         )
     checks.positive(e.bucket_size, "engine.bucket_size")
+    checks.need(
+        e.zero3_persistence_threshold is None or e.zero3_persistence_threshold >= 0,
+        "engine.zero3_persistence_threshold",
+        f"must be >= 0 or null, got {e.zero3_persistence_threshold!r}",
+    )
     checks.positive(e.shard_group_size, "engine.shard_group_size", allow_none=True)
     if e.sharding == "hybrid":
         checks.need(

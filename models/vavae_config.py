@@ -120,17 +120,6 @@ def check_vavae_task(cfg: Any, checks: Checks) -> None:
     """Problems of the VA-VAE section of the experiment ``cfg``, of the image-data fields it uses and of its engine
     (only checked for task "vavae")."""
     need = checks.need
-    # ZeRO-1/2 train the VA-VAE (DeepSpeedPart.set_partial_grads). ZeRO-3 does not: its sub-module hooks gather a
-    # module's parameters for ONE backward pass per forward (a reference count), and the adaptive weights take
-    # up to three autograd.grad passes through the autoencoder before its backward.
-    need(
-        not (cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3),
-        "engine.zero_stage",
-        "the VA-VAE task runs on DeepSpeed ZeRO stage 1 or 2 (its adaptive loss weights take several autograd.grad "
-        "passes through the autoencoder before its backward, and ZeRO-3 gathers a module's parameters for one "
-        "backward pass per forward); use engine.zero_stage=1/2 or engine.kind=fsdp2",
-        ("task", "engine.kind"),
-    )
     v, d = cfg.vavae, cfg.data
     m = v.model
     for k in ("embed_dim", "ch", "num_res_blocks", "z_channels", "resolution", "in_channels", "out_ch"):

@@ -103,7 +103,9 @@ DeepSpeed internals this file relies on (checked by tests/integration/test_engin
 DeepSpeed 0.19): the ZeRO optimizers' flat fp32 partitions and parameter groups named above, ``param._hp_mapping``
 (stages 1/2: fragment addresses), ``grad_position``/``get_param_id``/``_get_param_partition_rank`` (stage 3),
 the inner torch optimizer's ``state`` keyed by the flat partitions, and ``engine._config.load_universal_checkpoint``
-(switched on for the universal load only).
+(switched on for the universal load only). Partial grads (``_DirectForward``, checked by
+tests/integration/test_vavae_deepspeed.py): the engine's ``_backward_prologue``/``_backward_prologue_per_tensor``
+and the ``applied_pre_backward_ref_cnt`` of ZeRO-3's sub-module hooks.
 """
 
 from __future__ import annotations
@@ -196,6 +198,8 @@ def ds_config(cfg: EngineConfig, world_size: int, grad_clip: Optional[float] = N
         "allgather_bucket_size": bucket,
         "load_from_fp32_weights": True,
     }
+    if cfg.zero3_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = int(cfg.zero3_persistence_threshold)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     bf16 = cfg.precision == "bf16"
@@ -313,6 +317,21 @@ class _Layout:
         """This rank's fp32 master partitions (fetched each time: loading may replace the tensors)."""
         return list(getattr(ds_engine.optimizer, self.flat_attr))
 
+    @torch.no_grad()
+    def zero_padding_(self, ds_engine) -> None:
+        """Zero the elements of this rank's partitions that hold no parameter element. ZeRO-3 pads the last rank's
+        partition of every parameter whose size is not a multiple of the world size, and DeepSpeed 0.19 leaves that
+        padding uninitialised in the fp32 partitions (``torch.empty``): checkpoints of two identical runs would
+        differ there. The padding never receives a gradient, so Adam keeps it at 0 (the moments stay 0). Stages 1/2
+        already zero their alignment padding (a no-op there)."""
+        for fi, flat in enumerate(self.flats(ds_engine)):
+            covered = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            for fragments in self.fragments.values():
+                for f, fs, _, n in fragments:
+                    if f == fi:
+                        covered[fs : fs + n] = True
+            flat.view(-1).masked_fill_(~covered, 0.0)
+
 
 # ---------------------------------------------------------------------------------------------------- EMA
 class ZeroShardedEMA(nn.Module):
@@ -336,6 +355,21 @@ class ZeroShardedEMA(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- part
+# The pre-backward reference count of every ZeRO-3 sub-module after a forward with partial grads on: "never
+# exhausted", so every backward pass through a sub-module gathers its parameters first (see _DirectForward).
+ZERO3_GATHER_EVERY_PASS = 2**62
+
+
+def _set_zero3_pre_backward_count(module: nn.Module, count: int) -> None:
+    """Set the pre-backward reference count of ZeRO-3's hooks on ``module`` and its sub-modules (DeepSpeed 0.19.8
+    ``DeepSpeedZeRoOffload._register_deepspeed_module``: each forward adds 1 to a sub-module's
+    ``applied_pre_backward_ref_cnt``; its pre-backward hook gathers the sub-module's parameters only while the
+    count is > 0, and decrements it)."""
+    for m in module.modules():
+        if "applied_pre_backward_ref_cnt" in m.__dict__:
+            m.applied_pre_backward_ref_cnt = count
+
+
 class _DirectForward:
     """The forward of a DeepSpeed part whose outputs the task differentiates with ``autograd.grad`` before its
     backward (``TrainedPart.set_partial_grads``). Calls the wrapped model itself, with what DeepSpeed's
@@ -351,6 +385,23 @@ class _DirectForward:
     (``_backward_prologue``: ``enter_backward`` + a queued post-backward callback that runs the reduction
     epilogue) in whatever backward pass first reaches an output. ``DeepSpeedPart.backward`` registers that same
     hook on the loss. DeepCompile (not used by this engine) would need the engine's forward.
+
+    Added for ZeRO-3: after the forward, the pre-backward reference count of every sub-module is set to
+    ``ZERO3_GATHER_EVERY_PASS``. ZeRO-3 releases a sub-module's parameters after its forward and gathers them again
+    in a pre-backward hook on its outputs, but only while a per-sub-module count is > 0: one per forward call,
+    spent by the first backward pass that reaches the outputs. The partial ``autograd.grad`` passes spend it, and a
+    sub-module whose post-backward hook then released its parameters (a pass that went through all of it) would
+    meet the next pass — the next partial pass or the real backward — with its parameters still released (a
+    convolution's weight of ZeRO-3's empty placeholder). With the count never exhausted, every pass gathers the
+    parameters of each sub-module it reaches before using them (a no-op when they are still gathered). Release:
+    ZeRO-3's post-backward hook of a sub-module fires when its count of inputs awaiting gradients reaches 0, i.e.
+    once, in the first pass that goes through all of it; what a later pass gathers again stays gathered until the
+    end of the part's backward, whose epilogue releases every sub-module left over
+    (``PartitionedParameterCoordinator.release_backward_leftovers``; ``step`` re-partitions everything after the
+    update either way). Memory: up to the whole part gathered during its backward, like FSDP2's single unit
+    (``blocks_attr=None``). Gradients: ``autograd.grad`` never runs the parameters' gradient-accumulation nodes, so
+    ZeRO-3's reduce hooks fire in the real backward only. Without partial grads, ZeRO-3's own counts are put back
+    (``set_partial_grads(False)``, between steps).
     Attribute access goes to the wrapped model (``part.module.decoder.conv_out.weight``)."""
 
     def __init__(self, ds_engine):
@@ -364,7 +415,10 @@ class _DirectForward:
         if isinstance(engine.optimizer, ZeROOptimizer):
             engine.optimizer.clear_backward_seen_flag()
         with autocast_if_enabled(engine):
-            return engine.module(*args, **kwargs)
+            out = engine.module(*args, **kwargs)
+        if engine.zero_optimization_partition_weights():
+            _set_zero3_pre_backward_count(engine.module, ZERO3_GATHER_EVERY_PASS)
+        return out
 
     def __getattr__(self, name: str):
         return getattr(self._engine.module, name)
@@ -406,6 +460,7 @@ class DeepSpeedPart(TrainedPart):
             self._alias[canonical_name(n)] = first.setdefault(id(p), canonical_name(n))
         self._buffers = {canonical_name(n): b for n, b in inner.named_buffers()}
         self.layout = _Layout(ds_engine, first)
+        self.layout.zero_padding_(ds_engine)
         # One partitioned EMA per decay (train.ema_decays); the first is `ema`.
         self.emas = [ZeroShardedEMA(self.layout.flats(ds_engine)) for _ in self.ema_decays]
         self.ema = self.emas[0] if self.emas else None
@@ -456,13 +511,13 @@ class DeepSpeedPart(TrainedPart):
         return norm
 
     def set_reshard_after_forward(self, reshard: bool) -> None:
-        """ZeRO-1/2 never shard the parameters (no-op). ZeRO-3 re-partitions every sub-module after its forward in
-        its own hooks, with no per-module switch: ``reshard=False`` is refused there."""
-        if not reshard and self.stage == 3:
-            raise NotImplementedError(
-                f"{self.name}: DeepSpeed ZeRO-3 cannot keep a module's parameters unsharded "
-                "between its forward and its backward; use ZeRO-1/2 or engine.kind=fsdp2"
-            )
+        """A no-op on every stage. ZeRO-1/2 never shard the parameters. ZeRO-3 releases a sub-module's parameters
+        after its forward in its own hooks (no per-module switch), but in place: a parameter attribute stays the
+        very tensor object the forward used (ZeRO-3 swaps its storage), and the sub-module's pre-backward hook
+        gathers it again before any backward op reads it — in every ``autograd.grad`` pass too while
+        ``set_partial_grads(True)`` (see ``_DirectForward``). So ``autograd.grad`` w.r.t. a parameter attribute
+        read after the forward gives the full gradient, which is what ``reshard=False`` is for. (Its ``.shape``
+        between forward and backward is ZeRO-3's empty placeholder; use ``ds_shape``.)"""
 
     def set_partial_grads(self, enabled: bool) -> None:
         """On: ``module`` becomes a ``_DirectForward`` that calls the wrapped model without DeepSpeed's engine
@@ -472,6 +527,9 @@ class DeepSpeedPart(TrainedPart):
         if self._partial_grads is not bool(enabled):
             self._partial_grads = bool(enabled)
             self.module = _DirectForward(self.engine) if enabled else self.engine
+            if not enabled and self.stage == 3:
+                # back to ZeRO-3's own count (between steps: no forward waits for its backward)
+                _set_zero3_pre_backward_count(self.engine.module, 0)
 
     # ------------------------------------------------------------------ full state (collective)
     def _partitions(self, which: str) -> list[torch.Tensor]:

@@ -49,6 +49,9 @@ Adaptive weights under FSDP2 (the gradients w.r.t. one layer's weight, by autogr
   its step), ``g`` is evaluated on a detached copy of ``x_hat``: ``G = dg/dx_hat`` comes from
   ``autograd.grad`` (no parameter gradients), and the loss carries ``sum(x_hat * G)`` — the same gradient for
   every autoencoder parameter — with its value replaced by ``g`` for logging.
+* On DeepSpeed (ZeRO-1, 2 and 3) the same code runs: ``set_partial_grads(True)`` keeps the partial passes out of
+  DeepSpeed's gradient machinery and, under ZeRO-3, makes each of them gather again the sub-modules it reaches
+  (``core/engines/deepspeed.py``, ``_DirectForward``); parity with FSDP2 in tests/integration/test_vavae_deepspeed.py.
 * BatchNorm running statistics of the discriminator are broadcast from rank 0 after each discriminator forward
   (rank 0's trajectory, as DDP's ``broadcast_buffers`` kept officially), so every rank and every checkpoint hold
   the same buffers.

@@ -402,8 +402,8 @@ def test_task_registry_matches_schema_and_names_unknown_tasks():
     with pytest.raises(ValueError, match=r"^task: unknown task 'gan'; known: 'dit', 'vavae'$"):
         build_task(ExperimentConfig(task="gan"), None)
     cfg = ExperimentConfig(task="vavae")  # the task's own checks come from its registry entry
-    cfg.engine.kind, cfg.engine.zero_stage = "deepspeed", 3
-    assert "config: engine.zero_stage: the VA-VAE task runs on DeepSpeed ZeRO stage 1 or 2" in error_of(validate, cfg)
+    cfg.vavae.model.ch = 48
+    assert "config: vavae.model.ch: must be a multiple of 32 (GroupNorm(32)), got 48" in error_of(validate, cfg)
 
 
 def test_world_size_divisibility_names_the_numbers():
