@@ -224,7 +224,8 @@ def test_sigkill_on_two_ranks_then_finish_on_one_rank_as_job_array_to_s3(two_ran
     assert second.written_this_run == sum(size(c) for c in range(1, 10, 2) if c not in done)
     for c in range(1, 10, 2):
         shards = list((out / f"chunk{c:06d}").glob("shard.*"))
-        assert bool(shards) == (c in done and c != torn), c  # uploaded by this run: shards deleted
+        # uploaded by this run (new, torn, or committed locally but not yet uploaded at the kill): shards deleted
+        assert bool(shards) == (c in uploaded and c != torn), c
         assert (out / f"chunk{c:06d}" / "chunk.json").is_file() and (out / f"chunk{c:06d}" / "index.json").is_file()
     assert second.finalized and second.num_samples == N and not partial()
     assert _remote_chunks(s3_server, bucket) == set(range(10))

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 # An in-loop evaluation every 2 steps (epoch = step / 4); the best FID is at step 4, with IS 4.0.
 FIDS = {2: 9.0, 4: 7.5, 6: 8.0}
+
+
+def _next_second() -> None:
+    """W&B names an offline start ``offline-run-<YYYYmmdd_HHMMSS>-<id>``: two starts of one run within the same
+    second would share a folder (a real requeue takes far longer); start each one in a new second."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
 def _records(run_dir: Path, kind: str) -> list:
@@ -50,6 +57,7 @@ def run_dir(tmp_path_factory) -> Path:
     cfg = load_config(REPO / "configs" / "tiny_dit.yaml", [*overrides, "wandb.tags=[a, b]"])
     save_config(cfg, run_dir / "config.yaml")
     for start, steps in ((0, range(1, 5)), (4, range(5, 7))):
+        _next_second()
         logger = MetricLogger(run_dir, cfg.wandb, cfg.name, {"name": cfg.name}, True, resume_step=start)
         for step in steps:
             logger.log(step, {"loss": 1.0 / step, "epoch": step / 4}, console=False)
@@ -90,6 +98,7 @@ def test_final_evaluation_goes_to_the_training_run_and_the_leaderboard(run_dir, 
     samples = write_image_folder(tmp_path / "samples", 24, image_size=16, num_classes=4, seed=1)
     args = [str(samples), "--reference", str(ref), "--feature-extractor", "tiny-random", "--metrics", "fid,is,pr"]
     args += ["--no-cache", "--device", "cpu", "--quiet", "--num-workers", "0", "--json", str(tmp_path / "r.json")]
+    _next_second()
     assert evaluate.main([*args, "--run-dir", str(run_dir)]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     record = json.loads((run_dir / "eval" / "final.json").read_text())
