@@ -8,24 +8,24 @@ A feature extractor maps images in [-1, 1] (B, 3, H, W) to features on a token g
 
 Extractors are frozen ``nn.Module``s (always eval mode, no gradients), so ``.to(device)`` works on their weights.
 
-Extension point, as for tokenizers (data/tokenizers.py): a new kind registers a factory with
-``@register_feature_extractor("name")`` in its own module, listed in ``LAZY_FEATURE_MODULES`` (name -> module
-path) so that ``build_feature_extractor("name", ...)`` imports it on first use. The models live in ``models/``
-(a higher layer), so data/ names them here by module path and never imports them at module level:
-``"dinov2"`` is ``models.dinov2.DINOv2Features``.
+Extension point, as for tokenizers (data/tokenizers.py): ``FEATURE_EXTRACTORS`` (a core.registry.Registry). The
+models live in ``models/`` (a higher layer), so data/ lists them here as lazy ``"module:attr"`` entries, imported
+on first use, and never imports them at module level: ``"dinov2"`` is ``models.dinov2:DINOv2Features``. Code that
+may import this module registers with ``@register_feature_extractor("name")``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from core.registry import Registry
+
 __all__ = [
-    "LAZY_FEATURE_MODULES",
+    "FEATURE_EXTRACTORS",
     "FeatureExtractor",
     "available_feature_extractors",
     "build_feature_extractor",
@@ -53,41 +53,28 @@ class FeatureExtractor(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ registry
-_REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
-
-# name -> module that registers it when imported (see the module docstring).
-LAZY_FEATURE_MODULES: dict[str, str] = {
-    "dinov2": "models.dinov2",  # DINOv2Features(model, weights, random_init=, grid=, imagenet_norm=, model_kwargs=)
-}
+# name -> factory (a FeatureExtractor subclass or a function returning one), or a lazy "module:attr" entry for
+# extractors that a higher layer implements (imported on first use; see the module docstring).
+FEATURE_EXTRACTORS = Registry("feature extractor", unknown="unknown feature extractor {name!r}; available: {known}")
+# DINOv2Features(model, weights, random_init=, grid=, imagenet_norm=, model_kwargs=)
+FEATURE_EXTRACTORS.register("dinov2", "models.dinov2:DINOv2Features")
 
 
 def register_feature_extractor(
     name: str,
 ) -> Callable[[Callable[..., FeatureExtractor]], Callable[..., FeatureExtractor]]:
     """Decorator registering a factory (a FeatureExtractor subclass or a function returning one) under ``name``."""
-
-    def wrap(factory: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not factory:
-            raise ValueError(f"feature extractor {name!r} is already registered ({existing!r})")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return FEATURE_EXTRACTORS.register(name)
 
 
 def available_feature_extractors() -> list[str]:
-    return sorted(set(_REGISTRY) | set(LAZY_FEATURE_MODULES))
+    return sorted(FEATURE_EXTRACTORS.names())
 
 
 def build_feature_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
     """The feature extractor registered as ``name``, built with ``kwargs``, in eval mode. Errors of the factory
     itself (missing weights file, unknown model, ...) pass through unchanged."""
-    if name not in _REGISTRY and name in LAZY_FEATURE_MODULES:
-        importlib.import_module(LAZY_FEATURE_MODULES[name])
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(f"unknown feature extractor {name!r}; available: {', '.join(available_feature_extractors())}")
+    factory = FEATURE_EXTRACTORS.get(name)
     extractor = factory(**kwargs)
     if not isinstance(extractor, FeatureExtractor):
         raise TypeError(

@@ -9,25 +9,26 @@ A tokenizer maps images in [-1, 1] (B, 3, H, W) to latents (B, C, H/f, W/f) and 
 
 Tokenizers are ``nn.Module``s, so ``.to(device)`` / ``.eval()`` work on whatever weights they hold.
 
-Extension point: a new kind registers a factory with ``@register_tokenizer("name")`` in its own module.
-So that ``build_tokenizer("name")`` finds it without the caller importing that module first, add the module
-to ``LAZY_TOKENIZER_MODULES`` (kind -> module path); it is imported on first use. The VA-VAE work adds
-``"vavae"`` this way (its factory takes e.g. the checkpoint path as keyword arguments, which the extraction
-config passes through as ``tokenizer.kwargs``).
+Extension point: ``TOKENIZERS`` (a core.registry.Registry). A kind implemented in a higher layer is listed here as
+a lazy ``"module:attr"`` entry, imported on first use, so ``build_tokenizer("name")`` finds it without the caller
+importing that module first: ``"vavae"`` is ``models.vavae:VAVAETokenizer`` (its factory takes e.g. the checkpoint
+path as keyword arguments, which the extraction config passes through as ``tokenizer.kwargs``). Code that may
+import this module (tests, plugins) registers with ``@register_tokenizer("name")``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from core.registry import Registry
+
 __all__ = [
     "IdentityTokenizer",
-    "LAZY_TOKENIZER_MODULES",
+    "TOKENIZERS",
     "Tokenizer",
     "available_tokenizers",
     "build_tokenizer",
@@ -85,41 +86,26 @@ class IdentityTokenizer(Tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ registry
-_REGISTRY: dict[str, Callable[..., Tokenizer]] = {}
-
-# kind -> module that registers it when imported (see the module docstring). E.g. "vavae": "<module path>".
-LAZY_TOKENIZER_MODULES: dict[str, str] = {
-    "vavae": "models.vavae",  # VAVAETokenizer: build_tokenizer("vavae", checkpoint=<file or run checkpoint dir>)
-}
+# kind -> factory (a Tokenizer subclass or a function returning one), or a lazy "module:attr" entry for kinds that
+# a higher layer implements (imported on first use; see the module docstring).
+TOKENIZERS = Registry("tokenizer", "tokenizer.kind", unknown="unknown tokenizer kind {name!r}; available: {known}")
+TOKENIZERS.register("identity", IdentityTokenizer)
+# VAVAETokenizer: build_tokenizer("vavae", checkpoint=<file or run checkpoint dir>)
+TOKENIZERS.register("vavae", "models.vavae:VAVAETokenizer")
 
 
 def register_tokenizer(kind: str) -> Callable[[Callable[..., Tokenizer]], Callable[..., Tokenizer]]:
     """Decorator registering a factory (a Tokenizer subclass or a function returning one) under ``kind``."""
-
-    def wrap(factory: Callable[..., Tokenizer]) -> Callable[..., Tokenizer]:
-        existing = _REGISTRY.get(kind)
-        if existing is not None and existing is not factory:
-            raise ValueError(f"tokenizer kind {kind!r} is already registered ({existing!r})")
-        _REGISTRY[kind] = factory
-        return factory
-
-    return wrap
-
-
-register_tokenizer("identity")(IdentityTokenizer)
+    return TOKENIZERS.register(kind)
 
 
 def available_tokenizers() -> list[str]:
-    return sorted(set(_REGISTRY) | set(LAZY_TOKENIZER_MODULES))
+    return sorted(TOKENIZERS.names())
 
 
 def build_tokenizer(kind: str, **kwargs: Any) -> Tokenizer:
     """A tokenizer of registered ``kind`` built with ``kwargs``, in eval mode."""
-    if kind not in _REGISTRY and kind in LAZY_TOKENIZER_MODULES:
-        importlib.import_module(LAZY_TOKENIZER_MODULES[kind])
-    factory = _REGISTRY.get(kind)
-    if factory is None:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; available: {', '.join(available_tokenizers())}")
+    factory = TOKENIZERS.get(kind)
     try:
         tokenizer = factory(**kwargs)
     except TypeError as err:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.features import FeatureExtractor, register_feature_extractor
+from data.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,10 @@ def load_timm_weights(model: nn.Module, path: Path, config_key: str, model_name:
     log.info("%s: loaded %s weights from %s", config_key, model_name, path)
 
 
-@register_feature_extractor("dinov2")
 class DINOv2Features(FeatureExtractor):
     """See the module docstring. Attributes: ``model`` (the timm ViT), ``grid``, ``input_hw``, ``patch``,
-    ``num_prefix_tokens``, ``dim``, ``imagenet_norm``; ``output_shape`` (D, h, w). Registered as the feature
-    extractor ``"dinov2"`` of data/features.py (what the extraction job builds)."""
+    ``num_prefix_tokens``, ``dim``, ``imagenet_norm``; ``output_shape`` (D, h, w). Registered (lazily) as the
+    feature extractor ``"dinov2"`` of data/features.py (what the extraction job builds)."""
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.checkpoint import resolve_checkpoint_dir
-from data.tokenizers import Tokenizer, register_tokenizer
+from data.tokenizers import Tokenizer
 from models.loading import _find_dcp_dir, _is_dtensor, load_checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -616,7 +616,6 @@ def _run_model_config(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _build_tokenizer_class():
-    @register_tokenizer("vavae")
     class VAVAETokenizer(Tokenizer):
         """VA-VAE as a ``data.tokenizers.Tokenizer``: ``build_tokenizer("vavae", checkpoint=PATH)``.
 

@@ -164,4 +164,4 @@ def test_identity_tokenizer_and_registry():
     finally:
         from data import tokenizers
 
-        tokenizers._REGISTRY.pop("test-half")
+        tokenizers.TOKENIZERS._entries.pop("test-half")
