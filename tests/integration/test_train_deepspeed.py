@@ -7,6 +7,7 @@ Helpers and the dataset fixture come from tests/integration/test_train_resume.py
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -95,15 +96,24 @@ def test_deepspeed_run_learns_checkpoints_and_exports(ds_reference):
     assert load_into_model(model, out, which="ema").ok and load_into_model(model, out, which="model").ok
 
 
-def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, tmp_path):
-    """SIGKILL every process after the step-4 checkpoint; the resumed run crosses the timestep-phase switch
-    and ends bit-identical to the uninterrupted one: losses, weights, ZeRO optimizer partitions, EMA."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ds_killed(dataset, tmp_path_factory):
+    """A ZeRO-2 run whose every process was SIGKILLed after its step-4 checkpoint, before step 8's. The tests resume
+    copies of it: on 2 ranks (bit-exact) and on 1 rank (universal checkpoint)."""
+    run_dir = tmp_path_factory.mktemp("ds_killed") / "run"
     proc = start(run_dir, dataset, overrides=QUIET, LLAT_DEBUG_STEP_SLEEP=0.4)
     try:
         wait_for(lambda: 4 in complete_steps(run_dir), proc)
     finally:
         kill_tree(proc)
+    return run_dir
+
+
+def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, ds_killed, tmp_path):
+    """SIGKILL every process after the step-4 checkpoint; the resumed run crosses the timestep-phase switch
+    and ends bit-identical to the uninterrupted one: losses, weights, ZeRO optimizer partitions, EMA."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(ds_killed, run_dir)
     killed_at = max(losses(run_dir))
     assert 4 <= killed_at < 8, killed_at
 
@@ -116,17 +126,17 @@ def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, tmp_pat
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
 
 
-def test_deepspeed_resume_on_one_rank_via_universal_checkpoint(dataset, ds_reference, tmp_path):
+def test_deepspeed_resume_on_one_rank_via_universal_checkpoint(dataset, ds_reference, ds_killed, tmp_path):
+    """The killed 2-rank run's step-4 checkpoint resumed on 1 rank through DeepSpeed's universal checkpoint."""
     run_dir = tmp_path / "run"
-    res = run(run_dir, dataset, overrides=(*QUIET, "train.max_steps=8"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert complete_steps(run_dir)[-1] == 8
+    shutil.copytree(ds_killed, run_dir)
+    assert complete_steps(run_dir)[-1] == 4
     res = run(run_dir, dataset, nproc=1, overrides=QUIET)
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
-    assert "resumed from step 8" in text and "different world size" in text and "universal checkpoint" in text
-    assert (run_dir / "checkpoints" / "step_0000008" / "deepspeed" / "model" / "universal" / "zero").is_dir()
+    assert "resumed from step 4" in text and "different world size" in text and "universal checkpoint" in text
+    assert (run_dir / "checkpoints" / "step_0000004" / "deepspeed" / "model" / "universal" / "zero").is_dir()
     log = losses(run_dir)
     assert sorted(log) == list(range(1, TOTAL_STEPS + 1))
     assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
-    assert {s: log[s] for s in range(1, 9)} == {s: losses(ds_reference)[s] for s in range(1, 9)}
+    assert {s: log[s] for s in range(1, 5)} == {s: losses(ds_reference)[s] for s in range(1, 5)}

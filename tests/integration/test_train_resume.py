@@ -169,15 +169,26 @@ def test_reference_run_switches_phase_and_learns(reference):
     assert (reference / "config.yaml").exists()
 
 
-def test_bit_exact_resume_after_sigkill(dataset, reference, tmp_path):
-    """Kill -9 the whole process group after the step-4 checkpoint; the resumed run crosses the
-    lognorm -> uniform switch and ends bit-identical to the uninterrupted one."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed(dataset, tmp_path_factory) -> Path:
+    """A run (W&B offline) whose whole process tree was SIGKILLed after its step-4 checkpoint, before step 8's. The
+    tests resume copies of it: on 2 ranks (bit-exact) and on 1 rank (another world size)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     proc = start(run_dir, dataset, overrides=("wandb.mode=offline",), LLAT_DEBUG_STEP_SLEEP=0.4)
     try:
         wait_for(lambda: 4 in complete_steps(run_dir), proc)
     finally:
         kill_tree(proc)
+    return run_dir
+
+
+def test_bit_exact_resume_after_sigkill(dataset, reference, killed, tmp_path):
+    """Kill -9 the whole process group after the step-4 checkpoint; the resumed run crosses the
+    lognorm -> uniform switch and ends bit-identical to the uninterrupted one."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed, run_dir)
     killed_at = max(losses(run_dir))
     assert 4 <= killed_at < 8, killed_at
     run_id = (run_dir / "wandb_run_id").read_text()
@@ -210,20 +221,22 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(dataset, reference, tmp
     assert losses(run_dir) == losses(reference)
 
 
-def test_resume_on_fewer_ranks(dataset, reference, tmp_path):
+def test_resume_on_fewer_ranks(dataset, reference, killed, tmp_path):
+    """The killed 2-rank run's step-4 checkpoint resumed on 1 rank."""
+    import shutil
+
     run_dir = tmp_path / "run"
-    res = run(run_dir, dataset, overrides=("wandb.mode=disabled", "train.max_steps=8"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert complete_steps(run_dir)[-1] == 8
+    shutil.copytree(killed, run_dir)
+    assert complete_steps(run_dir)[-1] == 4
     res = run(run_dir, dataset, nproc=1)
     assert res.returncode == 0, res.stdout + res.stderr
     text = res.stdout + res.stderr
-    assert "resumed from step 8" in text and "different world size" in text
+    assert "resumed from step 4" in text and "different world size" in text
     log = losses(run_dir)
     assert sorted(log) == list(range(1, TOTAL_STEPS + 1))
     assert all(np.isfinite(v) for v in log.values())
     # Up to the reshard the run is the reference run.
-    assert {s: log[s] for s in range(1, 9)} == {s: losses(reference)[s] for s in range(1, 9)}
+    assert {s: log[s] for s in range(1, 5)} == {s: losses(reference)[s] for s in range(1, 5)}
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tmp_path):
