@@ -1,4 +1,6 @@
-"""End-to-end training through the real local launcher: 2 gloo ranks, FSDP2, real MDS shards.
+"""End-to-end training through the real local launcher: 2 gloo ranks, FSDP2, real MDS shards. The uninterrupted
+reference run, which the interrupted and resumed runs must equal, trains on the shared ranks of tests/dist_utils.py
+(the same trainer without a launch).
 
 The tiny config runs 4 epochs of 4 steps (64 samples, global batch 16) and switches lognorm -> uniform
 timestep sampling at epoch 2 (step 8). A checkpoint is written every 4 steps.
@@ -19,6 +21,11 @@ import pytest
 import torch
 
 from tools import check_host_sync
+
+try:
+    from dist_utils import train_on_shared_ranks
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import train_on_shared_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"
@@ -148,10 +155,11 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
-    """An uninterrupted 16-step run."""
+    """An uninterrupted 16-step run (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run(run_dir, dataset)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert (
+        train_on_shared_ranks(REPO / CONFIG, [f"data.path={dataset}", f"run_dir={run_dir}", "wandb.mode=disabled"]) == 0
+    )
     return run_dir
 
 
