@@ -2,7 +2,8 @@
 the CPU accelerator (DS_ACCELERATOR=cpu, set by the engine), real MDS shards, gradient accumulation (micro
 batch 4 -> 2 micro-batches per rank per step). The trainer is the same as for FSDP2; only the config differs.
 
-Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests).
+Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests). The
+uninterrupted reference run trains on the shared ranks of tests/dist_utils.py (the same trainer without a launch).
 """
 
 from __future__ import annotations
@@ -15,9 +16,23 @@ import pytest
 import torch
 
 try:
-    from test_train_resume import REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree, losses, run, start, wait_for  # noqa: F401
+    from dist_utils import train_on_shared_ranks
+    from test_train_resume import (
+        CONFIG,
+        REPO,
+        TOTAL_STEPS,
+        complete_steps,
+        dataset,
+        kill_tree,
+        losses,
+        run,
+        start,
+        wait_for,
+    )  # noqa: F401
 except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import train_on_shared_ranks
     from tests.integration.test_train_resume import (  # noqa: F401
+        CONFIG,
         REPO,
         TOTAL_STEPS,
         complete_steps,
@@ -61,10 +76,9 @@ def ds_state(run_dir, step):
 
 @pytest.fixture(scope="module")
 def ds_reference(dataset, tmp_path_factory):
-    """An uninterrupted 16-step ZeRO-2 run."""
+    """An uninterrupted 16-step ZeRO-2 run (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ds_ref") / "run"
-    res = run(run_dir, dataset, overrides=QUIET)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert train_on_shared_ranks(REPO / CONFIG, [f"data.path={dataset}", f"run_dir={run_dir}", *QUIET]) == 0
     return run_dir
 
 
@@ -131,7 +145,8 @@ def test_deepspeed_resume_on_one_rank_via_universal_checkpoint(dataset, ds_refer
     run_dir = tmp_path / "run"
     shutil.copytree(ds_killed, run_dir)
     assert complete_steps(run_dir)[-1] == 4
-    res = run(run_dir, dataset, nproc=1, overrides=QUIET)
+    # keep_last 4: the step-4 checkpoint (with the universal checkpoint made from it) outlives the run's retention
+    res = run(run_dir, dataset, nproc=1, overrides=(*QUIET, "checkpoint.keep_last=4"))
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
     assert "resumed from step 4" in text and "different world size" in text and "universal checkpoint" in text

@@ -18,10 +18,19 @@ import torch
 
 try:
     from dist_utils import run_distributed
-    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
+    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records, train_shared
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
-    from tests.integration.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
+    from tests.integration.test_train_vavae import (
+        CONFIG,
+        REPO,
+        TOTAL,
+        _cmd,
+        _env,
+        kill_after_checkpoint,
+        records,
+        train_shared,
+    )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,10 +143,9 @@ def _ds_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ds_reference(tmp_path_factory) -> Path:
-    """An uninterrupted 12-step ZeRO-2 run, checkpoints every 4 steps."""
+    """An uninterrupted 12-step ZeRO-2 run, checkpoints every 4 steps (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ds_vavae_ref") / "run"
-    res = _run(run_dir, "checkpoint.every_steps=4")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    train_shared(run_dir, *DS, "checkpoint.every_steps=4")
     return run_dir
 
 
