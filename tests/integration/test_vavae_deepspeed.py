@@ -171,7 +171,7 @@ def test_deepspeed_vavae_bit_exact_resume_after_sigkill(ds_reference, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, tmp_path):
+def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, tmp_path, capsys):
     """The step-8 checkpoint of the 2-rank run resumed on 1 rank (DeepSpeed universal checkpoint, both parts), and
     tools/export.py (--part autoencoder / discriminator) on the DeepSpeed run: files the VA-VAE loaders read."""
     import shutil
@@ -194,18 +194,23 @@ def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, t
     # tools/export.py --part autoencoder / discriminator: the files the VA-VAE loaders read
     from models.losses import NLayerDiscriminator
 
-    for part in ("autoencoder", "discriminator"):
-        out = tmp_path / f"{part}.pt"
-        res = subprocess.run(
-            [sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", part],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert f"step_{TOTAL:07d}" in res.stdout
+    # the script for the autoencoder, its main() in this process for the discriminator (no second interpreter start)
+    from tools import export
+
+    out = tmp_path / "autoencoder.pt"
+    res = subprocess.run(
+        [sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", "autoencoder"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"step_{TOTAL:07d}" in res.stdout
+    capsys.readouterr()
+    assert export.main([str(ds_reference), str(tmp_path / "discriminator.pt"), "--part", "discriminator"]) == 0
+    assert f"step_{TOTAL:07d}" in capsys.readouterr().out
     assert load_vavae_state(tmp_path / "autoencoder.pt").autoencoder
     disc = torch.load(tmp_path / "discriminator.pt", weights_only=False)["model"]
     NLayerDiscriminator(3, 16, 2).load_state_dict(disc, strict=True)
