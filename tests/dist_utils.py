@@ -15,6 +15,11 @@ the working directory, torch's default seed, grad mode, default dtype and thread
 and torch.compile's caches and counters. A call whose ``fn`` destroys the default group (a tool's ``main()`` that
 tears down) retires its gang; a failed call kills it; the next call starts a new one. ``fresh=True`` (or
 ``LLAT_TEST_FRESH_RANKS=1`` for every call) runs ``fn`` in new processes that tear the group down afterwards.
+
+``train_on_shared_ranks(config, overrides)``: train.py's run (validate, build the task and the trainer, train, close)
+on the shared ranks, without train.py's own process-group setup and teardown: a whole training run without a
+launch (a launch costs seconds of interpreter start and imports per rank). For runs whose launch is not what a test
+checks, e.g. the uninterrupted reference that resumed runs (launched for real) must equal bit for bit.
 """
 
 from __future__ import annotations
@@ -276,6 +281,29 @@ def _gang_worker(rank: int, world_size: int, port: int, conn, timeout_s: float) 
         if not alive:
             break
     conn.close()
+
+
+def _train_worker(dist, config: str, overrides: list[str]) -> int:
+    from core.trainer import Trainer
+    from launchers.experiment import load_config, validate
+    from models.tasks import build_task
+
+    cfg = validate(load_config(config, overrides), world_size=dist.world_size)
+    trainer = Trainer(cfg, dist, build_task(cfg, dist))
+    try:
+        return trainer.train().exit_code
+    finally:
+        trainer.close()
+
+
+def train_on_shared_ranks(
+    config: str | os.PathLike, overrides: Sequence[str] = (), world_size: int = 2, env: Optional[dict] = None
+) -> int:
+    """A training run of ``config`` with ``overrides`` (train.py's, see the module doc) on ``world_size`` shared
+    ranks; returns its exit code (0: finished)."""
+    codes = run_distributed(_train_worker, world_size=world_size, args=(str(config), list(overrides)), env=env)
+    assert len(set(codes)) == 1, codes
+    return codes[0]
 
 
 # ---------------------------------------------------------------------------------------------- toy model

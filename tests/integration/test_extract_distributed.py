@@ -1,6 +1,7 @@
 """The extraction job (data/extract.py) on 2 REAL ranks started by ``python -m torch.distributed.run``; the resume
 test SIGKILLs the whole job (launcher and ranks, each rank being its own process group under torch elastic) after
-some chunks are complete, and starts it again. The single-process checks: tests/unit/test_extract.py.
+some chunks are complete, and starts it again. The uninterrupted reference extraction runs ``extract()`` on the 2
+shared ranks of tests/dist_utils.py (no launch). The single-process checks: tests/unit/test_extract.py.
 The resume test uploads to S3 (moto's server on localhost) and finishes the job on 1 rank as a 2-task job array.
 """
 
@@ -25,8 +26,10 @@ from data.streaming import build_streaming_loader, load_latent_stats
 from data.synthetic import SyntheticImages
 
 try:
+    from dist_utils import run_distributed
     from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
 except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import run_distributed
     from tests.unit.test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
 
 
@@ -58,12 +61,27 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def _extract_on_ranks(dist, out: str) -> str:
+    """data/extract.py's job on a shared rank: ``extract()`` with the script's config; returns what it logged and
+    printed."""
+    import contextlib
+    import io
+    import logging
+
+    buf = io.StringIO()
+    logger = logging.getLogger("data.extract")
+    logger.addHandler(logging.StreamHandler(buf))  # the shared rank puts its logging back after the call
+    logger.setLevel(logging.INFO)
+    with contextlib.redirect_stdout(buf):
+        extract(load_extract_config(CONFIG, [f"out_dir={out}", *COMMON]), dist)
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("extract") / "full"
-    proc = subprocess.run(torchrun_cmd(out), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    logs = run_distributed(_extract_on_ranks, world_size=2, args=(str(out),))
+    return out, "".join(logs)
 
 
 def kill_job(proc: subprocess.Popen) -> None:

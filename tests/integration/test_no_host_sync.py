@@ -270,9 +270,23 @@ def test_trainer_signal_one_rank_stops_at_once(dataset, tmp_path):
     assert _checkpoint_steps(run_dir) == [3]
 
 
+def _tool_main(dist, argv):
+    """tools/check_host_sync.py's main() on a shared rank (the tool tears down only a process group it made)."""
+    import contextlib
+    import io
+
+    from tools import check_host_sync
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = check_host_sync.main(argv)
+    return code, out.getvalue()
+
+
 def test_check_host_sync_tool(tmp_path):
     """tools/check_host_sync.py (what the GPU report runs under CUDA's sync-debug mode "error"): clean with the fused
-    optimizer; it does catch the host reads of the foreach optimizer's path (norm check, host-side step count)."""
+    optimizer (the script); it does catch the host reads of the foreach optimizer's path (norm check, host-side step
+    count; its main() on a shared rank)."""
     import subprocess
     import sys
 
@@ -282,6 +296,7 @@ def test_check_host_sync_tool(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     result = json.loads(ok.stdout[ok.stdout.index("{") :])
     assert result["ok"] and result["trained_steps"] == 3 and result["host_reads"] == []
-    bad = subprocess.run(cmd + ["optimizer.fused=false"], env=env, capture_output=True, text=True, timeout=240)
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert ["_local_scalar_dense", "cpu"] in json.loads(bad.stdout[bad.stdout.index("{") :])["host_reads"]
+    argv = ["--out", str(tmp_path), "--steps", "3", "optimizer.fused=false"]
+    [(code, out)] = run_distributed(_tool_main, world_size=1, args=(argv,))
+    assert code == 1, out
+    assert ["_local_scalar_dense", "cpu"] in json.loads(out[out.index("{") :])["host_reads"]

@@ -69,6 +69,43 @@ def launch(*args: str, env: dict | None = None, check: bool = True) -> subproces
     return res
 
 
+def launch_here(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``launch`` without a new interpreter: ``launchers/slurm.py``'s ``main(ARGS)`` in this process (an interpreter
+    start with its imports costs seconds on a busy machine), with what the interpreter would do around it: the
+    environment of ``launch``, the repository as working directory, ``SystemExit`` (argparse) as the exit code, an
+    uncaught exception as a traceback on stderr and exit code 1."""
+    from launchers import slurm as launcher
+
+    saved = dict(os.environ)
+    os.environ.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    os.environ.pop("LLAT_DEBUG_STEP_SLEEP", None)
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = launcher.main(list(args))
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+    res = subprocess.CompletedProcess([*LAUNCHER, *args], code, out.getvalue(), err.getvalue())
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
 def submit(*args: str, env: dict | None = None) -> str:
     """``launchers/slurm.py ARGS`` in this process (saves an interpreter start per job on a busy machine);
     ``env`` is exported to the job (sbatch passes the submitting environment on). Returns the job id."""
@@ -369,7 +406,7 @@ def test_dry_run_prints_sbatch_script_and_resolved_config(tmp_path):
     ],
 )
 def test_bad_arguments_are_clear_errors(args, message):
-    res = launch(CONFIG, "--dry-run", *args, check=False)
+    res = launch_here(CONFIG, "--dry-run", *args, check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
@@ -377,10 +414,10 @@ def test_bad_arguments_are_clear_errors(args, message):
 
 def test_evaluate_job_passes_its_arguments_through():
     if not (REPO / "tools" / "evaluate.py").exists():
-        res = launch(CONFIG, "--job", "evaluate", "--dry-run", "--", "samples.npz", check=False)
+        res = launch_here(CONFIG, "--job", "evaluate", "--dry-run", "--", "samples.npz", check=False)
         assert res.returncode == 2 and "arrives with the evaluation issue" in res.stderr
         return
-    res = launch(
+    res = launch_here(
         CONFIG,
         "--job",
         "evaluate",
@@ -399,19 +436,19 @@ def test_evaluate_job_passes_its_arguments_through():
         rf"tools/evaluate.py {REPO}/samples.npz --json {REPO}/m.json --config \S+/eval/slurm/evaluate_config.yaml",
         res.stdout,
     ), res.stdout
-    res = launch(CONFIG, "--job", "evaluate", "--dry-run", check=False)
+    res = launch_here(CONFIG, "--job", "evaluate", "--dry-run", check=False)
     assert res.returncode == 2 and "give tools/evaluate.py's arguments after `--`" in res.stderr, res.stderr
 
 
 def test_missing_config_is_a_clear_error():
-    res = launch("configs/does_not_exist.yaml", "--dry-run", check=False)
+    res = launch_here("configs/does_not_exist.yaml", "--dry-run", check=False)
     assert res.returncode == 2
     assert "config file not found: configs/does_not_exist.yaml" in res.stderr
 
 
 # ================================================================================================ real cluster
 def test_unknown_partition_is_refused(local_slurm, tmp_path):
-    res = launch(
+    res = launch_here(
         CONFIG,
         "--partition",
         "nope",
@@ -424,7 +461,7 @@ def test_unknown_partition_is_refused(local_slurm, tmp_path):
     assert res.returncode == 2
     assert "unknown partition 'nope'; this cluster has: debug" in res.stderr
     assert not (tmp_path / "run").exists()
-    res = launch(CONFIG, "--dry-run", "--partition", "debug", "--gpus-per-node", "0", "data.path=/x")
+    res = launch_here(CONFIG, "--dry-run", "--partition", "debug", "--gpus-per-node", "0", "data.path=/x")
     assert "#SBATCH --partition=debug" in res.stdout and "warning" not in res.stderr
 
 

@@ -2,11 +2,13 @@
 the CPU accelerator (DS_ACCELERATOR=cpu, set by the engine), real MDS shards, gradient accumulation (micro
 batch 4 -> 2 micro-batches per rank per step). The trainer is the same as for FSDP2; only the config differs.
 
-Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests).
+Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests). The
+uninterrupted reference run trains on the shared ranks of tests/dist_utils.py (the same trainer without a launch).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +16,23 @@ import pytest
 import torch
 
 try:
-    from test_train_resume import REPO, TOTAL_STEPS, complete_steps, dataset, kill_tree, losses, run, start, wait_for  # noqa: F401
+    from dist_utils import train_on_shared_ranks
+    from test_train_resume import (
+        CONFIG,
+        REPO,
+        TOTAL_STEPS,
+        complete_steps,
+        dataset,
+        kill_tree,
+        losses,
+        run,
+        start,
+        wait_for,
+    )  # noqa: F401
 except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import train_on_shared_ranks
     from tests.integration.test_train_resume import (  # noqa: F401
+        CONFIG,
         REPO,
         TOTAL_STEPS,
         complete_steps,
@@ -60,10 +76,9 @@ def ds_state(run_dir, step):
 
 @pytest.fixture(scope="module")
 def ds_reference(dataset, tmp_path_factory):
-    """An uninterrupted 16-step ZeRO-2 run."""
+    """An uninterrupted 16-step ZeRO-2 run (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ds_ref") / "run"
-    res = run(run_dir, dataset, overrides=QUIET)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert train_on_shared_ranks(REPO / CONFIG, [f"data.path={dataset}", f"run_dir={run_dir}", *QUIET]) == 0
     return run_dir
 
 
@@ -95,15 +110,24 @@ def test_deepspeed_run_learns_checkpoints_and_exports(ds_reference):
     assert load_into_model(model, out, which="ema").ok and load_into_model(model, out, which="model").ok
 
 
-def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, tmp_path):
-    """SIGKILL every process after the step-4 checkpoint; the resumed run crosses the timestep-phase switch
-    and ends bit-identical to the uninterrupted one: losses, weights, ZeRO optimizer partitions, EMA."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ds_killed(dataset, tmp_path_factory):
+    """A ZeRO-2 run whose every process was SIGKILLed after its step-4 checkpoint, before step 8's. The tests resume
+    copies of it: on 2 ranks (bit-exact) and on 1 rank (universal checkpoint)."""
+    run_dir = tmp_path_factory.mktemp("ds_killed") / "run"
     proc = start(run_dir, dataset, overrides=QUIET, LLAT_DEBUG_STEP_SLEEP=0.4)
     try:
         wait_for(lambda: 4 in complete_steps(run_dir), proc)
     finally:
         kill_tree(proc)
+    return run_dir
+
+
+def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, ds_killed, tmp_path):
+    """SIGKILL every process after the step-4 checkpoint; the resumed run crosses the timestep-phase switch
+    and ends bit-identical to the uninterrupted one: losses, weights, ZeRO optimizer partitions, EMA."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(ds_killed, run_dir)
     killed_at = max(losses(run_dir))
     assert 4 <= killed_at < 8, killed_at
 
@@ -116,17 +140,18 @@ def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, tmp_pat
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
 
 
-def test_deepspeed_resume_on_one_rank_via_universal_checkpoint(dataset, ds_reference, tmp_path):
+def test_deepspeed_resume_on_one_rank_via_universal_checkpoint(dataset, ds_reference, ds_killed, tmp_path):
+    """The killed 2-rank run's step-4 checkpoint resumed on 1 rank through DeepSpeed's universal checkpoint."""
     run_dir = tmp_path / "run"
-    res = run(run_dir, dataset, overrides=(*QUIET, "train.max_steps=8"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert complete_steps(run_dir)[-1] == 8
-    res = run(run_dir, dataset, nproc=1, overrides=QUIET)
+    shutil.copytree(ds_killed, run_dir)
+    assert complete_steps(run_dir)[-1] == 4
+    # keep_last 4: the step-4 checkpoint (with the universal checkpoint made from it) outlives the run's retention
+    res = run(run_dir, dataset, nproc=1, overrides=(*QUIET, "checkpoint.keep_last=4"))
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
-    assert "resumed from step 8" in text and "different world size" in text and "universal checkpoint" in text
-    assert (run_dir / "checkpoints" / "step_0000008" / "deepspeed" / "model" / "universal" / "zero").is_dir()
+    assert "resumed from step 4" in text and "different world size" in text and "universal checkpoint" in text
+    assert (run_dir / "checkpoints" / "step_0000004" / "deepspeed" / "model" / "universal" / "zero").is_dir()
     log = losses(run_dir)
     assert sorted(log) == list(range(1, TOTAL_STEPS + 1))
     assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
-    assert {s: log[s] for s in range(1, 9)} == {s: losses(ds_reference)[s] for s in range(1, 9)}
+    assert {s: log[s] for s in range(1, 5)} == {s: losses(ds_reference)[s] for s in range(1, 5)}

@@ -1,4 +1,6 @@
-"""End-to-end training through the real local launcher: 2 gloo ranks, FSDP2, real MDS shards.
+"""End-to-end training through the real local launcher: 2 gloo ranks, FSDP2, real MDS shards. The uninterrupted
+reference run, which the interrupted and resumed runs must equal, trains on the shared ranks of tests/dist_utils.py
+(the same trainer without a launch).
 
 The tiny config runs 4 epochs of 4 steps (64 samples, global batch 16) and switches lognorm -> uniform
 timestep sampling at epoch 2 (step 8). A checkpoint is written every 4 steps.
@@ -19,6 +21,11 @@ import pytest
 import torch
 
 from tools import check_host_sync
+
+try:
+    from dist_utils import train_on_shared_ranks
+except ImportError:  # tests/ imported as a package
+    from tests.dist_utils import train_on_shared_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"
@@ -148,10 +155,11 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
-    """An uninterrupted 16-step run."""
+    """An uninterrupted 16-step run (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run(run_dir, dataset)
-    assert res.returncode == 0, res.stdout + res.stderr
+    assert (
+        train_on_shared_ranks(REPO / CONFIG, [f"data.path={dataset}", f"run_dir={run_dir}", "wandb.mode=disabled"]) == 0
+    )
     return run_dir
 
 
@@ -169,15 +177,26 @@ def test_reference_run_switches_phase_and_learns(reference):
     assert (reference / "config.yaml").exists()
 
 
-def test_bit_exact_resume_after_sigkill(dataset, reference, tmp_path):
-    """Kill -9 the whole process group after the step-4 checkpoint; the resumed run crosses the
-    lognorm -> uniform switch and ends bit-identical to the uninterrupted one."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed(dataset, tmp_path_factory) -> Path:
+    """A run (W&B offline) whose whole process tree was SIGKILLed after its step-4 checkpoint, before step 8's. The
+    tests resume copies of it: on 2 ranks (bit-exact) and on 1 rank (another world size)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     proc = start(run_dir, dataset, overrides=("wandb.mode=offline",), LLAT_DEBUG_STEP_SLEEP=0.4)
     try:
         wait_for(lambda: 4 in complete_steps(run_dir), proc)
     finally:
         kill_tree(proc)
+    return run_dir
+
+
+def test_bit_exact_resume_after_sigkill(dataset, reference, killed, tmp_path):
+    """Kill -9 the whole process group after the step-4 checkpoint; the resumed run crosses the
+    lognorm -> uniform switch and ends bit-identical to the uninterrupted one."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed, run_dir)
     killed_at = max(losses(run_dir))
     assert 4 <= killed_at < 8, killed_at
     run_id = (run_dir / "wandb_run_id").read_text()
@@ -210,20 +229,22 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(dataset, reference, tmp
     assert losses(run_dir) == losses(reference)
 
 
-def test_resume_on_fewer_ranks(dataset, reference, tmp_path):
+def test_resume_on_fewer_ranks(dataset, reference, killed, tmp_path):
+    """The killed 2-rank run's step-4 checkpoint resumed on 1 rank."""
+    import shutil
+
     run_dir = tmp_path / "run"
-    res = run(run_dir, dataset, overrides=("wandb.mode=disabled", "train.max_steps=8"))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert complete_steps(run_dir)[-1] == 8
+    shutil.copytree(killed, run_dir)
+    assert complete_steps(run_dir)[-1] == 4
     res = run(run_dir, dataset, nproc=1)
     assert res.returncode == 0, res.stdout + res.stderr
     text = res.stdout + res.stderr
-    assert "resumed from step 8" in text and "different world size" in text
+    assert "resumed from step 4" in text and "different world size" in text
     log = losses(run_dir)
     assert sorted(log) == list(range(1, TOTAL_STEPS + 1))
     assert all(np.isfinite(v) for v in log.values())
     # Up to the reshard the run is the reference run.
-    assert {s: log[s] for s in range(1, 9)} == {s: losses(reference)[s] for s in range(1, 9)}
+    assert {s: log[s] for s in range(1, 5)} == {s: losses(reference)[s] for s in range(1, 5)}
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tmp_path):
@@ -242,17 +263,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tm
     assert max(losses(run_dir)) == 20
 
 
-def test_bad_config_key_is_a_clear_error(dataset, tmp_path):
-    res = subprocess.run(
-        [sys.executable, "train.py", CONFIG, f"data.path={dataset}", "train.global_batchsize=8"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 2
-    assert "train.global_batchsize" in res.stderr and "global_batch_size" in res.stderr
+def test_bad_config_key_is_a_clear_error(dataset, tmp_path, capsys):
+    """train.py's main() in process: a config error returns 2 before any process group exists."""
+    import train
+
+    code = train.main([str(REPO / CONFIG), f"data.path={dataset}", "train.global_batchsize=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.global_batchsize" in err and "global_batch_size" in err
 
 
 def test_batch_not_divisible_by_world_size(dataset, tmp_path):

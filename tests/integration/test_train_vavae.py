@@ -21,8 +21,10 @@ import pytest
 import torch
 
 try:
+    from dist_utils import train_on_shared_ranks
     from test_train_resume import complete_steps, final_state, kill_tree
 except ImportError:  # run as a package module
+    from tests.dist_utils import train_on_shared_ranks
     from tests.integration.test_train_resume import complete_steps, final_state, kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +62,12 @@ def run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(run_dir, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+def train_shared(run_dir: Path, *overrides: str) -> None:
+    """The run that ``run`` launches, on the shared ranks of tests/dist_utils.py (no launch: for runs whose launch is
+    not what the test checks, e.g. the uninterrupted references)."""
+    assert train_on_shared_ranks(REPO / CONFIG, [f"run_dir={run_dir}", *SMALL, *overrides]) == 0
+
+
 def records(run_dir: Path) -> dict[int, dict]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -70,10 +78,9 @@ def records(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted 12-step run (final checkpoint only)."""
+    """An uninterrupted 12-step run (final checkpoint only; shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run(run_dir, "checkpoint.every_steps=100")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    train_shared(run_dir, "checkpoint.every_steps=100")
     return run_dir
 
 

@@ -21,10 +21,19 @@ import torch
 
 try:
     from dist_utils import run_distributed
-    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
+    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records, train_shared
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
-    from tests.integration.test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records
+    from tests.integration.test_train_vavae import (
+        CONFIG,
+        REPO,
+        TOTAL,
+        _cmd,
+        _env,
+        kill_after_checkpoint,
+        records,
+        train_shared,
+    )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,10 +141,9 @@ def _ds_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ds_reference(tmp_path_factory) -> Path:
-    """An uninterrupted 12-step ZeRO-3 run, checkpoints every 4 steps."""
+    """An uninterrupted 12-step ZeRO-3 run, checkpoints every 4 steps (shared ranks)."""
     run_dir = tmp_path_factory.mktemp("ds_vavae_ref") / "run"
-    res = _run(run_dir, "checkpoint.every_steps=4")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    train_shared(run_dir, *DS, "checkpoint.every_steps=4")
     return run_dir
 
 
@@ -161,7 +169,7 @@ def test_deepspeed_vavae_bit_exact_resume_after_sigkill(ds_reference, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, tmp_path):
+def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, tmp_path, capsys):
     """The step-8 checkpoint of the 2-rank run resumed on 1 rank (DeepSpeed universal checkpoint, both parts), and
     tools/export.py (--part autoencoder / discriminator) on the DeepSpeed run: files the VA-VAE loaders read."""
     import shutil
@@ -184,18 +192,23 @@ def test_deepspeed_vavae_universal_resume_on_one_rank_and_export(ds_reference, t
     # tools/export.py --part autoencoder / discriminator: the files the VA-VAE loaders read
     from models.losses import NLayerDiscriminator
 
-    for part in ("autoencoder", "discriminator"):
-        out = tmp_path / f"{part}.pt"
-        res = subprocess.run(
-            [sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", part],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert f"step_{TOTAL:07d}" in res.stdout
+    # the script for the autoencoder, its main() in this process for the discriminator (no second interpreter start)
+    from tools import export
+
+    out = tmp_path / "autoencoder.pt"
+    res = subprocess.run(
+        [sys.executable, "tools/export.py", str(ds_reference), str(out), "--part", "autoencoder"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"step_{TOTAL:07d}" in res.stdout
+    capsys.readouterr()
+    assert export.main([str(ds_reference), str(tmp_path / "discriminator.pt"), "--part", "discriminator"]) == 0
+    assert f"step_{TOTAL:07d}" in capsys.readouterr().out
     assert load_vavae_state(tmp_path / "autoencoder.pt").autoencoder
     disc = torch.load(tmp_path / "discriminator.pt", weights_only=False)["model"]
     NLayerDiscriminator(3, 16, 2).load_state_dict(disc, strict=True)

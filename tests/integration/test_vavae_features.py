@@ -20,10 +20,18 @@ import torch
 
 try:
     from test_train_resume import final_state
-    from test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa: F401
+    from test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run, train_shared  # noqa: F401
 except ImportError:  # run as a package module
     from tests.integration.test_train_resume import final_state
-    from tests.integration.test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, run  # noqa
+    from tests.integration.test_train_vavae import (  # noqa: F401
+        CONFIG,
+        REPO,
+        SMALL,
+        complete_steps,
+        records,
+        run,
+        train_shared,
+    )
 
 from core.config import ConfigError
 from launchers.experiment import load_config
@@ -129,10 +137,9 @@ def test_online_features_and_vf_loss_equal_the_precomputed_ones(dataset, monkeyp
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
-    """An uninterrupted run on the precomputed features (2 ranks, final checkpoint only)."""
+    """An uninterrupted run on the precomputed features (2 shared ranks, final checkpoint only)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    res = run(run_dir, *precomputed(dataset), *RUN)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    train_shared(run_dir, *precomputed(dataset), *RUN)
     return run_dir
 
 
@@ -152,8 +159,7 @@ def test_precomputed_run_resumes_bit_exactly(dataset, reference, tmp_path):
     """Stop after step 3 (mid-epoch, before disc_start), resume to the end (across disc_start and the epoch boundary
     at 4): every logged value and every checkpoint tensor equal the uninterrupted run's."""
     run_dir = tmp_path / "run"
-    res = run(run_dir, *precomputed(dataset), *RUN, "train.max_steps=3")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    train_shared(run_dir, *precomputed(dataset), *RUN, "train.max_steps=3")  # shared ranks; the resume is launched
     assert complete_steps(run_dir) == [3]
     res = run(run_dir, *precomputed(dataset), *RUN)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
