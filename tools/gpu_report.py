@@ -527,7 +527,9 @@ def _fork_target(step: Step, log_path: str) -> None:  # the forked child
             os._exit(code)
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, reap) -> None:
+    """SIGTERM the process group of child ``pid``, SIGKILL it after 5 s. ``reap()`` collects the child without
+    blocking: a dead but unreaped leader (a zombie) still counts as a member of its group."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
         try:
             os.killpg(pid, sig)
@@ -535,6 +537,7 @@ def _kill_group(pid: int) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            reap()
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
@@ -553,7 +556,7 @@ def run_step(step: Step, timeout: float, launch: str, log_path: Path, env: dict)
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
-            _kill_group(proc.pid)
+            _kill_group(proc.pid, lambda: proc.join(0))
             proc.join(10)
             return "timeout", -1, time.monotonic() - t0
         code = proc.exitcode if proc.exitcode is not None else -1
@@ -570,7 +573,7 @@ def run_step(step: Step, timeout: float, launch: str, log_path: Path, env: dict)
             try:
                 code = child.wait(timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(child.pid)
+                _kill_group(child.pid, child.poll)
                 child.wait(10)
                 return "timeout", -1, time.monotonic() - t0
     return ("ok" if code == 0 else "failed"), code, time.monotonic() - t0
