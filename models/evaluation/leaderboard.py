@@ -168,6 +168,9 @@ def summarize(run: RunData, prefix: str = "", ema: str = "") -> Row:
     n = best.get("eval/num_samples") if best else None
     final = run.final or {}
     final_n = _num(final.get("num_samples"))
+    # The step (and epoch) the row's FID belongs to: the best in-loop evaluation's; with only a final evaluation,
+    # the run's last step (the final evaluation scores the trained run).
+    step = best_step if best_step is not None else (max(hist) if hist and final else None)
     return Row(
         ema=ema,
         val_loss=val_loss,
@@ -175,8 +178,8 @@ def summarize(run: RunData, prefix: str = "", ema: str = "") -> Row:
         run_id=run.run_id,
         model=_model_name(cfg),
         tokenizer=str(tokenizer),
-        epochs=(best_step * ratio) if (best_step is not None and ratio) else None,
-        steps=best_step,
+        epochs=(step * ratio) if (step is not None and ratio) else None,
+        steps=step,
         fid=_num(best.get("eval/fid")) if best else None,
         is_=_num(best.get("eval/is")) if best else None,
         precision=_num(best.get("eval/precision")) if best else None,

@@ -108,7 +108,7 @@ def _step_before(part):
         torch._foreach_mul_([_local(p.grad) for p in part.trainable if p.grad is not None], coef)
     part.optimizer.step()
     part.optimizer.zero_grad(set_to_none=True)
-    ema_update_(part._ema_dst, part._ema_src, part.ema_decay)
+    ema_update_(part._ema_dsts[0], part._ema_src, part.ema_decay)
     return norm
 
 
