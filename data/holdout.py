@@ -8,7 +8,9 @@
 held-out samples, and ``OUT/train``, all the others; so the training data cannot contain a held-out sample, by
 construction (streaming cannot skip samples of one dataset without changing its epoch layout). Both get ``SRC``'s
 ``latents_stats.pt`` (the latent normalisation of the whole source: training and validation latents are
-normalised alike) and ``OUT/holdout.json`` records the source, the rule and the held-out ids.
+normalised alike) and its ``manifest.json`` (the tokenizer that decodes the latents, their shape; with the
+split's ``num_samples`` and without the whole source's checksums); ``OUT/holdout.json`` records the source, the
+rule and the held-out ids.
 
 The held-out ids are a pure function of the source's sample ids and the rule: ``--val-ids`` names them; with
 ``--val-fraction f`` they are the ``round(f * N)`` (at least 1) ids with the smallest ``splitmix64`` hash of
@@ -31,6 +33,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 from core.fileio import atomic_write_json
+from data.extract import MANIFEST_FILENAME
 from data.streaming import (
     INDEX_FILENAME,
     STATS_FILENAME,
@@ -128,6 +131,13 @@ def split_dataset(
     if (src / STATS_FILENAME).is_file():
         for split in ("train", "val"):
             shutil.copyfile(src / STATS_FILENAME, out / split / STATS_FILENAME)
+    if (src / MANIFEST_FILENAME).is_file():  # what decodes the latents (the tokenizer), their shape, the extraction
+        manifest = json.loads((src / MANIFEST_FILENAME).read_text())
+        for key in [k for k in manifest if k.endswith("sha256")]:  # checksums of the whole source: not of a split
+            del manifest[key]
+        for split in ("train", "val"):
+            split_manifest = {**manifest, "num_samples": counts[split], "holdout": {"split": split, "source": str(src)}}
+            atomic_write_json(out / split / MANIFEST_FILENAME, split_manifest, indent=2)
     record = {
         "source": str(src),
         "rule": {"fraction": fraction, "seed": seed} if ids is None else {"ids": "given"},

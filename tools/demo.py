@@ -6,15 +6,17 @@
   2. reconstruction: PSNR / SSIM / rFID of the VA-VAE on held-out synthetic images (tools/eval_tokenizer.py;
      rFID with the tiny random feature extractor, see 4.)
   3. extract: the synthetic images -> VA-VAE latents (posterior samples, both flips) + exact per-channel
-     stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks)
+     stats -> zstd MDS shards, with 2 ranks (resumable: a second run skips finished chunks); 5% of them are
+     held out (data/holdout.py) for the validation loss
   4. train:   a small LightningDiT on those latents with 2 ranks: FSDP2, checkpoints, W&B offline, the
      lognorm -> uniform switch in the middle (resumable: a second run continues or finds it finished) and
      in-loop evaluation: FID of EMA samples (decoded by the VA-VAE) against held-out synthetic images, measured
      with a tiny randomly initialised feature extractor (`tiny-random`: it exercises the evaluation pipeline on
      a CPU; its numbers say nothing about image quality — real runs use Inception weights, see README
-     "Evaluating")
+     "Evaluating"), and the validation loss of the held-out latents at 8 fixed timesteps, EMA and raw weights
   5. sample:  one row per class from the EMA weights of the last checkpoint, decoded by the VA-VAE -> PNG grid
-  6. leaderboard: the DiT run ranked by FID, a Markdown table and a plot of FID against epochs
+  6. leaderboard: the DiT run ranked by FID (validation loss beside it), a Markdown table and a plot of FID
+     against epochs
 
 ``--repa``: the same with REPA (README "REPA"): the extraction also stores DINOv2 features of each image and of its
 flip (a tiny RANDOMLY INITIALISED DINOv2: a pipeline check), and the DiT trains with configs/demo_dit_repa.yaml into
@@ -158,8 +160,17 @@ def main(argv=None) -> int:
         ],
     )
     channels, size, _ = latent_shape(data_dir)
+    # A held-out split for the validation loss (data/holdout.py): 5% of the latents never trained on.
+    split = data_dir.with_name(data_dir.name + "_split")
+    if not (split / "holdout.json").is_file():
+        run_stage(
+            "3b/6 hold out 5% of the latents (validation loss)",
+            [py, "-m", "data.holdout", str(data_dir), str(split), "--val-fraction", "0.05"],
+        )
     train_overrides = [
-        f"data.path={data_dir}",
+        f"data.path={split / 'train'}",
+        f"data.val_path={split / 'val'}",
+        f"eval.val_every_epochs={args.eval_every}",
         f"run_dir={run_dir}",
         f"model.in_channels={channels}",
         f"model.input_size={size}",
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
     )
 
     run_stage(
-        "6/6 leaderboard (FID of the in-loop evaluations)",
+        "6/6 leaderboard (FID and validation loss of the in-loop evaluations)",
         [
             py,
             "tools/leaderboard.py",
@@ -202,7 +213,10 @@ def main(argv=None) -> int:
         f"SSIM {recon['ssim']:.3f}, rFID {recon['rfid']:.3f} (tiny random extractor) "
         f"({out / 'vavae_reconstruction.json'}; reference and reconstructed PNGs under {out / 'vavae_reconstruction'})"
     )
-    print(f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir}")
+    print(
+        f"  data (VA-VAE latents {channels}x{size}x{size}, MDS shards, stats, manifest): {data_dir} "
+        f"(split for the validation loss: {split})"
+    )
     print(f"  DiT run directory (config, checkpoints, metrics.jsonl): {run_dir}")
     print(f"  sample grid (rows = classes 0..9): {grid}")
     print(

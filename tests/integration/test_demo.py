@@ -1,5 +1,6 @@
 """`make demo`'s pipeline at a smaller size: train a VA-VAE (2 ranks) -> its reconstruction metrics -> extract its
-latents (2 ranks) -> train the tiny DiT on them (2 ranks, in-loop FID) -> a grid decoded by the VA-VAE -> leaderboard."""
+latents (2 ranks), 5% held out -> train the tiny DiT on the rest (2 ranks, in-loop FID, validation loss) -> a grid
+decoded by the VA-VAE -> leaderboard."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_demo_pipeline_small(tmp_path):
             "--out",
             str(out),
             "--num-samples",
-            "160",
+            "168",
             "--config",
             "configs/tiny_dit.yaml",
             "--epochs",
@@ -43,7 +44,7 @@ def test_demo_pipeline_small(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    # The tokenizer: 160 images / global batch 32 = 5 steps per epoch, 2 epochs, then its reconstruction metrics.
+    # The tokenizer: 168 images / global batch 32 = 5 steps per epoch, 2 epochs, then its reconstruction metrics.
     vavae_steps = [json.loads(line)["step"] for line in (out / "vavae" / "metrics.jsonl").read_text().splitlines()]
     assert vavae_steps[-1] == 10
     recon = json.loads((out / "vavae_reconstruction.json").read_text())
@@ -51,19 +52,24 @@ def test_demo_pipeline_small(tmp_path):
     assert np.isfinite(recon["rfid"]) and recon["rfid"] >= 0
     # Its latents (f2, 4 channels), encoded with the checkpoint it ended with.
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["num_samples"] == 160 and manifest["latent_shape"] == [4, 8, 8]
+    assert manifest["num_samples"] == 168 and manifest["latent_shape"] == [4, 8, 8]
     tokenizer = manifest["plan"]["tokenizer"]
     assert tokenizer["kind"] == "vavae"
     assert Path(tokenizer["kwargs"]["checkpoint"]) == out / "vavae" / "checkpoints" / "step_0000010"
-    # 160 samples / global batch 16 = 10 steps per epoch, 6 epochs.
+    # 5% held out (8 latents: the validation loss), 160 training samples / global batch 16 = 10 steps per epoch,
+    # 6 epochs.
+    holdout = json.loads((out / "data_split" / "holdout.json").read_text())
+    assert holdout["counts"] == {"train": 160, "val": 8} and len(holdout["val_ids"]) == 8
     records = [json.loads(line) for line in (out / "dit" / "metrics.jsonl").read_text().splitlines()]
     log = [r for r in records if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 61))
     # In-loop evaluation every 3 epochs (steps 30 and 60), then the leaderboard over the run.
     fids = {r["step"]: r["eval/fid"] for r in records if "eval/fid" in r}
     assert sorted(fids) == [30, 60] and all(np.isfinite(v) and v >= 0 for v in fids.values())
+    vals = {r["step"]: r["eval/val_loss"] for r in records if "eval/val_loss" in r}
+    assert sorted(vals) == [30, 60] and all(np.isfinite(v) and v > 0 for v in vals.values())
     board = (out / "leaderboard" / "leaderboard.md").read_text()
-    assert "tiny_dit" in board and f"{min(fids.values()):.3f}" in board
+    assert "tiny_dit" in board and f"{min(fids.values()):.3f}" in board and "val loss" in board
     assert (out / "leaderboard" / "fid_vs_epochs.png").stat().st_size > 0
     first = np.mean([r["loss"] for r in log[:10]])
     last = np.mean([r["loss"] for r in log[-10:]])

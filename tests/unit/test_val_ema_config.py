@@ -3,6 +3,8 @@ train.ema_decays checks (core/ema.py, core/config.py), the leaderboard's row per
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -33,6 +35,8 @@ def test_split_dataset_keeps_the_held_out_ids_out_of_training(tmp_path):
     from tools.check_host_sync import write_toy_latents
 
     src = write_toy_latents(tmp_path / "mds", 40, size_limit=4096)
+    manifest = {"tokenizer": {"kind": "vavae"}, "latent_shape": [4, 4, 4], "num_samples": 40, "content_sha256": "x"}
+    (src / "manifest.json").write_text(json.dumps(manifest))
     assert main([str(src), str(tmp_path / "out"), "--val-ids", "3,11,12"]) == 0
     train = list(read_mds_samples(tmp_path / "out" / "train"))
     val = list(read_mds_samples(tmp_path / "out" / "val"))
@@ -45,6 +49,11 @@ def test_split_dataset_keeps_the_held_out_ids_out_of_training(tmp_path):
         assert np.array_equal(s["latent_flip"], o["latent_flip"])
     assert read_holdout(tmp_path / "out")["val_ids"] == [3, 11, 12]
     assert (tmp_path / "out" / "val" / "latents_stats.pt").read_bytes() == (src / "latents_stats.pt").read_bytes()
+    # The manifest (what decodes the latents) goes with each split, with its own size and no source checksums.
+    for split, n in (("train", 37), ("val", 3)):
+        got = json.loads((tmp_path / "out" / split / "manifest.json").read_text())
+        assert got["tokenizer"] == {"kind": "vavae"} and got["latent_shape"] == [4, 4, 4] and got["num_samples"] == n
+        assert "content_sha256" not in got and got["holdout"]["split"] == split
     assert main([str(src), str(tmp_path / "out"), "--val-fraction", "0.1"]) == 2  # not empty: refused
 
 
