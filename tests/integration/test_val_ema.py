@@ -10,6 +10,8 @@ steps with two EMAs (0.99, 0.9), a checkpoint and a validation loss every 2 step
 * its step-4 checkpoint loaded on 1 rank, with a third EMA added to train.ema_decays (a checkpoint without it: it
   starts as the primary EMA's copy): the validation losses computed there equal those the 2-rank run logged
   (the number does not depend on the world size); tools/export.py --ema ema_1 writes that EMA;
+* the step-4 EMA as the initial weights of a fresh run on DeepSpeed and on FSDP2: the same validation losses
+  (the number does not depend on the engine);
 * the training data never contained a held-out id (the trainer's sample-id trace).
 """
 
@@ -135,6 +137,22 @@ def test_several_emas_and_validation_loss(tmp_path):
     assert results["ema_2/val_loss"] == four["val_loss"]  # a copy of the primary EMA
     assert all(torch.equal(emas["ema_2"][k], emas["ema"][k]) for k in emas["ema"])
     assert any(not torch.equal(emas["ema_1"][k], emas["ema"][k]) for k in emas["ema"])
+
+    # The same number on another engine: the step-4 primary EMA as the initial weights (model.init_from) of a fresh
+    # run on DeepSpeed (ZeRO-2, 2 ranks) and on FSDP2: every set of weights there is that EMA, and each engine's
+    # validation losses equal what the FSDP2 run logged for it.
+    for engine in ("deepspeed", "fsdp2"):
+        fresh = [
+            *_overrides(split, tmp_path / f"init_{engine}"),
+            f"model.init_from={ref / 'checkpoints' / 'step_0000004'}",
+            f"engine.kind={engine}",
+        ]
+        fresh += ["engine.zero_stage=2"] if engine == "deepspeed" else []
+        for step0, res0, _ in run_distributed(_evaluate_checkpoint, world_size=2, args=(fresh,)):
+            assert step0 == 0
+            for key in ("val_loss", "ema_1/val_loss", "model/val_loss"):
+                assert res0[key] == four["val_loss"], (engine, key)
+            assert res0["val_loss/t1.000"] == four["val_loss/t1.000"], engine
 
     # Export chooses the EMA.
     exported = export_state(ref, ema="ema_1")
