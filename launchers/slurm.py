@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -46,6 +47,25 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python launchers/slurm.py` puts launchers/, not the repository, on sys.path
     sys.path.insert(0, str(REPO))
+
+import submitit  # noqa: E402
+import yaml  # noqa: E402
+
+from core.checkpoint import complete_checkpoints  # noqa: E402
+from core.config import ConfigError, _parse_yaml, config_to_yaml, load_typed_config, resolve_run_dir  # noqa: E402
+from launchers import preflight  # noqa: E402
+from launchers.config import merge_launcher, profile_path, split_profile  # noqa: E402
+from launchers.experiment import load_config  # noqa: E402
+from launchers.jobs import EVALUATE_ENTRY, SAMPLE_ENTRY, SlurmTask, show_job  # noqa: E402
+from launchers.pipeline import PipelineError, load_pipeline, sample_paths, train_total_steps  # noqa: E402
+from launchers.preflight import (  # noqa: E402
+    Preflight,
+    absolute,
+    absolutize_extract,
+    absolutize_train,
+    format_problems,
+)
+from launchers.snapshot import git_state, snapshot_dir_name, take_snapshot  # noqa: E402
 
 # States of a job that still runs or will run (again); anything else is over.
 ACTIVE_STATES = {
@@ -173,7 +193,6 @@ def _typed_loader_error(err: Exception, tmp: Path, source: str) -> str:
 def split_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the config without its ``launcher`` section, that section) as plain data, read with the config
     loader's YAML dialect."""
-    from core.config import ConfigError, _parse_yaml
 
     p = Path(path)
     if not p.exists():
@@ -198,9 +217,6 @@ def split_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _load_typed(data: dict[str, Any], source: str, loader, *args, **kwargs):
     """Run a path-based config loader on ``data`` (written to a temporary YAML file), reporting ``source``."""
-    import yaml
-
-    from core.config import ConfigError
 
     with tempfile.TemporaryDirectory(prefix="llat-launch-") as tmp:
         path = Path(tmp) / "config.yaml"
@@ -272,8 +288,6 @@ class Profile:
 def load_profile(explicit: Optional[str]) -> Profile:
     """The cluster profile (launchers/config.py: ``--profile`` > ``$LLAT_SLURM_PROFILE`` > the user file), checked
     against ``LauncherConfig`` (unknown keys are errors naming the file)."""
-    from core.config import ConfigError, _parse_yaml, load_typed_config
-    from launchers.config import profile_path, split_profile
 
     path = profile_path(explicit)
     if path is None:
@@ -304,8 +318,6 @@ def resolve_launcher(
     """LauncherConfig from (lowest first) the kind's defaults, defaults derived from the job's config (CPUs per task
     from the data workers), the cluster profile (common, then per kind), the config's ``launcher:`` section, then
     ``launcher.*`` overrides, then CLI flags; validated."""
-    from core.config import load_typed_config
-    from launchers.config import merge_launcher
 
     layers = [KIND_DEFAULTS.get(kind, {}), derived_defaults or {}, *(profile.layers(kind) if profile else []), section]
     merged = merge_launcher(*layers)
@@ -370,7 +382,6 @@ class ResolvedJob:
 def _absolute_args(args: Sequence[str], options: Sequence[str], positional: bool = False) -> list[str]:
     """Tool arguments with the values of path ``options`` (and, with ``positional``, the first positional
     argument that is not a key=value override) made absolute."""
-    from launchers.preflight import absolute
 
     out, take, seen_positional = [], False, False
     for a in args:
@@ -418,8 +429,6 @@ def _positional(args: Sequence[str], with_value: Sequence[str]) -> Optional[str]
 
 
 def _experiment(data: dict[str, Any], config_path: str, overrides: Sequence[str], **kwargs):
-    from launchers.experiment import load_config
-    from launchers.preflight import absolutize_train
 
     cfg = _load_typed(data, config_path, load_config, list(overrides), **kwargs)
     absolutize_train(cfg)
@@ -439,7 +448,6 @@ def resolve_job(
     """The job's config with every path absolute (launchers/preflight.py); ``overrides`` are the config's dotted
     overrides, ``tool_args`` the arguments passed through to tools/sample.py / tools/evaluate.py; a sample job passes
     ``sample_overrides`` (default: ``overrides``) to tools/sample.py, which applies them to the run's config."""
-    from core.config import config_to_yaml, resolve_run_dir
 
     if kind == "train":
         cfg = _experiment(data, config_path, overrides, world_size=world_size)
@@ -450,7 +458,6 @@ def resolve_job(
         return ResolvedJob(kind, cfg.name, run_dir, config_to_yaml(cfg), cfg=cfg, writes=f"run dir {run_dir}")
     if kind == "extract":
         from data.extract import load_extract_config
-        from launchers.preflight import absolutize_extract
 
         cfg = _load_typed(data, config_path, load_extract_config, list(overrides))
         absolutize_extract(cfg)
@@ -460,8 +467,6 @@ def resolve_job(
     run_dir = resolve_run_dir(cfg).expanduser().absolute()
     cfg.run_dir = str(run_dir)
     if kind == "sample":  # tools/sample.py RUN_DIR [overrides] [its options], one task per GPU
-        from launchers.jobs import SAMPLE_ENTRY
-
         args = list(tool_args)
         num = _option(args, "--num")
         if num is None:
@@ -485,7 +490,6 @@ def resolve_job(
             writes=f"samples {_option(args, '--out')}" + (f" + {_option(args, '--npz')}" if "--npz" in args else ""),
         )
     # evaluate: tools/evaluate.py SAMPLES --config <resolved config> [its options], one task
-    from launchers.jobs import EVALUATE_ENTRY
 
     if not EVALUATE_ENTRY.exists():
         raise LaunchError(
@@ -513,7 +517,6 @@ def resolve_job(
 
 def preflight_job(job: ResolvedJob, pf: Any, source: str) -> None:
     """Add the problems of ``job``'s inputs to ``pf`` (a launchers.preflight.Preflight)."""
-    from launchers import preflight
 
     if job.kind == "train":
         preflight.check_train(pf, source, job.cfg, job.run_dir)
@@ -651,7 +654,6 @@ def sbatch_text(params: dict[str, Any], folder: Path) -> str:
 
 def active_job(folder: Path) -> Optional[tuple[str, str]]:
     """(job id, state) of the last job submitted for this run directory if it is still queued or running."""
-    from launchers.jobs import show_job
 
     record = folder / "last_job"
     if not record.is_file():
@@ -668,7 +670,6 @@ def active_job(folder: Path) -> Optional[tuple[str, str]]:
 
 
 def submit(task: Any, params: dict[str, Any], folder: Path, max_requeues: int) -> str:
-    import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_requeues)
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
@@ -693,13 +694,11 @@ class Planned:
 
 
 def preview_code_dir(folder: Path) -> Path:
-    from launchers.snapshot import git_state, snapshot_dir_name
 
     return folder / "code" / snapshot_dir_name(git_state(REPO))
 
 
 def print_dry_run(plan: Planned, after: Sequence[str], code: Path) -> None:
-    import yaml
 
     job, lc, folder = plan.job, plan.lc, plan.job.folder
     print(f"# ---- sbatch script of the {plan.kind} job (dry run: nothing submitted) ----")
@@ -721,7 +720,6 @@ def print_dry_run(plan: Planned, after: Sequence[str], code: Path) -> None:
 
 
 def submit_planned(plan: Planned, code: Optional[Path], after: Sequence[str], argv_text: str, snapshot: dict) -> str:
-    from launchers.jobs import SlurmTask
 
     job, lc, folder = plan.job, plan.lc, plan.job.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -754,10 +752,7 @@ def submit_planned(plan: Planned, code: Optional[Path], after: Sequence[str], ar
 
 def _take_snapshot(parent: Path, enabled: bool) -> tuple[Optional[Path], dict[str, Any]]:
     if not enabled:
-        from launchers.snapshot import git_state
-
         return None, {**git_state(REPO), "path": str(REPO)}
-    from launchers.snapshot import take_snapshot
 
     try:
         return take_snapshot(REPO, parent)
@@ -780,7 +775,6 @@ def _partition_problem(pf: Any, lc: LauncherConfig, dry_run: bool) -> None:
 
 def launch_refusal(pf: Any) -> Optional[LaunchError]:
     """The error that stops a submission: every preflight problem (exit code 2), else Slurm out of reach (3)."""
-    from launchers.preflight import format_problems
 
     unreachable = getattr(pf, "unreachable", None)
     if pf.problems:
@@ -817,7 +811,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: Sequence[str], tool_args: list[str], dash: bool) -> int:
-    from launchers.preflight import Preflight, format_problems
 
     data, section = split_config(args.config)
     launcher_ov = [o[len("launcher.") :] for o in args.overrides if o.startswith("launcher.")]
@@ -900,9 +893,6 @@ def build_pipeline_parser() -> argparse.ArgumentParser:
 def plan_pipeline(args: argparse.Namespace, pf: Any) -> tuple[Any, list[Planned]]:
     """Resolve every stage; mark the complete ones and those with a job still queued/running; preflight the
     others (outputs of earlier stages count as present)."""
-    from core.checkpoint import complete_checkpoints
-    from launchers.config import merge_launcher
-    from launchers.pipeline import PipelineError, load_pipeline, sample_paths, train_total_steps
 
     try:
         pc = load_pipeline(args.pipeline)
@@ -995,9 +985,6 @@ def plan_pipeline(args: argparse.Namespace, pf: Any) -> tuple[Any, list[Planned]
 
 
 def pipeline_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import json
-
-    from launchers.preflight import Preflight, format_problems
 
     pf = Preflight()
     pc, plans = plan_pipeline(args, pf)
