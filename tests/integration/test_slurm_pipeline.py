@@ -8,10 +8,11 @@ Three pipelines run side by side (one job per fake node, ``--exclusive``, as in 
   copy is broken (train.py and launchers/jobs.py raise on import) and the job is requeued from outside
   (``scontrol requeue``: SIGTERM, as for a preemption). The requeued run must resume and finish from the code
   snapshot taken at submission, and the later stages (submitted at the same time, same snapshot) must run too,
-  ending in a leaderboard row with the evaluate stage's FID;
-* ``B`` is the uninterrupted reference (extract + train only, to save time: the samples are a deterministic
-  function of the weights, tests/integration/test_sample.py): it shares A's extraction (A's extract job is still
-  queued or running, or complete, so B submits none and waits for A's) and must end with bit-identical weights;
+  ending in a leaderboard row with the evaluate stage's FID. Its sample job is slowed down too and requeued from
+  outside once it wrote its first images: the requeued job keeps them and writes the rest;
+* ``B`` is the uninterrupted reference (extract + train + sample; its evaluation would only repeat A's on the same
+  images): it shares A's extraction (A's extract job is still queued or running, or complete, so B submits none
+  and waits for A's) and must end with bit-identical weights and the same 40 images, bit for bit;
 * ``C`` has a train stage that fails at run time (a global batch larger than the data set, which only the job can
   see): its sample and evaluate jobs must be cancelled, not left pending forever.
 
@@ -31,6 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -128,6 +130,27 @@ class Requeuer(threading.Thread):
             self.error = traceback.format_exc()
 
 
+class SampleRequeuer(threading.Thread):
+    """Requeues A's sample job (``scontrol requeue``, as a preemption) once it wrote its first images."""
+
+    def __init__(self, job_id: str, folder: Path):
+        super().__init__(daemon=True)
+        self.job_id, self.folder = job_id, folder
+        self.error: str | None = None
+        self.before: dict[str, bytes] = {}
+
+    def run(self):
+        try:
+            deadline = time.time() + 360
+            while not (show_job(self.job_id).get("JobState") == "RUNNING" and len(list(self.folder.glob("*.png")))):
+                assert time.time() < deadline, "A's sample job wrote no image"
+                time.sleep(0.2)
+            subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=30)
+            self.before = {p.name: p.read_bytes() for p in self.folder.glob("*.png")}
+        except BaseException:  # reported by the test
+            self.error = traceback.format_exc()
+
+
 def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(local_slurm, tmp_path):
     from data.synthetic import write_image_folder
     from launchers.snapshot import take_snapshot
@@ -138,7 +161,7 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     data, reference = root / "data", write_image_folder(root / "reference", 40, image_size=16, seed=1)
     pipes = {
         "A": pipeline_file(root, "A", data, reference),
-        "B": pipeline_file(root, "B", data, reference, stages=2),
+        "B": pipeline_file(root, "B", data, reference, stages=3),
         "C": pipeline_file(root, "C", data, reference, train=", train.global_batch_size=128"),
     }
     # A preflight refusal submits nothing: the reference is missing.
@@ -158,8 +181,8 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
         t.mkdir()
     from launchers import slurm
 
-    restart = 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then unset LLAT_DEBUG_STEP_SLEEP; fi'
-    env = {"LLAT_DEBUG_STEP_SLEEP": "1", "TMPDIR": str(tmps["A"])}
+    restart = 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then unset LLAT_DEBUG_STEP_SLEEP LLAT_DEBUG_SAMPLE_SLEEP; fi'
+    env = {"LLAT_DEBUG_STEP_SLEEP": "1", "LLAT_DEBUG_SAMPLE_SLEEP": "1", "TMPDIR": str(tmps["A"])}
     repo, slurm.REPO = slurm.REPO, checkout  # the launcher snapshots the copy (the code the jobs then run)
     try:
         code, out_a, err = run_inprocess("pipeline", str(pipes["A"]), *CLI, "--setup", restart, env=env)
@@ -171,6 +194,8 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     assert f"train     submitted job {ids_a['train']} after {ids_a['extract']}" in out_a
     requeuer = Requeuer(ids_a["train"], root / "A", checkout)
     requeuer.start()
+    sample_requeuer = SampleRequeuer(ids_a["sample"], root / "A" / "samples" / "fid40")
+    sample_requeuer.start()
 
     # B shares A's extraction; C's training fails at run time.
     code, out_b, err = run_inprocess("pipeline", str(pipes["B"]), *CLI, env={"TMPDIR": str(tmps["B"])})
@@ -191,7 +216,7 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     assert not (root / "C" / "samples" / "fid40.npz").exists()
 
     # A and B: every stage completes.
-    for ids, name, last in ((ids_a, "A", "evaluate"), (ids_b, "B", "train")):
+    for ids, name, last in ((ids_a, "A", "evaluate"), (ids_b, "B", "sample")):
         info = wait_state(ids[last], TERMINAL, timeout=360)
         assert info["JobState"] == "COMPLETED", (
             f"{name}: {info}\n"
@@ -201,6 +226,15 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
         )
     requeuer.join(timeout=10)
     assert requeuer.error is None, requeuer.error
+    sample_requeuer.join(timeout=10)
+    assert sample_requeuer.error is None, sample_requeuer.error
+    # The sample stage, preempted after its first images: requeued once, those images kept as they were, the
+    # rest written by the requeued job; the same 40 images as B's uninterrupted sample stage, bit for bit.
+    assert show_job(ids_a["sample"])["Restarts"] == "1"
+    folder_a = root / "A" / "samples" / "fid40"
+    assert sample_requeuer.before and all((folder_a / n).read_bytes() == b for n, b in sample_requeuer.before.items())
+    with np.load(root / "A" / "samples" / "fid40.npz") as za, np.load(root / "B" / "samples" / "fid40.npz") as zb:
+        assert za["arr_0"].shape[0] == 40 and np.array_equal(za["arr_0"], zb["arr_0"])
     train_a = show_job(ids_a["train"])
     assert train_a["Restarts"] == "1", train_a
     log_a = stage_logs(root / "A")
