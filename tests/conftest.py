@@ -162,3 +162,16 @@ def s3_server(tmp_path_factory):
     server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
     yield server
     stop_s3_server(server)
+
+
+@pytest.fixture
+def clean_streaming_shm():
+    """MosaicML streaming's shared memory removed before and after the test: every dataset a test opens in this
+    process leaves its segments behind (streaming's cleanup removes every streaming segment of the machine, so only
+    tests that run no job beside them use it: ``pytestmark = pytest.mark.usefixtures("clean_streaming_shm")``)."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+    gc.collect()
+    clean_stale_shared_memory()

@@ -4,14 +4,12 @@ tools/bench_data.py measures both schemas on real shards."""
 
 from __future__ import annotations
 
-import gc
 import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from streaming.base.util import clean_stale_shared_memory
 
 from data.streaming import (
     ImageDataset,
@@ -26,12 +24,7 @@ from data.streaming import (
 ID0 = 500
 
 
-@pytest.fixture(autouse=True)
-def _clean_shared_memory():
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 
 
 def _cfg(path, **kw):

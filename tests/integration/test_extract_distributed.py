@@ -27,10 +27,12 @@ from data.synthetic import SyntheticImages
 
 try:
     from dist_utils import run_distributed
-    from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
+    from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, read_raw  # noqa: F401
 except ImportError:  # tests/ imported as a package
     from tests.dist_utils import run_distributed
-    from tests.unit.test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, _clean_shared_memory, read_raw  # noqa: F401
+    from tests.unit.test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, read_raw  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 
 
 def reference_images() -> torch.Tensor:

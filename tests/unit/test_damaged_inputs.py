@@ -19,12 +19,7 @@ except ImportError:  # tests/ imported as a package
     from tests.unit.test_streaming import make_samples
 
 
-@pytest.fixture(autouse=True)
-def _clean_shared_memory():
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 
 
 def _read_all(path: Path, **kw) -> int:

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from streaming import StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from core.config import ConfigError
 from data.extract import (
@@ -49,12 +48,7 @@ COMMON = [
 TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True)
-def _clean_shared_memory():
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 
 
 def read_raw(out: Path) -> list[dict]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streaming.base.util import clean_stale_shared_memory
 
 from core.config import ConfigError
 from core.distributed import DistInfo
@@ -140,15 +139,7 @@ def test_repa_config_checks():
 TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture
-def _clean_shared_memory():
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-    clean_stale_shared_memory()
-
-
-def test_a_flipped_sample_meets_the_features_of_the_flipped_image(tmp_path, _clean_shared_memory):
+def test_a_flipped_sample_meets_the_features_of_the_flipped_image(tmp_path, clean_streaming_shm):
     from data.extract import build_features, build_source, extract, load_extract_config, read_manifest
     from data.streaming import LatentDataset, flip_decision
 
@@ -209,7 +200,7 @@ def test_a_flipped_sample_meets_the_features_of_the_flipped_image(tmp_path, _cle
     gc.collect()
 
 
-def test_repa_refuses_a_dataset_without_flip_features(tmp_path, _clean_shared_memory):
+def test_repa_refuses_a_dataset_without_flip_features(tmp_path, clean_streaming_shm):
     from data.streaming import LatentDataset, write_latent_dataset
 
     rng = np.random.default_rng(0)

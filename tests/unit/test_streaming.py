@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from streaming.base.util import clean_stale_shared_memory
 
 from data.config import DataConfig
 from data.streaming import (
@@ -40,12 +39,7 @@ C, H = 4, 4
 ID0 = 1000  # stored sample_id = ID0 + position, so it differs from streaming's index
 
 
-@pytest.fixture(autouse=True)
-def _clean_shared_memory():
-    clean_stale_shared_memory()
-    yield
-    gc.collect()
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 
 
 def make_samples(n: int, seed: int = 0, channels: int = C, size: int = H) -> list[dict]:
