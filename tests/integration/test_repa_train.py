@@ -14,9 +14,9 @@ import pytest
 import torch
 
 try:
-    from dist_utils import run_distributed
+    from dist_utils import train_on_shared_ranks
 except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
+    from tests.dist_utils import train_on_shared_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -74,24 +74,6 @@ def _overrides(data: Path, run_dir: Path, engine: str) -> list[str]:
     ]
 
 
-def _train_runs(dist, jobs):
-    import multiprocessing
-
-    from core.trainer import Trainer
-    from launchers.experiment import load_config, validate
-    from models.tasks import build_task
-
-    multiprocessing.set_start_method("fork", force=True)
-    for overrides in jobs:
-        cfg = validate(load_config(CONFIG, overrides), world_size=dist.world_size)
-        trainer = Trainer(cfg, dist, build_task(cfg, dist))
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-    return True
-
-
 def _resume_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     for ckpt in (dst / "checkpoints").glob("step_*"):
@@ -113,10 +95,12 @@ def test_repa_fsdp2_and_deepspeed_resume_bit_exact_and_export_plain(tmp_path):
 
     data = write_repa_latents(tmp_path / "mds")
     runs = {engine: (tmp_path / f"{engine}_ref", tmp_path / f"{engine}_resumed") for engine in ENGINES}
-    run_distributed(_train_runs, world_size=2, args=([_overrides(data, ref, e) for e, (ref, _) in runs.items()],))
+    for engine, (ref, _) in runs.items():
+        assert train_on_shared_ranks(CONFIG, _overrides(data, ref, engine)) == 0
     for ref, resumed in runs.values():
         _resume_dir(ref, resumed)
-    run_distributed(_train_runs, world_size=2, args=([_overrides(data, res, e) for e, (_, res) in runs.items()],))
+    for engine, (_, resumed) in runs.items():
+        assert train_on_shared_ranks(CONFIG, _overrides(data, resumed, engine)) == 0
 
     plain_keys = list(build_model(load_config(CONFIG).model).state_dict())
     for engine, (ref, resumed) in runs.items():

@@ -25,9 +25,9 @@ import pytest
 import torch
 
 try:
-    from dist_utils import run_distributed
+    from dist_utils import run_distributed, train_on_shared_ranks
 except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
+    from tests.dist_utils import run_distributed, train_on_shared_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -49,20 +49,6 @@ def _overrides(split: Path, run_dir: Path, decays: str = "[0.99,0.9]") -> list[s
         "eval.val_timesteps=4",
         "eval.val_batch_size=3",  # 8 held-out samples: chunks of 3, 3, 2 (padded)
     ]
-
-
-def _train(dist, jobs):
-    from core.trainer import Trainer
-    from launchers.experiment import load_config, validate
-    from models.tasks import build_task
-
-    for overrides in jobs:
-        cfg = validate(load_config(CONFIG, overrides), world_size=dist.world_size)
-        trainer = Trainer(cfg, dist, build_task(cfg, dist))
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
 
 
 def _evaluate_checkpoint(dist, overrides):
@@ -104,7 +90,7 @@ def test_several_emas_and_validation_loss(tmp_path):
     assert record["counts"] == {"train": 56, "val": 8} and len(val_ids) == 8
 
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    run_distributed(_train, world_size=2, args=([_overrides(split, ref)],), env={"LLAT_DEBUG_SAMPLE_IDS": "1"})
+    assert train_on_shared_ranks(CONFIG, _overrides(split, ref), env={"LLAT_DEBUG_SAMPLE_IDS": "1"}) == 0
     logged = _eval_records(ref)
     assert sorted(logged) == [2, 4]
     keys = {"val_loss", "ema_1/val_loss", "model/val_loss"} | {f"val_loss/t{t:.3f}" for t in (0, 1 / 3, 2 / 3, 1)}
@@ -123,7 +109,7 @@ def test_several_emas_and_validation_loss(tmp_path):
     shutil.copytree(ref, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_0000004")
     (resumed / "metrics.jsonl").unlink()
-    run_distributed(_train, world_size=2, args=([_overrides(split, resumed)],))
+    assert train_on_shared_ranks(CONFIG, _overrides(split, resumed)) == 0
     again = _eval_records(resumed)
     assert again[4] == {k: v for k, v in four.items() if k in again[4]} and keys <= set(again[4])
 
