@@ -773,6 +773,14 @@ def _partition_problem(pf: Any, lc: LauncherConfig, dry_run: bool) -> None:
         print(warning, file=sys.stderr)
 
 
+def warn_dry_run_problems(pf: Any) -> None:
+    """A dry run prints the preflight problems that a submission would refuse with (on stderr, after the scripts)."""
+    if pf.problems:
+        print(
+            format_problems(pf.problems).replace("nothing was submitted", "a submission would refuse"), file=sys.stderr
+        )
+
+
 def launch_refusal(pf: Any) -> Optional[LaunchError]:
     """The error that stops a submission: every preflight problem (exit code 2), else Slurm out of reach (3)."""
 
@@ -843,11 +851,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str], tool_args: list[str], d
         print_dry_run(plan, after, REPO if args.no_snapshot else preview_code_dir(folder))
         if profile.path:
             print(f"# ---- cluster profile: {profile.path} ----")
-        if pf.problems:
-            print(
-                format_problems(pf.problems).replace("nothing was submitted", "a submission would refuse"),
-                file=sys.stderr,
-            )
+        warn_dry_run_problems(pf)
         return 0
     refusal = launch_refusal(pf)
     if refusal is not None:
@@ -1003,11 +1007,7 @@ def pipeline_main(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 print(f"# writes {plan.job.writes}")
                 if plan.status == "queued":
                     deps = [str(plan.job_id)]
-        if pf.problems:
-            print(
-                format_problems(pf.problems).replace("nothing was submitted", "a submission would refuse"),
-                file=sys.stderr,
-            )
+        warn_dry_run_problems(pf)
         return 0
     refusal = launch_refusal(pf)
     if refusal is not None:
