@@ -69,13 +69,10 @@ def launch(*args: str, env: dict | None = None, check: bool = True) -> subproces
     return res
 
 
-def launch_here(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """``launch`` without a new interpreter: ``launchers/slurm.py``'s ``main(ARGS)`` in this process (an interpreter
-    start with its imports costs seconds on a busy machine), with what the interpreter would do around it: the
-    environment of ``launch``, the repository as working directory, ``SystemExit`` (argparse) as the exit code, an
-    uncaught exception as a traceback on stderr and exit code 1."""
-    from launchers import slurm as launcher
-
+@contextlib.contextmanager
+def _as_the_launcher(env: dict | None):
+    """The environment of ``launch`` (plus ``env``) and the repository as working directory for an in-process
+    ``launchers/slurm.py`` call; yields its (stdout, stderr) buffers. Everything is put back afterwards."""
     saved = dict(os.environ)
     os.environ.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
     os.environ.pop("LLAT_DEBUG_STEP_SLEEP", None)
@@ -85,21 +82,32 @@ def launch_here(*args: str, env: dict | None = None, check: bool = True) -> subp
     try:
         os.chdir(REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = launcher.main(list(args))
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
-                traceback.print_exc()
-                code = 1
+            yield out, err
     finally:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def launch_here(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``launch`` without a new interpreter: ``launchers/slurm.py``'s ``main(ARGS)`` in this process (an interpreter
+    start with its imports costs seconds on a busy machine), with what the interpreter would do around it: the
+    environment of ``launch``, the repository as working directory, ``SystemExit`` (argparse) as the exit code, an
+    uncaught exception as a traceback on stderr and exit code 1."""
+    from launchers import slurm as launcher
+
+    with _as_the_launcher(env) as (out, err):
+        try:
+            code = launcher.main(list(args))
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except Exception:  # noqa: BLE001 - what the interpreter prints for an uncaught exception
+            traceback.print_exc()
+            code = 1
     res = subprocess.CompletedProcess([*LAUNCHER, *args], code, out.getvalue(), err.getvalue())
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
@@ -111,20 +119,8 @@ def submit(*args: str, env: dict | None = None) -> str:
     ``env`` is exported to the job (sbatch passes the submitting environment on). Returns the job id."""
     from launchers import slurm as launcher
 
-    saved = dict(os.environ)
-    os.environ.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    os.environ.pop("LLAT_DEBUG_STEP_SLEEP", None)
-    os.environ.update(env or {})
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    try:
-        os.chdir(REPO)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = launcher.main(list(args))
-    finally:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(saved)
+    with _as_the_launcher(env) as (out, err):
+        code = launcher.main(list(args))
     assert code == 0, out.getvalue() + err.getvalue()
     return job_id_of(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()))
 
