@@ -32,7 +32,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 
 from core.checkpoint import CheckpointManager
 from core.config import config_to_dict, derived, resolve_run_dir, save_config
+from core.debug import debug_sleep_seconds
 from core.distributed import DistInfo, barrier, broadcast_object
 from core.engines import build_engine
 from core.fileio import atomic_write_text
@@ -177,8 +177,8 @@ class Trainer:
         )
         self.throughput = Throughput(self.task.flops_per_image(), dist.world_size, peak_flops(dist.device))
         self._stop_requested = False
-        # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way.
-        self._debug_step_sleep = float(os.environ.get("LLAT_DEBUG_STEP_SLEEP", "0") or 0)
+        # Debug/test knob: sleep after every step, so that preemption tests can hit a run mid-way (core/debug.py).
+        self._debug_step_sleep = debug_sleep_seconds("STEP")
         self._sample_trace = SampleIdTrace.from_env(self.run_dir, dist.is_main)
         self._installed_handlers: dict[int, Any] = {}
         # Opened around the parts of every step that must not read the device on the host (the step itself and the

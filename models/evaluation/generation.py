@@ -65,6 +65,7 @@ import torch
 
 from core.checkpoint import complete_checkpoints
 from core.config import config_to_dict
+from core.debug import debug_sleep_seconds
 from core.distributed import barrier, broadcast_object, rank_and_world
 from core.fileio import atomic_save_with, atomic_write, atomic_write_text, is_temporary
 from core.progress import Progress
@@ -543,7 +544,7 @@ def sample_to_folder(
     mine = pending[rank::world]
     sampler = Sampler.from_config(cfg.sampling, null_class=cfg.model.num_classes)
     latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    debug_sleep = float(os.environ.get("LLAT_DEBUG_SAMPLE_SLEEP", "0") or 0)
+    debug_sleep = debug_sleep_seconds("SAMPLE")  # tests preempt the job mid-way (core/debug.py)
 
     todo = sum(len(chunk_range(c, batch_size, num)) for c in pending)
     bar = Progress(todo, desc=f"sampling ({world} rank(s))", unit="img", enabled=rank == 0 and progress, logger=log)

@@ -53,6 +53,7 @@ import importlib
 import io
 import json
 import os
+import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.debug import debug_sleep_seconds
 from core.fileio import atomic_torch_save, atomic_write_bytes
 from core.progress import Progress
 from data.images import center_crop_arr
@@ -485,11 +487,14 @@ def extract_features(
     else:
         batches, total = images, None
     parts: dict[str, list[torch.Tensor]] = {}
+    debug_sleep = debug_sleep_seconds("EVAL")  # tests preempt the evaluate job mid-way (core/debug.py)
     with Progress(total, desc=desc, unit="img", enabled=progress, leave=False) as bar:
         for batch in batches:
             for k, v in extractor(batch).items():
                 parts.setdefault(k, []).append(v)
             bar.update(len(batch))
+            if debug_sleep:
+                time.sleep(debug_sleep)
     if not parts:
         return {k: torch.zeros(0, 0) for k in extractor.feature_names}
     return {k: torch.cat(v) for k, v in parts.items()}
