@@ -3,17 +3,23 @@ images -> MDS latents -> tiny DiT -> 40 samples -> FID (tiny random extractor) -
 
 Three pipelines run side by side (one job per fake node, ``--exclusive``, as in test_slurm.py):
 
-* ``A`` is submitted with the launcher's checkout pointed at a COPY of this one (``launchers.slurm.REPO``; a git
-  repository, so the snapshot records its commit). Its train job is slowed down and, once it trained 2 steps, the
-  copy is broken (train.py and launchers/jobs.py raise on import) and the job is requeued from outside
-  (``scontrol requeue``: SIGTERM, as for a preemption). The requeued run must resume and finish from the code
-  snapshot taken at submission, and the later stages (submitted at the same time, same snapshot) must run too,
-  ending in a leaderboard row with the evaluate stage's FID. Its sample job is slowed down too and requeued from
-  outside once it wrote its first images: the requeued job keeps them and writes the rest;
-* ``B`` is the uninterrupted reference (extract + train + sample; its evaluation would only repeat A's on the same
-  images): it shares A's extraction (A's extract job is still queued or running, or complete, so B submits none
-  and waits for A's) and must end with bit-identical weights and the same 40 images, bit for bit;
-* ``C`` has a train stage that fails at run time (a global batch larger than the data set, which only the job can
+* ``A`` is preempted in the middle of every stage (``scontrol requeue`` from outside: SIGTERM, as for a preemption;
+  each stage is slowed down so that the requeue lands mid-way, and the requeued job runs at full speed):
+
+  - extract: once its first chunk is committed; the requeued job keeps the committed chunks and extracts the rest;
+  - train: once it trained 2 steps. A is submitted with the launcher's checkout pointed at a COPY of this one
+    (``launchers.slurm.REPO``; a git repository, so the snapshot records its commit), and just before this requeue
+    the copy is broken (train.py and launchers/jobs.py raise on import): the requeued run must resume and finish
+    from the code snapshot taken at submission, and the later stages (same snapshot) must run too;
+  - sample: once it wrote its first images; the requeued job keeps them and writes the rest;
+  - evaluate: once it cached the reference statistics (``LLAT_FID_CACHE``), while it extracts the samples'
+    features; the requeued job reads them from that cache.
+
+  It ends in a leaderboard row with the evaluate stage's FID;
+* ``B`` is the uninterrupted reference, every stage with outputs of its own. A must equal it: the same shards
+  (bytes), bit-identical weights, the same 40 images bit for bit, the same FID;
+* ``C`` shares A's data (A's extract job is still queued, running or complete, so C submits none and waits for it)
+  and has a train stage that fails at run time (a global batch larger than the data set, which only the job can
   see): its sample and evaluate jobs must be cancelled, not left pending forever.
 
 Finally the same pipeline command again finds every stage complete and submits nothing.
@@ -21,26 +27,25 @@ Finally the same pipeline command again finds every stage complete and submits n
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import re
 import subprocess
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
 try:
-    from test_slurm import TERMINAL, losses, show_job
+    from test_slurm import TERMINAL, launch_here, losses, show_job
     from test_train_resume import final_state
 except ImportError:  # run as a package module
-    from tests.integration.test_slurm import TERMINAL, losses, show_job
+    from tests.integration.test_slurm import TERMINAL, launch_here, losses, show_job
     from tests.integration.test_train_resume import final_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,9 +54,11 @@ STEPS = 8  # 64 samples / global batch 16 x 2 epochs
 pytestmark = pytest.mark.timeout(420)
 
 
-def pipeline_file(root: Path, name: str, data: Path, reference: Path, train: str = "", stages: int = 4) -> Path:
+def pipeline_file(
+    root: Path, name: str, data: Path, reference: Path, train: str = "", extract: tuple[str, ...] = ()
+) -> Path:
     """configs/pipeline_synthetic.yaml with this test's paths; the extraction on one task (cheaper); ``train``:
-    more train overrides; ``stages``: keep the first N stages."""
+    more train overrides; ``extract``: more extract overrides."""
     text = (REPO / "configs" / "pipeline_synthetic.yaml").read_text()
     text = text.replace("config: configs/", f"config: {REPO}/configs/")
     text = text.replace("out_dir=runs/pipeline_synthetic/data", f"out_dir={data}")
@@ -59,8 +66,7 @@ def pipeline_file(root: Path, name: str, data: Path, reference: Path, train: str
     text = text.replace("eval.reference=runs/pipeline_synthetic/reference", f"eval.reference={reference}")
     data_yaml = yaml.safe_load(text)
     data_yaml["stages"]["extract"]["launcher"] = {"tasks_per_node": 1}
-    for stage in ("extract", "train", "sample", "evaluate")[stages:]:
-        data_yaml["stages"].pop(stage)
+    data_yaml["stages"]["extract"]["overrides"] += list(extract)
     path = root / f"pipeline_{name}.yaml"
     path.write_text(yaml.safe_dump(data_yaml, sort_keys=False))
     return path
@@ -69,19 +75,9 @@ def pipeline_file(root: Path, name: str, data: Path, reference: Path, train: str
 CLI = ["--exclusive", "--time", "10"]
 
 
-def run_inprocess(*argv: str, env: dict | None = None) -> tuple[int, str, str]:
-    from launchers import slurm
-
-    saved = dict(os.environ)
-    os.environ.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", **(env or {}))
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = slurm.main(list(argv))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return code, out.getvalue(), err.getvalue()
+def pipeline(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``launchers/slurm.py pipeline ARGV`` in this process (test_slurm.launch_here); ``env`` goes to the jobs."""
+    return launch_here("pipeline", *argv, env=env, check=False)
 
 
 def job_ids(out: str) -> dict[str, str]:
@@ -106,68 +102,74 @@ def stage_logs(folder: Path) -> str:
     )
 
 
-class Requeuer(threading.Thread):
-    """Breaks the checkout A was submitted from and requeues A's train job once it trained 2 steps."""
+class Preempter(threading.Thread):
+    """Requeues a job from outside (``scontrol requeue``: SIGTERM, as a preemption) once it is running and
+    ``ready()`` holds. ``before()`` runs just before the requeue, ``after()`` just after it; what they return is
+    kept (``.before``, ``.after``)."""
 
-    def __init__(self, job_id: str, run_dir: Path, checkout: Path):
+    def __init__(
+        self,
+        job_id: str,
+        what: str,
+        ready: Callable[[], Any],
+        before: Callable[[], Any] = lambda: None,
+        after: Callable[[], Any] = lambda: None,
+    ):
         super().__init__(daemon=True)
-        self.job_id, self.run_dir, self.checkout = job_id, run_dir, checkout
+        self.job_id, self.what, self.ready, self.before_fn, self.after_fn = job_id, what, ready, before, after
         self.error: str | None = None
-        self.at_step: int | None = None
-
-    def run(self):
-        try:
-            deadline = time.time() + 300
-            while not (show_job(self.job_id).get("JobState") == "RUNNING" and len(losses(self.run_dir)) >= 2):
-                assert time.time() < deadline, "A's train job did not train 2 steps"
-                time.sleep(0.3)
-            for rel in ("train.py", "launchers/jobs.py"):
-                path = self.checkout / rel
-                path.write_text('raise RuntimeError("the checkout changed after submission")\n' + path.read_text())
-            self.at_step = max(losses(self.run_dir))
-            subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=30)
-        except BaseException:  # reported by the test
-            self.error = traceback.format_exc()
-
-
-class SampleRequeuer(threading.Thread):
-    """Requeues A's sample job (``scontrol requeue``, as a preemption) once it wrote its first images."""
-
-    def __init__(self, job_id: str, folder: Path):
-        super().__init__(daemon=True)
-        self.job_id, self.folder = job_id, folder
-        self.error: str | None = None
-        self.before: dict[str, bytes] = {}
+        self.before: Any = None
+        self.after: Any = None
 
     def run(self):
         try:
             deadline = time.time() + 360
-            while not (show_job(self.job_id).get("JobState") == "RUNNING" and len(list(self.folder.glob("*.png")))):
-                assert time.time() < deadline, "A's sample job wrote no image"
+            while not (show_job(self.job_id).get("JobState") == "RUNNING" and self.ready()):
+                assert time.time() < deadline, f"job {self.job_id} never got to {self.what}"
                 time.sleep(0.2)
+            self.before = self.before_fn()
             subprocess.run(["scontrol", "requeue", self.job_id], check=True, timeout=30)
-            self.before = {p.name: p.read_bytes() for p in self.folder.glob("*.png")}
+            self.after = self.after_fn()
         except BaseException:  # reported by the test
             self.error = traceback.format_exc()
 
+    def check(self) -> None:
+        """Joined, no error, and the job requeued exactly once."""
+        self.join(timeout=10)
+        assert not self.is_alive() and self.error is None, self.error
+        info = show_job(self.job_id)
+        assert info["Restarts"] == "1", (self.what, info)
 
-def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(local_slurm, tmp_path):
+
+def shard_bytes(data: Path) -> dict[str, bytes]:
+    """What an extraction wrote that fixes the training data: every chunk's shards and index, the merged index
+    and the latent statistics (not the manifest and chunk.json, which record times and hosts)."""
+    files = [
+        p
+        for p in data.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", "chunk.json") and p.relative_to(data).parts[0] != "slurm"
+    ]
+    return {str(p.relative_to(data)): p.read_bytes() for p in files}
+
+
+def test_pipeline_preempted_in_every_stage_equals_uninterrupted_and_failures_stop_dependants(local_slurm, tmp_path):
     from data.synthetic import write_image_folder
+    from launchers import slurm
     from launchers.snapshot import take_snapshot
     from models.evaluation.leaderboard import collect_runs, summarize
 
     t0 = time.time()
     root = tmp_path
-    data, reference = root / "data", write_image_folder(root / "reference", 40, image_size=16, seed=1)
+    data_a, data_b, reference = root / "data-A", root / "data-B", write_image_folder(root / "reference", 40, 16, seed=1)
     pipes = {
-        "A": pipeline_file(root, "A", data, reference),
-        "B": pipeline_file(root, "B", data, reference, stages=3),
-        "C": pipeline_file(root, "C", data, reference, train=", train.global_batch_size=128"),
+        "A": pipeline_file(root, "A", data_a, reference, extract=("throttle_s=1.0",)),
+        "B": pipeline_file(root, "B", data_b, reference),
+        "C": pipeline_file(root, "C", data_a, reference, train=", train.global_batch_size=128"),
     }
     # A preflight refusal submits nothing: the reference is missing.
-    code, _, err = run_inprocess("pipeline", str(pipeline_file(root, "X", data, root / "nope")), *CLI)
-    assert code == 2 and "eval.reference: reference batch not found" in err, err
-    assert not (root / "X").exists()
+    res = pipeline(str(pipeline_file(root, "X", data_a, root / "nope")), *CLI)
+    assert res.returncode == 2 and "eval.reference: reference batch not found" in res.stderr, res.stderr
+    assert not (root / "X").exists() and not data_a.exists()
 
     # A: from a copy of the checkout, a git repository of its own.
     checkout, _ = take_snapshot(REPO, root / "checkout")
@@ -179,34 +181,53 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     tmps = {n: root / f"tmp-{n}" for n in pipes}
     for t in tmps.values():
         t.mkdir()
-    from launchers import slurm
+    caches = {n: root / f"fid-cache-{n}" for n in pipes}
 
-    restart = 'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then unset LLAT_DEBUG_STEP_SLEEP LLAT_DEBUG_SAMPLE_SLEEP; fi'
-    env = {"LLAT_DEBUG_STEP_SLEEP": "1", "LLAT_DEBUG_SAMPLE_SLEEP": "1", "TMPDIR": str(tmps["A"])}
+    # Every stage of A slowed down (core/debug.py; the extraction by its throttle_s), the requeued jobs not.
+    slowed = ("LLAT_DEBUG_STEP_SLEEP", "LLAT_DEBUG_SAMPLE_SLEEP", "LLAT_DEBUG_EVAL_SLEEP")
+    restart = f'if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ]; then unset {" ".join(slowed)}; fi'
+    env = dict.fromkeys(slowed, "1")
+    env.update(LLAT_DEBUG_EVAL_SLEEP="1.5", TMPDIR=str(tmps["A"]), LLAT_FID_CACHE=str(caches["A"]))
     repo, slurm.REPO = slurm.REPO, checkout  # the launcher snapshots the copy (the code the jobs then run)
     try:
-        code, out_a, err = run_inprocess("pipeline", str(pipes["A"]), *CLI, "--setup", restart, env=env)
+        res = pipeline(str(pipes["A"]), *CLI, "--setup", restart, env=env)
     finally:
         slurm.REPO = repo
-    assert code == 0, out_a + err
-    ids_a = job_ids(out_a)
-    assert list(ids_a) == ["extract", "train", "sample", "evaluate"], out_a
-    assert f"train     submitted job {ids_a['train']} after {ids_a['extract']}" in out_a
-    requeuer = Requeuer(ids_a["train"], root / "A", checkout)
-    requeuer.start()
-    sample_requeuer = SampleRequeuer(ids_a["sample"], root / "A" / "samples" / "fid40")
-    sample_requeuer.start()
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids_a = job_ids(res.stdout)
+    assert list(ids_a) == ["extract", "train", "sample", "evaluate"], res.stdout
+    assert f"train     submitted job {ids_a['train']} after {ids_a['extract']}" in res.stdout
 
-    # B shares A's extraction; C's training fails at run time.
-    code, out_b, err = run_inprocess("pipeline", str(pipes["B"]), *CLI, env={"TMPDIR": str(tmps["B"])})
-    assert code == 0, out_b + err
-    ids_b = job_ids(out_b)
-    assert ids_b["extract"] == ids_a["extract"] or "extract   complete" in out_b, out_b
-    code, out_c, err = run_inprocess(
-        "pipeline", str(pipes["C"]), *CLI, "--tasks-per-node", "1", env={"TMPDIR": str(tmps["C"])}
-    )
-    assert code == 0, out_c + err
-    ids_c = job_ids(out_c)
+    def break_checkout() -> int:
+        for rel in ("train.py", "launchers/jobs.py"):
+            path = checkout / rel
+            path.write_text('raise RuntimeError("the checkout changed after submission")\n' + path.read_text())
+        return max(losses(root / "A"))
+
+    samples_a = root / "A" / "samples" / "fid40"
+    preempters = {
+        "extract": Preempter(ids_a["extract"], "its first committed chunk", lambda: list(data_a.glob("chunk*"))),
+        "train": Preempter(ids_a["train"], "step 2", lambda: len(losses(root / "A")) >= 2, before=break_checkout),
+        "sample": Preempter(
+            ids_a["sample"],
+            "its first images",
+            lambda: list(samples_a.glob("*.png")),
+            after=lambda: {p.name: p.read_bytes() for p in samples_a.glob("*.png")},
+        ),
+        "evaluate": Preempter(ids_a["evaluate"], "a cached reference", lambda: list(caches["A"].glob("ref-*.pt"))),
+    }
+    for p in preempters.values():
+        p.start()
+
+    # B: the uninterrupted reference; C shares A's extraction and fails in its training.
+    res = pipeline(str(pipes["B"]), *CLI, env={"TMPDIR": str(tmps["B"]), "LLAT_FID_CACHE": str(caches["B"])})
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids_b = job_ids(res.stdout)
+    assert list(ids_b) == ["extract", "train", "sample", "evaluate"], res.stdout
+    res = pipeline(str(pipes["C"]), *CLI, "--tasks-per-node", "1", env={"TMPDIR": str(tmps["C"])})
+    assert res.returncode == 0, res.stdout + res.stderr
+    ids_c = job_ids(res.stdout)
+    assert ids_c["extract"] == ids_a["extract"] or "extract   complete" in res.stdout, res.stdout
 
     # C: the failed training cancels its dependants.
     assert wait_state(ids_c["train"], TERMINAL)["JobState"] == "FAILED", stage_logs(root / "C")
@@ -216,41 +237,43 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     assert not (root / "C" / "samples" / "fid40.npz").exists()
 
     # A and B: every stage completes.
-    for ids, name, last in ((ids_a, "A", "evaluate"), (ids_b, "B", "sample")):
-        info = wait_state(ids[last], TERMINAL, timeout=360)
+    for ids, name in ((ids_a, "A"), (ids_b, "B")):
+        info = wait_state(ids["evaluate"], TERMINAL, timeout=360)
         assert info["JobState"] == "COMPLETED", (
             f"{name}: {info}\n"
+            + stage_logs(data_a if name == "A" else data_b)
             + stage_logs(root / name)
             + stage_logs(root / name / "samples")
             + stage_logs(root / name / "eval")
         )
-    requeuer.join(timeout=10)
-    assert requeuer.error is None, requeuer.error
-    sample_requeuer.join(timeout=10)
-    assert sample_requeuer.error is None, sample_requeuer.error
-    # The sample stage, preempted after its first images: requeued once, those images kept as they were, the
-    # rest written by the requeued job; the same 40 images as B's uninterrupted sample stage, bit for bit.
-    assert show_job(ids_a["sample"])["Restarts"] == "1"
-    folder_a = root / "A" / "samples" / "fid40"
-    assert sample_requeuer.before and all((folder_a / n).read_bytes() == b for n, b in sample_requeuer.before.items())
-    with np.load(root / "A" / "samples" / "fid40.npz") as za, np.load(root / "B" / "samples" / "fid40.npz") as zb:
-        assert za["arr_0"].shape[0] == 40 and np.array_equal(za["arr_0"], zb["arr_0"])
-    train_a = show_job(ids_a["train"])
-    assert train_a["Restarts"] == "1", train_a
+    for p in preempters.values():
+        p.check()
+
+    # extract: the requeued job found the committed chunks and extracted only the rest; the same shards as B's.
+    log = stage_logs(data_a)
+    done = [int(n) for n in re.findall(r"(\d+) chunk\(s\) done, \d+ to do", log)]
+    assert done[0] == 0 and done[-1] >= 1, log
+    assert shard_bytes(data_a) == shard_bytes(data_b) and any(k.endswith(".mds.zstd") for k in shard_bytes(data_a))
+    # train: resumed from the code snapshot (the checkout was broken), with the same losses and weights as B.
     log_a = stage_logs(root / "A")
     assert "resumed from step" in log_a and "the checkout changed" not in log_a, log_a
-    # The snapshot the jobs ran: recorded with the commit of the checkout it was taken from.
-    snaps = list((root / "A" / "pipeline" / "code").glob("*/snapshot.json"))
-    assert len(snaps) == 1 and json.loads(snaps[0].read_text())["commit"] == commit
-    assert f"(commit {commit})" in (root / "A" / "slurm" / "submissions.log").read_text()
-
-    # Identical to the uninterrupted run (bit for bit), and a leaderboard row with the evaluate stage's FID as the
-    # run's final evaluation (eval/final.json).
     assert losses(root / "A") == losses(root / "B") and max(losses(root / "A")) == STEPS
     a, b = final_state(root / "A", STEPS), final_state(root / "B", STEPS)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    snaps = list((root / "A" / "pipeline" / "code").glob("*/snapshot.json"))
+    assert len(snaps) == 1 and json.loads(snaps[0].read_text())["commit"] == commit
+    assert f"(commit {commit})" in (root / "A" / "slurm" / "submissions.log").read_text()
+    # sample: the images written before the preemption kept as they were; the same 40 images as B's.
+    before = preempters["sample"].after
+    assert before and all((samples_a / n).read_bytes() == b for n, b in before.items())
+    with np.load(root / "A" / "samples" / "fid40.npz") as za, np.load(root / "B" / "samples" / "fid40.npz") as zb:
+        assert za["arr_0"].shape[0] == 40 and np.array_equal(za["arr_0"], zb["arr_0"])
+    # evaluate: the requeued job used the reference statistics the preempted one cached; B's computed them; the
+    # same FID. A leaderboard row with it as the run's final evaluation (eval/final.json).
     metrics = json.loads((root / "A" / "samples" / "fid40_metrics.json").read_text())
-    assert metrics["num_samples"] == 40 and metrics["fid"] > 0
+    metrics_b = json.loads((root / "B" / "samples" / "fid40_metrics.json").read_text())
+    assert metrics["reference_cached"] and not metrics_b["reference_cached"]
+    assert metrics["num_samples"] == 40 and metrics["fid"] > 0 and metrics["fid"] == metrics_b["fid"]
     (row,) = [summarize(r) for r in collect_runs([root / "A"])]
     assert row.final_fid == metrics["fid"] and row.steps == STEPS and row.final_num_samples == 40
     assert json.loads((root / "A" / "eval" / "final.json").read_text())["metrics"]["fid"] == metrics["fid"]
@@ -265,6 +288,6 @@ def test_pipeline_preempted_equals_uninterrupted_and_failures_stop_dependants(lo
     print(f"job timeline (t0 {t0:.0f}):\n{timeline.stdout}")
 
     # Once complete, the same command submits nothing.
-    code, out, err = run_inprocess("pipeline", str(pipes["A"]), *CLI)
-    assert code == 0 and "job ids: (none: every stage is complete)" in out, out + err
-    assert out.count("complete, skipped") == 4
+    res = pipeline(str(pipes["A"]), *CLI)
+    assert res.returncode == 0 and "job ids: (none: every stage is complete)" in res.stdout, res.stdout + res.stderr
+    assert res.stdout.count("complete, skipped") == 4
