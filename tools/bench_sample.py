@@ -41,7 +41,6 @@ from launchers.experiment import load_config
 from models.dit_config import SamplingConfig
 from models.fast_sampling import FastEulerSampler, forward_images, nfe
 from models.lightningdit import ModelConfig, build_model
-from models.loading import load_into_model
 from models.sampling import Sampler
 
 TINY = ModelConfig(
@@ -125,6 +124,8 @@ def build_random_model(
     torch.manual_seed(seed)
     model = build_model(model_cfg)
     if checkpoint:
+        from models.loading import load_into_model  # lazy: checkpoint loading (DCP, ~0.2 s) only with --checkpoint
+
         load_into_model(model, checkpoint, which="ema")
     else:
         with torch.no_grad():

@@ -41,8 +41,6 @@ import torch.distributed as tdist  # noqa: E402
 from core.distributed import init_distributed, teardown  # noqa: E402
 from core.hostsync import HostSyncCounter, cuda_sync_debug  # noqa: E402
 from core.metrics import format_table  # noqa: E402
-from launchers.experiment import load_config, validate  # noqa: E402
-from models.tasks import build_task  # noqa: E402
 
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
 
@@ -77,7 +75,10 @@ def check_host_sync(
     """Train ``steps`` steps with the step guard on from step ``warmup`` (0-based; the first steps initialise
     lazily: FSDP2's lazy init, compilation); see the module docstring. ``log_every`` defaults to ``steps`` (one log
     step, at the end). ``count_ops=False``: sync-debug mode only (no dispatch mode, e.g. under ``engine.compile``)."""
-    from core.trainer import Trainer  # lazy: the trainer stack (~0.5 s) only for a check, not for --help
+    # lazy: the config and training stack (~0.4 s over torch) only for a check, not for --help
+    from core.trainer import Trainer
+    from launchers.experiment import load_config, validate
+    from models.tasks import build_task
 
     out_dir = Path(out_dir)
     data = write_toy_latents(out_dir / "data")

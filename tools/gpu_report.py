@@ -42,7 +42,6 @@ import argparse
 import atexit
 import datetime
 import importlib
-import importlib.metadata as md
 import importlib.util
 import json
 import math
@@ -409,6 +408,8 @@ def sections(smoke: bool) -> list[Section]:
 # ------------------------------------------------------------------------------------------- the env step
 def env_main(argv=None) -> int:
     """Print the software and device as one JSON line (no CUDA work beyond the device query)."""
+    import importlib.metadata as md  # lazy: ~20 ms and 40 modules (email, csv, ...) that --help does not need
+
     import torch  # lazy: the report's parent (--help, scheduling the steps) stays torch-free; this runs in a step
 
     info: dict[str, Any] = {
@@ -754,6 +755,8 @@ def prepare(
     """Gather into ``wheel_dir`` the wheels of ``dists`` for CPython ``python_version`` on x86-64 Linux (pip
     download, binary only, no dependencies) and build those of ``build`` from source (pip wheel, DeepSpeed ships
     only as source), then write ``install.sh``. ``dry_run``: return the pip commands instead of running them."""
+    import importlib.metadata as md  # lazy: see env_main
+
     wheel_dir.mkdir(parents=True, exist_ok=True)
     platforms = [
         "manylinux_2_28_x86_64",
