@@ -44,7 +44,6 @@ from typing import Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import ConfigError, EngineConfig, TrainConfig, apply_overrides
 from core.distributed import init_distributed, teardown
@@ -225,6 +224,8 @@ class _NoModuleTracking:
 
 def flop_counter():
     """``FlopCounterMode`` (total only: ``get_total_flops()``) that works through ``autograd.grad`` passes."""
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: it imports triton (~0.2 s); not for --help
+
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracking()
     return counter
