@@ -18,25 +18,25 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=256")
     args = parser.parse_args(argv)
 
-    from core.joblock import exit_with_launcher
+    # lazy: --help and argument errors answer in ~30 ms without torch, and a rank arms its launcher-death signal
+    # before the seconds of importing torch below
+    from core.joblock import RunDirBusy, RunDirLock, exit_with_launcher
 
     exit_with_launcher()  # a rank of launchers/local.py ends with its launcher
 
-    from core.config import ConfigError
+    # lazy: the config and training stack (torch), after exit_with_launcher
+    from core.config import ConfigError, resolve_run_dir
+    from core.distributed import broadcast_object, init_distributed, teardown
+    from core.metrics import setup_console_logging
+    from core.trainer import Trainer
     from launchers.experiment import load_config, validate
+    from models.tasks import build_task
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    from core.config import resolve_run_dir
-    from core.distributed import broadcast_object, init_distributed, teardown
-    from core.joblock import RunDirBusy, RunDirLock
-    from core.metrics import setup_console_logging
-    from core.trainer import Trainer
-    from models.tasks import build_task
 
     dist = init_distributed()
     setup_console_logging(dist.rank)

@@ -90,7 +90,7 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1, dur
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    import torch  # the one heavy dependency, only for this writer
+    import torch  # lazy: core.config and tools/gpu_report.py import this module, torch-free (their --help paths)
 
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)

@@ -18,6 +18,9 @@ import sys
 import time
 from typing import Any, Optional
 
+import torch
+from tqdm import tqdm
+
 __all__ = ["Progress", "format_duration", "progress_mode"]
 
 DEFAULT_INTERVAL_S = 60.0
@@ -50,8 +53,6 @@ def format_duration(seconds: float) -> str:
 
 def _peak_gpu_memory() -> Optional[str]:
     try:
-        import torch
-
         if not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return None
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
@@ -89,8 +90,6 @@ class Progress:
         self._bar = None
         self._closed = False
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1, leave=leave
             )

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 __all__ = ["RunData", "discover_runs", "read_offline_run", "read_online_project", "read_run_dir", "read_wandb_records"]
 
 LEVELDB_HEADER = struct.Struct("<4sHB")
@@ -203,8 +205,6 @@ def read_run_dir(run_dir: Path) -> Optional[RunData]:
                 run.history.setdefault(int(step), {}).update(rec)
         cfg_file = run_dir / "config.yaml"
         if cfg_file.is_file():
-            import yaml
-
             run.config = yaml.safe_load(cfg_file.read_text()) or {}
             run.name = run.config.get("name") or run.name
     run.run_dir = str(run_dir)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from tqdm import tqdm
 
 from core.checkpoint import CheckpointManager
 from core.config import config_to_dict, derived, resolve_run_dir, save_config
@@ -427,8 +428,6 @@ class Trainer:
     def _train_loop(self, cfg) -> TrainResult:
         bar = None
         if self.dist.is_main and cfg.train.progress_bar and sys.stderr.isatty():  # log lines when not a terminal
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         exit_code = 0
         while self.step < self.total_steps:

@@ -83,9 +83,12 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
+from streaming.base.storage.download import CloudDownloader
+from streaming.base.storage.upload import CloudUploader
+from torch.utils.data import DataLoader
 
 from core.config import Checks, ConfigError, config_to_dict, load_typed_config
-from core.distributed import all_gather_object, barrier, broadcast_object, rank_and_world
+from core.distributed import all_gather_object, barrier, broadcast_object, init_distributed, rank_and_world, teardown
 from core.fileio import atomic_write_json, fsync_dir
 from core.progress import Progress
 from data.features import FeatureExtractor, build_feature_extractor
@@ -101,6 +104,7 @@ from data.images import (
     uint8_to_normalized,
 )
 from data.streaming import STATS_FILENAME, RunningMoments, latent_columns, open_writer, save_latent_stats
+from data.synthetic import SyntheticImages
 from data.tokenizers import Tokenizer, available_tokenizers, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -285,8 +289,6 @@ class SyntheticSource(torch.utils.data.Dataset):
     """data/synthetic.py images as extraction items ``{"image", "label", "sample_id"}``."""
 
     def __init__(self, num_samples: int, image_size: int, num_classes: int, seed: int) -> None:
-        from data.synthetic import SyntheticImages
-
         self.images = SyntheticImages(num_samples, image_size=image_size, num_classes=num_classes, seed=seed)
         self.ignored: list[IgnoredFile] = []
         self._fingerprint = f"synthetic:n={num_samples}:size={image_size}:classes={num_classes}:seed={seed}"
@@ -508,8 +510,6 @@ class _Remote:
     the next run uploads it again."""
 
     def __init__(self, out: Path, remote: str) -> None:
-        from streaming.base.storage.upload import CloudUploader
-
         self.out, self.url = out, remote.rstrip("/")
         upload_log = logging.getLogger("streaming.base.storage.upload")
         old = upload_log.level
@@ -546,8 +546,6 @@ class _Remote:
 
     def read_json(self, relative: str) -> Optional[dict[str, Any]]:
         """A JSON file of the remote, or None when it has none."""
-        from streaming.base.storage.download import CloudDownloader
-
         if not any(
             key.endswith(f"/{relative}") or key == relative for key in self.uploader.list_objects(relative) or []
         ):
@@ -562,8 +560,6 @@ class _Remote:
     def fetch_chunk_meta(self, chunk: int) -> None:
         """A chunk complete only on the remote: its index.json and chunk.json into ``out/chunkNNNNNN/`` (no shards),
         renamed into place complete (another array task may be doing the same)."""
-        from streaming.base.storage.download import CloudDownloader
-
         name = _chunk_name(chunk)
         tmp = self.out / f".tmp-{name}-meta-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -935,8 +931,6 @@ def _run_batches(
     world: int,
     remote: Optional[_Remote],
 ) -> int:
-    from torch.utils.data import DataLoader
-
     num_items = len(source)
     batches: list[list[int]] = []
     batch_chunk: list[int] = []
@@ -1161,8 +1155,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    from core.distributed import init_distributed, teardown
 
     dist = init_distributed()
     logging.basicConfig(

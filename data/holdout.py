@@ -32,6 +32,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Union
 
+from streaming.base.compression import decompress
+
 from core.fileio import atomic_write_json
 from data.extract import MANIFEST_FILENAME
 from data.streaming import (
@@ -81,8 +83,6 @@ def read_mds_samples(directory: Union[str, Path]) -> Iterator[dict[str, Any]]:
     Read directly from the shard files (a compressed shard is decompressed in memory; nothing is written), without
     a StreamingDataset and so without streaming's shared memory: for small sequential reads (the split here, the
     held-out set of the validation loss), not for training."""
-    from streaming.base.compression import decompress
-
     directory = Path(directory)
     index = json.loads((directory / INDEX_FILENAME).read_text())
     for shard in index["shards"]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+from streaming.base.util import clean_stale_shared_memory
 from torch.utils.data import DataLoader, Dataset
 
 from core.task import DataSource  # noqa: F401  (the protocol these sources implement: the trainer's contract)
@@ -38,8 +39,6 @@ class StreamingSource:
         dataset_cls: Optional[type] = None,
         **dataset_kwargs: Any,
     ):
-        from streaming.base.util import clean_stale_shared_memory
-
         # Streaming keeps per-dataset state in shared memory; a killed run leaks it. Without a remote the next
         # run simply takes a fresh prefix. With a remote, a leaked entry for the same local directory is an
         # error ("Reused local directory"), so clean first — streaming's cleanup removes every streaming

@@ -77,7 +77,14 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from streaming import MDSWriter, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
+from streaming.base.format.mds.encodings import NDArray, Scalar, _get_coder
+from streaming.base.format.mds.reader import MDSReader
+from streaming.base.hashing import get_hash
+from streaming.base.storage.download import CloudDownloader
+from streaming.base.util import merge_index
 
 from core.fileio import atomic_save_with, atomic_torch_save
 from data.images import uint8_to_normalized
@@ -312,8 +319,6 @@ def merge_shard_indexes(out_dir: Union[str, Path], subdirs: Sequence[str]) -> Pa
     Uses streaming's ``merge_index``; shard basenames in the merged index become
     ``<subdir>/shard.NNNNN.mds.zstd``. Subdirectories must be direct children of ``out_dir``.
     """
-    from streaming.base.util import merge_index
-
     out_dir = Path(out_dir)
     if not subdirs:
         raise ValueError(f"merge_shard_indexes({str(out_dir)!r}): no subdirectories given")
@@ -411,8 +416,6 @@ class RunningMoments:
 
     def merge_across_ranks(self, group: Any = None) -> RunningMoments:
         """Merged moments of every rank (collective; identical result on all ranks, rank order)."""
-        import torch.distributed as tdist
-
         if not (tdist.is_available() and tdist.is_initialized()):
             return self
         states: list[Any] = [None] * tdist.get_world_size(group)
@@ -539,10 +542,6 @@ def read_columns(
     one, or with ``remote`` and no local index yet, the remote's (fetched to a temporary file)."""
     index_file = Path(local) / INDEX_FILENAME
     if remote is not None and not index_file.is_file():
-        import tempfile
-
-        from streaming.base.storage.download import CloudDownloader
-
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 CloudDownloader.direct_download(os.path.join(remote, INDEX_FILENAME), os.path.join(tmp, INDEX_FILENAME))
@@ -571,8 +570,6 @@ def _check_shard_files(directory: Path, shard: Mapping[str, Any], check_hashes: 
         if size != int(info["bytes"]):
             return f"shard file {path} has {size} bytes, index.json says {info['bytes']} (truncated or overwritten)"
         if check_hashes and info.get("hashes"):
-            from streaming.base.hashing import get_hash
-
             algo = sorted(info["hashes"])[0]
             if get_hash(algo, path.read_bytes()) != info["hashes"][algo]:
                 return f"shard file {path} fails its {algo} checksum (corrupt)"
@@ -683,8 +680,6 @@ class _SampleDecoder:
     other encodings go to streaming's decoder."""
 
     def __init__(self, reader: Any) -> None:
-        from streaming.base.format.mds.encodings import NDArray, Scalar, _get_coder
-
         self.columns = []
         for name, encoding, size in zip(reader.column_names, reader.column_encodings, reader.column_sizes):
             coder = _get_coder(encoding)
@@ -720,8 +715,6 @@ class _SampleDecoder:
 
 
 def _speed_up_reader(reader: Any) -> None:
-    from streaming.base.format.mds.reader import MDSReader
-
     if type(reader) is MDSReader:
         reader.get_sample_data = _SampleBytes(reader)
         reader.decode_sample = _SampleDecoder(reader)
@@ -893,8 +886,6 @@ class _ShardDataset(StreamingDataset):
             error = self._describe(shard_id, e, f"preparing shard {shard_id} of {self.data_dir}")
             # Do not leave the shard in PREPARING: other workers would wait for it forever.
             try:
-                from streaming.base.dataset import _ShardState
-
                 if self._shard_states[shard_id] == _ShardState.PREPARING:
                     self._shard_states[shard_id] = _ShardState.REMOTE
             except Exception:  # noqa: BLE001
@@ -964,8 +955,6 @@ class _ShardDataset(StreamingDataset):
         ).hexdigest()
         marker = Path(tempfile.gettempdir()) / "llat-verified-shards" / key
         if not marker.exists():
-            from streaming.base.hashing import get_hash
-
             if get_hash(algo, path.read_bytes()) != hashes[algo]:
                 self._abort_iteration()
                 self._shard_error = CorruptShardError(
@@ -1081,8 +1070,6 @@ class LatentDataset(_ShardDataset):
         file = self.stats_file
         if not file.is_file() and remote is not None and file.parent == self.data_dir:
             try:
-                from streaming.base.storage.download import CloudDownloader
-
                 atomic_save_with(
                     file, lambda tmp: CloudDownloader.direct_download(os.path.join(remote, STATS_FILENAME), str(tmp))
                 )
@@ -1299,8 +1286,6 @@ class ImageDataset(_ShardDataset):
 
 
 def _shard_state_local() -> Any:
-    from streaming.base.dataset import _ShardState
-
     return _ShardState.LOCAL
 
 
@@ -1328,8 +1313,6 @@ def ensure_streaming_env(dist: Any = None) -> None:
     run whose environment lacks these variables is an error (every rank would read everything).
     """
     if dist is None:
-        import torch.distributed as tdist
-
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             env_world = os.environ.get("WORLD_SIZE")
             if (

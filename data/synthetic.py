@@ -27,6 +27,7 @@ from typing import Literal, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from core.fileio import atomic_save_with
@@ -214,8 +215,6 @@ def write_image_folder(
     out_dir: Union[str, Path], num_samples: int, image_size: int = 32, num_classes: int = 10, seed: int = 0
 ) -> Path:
     """Write the dataset as ``out_dir/class_XX/img_XXXXXX.png`` (ImageNet-style folder); returns out_dir."""
-    from PIL import Image
-
     out_dir = Path(out_dir)
     width = max(2, len(str(num_classes - 1)))
     for label in range(min(num_classes, max(num_samples, 0))):

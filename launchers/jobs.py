@@ -267,20 +267,22 @@ class SlurmTask(submitit.helpers.Checkpointable):
                 raise JobFailed(
                     f"{EVALUATE_ENTRY} does not exist: the evaluation job arrives with the evaluation issue"
                 )
+            # lazy: the job's entry point, imported on the compute node (this object is pickled by submitit and
+            # unpickled there); at module level it would load torch into the login-node launcher
             from tools.evaluate import main  # type: ignore[import-not-found]
 
             return int(main([*self.overrides, "--config", str(self.config_path)]) or 0)
         if self.kind == "sample":  # tools/sample.py SOURCE [its arguments]: sharded over the ranks, resumable
-            from tools.sample import main as sample_main
+            from tools.sample import main as sample_main  # lazy: the job's entry point, on the compute node
 
             return int(sample_main(list(self.overrides)) or 0)
         with tempfile.TemporaryDirectory(prefix="llat-job-") as tmp:
             path = Path(tmp) / f"{self.kind}_config.yaml"
             path.write_text(self.config_yaml, encoding="utf-8")
             if self.kind == "train":
-                from train import main
+                from train import main  # lazy: the job's entry point, on the compute node
             else:
-                from data.extract import main
+                from data.extract import main  # lazy: the job's entry point, on the compute node
             return int(main([str(path), *self.overrides]) or 0)
 
     def _requeue_and_exit(self, env: Any, restarts: int) -> None:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the repository's packages
     sys.path.insert(0, str(REPO))
 
-from core.joblock import LAUNCHER_PID_ENV  # noqa: E402
+from core.joblock import LAUNCHER_PID_ENV, lock_owner  # noqa: E402
 
 REQUEUE_EXIT_CODE = 75
 
@@ -54,8 +54,8 @@ def parse_args(argv=None):
 def _run_dir_owner(config: str, overrides: list[str]) -> str | None:
     """The refusal message when a live job owns the run directory of this experiment, else None (also when the
     config does not load: the ranks report that)."""
+    # lazy: --help and argument errors answer without the config machinery and torch (experiment -> models)
     from core.config import ConfigError, resolve_run_dir
-    from core.joblock import lock_owner
     from launchers.experiment import load_config
 
     try:
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     if owner:
         print(f"error: {owner}", file=sys.stderr)
         return 2
+    # lazy: torch only once the arguments are good and the run directory is free (--help answers in ~40 ms)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks exit when this process dies (core/joblock.py)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     # SIGUSR1/SIGUSR2 to the launcher are forwarded to the ranks, which checkpoint and exit 75.
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # lazy: torch after argument checks
 
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, lambda s, f: _forward(s, args.entry))
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
 
 def _forward(sig, entry: str) -> None:
     """Send `sig` to the rank processes only (not to data-loader workers or helpers)."""
-    import psutil  # a dependency of deepspeed and torch's elastic agent environment
+    import psutil
 
     for child in psutil.Process().children(recursive=False):
         try:

@@ -40,6 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
+from core.config import ConfigError, derived
+
 __all__ = [
     "STAGES",
     "PipelineConfig",
@@ -81,8 +85,6 @@ class PipelineConfig:
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and check a pipeline file; every problem at once, each with its key."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"pipeline file not found: {path}")
@@ -174,8 +176,6 @@ def dataset_size(data_dir: Path) -> Optional[int]:
 
 def train_total_steps(cfg: Any, world_size: int) -> Optional[int]:
     """The last step of a training run (None while its data does not exist)."""
-    from core.config import ConfigError, derived
-
     if cfg.train.epochs is None and cfg.train.max_steps is not None:
         return int(cfg.train.max_steps)
     size = dataset_size(Path(cfg.data.path)) if cfg.data.path else None

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from core.checkpoint import complete_checkpoints
+
 __all__ = [
     "Preflight",
     "Problem",
@@ -333,8 +335,6 @@ def check_extract(pf: Preflight, source: str, cfg: Any) -> None:
 def check_sample(pf: Preflight, source: str, cfg: Any, run_dir: Path, out: Path) -> None:
     """Sampling from the newest complete checkpoint of ``run_dir`` (or one a training stage will write)."""
     if not pf.produced_by(run_dir):
-        from core.checkpoint import complete_checkpoints
-
         if not complete_checkpoints(run_dir / "checkpoints"):
             pf.problem(
                 source,

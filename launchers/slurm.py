@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:  # `python launchers/slurm.py` puts launchers/, no
 
 import submitit  # noqa: E402
 import yaml  # noqa: E402
+from submitit.slurm.slurm import _convert_mem, _make_sbatch_string  # noqa: E402
 
 from core.checkpoint import complete_checkpoints  # noqa: E402
 from core.config import ConfigError, _parse_yaml, config_to_yaml, load_typed_config, resolve_run_dir  # noqa: E402
@@ -457,6 +458,7 @@ def resolve_job(
             cfg.launcher = launcher
         return ResolvedJob(kind, cfg.name, run_dir, config_to_yaml(cfg), cfg=cfg, writes=f"run dir {run_dir}")
     if kind == "extract":
+        # lazy: data.extract loads torch and mosaicml-streaming (seconds); only an extract job's config needs it
         from data.extract import load_extract_config
 
         cfg = _load_typed(data, config_path, load_extract_config, list(overrides))
@@ -600,8 +602,6 @@ def sbatch_parameters(
     ``AutoExecutor.update_parameters`` with a ``slurm_`` prefix. ``code``: the code snapshot the job runs
     (launchers/snapshot.py; None: this checkout); ``after``: job ids that must have completed successfully first
     (a failed one cancels this job: ``--kill-on-invalid-dep=yes``)."""
-    from submitit.slurm.slurm import _convert_mem
-
     code = code or REPO
     setup = [
         f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}",
@@ -647,8 +647,6 @@ def submit_command(folder: Path) -> str:
 
 
 def sbatch_text(params: dict[str, Any], folder: Path) -> str:
-    from submitit.slurm.slurm import _make_sbatch_string
-
     return _make_sbatch_string(command=submit_command(folder), folder=str(folder), **params)
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+import torch
+
 from core.config import Checks
+from models.lightningdit import LightningDiT_models
 
 __all__ = [
     "TimestepPhase",
@@ -206,11 +209,7 @@ def _model_depth(m: Any) -> Optional[int]:
     """Number of blocks of ``model`` (a registry type or custom); None for an unknown type (reported elsewhere)."""
     if m.type == "custom":
         return m.depth
-    from models.lightningdit import LightningDiT_models
-
     if m.type not in LightningDiT_models:
         return None
-    import torch
-
     with torch.device("meta"):
         return LightningDiT_models[m.type](input_size=m.input_size, in_channels=m.in_channels).depth

@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from core.config import Checks
@@ -154,12 +155,8 @@ def _fill_(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a full CPU table into a parameter/buffer; no-op on meta; handles FSDP2 DTensor shards."""
     if dst.is_meta:
         return
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # pragma: no cover
-        DTensor = None  # type: ignore[assignment]
     with torch.no_grad():
-        if DTensor is not None and isinstance(dst, DTensor):
+        if isinstance(dst, DTensor):
             local = dst.to_local()
             src = distribute_tensor(src.to(device=local.device, dtype=dst.dtype), dst.device_mesh, dst.placements)
         else:

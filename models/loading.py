@@ -31,8 +31,17 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.tensor import DTensor
 
+from core.checkpoint import resolve_checkpoint_dir
+from core.ema import ema_index
+from core.engines.deepspeed import EMA_FILE, consolidated_state_dicts, part_dir
+from core.fileio import atomic_torch_save
 from models.repa import REPA_PREFIX, strip_repa
 
 __all__ = [
@@ -254,10 +263,6 @@ def _load_our_checkpoint_dir(path: PathLike, which: str) -> tuple[str, dict[str,
     """
     # Private helpers, the same ones torch's public ``format_utils.dcp_to_torch_save`` uses; they read
     # locally (no_dist=True) so this is safe on any single rank, with or without a process group.
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     path = _find_dcp_dir(Path(path))
     reader = dcp.FileSystemReader(str(path))
     try:
@@ -336,8 +341,6 @@ def load_into_model(
     usable = {k: v for k, v in sd.items() if k not in skip}
     if any(_is_dtensor(v) for v in model_sd.values()):
         # FSDP2-sharded model: every rank passes the full tensors; each keeps its own shard.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(target, usable, options=StateDictOptions(full_state_dict=True, strict=strict))
     else:
         target.load_state_dict(usable, strict=strict)
@@ -345,10 +348,6 @@ def load_into_model(
 
 
 def _is_dtensor(v: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(v, DTensor)
 
 
@@ -380,20 +379,14 @@ def _fsdp2_state_dicts(ckpt_dir: Path, part: str, emas: list[str]) -> dict[str, 
 def checkpoint_ema_keys(ckpt_dir: PathLike, part: str = "model") -> list[str]:
     """The EMAs of ``part`` stored in checkpoint directory ``ckpt_dir`` (``["ema", "ema_1", ...]``, one per
     ``train.ema_decays`` entry; ``[]`` without EMA), written by either engine. Reads metadata only."""
-    from core.checkpoint import resolve_checkpoint_dir
-
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     if checkpoint_engine(ckpt_dir) == "fsdp2":
-        import torch.distributed.checkpoint as dcp
-
         metadata = dcp.FileSystemReader(str(ckpt_dir / "state")).read_metadata()
         if not metadata.planner_data:  # no entry names recorded: try the primary EMA only
             return ["ema"]
         tops = {str(p[0]) for p in metadata.planner_data.values() if p}
         keys = [t[len(part) + 1 :] for t in tops if t.startswith(f"{part}.ema")]
     else:
-        from core.engines.deepspeed import EMA_FILE, part_dir
-
         saved = torch.load(part_dir(ckpt_dir, part) / EMA_FILE, map_location="cpu", weights_only=False, mmap=True)
         keys = (["ema"] if saved["ema"] is not None else []) + sorted(saved.get("emas") or {})
     return sorted(keys, key=_ema_order)
@@ -405,8 +398,6 @@ def _ema_order(key: str) -> tuple[bool, int]:
 
 def _check_ema_choice(ema: str, available: list[str], ckpt_dir: Path, part: str) -> None:
     if ema != "all" and available:
-        from core.ema import ema_index
-
         ema_index(ema, len(available), f"{ckpt_dir} part {part!r}")  # ValueError naming the EMAs there are
 
 
@@ -421,16 +412,12 @@ def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> d
     ``ema``: which of the part's EMAs (``train.ema_decays``: ``"ema"``, ``"ema_1"``, ...) is written under
     ``"ema"`` (the official layout, what ``load_into_model(which="ema")`` reads); ``"all"`` keeps every EMA under
     its own name instead."""
-    from core.checkpoint import resolve_checkpoint_dir
-
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     if checkpoint_engine(ckpt_dir) == "fsdp2":
         available = checkpoint_ema_keys(ckpt_dir, part)
         _check_ema_choice(ema, available, ckpt_dir, part)
         state = _fsdp2_state_dicts(ckpt_dir, part, available if ema == "all" else [ema] if available else [])
     else:
-        from core.engines.deepspeed import consolidated_state_dicts
-
         # every EMA (ema.pt holds them all)
         state = {k: strip_repa(sd) for k, sd in consolidated_state_dicts(ckpt_dir, part).items()}
         available = sorted((k for k in state if k != "model"), key=_ema_order)
@@ -446,7 +433,5 @@ def export_state(ckpt_dir: PathLike, part: str = "model", ema: str = "ema") -> d
 
 def save_export(state: dict, out: PathLike) -> Path:
     """``torch.save`` of an ``export_state`` result, atomically (never leaves a half-written file)."""
-    from core.fileio import atomic_torch_save
-
     atomic_torch_save(state, out)
     return Path(out)

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from core.checkpoint import resolve_checkpoint_dir
 from data.tokenizers import Tokenizer
@@ -515,8 +517,6 @@ def load_vavae_state(path: Union[str, Path]) -> VAVAEStateParts:
     if not path.exists():
         raise FileNotFoundError(f"VA-VAE checkpoint not found: {path}")
     if path.is_dir():
-        import torch.distributed.checkpoint as dcp
-
         dcp_dir = _find_dcp_dir(path)
         meta = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
         tops = {str((meta.planner_data or {}).get(k, [k.split(".", 1)[0]])[0]) for k in meta.state_dict_metadata}
@@ -591,8 +591,6 @@ def load_vavae_weights(
 def _load_state(model: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bool, source: str) -> None:
     model_sd = model.state_dict()
     if any(_is_dtensor(v) for v in model_sd.values()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(model, dict(sd), options=StateDictOptions(full_state_dict=True, strict=strict))
         return
     result = model.load_state_dict(dict(sd), strict=strict)

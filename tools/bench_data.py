@@ -87,6 +87,8 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------- shards
 def write_shards(schema: str, out: Path, args) -> Path:
     """Random samples of ``schema`` as MDS shards in ``out`` (with latent statistics for the latent schema)."""
+    # lazy: --help without numpy/torch/streaming; and the --child reader process (--compare) runs this file against
+    # another revision's data/ and core/, so their names are bound only where the code that needs them runs
     import numpy as np
     import torch
 
@@ -124,7 +126,7 @@ def write_shards(schema: str, out: Path, args) -> Path:
 
 # ---------------------------------------------------------------------------------------- measuring
 def _loader(spec: dict):
-    from data.streaming import ImageDataset, build_streaming_loader
+    from data.streaming import ImageDataset, build_streaming_loader  # lazy: see write_shards
 
     image = spec["schema"] == "image"
     cfg = SimpleNamespace(
@@ -156,7 +158,7 @@ def measure(spec: dict) -> dict:
     epoch (they are persistent, so it is read after the epoch), by the main process receiving the batches after
     the first, or, without workers, by the main process over the whole epoch. With spec["digest"] also a hash of
     every batch's bytes, in order."""
-    import torch
+    import torch  # lazy: see write_shards
 
     torch.set_num_threads(spec.get("threads", 1))
     loader, dataset = _loader(spec)
@@ -295,6 +297,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return _serve()
+    # lazy: see write_shards
     import torch
 
     from core.metrics import format_table

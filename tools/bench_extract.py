@@ -32,6 +32,8 @@ import tempfile
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from core.metrics import bench_threads, format_table, peak_flops
 from data.extract import ExtractConfig, FeaturesConfig, SourceConfig, TokenizerConfig, build_features, extract
@@ -138,9 +140,6 @@ def _set_tf32(on: bool) -> None:
 
 def count_flops(step: ExtractStep, x: torch.Tensor) -> tuple[float, float]:
     """(tokenizer FLOPs, DINOv2 FLOPs) per source image, counted with FlopCounterMode over one eager batch."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     n = x.shape[0]
     # The math SDPA backend decomposes attention into matmuls, which FlopCounterMode counts on every device
     # (it has no formula for some fused kernels, e.g. the CPU flash kernel).

@@ -37,11 +37,13 @@ import functools
 import gc
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from core.config import ConfigError, EngineConfig, TrainConfig, apply_overrides
 from core.distributed import init_distributed, teardown
@@ -222,7 +224,7 @@ class _NoModuleTracking:
 
 def flop_counter():
     """``FlopCounterMode`` (total only: ``get_total_flops()``) that works through ``autograd.grad`` passes."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: it imports triton (~0.2 s); not for --help
 
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _NoModuleTracking()
@@ -231,8 +233,6 @@ def flop_counter():
 
 def counted_flops_per_image(cfg: ExperimentConfig, dist, batch: int, step: int) -> float:
     """FlopCounterMode over one eager fp32 training step (all phases) of a fresh FSDP2 build, / batch."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     eager = replace(
         cfg, engine=replace(cfg.engine, kind="fsdp2", precision="fp32", compile=False, activation_checkpointing=False)
     )
@@ -302,7 +302,6 @@ def host_sync_check(step, device: torch.device) -> str:
     if device.type != "cuda":
         step()
         return "n/a (cpu)"
-    import warnings
 
     torch.cuda.synchronize(device)
     try:

@@ -36,7 +36,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
 
+from core.distributed import init_distributed, teardown  # noqa: E402
+from core.hostsync import HostSyncCounter, cuda_sync_debug  # noqa: E402
 from core.metrics import format_table  # noqa: E402
 
 CONFIG = str(REPO / "configs/tiny_dit.yaml")
@@ -45,7 +48,7 @@ CONFIG = str(REPO / "configs/tiny_dit.yaml")
 def write_toy_latents(out: Path, n: int = 64, size_limit: int = 1 << 20) -> Path:
     """``n`` class-dependent 3x16x16 'latents' with their flips (sample ids 0..n-1) as MDS shards of at most
     ``size_limit`` bytes at ``out`` (the tiny DiT's input; the tests' toy dataset too)."""
-    from data.streaming import write_latent_dataset
+    from data.streaming import write_latent_dataset  # lazy: mosaicml-streaming takes seconds; --help without it
 
     if (out / "index.json").exists():
         return out
@@ -72,10 +75,7 @@ def check_host_sync(
     """Train ``steps`` steps with the step guard on from step ``warmup`` (0-based; the first steps initialise
     lazily: FSDP2's lazy init, compilation); see the module docstring. ``log_every`` defaults to ``steps`` (one log
     step, at the end). ``count_ops=False``: sync-debug mode only (no dispatch mode, e.g. under ``engine.compile``)."""
-    import torch.distributed as tdist
-
-    from core.distributed import init_distributed, teardown
-    from core.hostsync import HostSyncCounter, cuda_sync_debug
+    # lazy: the config and training stack (~0.4 s over torch) only for a check, not for --help
     from core.trainer import Trainer
     from launchers.experiment import load_config, validate
     from models.tasks import build_task

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     t0 = time.time()
 
     if not (reference / "class_09").exists():
-        from data.synthetic import write_image_folder
+        from data.synthetic import write_image_folder  # lazy: --help without torch; the stages are subprocesses
 
         # Held-out images (another seed): the tokenizer's reconstruction test set and the FID reference.
         write_image_folder(reference, 500, image_size=16, num_classes=10, seed=1)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         "1/6 train the VA-VAE tokenizer (FSDP2, 2 ranks)",
         [py, "launchers/local.py", "--nproc", str(args.nproc), args.vavae_config, *vavae_overrides],
     )
-    from core.checkpoint import resolve_checkpoint_dir
+    from core.checkpoint import resolve_checkpoint_dir  # lazy: --help without torch
 
     tokenizer_ckpt = resolve_checkpoint_dir(vavae_dir)  # this exact checkpoint encodes and decodes
 

@@ -49,16 +49,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import yaml  # noqa: E402
+
+from data.tokenizers import build_tokenizer  # noqa: E402
 from models.evaluation.metrics import INCEPTION  # noqa: E402 - after the path set-up
 from models.evaluation.reconstruction import evaluate_reconstruction, list_images  # noqa: E402
+from models.losses.lpips import build_lpips  # noqa: E402
 
 __all__ = ["evaluate", "main", "parse_args"]
 
 
 # ------------------------------------------------------------------------------------------------ main
 def _parse_arch(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:
@@ -111,8 +113,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from data.tokenizers import build_tokenizer
-
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -126,8 +126,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tok = build_tokenizer(args.tokenizer, **kwargs).to(device).eval()
     lpips = None
     if not args.no_lpips:
-        from models.losses.lpips import build_lpips
-
         lpips = build_lpips(
             args.lpips_vgg_weights, args.lpips_lin_weights, random_init=args.lpips_random_init, config_key="--lpips"
         ).to(device)

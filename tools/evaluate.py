@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
+    # lazy: --help and argument errors answer without torch and the evaluation stack (seconds)
     import torch
 
     from models.evaluation import metrics as fid
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     reference, metrics, extractor, weights, cache_dir = None, ["fid"], fid.INCEPTION, None, None
     weights_key = "--weights"
     if args.config:
+        # lazy: after the argument checks, like the imports above
         from core.config import ConfigError
         from launchers.experiment import load_config
 
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     if args.save_stats:
         result["saved_statistics"] = str(fid.save_statistics(args.save_stats, feats, ex))
     if args.run_dir:
-        from models.evaluation.final import record_final_evaluation
+        from models.evaluation.final import record_final_evaluation  # lazy: after the argument checks
 
         try:
             record = record_final_evaluation(args.run_dir, result, wandb_mode=args.wandb_mode)

@@ -39,11 +39,13 @@ x86-64), and writes ``DIR/install.sh``. ``--wheels DIR`` installs them (``pip in
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import importlib
 import importlib.util
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import shlex
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -405,9 +408,9 @@ def sections(smoke: bool) -> list[Section]:
 # ------------------------------------------------------------------------------------------- the env step
 def env_main(argv=None) -> int:
     """Print the software and device as one JSON line (no CUDA work beyond the device query)."""
-    import importlib.metadata as md
+    import importlib.metadata as md  # lazy: ~20 ms and 40 modules (email, csv, ...) that --help does not need
 
-    import torch
+    import torch  # lazy: the report's parent (--help, scheduling the steps) stays torch-free; this runs in a step
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -476,7 +479,7 @@ def env_main(argv=None) -> int:
         info["commit"] = None
     print("ENV " + json.dumps(info))
     rows = [{"what": k, "value": str(v)} for k, v in info.items()]
-    from core.metrics import format_table
+    from core.metrics import format_table  # lazy: core.metrics imports torch (see above)
 
     print(format_table(rows))
     return 0
@@ -496,8 +499,6 @@ def _child(step_json: str) -> int:
 
 
 def _fork_target(step: Step, log_path: str) -> None:  # the forked child
-    import atexit
-
     atexit._clear()  # the parent's exit handlers are not ours (e.g. removing its temporary directories)
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -514,8 +515,6 @@ def _fork_target(step: Step, log_path: str) -> None:  # the forked child
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - report it in the log, exit non-zero
-        import traceback
-
         traceback.print_exc()
         code = 1
     finally:
@@ -550,8 +549,6 @@ def run_step(step: Step, timeout: float, launch: str, log_path: Path, env: dict)
     "failed" or "timeout". Its output (stdout + stderr) goes to ``log_path``."""
     t0 = time.monotonic()
     if launch == "fork":
-        import multiprocessing as mp
-
         proc = mp.get_context("fork").Process(target=_fork_target, args=(step, str(log_path)), daemon=False)
         proc.start()
         proc.join(timeout)
@@ -758,7 +755,7 @@ def prepare(
     """Gather into ``wheel_dir`` the wheels of ``dists`` for CPython ``python_version`` on x86-64 Linux (pip
     download, binary only, no dependencies) and build those of ``build`` from source (pip wheel, DeepSpeed ships
     only as source), then write ``install.sh``. ``dry_run``: return the pip commands instead of running them."""
-    import importlib.metadata as md
+    import importlib.metadata as md  # lazy: see env_main
 
     wheel_dir.mkdir(parents=True, exist_ok=True)
     platforms = [

@@ -51,6 +51,7 @@ from typing import Optional
 
 import torch
 
+from core.distributed import init_distributed, teardown
 from launchers.experiment import load_config
 from models.evaluation.generation import (
     LABEL_MODES,
@@ -85,8 +86,6 @@ def _setup_distributed():
     """Join the process group when started by torchrun / Slurm with more than one process."""
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     if world > 1:
-        from core.distributed import init_distributed
-
         return init_distributed()
     return None
 
@@ -192,8 +191,6 @@ def main(argv=None) -> int:
         return 0
     finally:
         if dist is not None:
-            from core.distributed import teardown
-
             teardown()
 
 

@@ -236,6 +236,7 @@ class ModelSpec:
 
 def model_spec(name: str) -> ModelSpec:
     """Counts from the real registry model (built on the meta device: no memory, no weights)."""
+    # lazy: --help and the formula tables answer without torch; only the registry models' counts need it
     import torch
 
     from models.lightningdit import ModelConfig, build_model

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from core.config import EngineConfig, OptimizerConfig
@@ -149,8 +150,6 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
 
 def _is_main_rank() -> bool:
-    import torch.distributed as tdist
-
     return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 

@@ -122,6 +122,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from core.config import EngineConfig, OptimizerConfig
 from core.distributed import DistInfo, barrier, raise_if_any_rank_failed
@@ -245,7 +246,6 @@ def _run_ds_to_universal(argv: list[str]) -> None:
 
 def _checkpointed(forward):
     """``forward`` under non-reentrant activation checkpointing (the module object and its names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
 
     @functools.wraps(forward)
     def run(*args, **kwargs):

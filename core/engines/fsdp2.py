@@ -57,6 +57,7 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -308,11 +309,6 @@ class FSDP2Engine(Engine):
         for i in range(len(blocks) if blocks is not None else 0):
             block = blocks[i]
             if checkpointing:
-                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-                    CheckpointImpl,
-                    checkpoint_wrapper,
-                )
-
                 block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 blocks[i] = block
             if compile_blocks:

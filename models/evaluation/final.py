@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from core.config import WandbConfig
 from core.fileio import atomic_write_json
 from core.metrics import open_wandb_run, wandb_run_id
@@ -37,8 +39,6 @@ def record_final_evaluation(
 ) -> dict[str, Any]:
     """Write ``eval/final.json`` into the training run directory and log ``final/*`` to its W&B run (unless its
     ``wandb.mode`` (or ``wandb_mode``) is ``disabled`` or it has no stored W&B run id). Returns the record."""
-    import yaml
-
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():

@@ -62,6 +62,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core.checkpoint import complete_checkpoints
 from core.config import config_to_dict
@@ -322,8 +323,6 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Path, scale: int = 1) -> Path:
-    from PIL import Image
-
     img = Image.fromarray(array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -413,8 +412,6 @@ def existing_indices(out_dir: Path, num: int) -> set[int]:
 
 
 def write_png_atomic(image_hwc: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     atomic_save_with(path, lambda tmp: Image.fromarray(image_hwc).save(tmp, format="PNG"))
 
 
@@ -434,8 +431,6 @@ def remove_stale_temporaries(out_dir: Path) -> int:
 def write_npz(files: Sequence[Path], path: Path) -> Path:
     """Pack PNG files (in the given order) into ``path`` as ``arr_0`` uint8 (N, H, W, 3), streaming (the npz is
     an uncompressed zip holding ``arr_0.npy``, exactly what ``np.savez`` writes)."""
-    from PIL import Image
-
     if not files:
         raise ValueError("write_npz: no images")
     with Image.open(files[0]) as im:

@@ -26,11 +26,13 @@ import contextlib
 import copy
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+import torch.distributed as tdist
 
 from core.config import ConfigError, apply_overrides, config_to_dict, resolve_run_dir
 from core.distributed import all_gather_object, broadcast_object
@@ -105,8 +107,6 @@ class InLoopEvaluator:
     def evaluate(self, part: Any, step: int, which: Optional[str] = None) -> dict[str, Any]:
         """Sample and score with ``part.ema`` (else ``part.module``), or the weights ``which`` (another EMA
         ``"ema_1"``, ...: its record goes to ``<run_dir>/eval/<which>/``); collective, every rank (module doc)."""
-        import torch.distributed as tdist
-
         primary = "ema" if getattr(part, "ema", None) is not None else "model"
         which = which or primary
 
@@ -214,8 +214,6 @@ class InLoopEvaluator:
     ) -> dict:
         """Rank 0: metrics from the gathered features, grid + JSON under <run_dir>/eval (``sub``: another EMA's,
         under <run_dir>/eval/<sub>), W&B image."""
-        import sys
-
         parts = [g for g in gathered if g]
         index = torch.cat([g["_index"] for g in parts])
         order = torch.argsort(index)  # image order: the metrics do not depend on the world size

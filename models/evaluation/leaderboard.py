@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from PIL import Image, ImageDraw
+
 from core.runlog import RunData, discover_runs, read_online_project
 from models.sampling import describe_sampling
 
@@ -57,8 +60,6 @@ def _apply_sampling_overrides(sampling: dict, overrides: Sequence[str]) -> dict:
         if not sep:
             continue
         try:
-            import yaml
-
             out[key.strip()] = yaml.safe_load(value)
         except Exception:  # noqa: BLE001
             out[key.strip()] = value
@@ -317,8 +318,6 @@ def plot_fid(rows: Sequence[Row], path: Path) -> Path:
 
 
 def _plot_pil(series: Sequence[Row], path: Path, xlabel: str) -> Path:
-    from PIL import Image, ImageDraw
-
     w, h, m = 800, 500, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)

@@ -63,6 +63,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from core.debug import debug_sleep_seconds
@@ -394,8 +395,6 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.files is not None:
-            from PIL import Image
-
             with Image.open(self.files[i]) as img:
                 img = img.convert("RGB")
                 if self.center_crop:

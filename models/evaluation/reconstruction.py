@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from data.images import IMG_EXTENSIONS, center_crop_arr, load_rgb, to_tensor_normalized
 from models.evaluation.generation import to_uint8
@@ -188,8 +189,6 @@ def evaluate_reconstruction(
             sums["lpips"] += float(lpips(x, rec).sum())
         n += x.shape[0]
         if out_dir:
-            from PIL import Image
-
             for i, a, b in zip(ids, ref8.permute(0, 2, 3, 1).cpu().numpy(), rec8.permute(0, 2, 3, 1).cpu().numpy()):
                 Image.fromarray(a).save(out_dir / "ref" / f"{i:06d}.png")
                 Image.fromarray(b).save(out_dir / "rec" / f"{i:06d}.png")

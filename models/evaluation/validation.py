@@ -31,6 +31,8 @@ import torch
 
 from core.distributed import all_gather_object
 from core.rng import seed_for
+from data.holdout import read_mds_samples
+from data.streaming import STATS_FILENAME, load_latent_stats
 from models.transport import Transport
 
 __all__ = ["ValidationLoss", "val_timesteps"]
@@ -66,8 +68,6 @@ class ValidationLoss:
         """This rank's chunks of the held-out set: latents, labels, sample ids, noise (read once)."""
         if self._data is not None:
             return self._data
-        from data.holdout import read_mds_samples
-        from data.streaming import STATS_FILENAME, load_latent_stats
 
         d = self.cfg.data
         mean = std = None

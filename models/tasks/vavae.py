@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 from core.config import Checks
@@ -221,8 +222,6 @@ def EpochMapSource(dataset: TrainImages, **kwargs):  # noqa: N802 - a class fact
 
 # ================================================================================================= task
 def _unsharded(weight: torch.Tensor, name: str) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     if isinstance(weight, DTensor):
         raise RuntimeError(
             f"VA-VAE adaptive weights: {name} is a sharded DTensor after the forward. The gradient norms are taken "
