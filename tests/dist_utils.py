@@ -16,10 +16,12 @@ and torch.compile's caches and counters. A call whose ``fn`` destroys the defaul
 tears down) retires its gang; a failed call kills it; the next call starts a new one. ``fresh=True`` (or
 ``LLAT_TEST_FRESH_RANKS=1`` for every call) runs ``fn`` in new processes that tear the group down afterwards.
 
-``train_on_shared_ranks(config, overrides)``: train.py's run (validate, build the task and the trainer, train, close)
-on the shared ranks, without train.py's own process-group setup and teardown: a whole training run without a
-launch (a launch costs seconds of interpreter start and imports per rank). For runs whose launch is not what a test
-checks, e.g. the uninterrupted reference that resumed runs (launched for real) must equal bit for bit.
+``train_on_shared_ranks(config, overrides)``: train.py's run (console logging, validate, build the task and the
+trainer, train, close) on the shared ranks, without train.py's own process-group setup and teardown: a whole
+training run without a launch (a launch costs seconds of interpreter start and imports per rank). For runs whose
+launch is not what a test checks, e.g. the uninterrupted reference, or the resume of a run that was SIGKILLed (its
+launch is what the kill needs; each such test file launches at least that run for real).
+``train_on_shared_ranks_logged`` also returns what the ranks logged ("resumed from step 4", warnings).
 """
 
 from __future__ import annotations
@@ -283,27 +285,44 @@ def _gang_worker(rank: int, world_size: int, port: int, conn, timeout_s: float) 
     conn.close()
 
 
-def _train_worker(dist, config: str, overrides: list[str]) -> int:
+def _train_worker(dist, config: str, overrides: list[str]) -> tuple[int, str]:
+    """train.py's run on this rank; returns (exit code, what it logged: train.py's console logging, rank 0 at INFO,
+    the others at WARNING)."""
+    from core.metrics import setup_console_logging
     from core.trainer import Trainer
     from launchers.experiment import load_config, validate
     from models.tasks import build_task
 
+    setup_console_logging(dist.rank)  # as train.py; the shared ranks put the logging state back after the call
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.root.handlers[0].formatter)
+    logging.root.addHandler(handler)
     cfg = validate(load_config(config, overrides), world_size=dist.world_size)
     trainer = Trainer(cfg, dist, build_task(cfg, dist))
     try:
-        return trainer.train().exit_code
+        code = trainer.train().exit_code
     finally:
         trainer.close()
+    return code, text.getvalue()
+
+
+def train_on_shared_ranks_logged(
+    config: str | os.PathLike, overrides: Sequence[str] = (), world_size: int = 2, env: Optional[dict] = None
+) -> tuple[int, str]:
+    """A training run of ``config`` with ``overrides`` (train.py's, see the module doc) on ``world_size`` shared
+    ranks; returns its exit code (0: finished) and what its ranks logged (rank 0 first)."""
+    results = run_distributed(_train_worker, world_size=world_size, args=(str(config), list(overrides)), env=env)
+    codes = [code for code, _ in results]
+    assert len(set(codes)) == 1, codes
+    return codes[0], "".join(text for _, text in results)
 
 
 def train_on_shared_ranks(
     config: str | os.PathLike, overrides: Sequence[str] = (), world_size: int = 2, env: Optional[dict] = None
 ) -> int:
-    """A training run of ``config`` with ``overrides`` (train.py's, see the module doc) on ``world_size`` shared
-    ranks; returns its exit code (0: finished)."""
-    codes = run_distributed(_train_worker, world_size=world_size, args=(str(config), list(overrides)), env=env)
-    assert len(set(codes)) == 1, codes
-    return codes[0]
+    """``train_on_shared_ranks_logged`` without the log: the exit code."""
+    return train_on_shared_ranks_logged(config, overrides, world_size, env)[0]
 
 
 # ---------------------------------------------------------------------------------------------- toy model

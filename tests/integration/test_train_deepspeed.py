@@ -3,7 +3,8 @@ the CPU accelerator (DS_ACCELERATOR=cpu, set by the engine), real MDS shards, gr
 batch 4 -> 2 micro-batches per rank per step). The trainer is the same as for FSDP2; only the config differs.
 
 Helpers and the dataset fixture come from tests/integration/test_train_resume.py (the FSDP2 end-to-end tests). The
-uninterrupted reference run trains on the shared ranks of tests/dist_utils.py (the same trainer without a launch).
+uninterrupted reference run and the 2-rank resume of the killed run train on the shared ranks of tests/dist_utils.py
+(the same trainer without a launch); the killed run and the 1-rank resume are launched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ try:
         dataset,
         kill_tree,
         losses,
+        resume_shared,
         run,
         start,
         wait_for,
@@ -39,6 +41,7 @@ except ImportError:  # tests/ imported as a package
         dataset,
         kill_tree,
         losses,
+        resume_shared,
         run,
         start,
         wait_for,
@@ -131,9 +134,9 @@ def test_deepspeed_bit_exact_resume_after_sigkill(dataset, ds_reference, ds_kill
     killed_at = max(losses(run_dir))
     assert 4 <= killed_at < 8, killed_at
 
-    res = run(run_dir, dataset, overrides=QUIET)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "resumed from step 4" in res.stdout + res.stderr
+    code, text = resume_shared(run_dir, dataset, *QUIET)
+    assert code == 0, text
+    assert "resumed from step 4" in text
     assert losses(run_dir) == losses(ds_reference)
     got, ref = ds_state(run_dir, TOTAL_STEPS), ds_state(ds_reference, TOTAL_STEPS)
     assert got.keys() == ref.keys() and any("optim_states" in k for k in got) and any("ema.pt" in k for k in got)

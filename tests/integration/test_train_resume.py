@@ -1,6 +1,7 @@
 """End-to-end training through the real local launcher: 2 gloo ranks, FSDP2, real MDS shards. The uninterrupted
 reference run, which the interrupted and resumed runs must equal, trains on the shared ranks of tests/dist_utils.py
-(the same trainer without a launch).
+(the same trainer without a launch); so do the resumes of the launched runs that were SIGKILLed or signalled (a
+resume on 1 rank is launched).
 
 The tiny config runs 4 epochs of 4 steps (64 samples, global batch 16) and switches lognorm -> uniform
 timestep sampling at epoch 2 (step 8). A checkpoint is written every 4 steps.
@@ -23,9 +24,9 @@ import torch
 from tools import check_host_sync
 
 try:
-    from dist_utils import train_on_shared_ranks
+    from dist_utils import train_on_shared_ranks, train_on_shared_ranks_logged
 except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import train_on_shared_ranks
+    from tests.dist_utils import train_on_shared_ranks, train_on_shared_ranks_logged
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"
@@ -80,6 +81,12 @@ def start(run_dir, data, nproc=2, overrides=("wandb.mode=disabled",), **env) -> 
         text=True,
         start_new_session=True,
     )
+
+
+def resume_shared(run_dir: Path, data: Path, *overrides: str) -> tuple[int, str]:
+    """The run continued on the shared ranks (a resume is the trainer's work, not the launcher's: the runs that are
+    killed or signalled are launched for real); its exit code and log."""
+    return train_on_shared_ranks_logged(REPO / CONFIG, [f"data.path={data}", f"run_dir={run_dir}", *overrides])
 
 
 def complete_steps(run_dir: Path) -> list[int]:
@@ -201,9 +208,9 @@ def test_bit_exact_resume_after_sigkill(dataset, reference, killed, tmp_path):
     assert 4 <= killed_at < 8, killed_at
     run_id = (run_dir / "wandb_run_id").read_text()
 
-    res = run(run_dir, dataset, overrides=("wandb.mode=offline",))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "resumed from step 4" in res.stdout + res.stderr
+    code, text = resume_shared(run_dir, dataset, "wandb.mode=offline")
+    assert code == 0, text
+    assert "resumed from step 4" in text
     assert losses(run_dir) == losses(reference)
     assert_same_state(final_state(run_dir, TOTAL_STEPS), final_state(reference, TOTAL_STEPS))
     # The resumed job continued the same W&B run (offline run directories carry the id).
@@ -224,8 +231,8 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(dataset, reference, tmp
     assert len(steps) == 1 and 2 <= steps[0] < TOTAL_STEPS, steps
     assert f"stopped on a signal at step {steps[0]}" in out
 
-    res = run(run_dir, dataset, overrides=("wandb.mode=disabled", "checkpoint.every_steps=100"))
-    assert res.returncode == 0, res.stdout + res.stderr
+    code, text = resume_shared(run_dir, dataset, "wandb.mode=disabled", "checkpoint.every_steps=100")
+    assert code == 0, text
     assert losses(run_dir) == losses(reference)
 
 
@@ -256,9 +263,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tm
     assert data_files
     with open(data_files[0], "r+b") as f:
         f.truncate(max(1, os.path.getsize(data_files[0]) // 3))
-    res = run(run_dir, dataset, overrides=("wandb.mode=disabled", "train.epochs=5"))
-    text = res.stdout + res.stderr
-    assert res.returncode == 0, text
+    code, text = resume_shared(run_dir, dataset, "wandb.mode=disabled", "train.epochs=5")
+    assert code == 0, text
     assert "step_0000016" in text and "resumed from step 12" in text
     assert max(losses(run_dir)) == 20
 

@@ -1,5 +1,6 @@
-"""VA-VAE training end to end: the shared trainer through the real local launcher (2 gloo ranks, FSDP2),
-bit-exact resume after SIGKILL across the discriminator start and an epoch boundary, the tokenizer and the
+"""VA-VAE training end to end: the shared trainer through the real local launcher (2 gloo ranks, FSDP2; the run that
+is SIGKILLed; the reference and the resume run on the shared ranks of tests/dist_utils.py), bit-exact resume after
+SIGKILL across the discriminator start and an epoch boundary, the tokenizer and the
 next-stage warm start from the run's checkpoint, and a tiny VA-VAE whose reconstruction PSNR rises.
 
 configs/tiny_vavae.yaml at 16 px: its DINOv2 ViT and LPIPS VGG16 are RANDOMLY INITIALISED
@@ -21,10 +22,10 @@ import pytest
 import torch
 
 try:
-    from dist_utils import train_on_shared_ranks
+    from dist_utils import train_on_shared_ranks_logged
     from test_train_resume import complete_steps, final_state, kill_tree
 except ImportError:  # run as a package module
-    from tests.dist_utils import train_on_shared_ranks
+    from tests.dist_utils import train_on_shared_ranks_logged
     from tests.integration.test_train_resume import complete_steps, final_state, kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,14 +59,12 @@ def _cmd(run_dir: Path, overrides) -> list[str]:
     return [sys.executable, "launchers/local.py", "--nproc", "2", CONFIG, f"run_dir={run_dir}", *SMALL, *overrides]
 
 
-def run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, overrides), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def train_shared(run_dir: Path, *overrides: str) -> None:
-    """The run that ``run`` launches, on the shared ranks of tests/dist_utils.py (no launch: for runs whose launch is
-    not what the test checks, e.g. the uninterrupted references)."""
-    assert train_on_shared_ranks(REPO / CONFIG, [f"run_dir={run_dir}", *SMALL, *overrides]) == 0
+def train_shared(run_dir: Path, *overrides: str) -> str:
+    """The run on the shared ranks of tests/dist_utils.py (no launch: for runs whose launch is not what the test
+    checks, e.g. the uninterrupted references and the resumes of killed runs); returns what it logged."""
+    code, text = train_on_shared_ranks_logged(REPO / CONFIG, [f"run_dir={run_dir}", *SMALL, *overrides])
+    assert code == 0, text
+    return text
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -130,9 +129,8 @@ def test_bit_exact_resume_after_sigkill(reference, tmp_path):
     killed_at = kill_after_checkpoint(run_dir, ["checkpoint.every_steps=4"], 4, timeout=240)
     assert 4 <= killed_at < 8, killed_at  # the next checkpoint would be step 8
 
-    res = run(run_dir, "checkpoint.every_steps=4", "engine.sharding=hybrid", "engine.shard_group_size=1")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "resumed from step 4" in res.stdout + res.stderr
+    text = train_shared(run_dir, "checkpoint.every_steps=4", "engine.sharding=hybrid", "engine.shard_group_size=1")
+    assert "resumed from step 4" in text
     got_log, ref_log = records(run_dir), records(reference)
     norms = [k for k in ref_log[TOTAL] if k.endswith("grad_norm")]
     for step in ref_log:
