@@ -96,6 +96,12 @@ def wait_state(job_id: str, states: set[str], timeout: float = 300.0) -> dict[st
     raise AssertionError(f"job {job_id} did not reach {states}: {show_job(job_id)}")
 
 
+def squeue() -> set[str]:
+    """The ids of the jobs in the queue (pending or running)."""
+    res = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30, check=True)
+    return set(res.stdout.split())
+
+
 def stage_logs(folder: Path) -> str:
     return "\n".join(
         f"==== {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(folder.glob("slurm/*_log.out"))
@@ -166,10 +172,13 @@ def test_pipeline_preempted_in_every_stage_equals_uninterrupted_and_failures_sto
         "B": pipeline_file(root, "B", data_b, reference),
         "C": pipeline_file(root, "C", data_a, reference, train=", train.global_batch_size=128"),
     }
-    # A preflight refusal submits nothing: the reference is missing.
-    res = pipeline(str(pipeline_file(root, "X", data_a, root / "nope")), *CLI)
-    assert res.returncode == 2 and "eval.reference: reference batch not found" in res.stderr, res.stderr
-    assert not (root / "X").exists() and not data_a.exists()
+    # A preflight refusal submits nothing (the queue is as it was): every missing input is reported at once.
+    queued = squeue()
+    res = pipeline(str(pipeline_file(root, "X", data_a, root / "nope", train=", model.init_from=nope.pt")), *CLI)
+    assert res.returncode == 2 and "preflight found 2 problems; nothing was submitted" in res.stderr, res.stderr
+    assert f"eval.reference: reference batch not found: {root / 'nope'}" in res.stderr
+    assert "model.init_from: checkpoint to initialise from not found" in res.stderr
+    assert squeue() == queued and not (root / "X").exists() and not data_a.exists()
 
     # A: from a copy of the checkout, a git repository of its own.
     checkout, _ = take_snapshot(REPO, root / "checkout")
