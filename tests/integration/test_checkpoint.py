@@ -19,10 +19,7 @@ import torch.nn.functional as F
 
 from core.checkpoint import COMPLETE, PAUSE_BEFORE_COMMIT_ENV, load_checkpoint, step_dirname
 
-try:
-    from dist_utils import ToyModel, run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
+from dist_utils import ToyModel, run_distributed
 
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from dist_utils import ToyModel, run_distributed
-    from test_engine_deepspeed import _ds, _engine_step, _ocfg
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
-    from tests.integration.test_engine_deepspeed import _ds, _engine_step, _ocfg
+from dist_utils import ToyModel, run_distributed
+from test_engine_deepspeed import _ds, _engine_step, _ocfg
 
 pytestmark = pytest.mark.timeout(300)
 DECAYS = [0.9, 0.5]

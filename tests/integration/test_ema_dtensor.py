@@ -7,12 +7,8 @@ import torch
 
 from core.ema import ema_update_
 
-try:
-    from dist_utils import run_distributed
-    from test_ema import _tensors
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.unit.test_ema import _tensors
+from dist_utils import run_distributed
+from test_ema import _tensors
 
 
 def _dtensor_worker(dist):

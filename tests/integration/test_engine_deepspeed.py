@@ -25,12 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from dist_utils import ToyModel, run_distributed
-    from test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
-    from tests.integration.test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
+from dist_utils import ToyModel, run_distributed
+from test_engine_fsdp2 import _full, _full_optim, _hand_ema, _ref_step
 
 STEPS = 20
 ACCUM_FROM = 10  # steps >= this run as 2 micro-batches of 4 per rank

@@ -16,12 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from dist_utils import ToyModel, run_distributed
-    from test_lightningdit import randomize, tiny
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
-    from tests.unit.test_lightningdit import randomize, tiny
+from dist_utils import ToyModel, run_distributed
+from test_lightningdit import randomize, tiny
 
 ATOL = 1e-5
 DECAY = 0.9

@@ -9,12 +9,8 @@ import torch
 
 from core.engines import LocalPart
 
-try:
-    from dist_utils import run_distributed
-    from test_evaluate import _eval_cfg, _perturbed_model, train_data  # noqa: F401 - a fixture
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.unit.test_evaluate import _eval_cfg, _perturbed_model, train_data  # noqa: F401
+from dist_utils import run_distributed
+from test_evaluate import _eval_cfg, _perturbed_model, train_data  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,10 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from dist_utils import ToyModel, run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
+from dist_utils import ToyModel, run_distributed
 
 EXPORT_ATOL = 1e-6
 STEPS = 10

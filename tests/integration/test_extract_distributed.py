@@ -25,12 +25,8 @@ from data.extract import ExtractError, extract, load_extract_config, read_manife
 from data.streaming import build_streaming_loader, load_latent_stats
 from data.synthetic import SyntheticImages
 
-try:
-    from dist_utils import run_distributed
-    from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, read_raw  # noqa: F401
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.unit.test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, read_raw  # noqa: F401
+from dist_utils import run_distributed
+from test_extract import CLASSES, COMMON, CONFIG, REPO, SIZE, N, read_raw
 
 pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 

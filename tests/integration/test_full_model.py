@@ -13,10 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from dist_utils import ToyModel, run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
+from dist_utils import ToyModel, run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 DECAY = 0.9

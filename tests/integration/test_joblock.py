@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from test_train_resume import CONFIG, REPO, _env, start, wait_for, write_toy_latents
 
 pytestmark = pytest.mark.timeout(300)

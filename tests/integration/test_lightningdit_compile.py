@@ -9,10 +9,7 @@ import shutil
 import pytest
 import torch
 
-try:
-    from test_lightningdit import randomize, tiny
-except ImportError:  # tests/ imported as a package
-    from tests.unit.test_lightningdit import randomize, tiny
+from test_lightningdit import randomize, tiny
 
 
 def test_compile_fullgraph_matches_eager():

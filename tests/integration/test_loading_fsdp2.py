@@ -11,10 +11,7 @@ import torch
 from models.lightningdit import LightningDiT
 from models.loading import load_into_model
 
-try:
-    from test_loading import TINY, weights  # noqa: F401 - a fixture
-except ImportError:  # tests/ imported as a package
-    from tests.unit.test_loading import TINY, weights  # noqa: F401
+from test_loading import TINY, weights  # noqa: F401 - a fixture
 
 
 def test_meta_model_refused_and_fsdp2_sharded_model(tmp_path, weights):

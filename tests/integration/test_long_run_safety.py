@@ -18,10 +18,7 @@ import pytest
 
 from tools.check_host_sync import write_toy_latents
 
-try:
-    from dist_utils import run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
+from dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")

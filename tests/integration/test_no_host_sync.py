@@ -21,14 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from dist_utils import ToyModel, run_distributed
-    from test_engine_fsdp2 import _data, _full_optim, _state
-    from test_train_resume import write_toy_latents
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
-    from tests.integration.test_engine_fsdp2 import _data, _full_optim, _state
-    from tests.integration.test_train_resume import write_toy_latents
+from dist_utils import ToyModel, run_distributed
+from test_engine_fsdp2 import _data, _full_optim, _state
+from test_train_resume import write_toy_latents
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")

@@ -13,12 +13,8 @@ import torch
 
 from tools import scaling_model  # light: the spawned ranks of the collective test import this file too
 
-try:
-    from dist_utils import ToyModel, run_distributed
-    from test_perf_tools import TINY_VAVAE, VAVAE_SMALL, _table, _vavae_task
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import ToyModel, run_distributed
-    from tests.unit.test_perf_tools import TINY_VAVAE, VAVAE_SMALL, _table, _vavae_task
+from dist_utils import ToyModel, run_distributed
+from test_perf_tools import TINY_VAVAE, VAVAE_SMALL, _table, _vavae_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,10 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    from dist_utils import run_distributed
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
+from dist_utils import run_distributed
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]

@@ -34,10 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:
-    from test_train_resume import complete_steps, final_state, write_toy_latents
-except ImportError:  # run as a package module
-    from tests.integration.test_train_resume import complete_steps, final_state, write_toy_latents
+from test_train_resume import complete_steps, final_state, write_toy_latents
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = [sys.executable, str(REPO / "launchers" / "slurm.py")]

@@ -41,12 +41,8 @@ import numpy as np
 import pytest
 import yaml
 
-try:
-    from test_slurm import TERMINAL, launch_here, losses, show_job
-    from test_train_resume import final_state
-except ImportError:  # run as a package module
-    from tests.integration.test_slurm import TERMINAL, launch_here, losses, show_job
-    from tests.integration.test_train_resume import final_state
+from test_slurm import TERMINAL, launch_here, losses, show_job
+from test_train_resume import final_state
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8  # 64 samples / global batch 16 x 2 epochs

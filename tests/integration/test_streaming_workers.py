@@ -18,19 +18,7 @@ from data.streaming import (
     verify_dataset,
 )
 
-try:
-    from test_streaming import ID0, C, H, _shard_files, collect, data_cfg, make_samples, write  # noqa: F401
-except ImportError:  # tests/ imported as a package
-    from tests.unit.test_streaming import (  # noqa: F401
-        ID0,
-        C,
-        H,
-        _shard_files,
-        collect,
-        data_cfg,
-        make_samples,
-        write,
-    )
+from test_streaming import ID0, C, H, _shard_files, collect, data_cfg, make_samples, write
 
 pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 

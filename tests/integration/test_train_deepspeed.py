@@ -16,36 +16,20 @@ import sys
 import pytest
 import torch
 
-try:
-    from dist_utils import train_on_shared_ranks
-    from test_train_resume import (
-        CONFIG,
-        REPO,
-        TOTAL_STEPS,
-        complete_steps,
-        dataset,
-        kill_tree,
-        losses,
-        resume_shared,
-        run,
-        start,
-        wait_for,
-    )  # noqa: F401
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import train_on_shared_ranks
-    from tests.integration.test_train_resume import (  # noqa: F401
-        CONFIG,
-        REPO,
-        TOTAL_STEPS,
-        complete_steps,
-        dataset,
-        kill_tree,
-        losses,
-        resume_shared,
-        run,
-        start,
-        wait_for,
-    )
+from dist_utils import train_on_shared_ranks
+from test_train_resume import (
+    CONFIG,
+    REPO,
+    TOTAL_STEPS,
+    complete_steps,
+    dataset,  # noqa: F401 - a fixture
+    kill_tree,
+    losses,
+    resume_shared,
+    run,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(600)
 

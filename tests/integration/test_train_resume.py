@@ -23,10 +23,7 @@ import torch
 
 from tools import check_host_sync
 
-try:
-    from dist_utils import train_on_shared_ranks, train_on_shared_ranks_logged
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import train_on_shared_ranks, train_on_shared_ranks_logged
+from dist_utils import train_on_shared_ranks, train_on_shared_ranks_logged
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_dit.yaml"

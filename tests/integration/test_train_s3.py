@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from dist_utils import run_distributed
 from test_train_resume import assert_same_state, final_state, losses, write_toy_latents
 

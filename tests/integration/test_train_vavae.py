@@ -21,12 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-try:
-    from dist_utils import train_on_shared_ranks_logged
-    from test_train_resume import complete_steps, final_state, kill_tree
-except ImportError:  # run as a package module
-    from tests.dist_utils import train_on_shared_ranks_logged
-    from tests.integration.test_train_resume import complete_steps, final_state, kill_tree
+from dist_utils import train_on_shared_ranks_logged
+from test_train_resume import complete_steps, final_state, kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "configs/tiny_vavae.yaml"

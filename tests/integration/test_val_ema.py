@@ -24,10 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from dist_utils import run_distributed, train_on_shared_ranks
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed, train_on_shared_ranks
+from dist_utils import run_distributed, train_on_shared_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")

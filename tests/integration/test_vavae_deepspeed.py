@@ -19,21 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-try:
-    from dist_utils import run_distributed
-    from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records, train_shared
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.integration.test_train_vavae import (
-        CONFIG,
-        REPO,
-        TOTAL,
-        _cmd,
-        _env,
-        kill_after_checkpoint,
-        records,
-        train_shared,
-    )
+from dist_utils import run_distributed
+from test_train_vavae import CONFIG, REPO, TOTAL, _cmd, _env, kill_after_checkpoint, records, train_shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,10 +113,8 @@ def _run(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Completed
 
 def _ds_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """Both parts' model states, every rank's ZeRO optimizer partition and ema.pt, by file and key."""
-    try:
-        from test_train_deepspeed import _tensors
-    except ImportError:
-        from tests.test_train_deepspeed import _tensors
+    from test_train_deepspeed import _tensors
+
     flat = {}
     for part in ("autoencoder", "discriminator"):
         root = run_dir / "checkpoints" / f"step_{step:07d}" / "deepspeed" / part

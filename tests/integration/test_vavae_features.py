@@ -18,22 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    from test_train_resume import final_state
-    from test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, train_shared  # noqa: F401
-except ImportError:  # run as a package module
-    from tests.integration.test_train_resume import final_state
-    from tests.integration.test_train_vavae import (  # noqa: F401
-        CONFIG,
-        REPO,
-        SMALL,
-        complete_steps,
-        records,
-        train_shared,
-    )
-
 from core.config import ConfigError
 from launchers.experiment import load_config
+
+from test_train_resume import final_state
+from test_train_vavae import CONFIG, REPO, SMALL, complete_steps, records, train_shared
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 NUM_IMAGES, TOTAL, DISC_START = 16, 8, 3

@@ -12,12 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-try:
-    from dist_utils import run_distributed
-    from test_vavae import REPO, TINY16
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.unit.test_vavae import REPO, TINY16
+from dist_utils import run_distributed
+from test_vavae import REPO, TINY16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,12 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    from dist_utils import run_distributed
-    from test_train_resume import write_toy_latents
-except ImportError:  # tests/ imported as a package
-    from tests.dist_utils import run_distributed
-    from tests.integration.test_train_resume import write_toy_latents
+from dist_utils import run_distributed
+from test_train_resume import write_toy_latents
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/tiny_dit.yaml")

@@ -13,11 +13,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from data.streaming import CorruptShardError, LatentDataset, write_latent_dataset
 
-try:
-    from test_streaming import make_samples
-except ImportError:  # tests/ imported as a package
-    from tests.unit.test_streaming import make_samples
-
+from test_streaming import make_samples
 
 pytestmark = pytest.mark.usefixtures("clean_streaming_shm")  # tests/conftest.py
 

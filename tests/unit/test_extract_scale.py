@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_extract import COMMON, CONFIG, REPO, N
 
 from core.config import Checks, ConfigError
 from data.config import DataConfig, check_data_config
 from data.extract import extract, load_extract_config, main, parse_array, read_manifest
 from launchers.experiment import load_config
 from models.vavae import f16d32_config
+
+from test_extract import COMMON, CONFIG, REPO, N
 
 
 def test_shipped_imagenet_configs_load_and_fit_the_dit_recipe():

@@ -6,10 +6,10 @@ import io
 import logging
 import re
 
-from test_extract import CONFIG
-
 from core.progress import Progress, format_duration, progress_mode
 from data.extract import extract, load_extract_config
+
+from test_extract import CONFIG
 
 
 class _Tty(io.StringIO):
